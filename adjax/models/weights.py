@@ -1,0 +1,118 @@
+"""Storage of converted (frozen) tower weights.
+
+A converted checkpoint is a directory:
+
+  config.json   {"kind": "dinov3" | "clip_text", "format_version": 1,
+                 ...model config..., "source": ..., "source_sha256": ...}
+  params/       an Orbax checkpoint of a nested dict of float32 arrays whose
+                paths are the NNX state paths of the model
+
+Converters call `save`; the models' `load()` functions call `load`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from adjax import atomic
+
+FORMAT_VERSION = 1
+
+
+class WeightsError(ValueError):
+  """A converted checkpoint directory is missing, incomplete or of another kind."""
+
+
+def save(dst: str | os.PathLike, params: dict, config: dict[str, Any],
+         overwrite: bool = False) -> Path:
+  """Writes params + config to `dst` atomically (nothing left on failure)."""
+  config = dict(config, format_version=FORMAT_VERSION)
+  with atomic.atomic_dir(dst, overwrite=overwrite) as tmp:
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp / "params", params)
+    ckpt.wait_until_finished()
+    ckpt.close()
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+  return Path(dst)
+
+
+def read_config(path: str | os.PathLike, kind: str) -> dict[str, Any]:
+  """Reads and checks `config.json` of a converted checkpoint of `kind`."""
+  path = Path(path)
+  cfg_file = path / "config.json"
+  if not path.is_dir():
+    raise WeightsError(
+        f"{path}: not a directory; expected a converted {kind} checkpoint "
+        f"(config.json + params/) written by `python -m converters.{kind}`")
+  if not cfg_file.is_file() or not (path / "params").is_dir():
+    raise WeightsError(
+        f"{path}: missing config.json or params/; expected a converted {kind} "
+        f"checkpoint written by `python -m converters.{kind}`")
+  config = json.loads(cfg_file.read_text())
+  if config.get("kind") != kind:
+    raise WeightsError(
+        f"{cfg_file}: kind is {config.get('kind')!r}, expected {kind!r}")
+  if config.get("format_version") != FORMAT_VERSION:
+    raise WeightsError(
+        f"{cfg_file}: format_version {config.get('format_version')!r}, "
+        f"expected {FORMAT_VERSION}; convert the checkpoint again")
+  return config
+
+
+def load(path: str | os.PathLike, kind: str) -> tuple[dict, dict[str, Any]]:
+  """Returns (nested dict of numpy arrays, config) of a converted checkpoint."""
+  config = read_config(path, kind)
+  ckpt = ocp.StandardCheckpointer()
+  params = ckpt.restore(Path(path).absolute() / "params")
+  ckpt.close()
+  params = _to_numpy(params)
+  return params, config
+
+
+def _to_numpy(tree):
+  if isinstance(tree, dict):
+    return {k: _to_numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def param_shapes(module) -> dict[str, tuple[int, ...]]:
+  """'/'-joined NNX state path -> shape, for every nnx.Param of `module`.
+
+  Works on an abstract module from `nnx.eval_shape` (no memory allocated).
+  """
+  from flax import nnx
+  flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+  return {"/".join(map(str, path)): tuple(v.get_value().shape) for path, v in flat}
+
+
+def assign(module, flat: dict[str, np.ndarray], dtype=None, sharding=None) -> None:
+  """Sets every nnx.Param of `module` from `flat` ('/'-joined paths).
+
+  Every parameter must be present with the right shape (a converted
+  checkpoint is complete by construction; this re-checks it on load).
+  `sharding`, if given, is a function path -> jax.sharding.Sharding used to
+  place each array (the frozen backbone's weights can be split this way).
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  state = nnx.state(module, nnx.Param)
+  expected = param_shapes(module)
+  missing = sorted(set(expected) - set(flat))
+  extra = sorted(set(flat) - set(expected))
+  wrong = sorted(p for p in expected if p in flat and tuple(np.shape(flat[p])) != expected[p])
+  if missing or extra or wrong:
+    raise WeightsError(
+        f"checkpoint does not fit the model: missing {missing}, unexpected {extra}, "
+        f"mis-shaped {[(p, np.shape(flat[p]), expected[p]) for p in wrong]}")
+  for path, var in nnx.to_flat_state(state):
+    key = "/".join(map(str, path))
+    value = np.asarray(flat[key], dtype or np.float32)
+    var.set_value(jax.device_put(value, sharding(key)) if sharding else jnp.asarray(value))
+  nnx.update(module, state)

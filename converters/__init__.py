@@ -1,0 +1,1 @@
+"""Checkpoint converters: public PyTorch weights -> adjax converted checkpoints."""
