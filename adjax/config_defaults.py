@@ -1,0 +1,144 @@
+"""Shared configuration defaults; `configs/*.py` import and override these.
+
+Every field a run reads is declared here, so a misspelt command-line
+override (`--config.epocs=3`) is an error rather than silently ignored.
+The defaults are the paper's settings (SPEC sections 5-7).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Data sets the protocol evaluates on after training on MVTec AD (SPEC section 1).
+MVTEC_TARGETS = ("visa", "mpdd", "btad", "isic", "clinicdb", "colondb", "tn3k")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "adjax"
+  c.mode = "train"            # train (then evaluate) | evaluate | predict
+  c.workdir = ""              # default: runs/<name>
+  c.init_from = ""            # a trained workdir whose head parameters start this run
+  c.seed = 0
+  # One switch for the release's quirks (SPEC section 9): text columns mixed,
+  # exact GELU in the text tower, VisA masks thresholded at > 0, and a first
+  # optimiser step with learning rate 0.
+  c.reference_quirks = True
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.variant = "vitl16"
+  c.backbone.checkpoint = "checkpoints/dinov3_vitl16"   # converted directory
+  c.backbone.random_init = False    # random weights of the variant (demo, benchmarks)
+  c.backbone.layers = (5, 11, 17, 23)
+  c.backbone.dtype = "bfloat16"     # matmul dtype; parameters, norms and softmax stay float32
+
+  c.text = ml_collections.ConfigDict()
+  c.text.variant = "vit-l-14"
+  c.text.checkpoint = "checkpoints/clip_vitl14_336_text"
+  c.text.random_init = False
+  c.text.activation = ""            # "" = the checkpoint's (quick_gelu), or gelu under the quirks
+  c.text.display_names = ml_collections.ConfigDict()  # folder name -> readable object name
+  c.text.cache_dir = ""             # default: <workdir>/text_cache
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = "mvtec_ad"         # a data set name, or a path to a folder in MVTec layout
+  c.data.targets = ",".join(MVTEC_TARGETS)   # comma-separated names or paths
+  c.data.data_dir = "data/tfds"     # where prepared data sets live
+  c.data.manual_dirs = ml_collections.ConfigDict({
+      "mvtec_ad": "data/mvtec_anomaly_detection",
+      "visa": "data/VisA_20220922",
+      "mpdd": "data/MPDD",
+      "btad": "data/BTech_Dataset_transformed",
+      "isic": "data/ISIC",
+      "clinicdb": "data/CVC-ClinicDB",
+      "colondb": "data/CVC-ColonDB",
+      "tn3k": "data/TN3K",
+  })
+  # Generated demo data (adjax.data.synthetic): when `root` is set, families
+  # a and b are written there on first use.
+  c.data.demo = ml_collections.ConfigDict()
+  c.data.demo.root = ""
+  c.data.demo.seed = 0
+  c.data.demo.image_size = 256
+  c.data.demo.per_category = 30
+  c.data.worker_count = 0
+  c.data.prefetch = 2
+  c.data.skip_bad_files = False
+
+  c.image_size = 512
+  c.batch_size = 64                 # global batch (all processes and devices)
+  c.epochs = 100
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.warmup_fraction = 0.03
+
+  c.feature_cache = "none"          # none | memory | disk
+  c.feature_cache_dtype = "bfloat16"
+  c.feature_cache_dir = ""          # default: <workdir>/feature_cache
+
+  c.checkpoint_every_steps = 200
+  c.checkpoints_to_keep = 2
+  c.log_every_steps = 10
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.enabled = True             # evaluate after training
+  c.eval.batch_size = 16
+  c.eval.image_score = "global"     # global | max | mean
+  c.eval.fpr_limit = 0.3
+  c.eval.aupro_zsad = False         # also report the ZSAD papers' AUPRO variant
+  c.eval.heatmaps_per_category = 4
+  c.eval.force = False              # evaluate a finished run again
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.input = ""              # folder or glob of images
+  c.predict.object_name = "object"  # the prompt's object name for these images
+  c.predict.threshold = -1.0        # >= 0: also write a label column
+  c.predict.batch_size = 8
+
+  # Devices: a mesh ("data", "model"). The batch is split on "data"; the
+  # trainable head is replicated; the frozen backbone's weights are either
+  # replicated or split over "model" (for towers that do not fit one device).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                  # -1: all devices not used by "model"
+  c.mesh.model = 1
+  c.mesh.backbone_sharding = "replicated"   # replicated | model
+  c.distributed = False             # call jax.distributed.initialize() (multi-host)
+  # Left empty on TPU VMs and SLURM/GPU clusters, where JAX finds them itself.
+  c.coordinator_address = ""        # host:port of process 0
+  c.num_processes = 0
+  c.process_id = -1
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Hardware variants shared by the experiment configs (`configs/x.py:tpu`)."""
+  if not arg or arg == "gpu":
+    return c
+  if arg == "gpu8":            # one host, 8 GPUs: data parallel, backbone replicated
+    c.mesh.data, c.mesh.model = 8, 1
+  elif arg == "tpu":           # multi-host TPU VM slice: every chip data parallel
+    c.distributed = True
+    c.mesh.data, c.mesh.model = -1, 1
+  elif arg == "tpu_7b":        # the 7B backbone split over 4 chips per replica
+    c.distributed = True
+    c.backbone.variant = "vit7b16"
+    c.backbone.checkpoint = "checkpoints/dinov3_vit7b16"
+    c.backbone.layers = (9, 19, 29, 39)
+    c.mesh.data, c.mesh.model = -1, 4
+    c.mesh.backbone_sharding = "model"
+    c.text.variant = "vit-l-14"
+  elif arg == "cpu":           # a laptop: small backbone, small images
+    c.backbone.variant = "vits16"
+    c.backbone.checkpoint = "checkpoints/dinov3_vits16"
+    c.backbone.layers = (2, 5, 8, 11)
+    c.backbone.dtype = "float32"
+    c.image_size = 224
+    c.batch_size = 8
+    c.feature_cache = "disk"
+  else:
+    raise ValueError(f"unknown config variant {arg!r}; expected one of "
+                     "gpu, gpu8, tpu, tpu_7b, cpu")
+  return c

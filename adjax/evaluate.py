@@ -1,0 +1,134 @@
+"""Zero-shot evaluation of a trained head on target data sets.
+
+For every category: image AUROC / AP / F1-max and pixel AUROC / AP / F1-max /
+AUPRO through the streaming accumulator, written to
+`<workdir>/results/<dataset>.{json,md,csv}` and printed as a table; plus a few
+heatmap panels per category under `<workdir>/heatmaps/<dataset>/<category>/`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adjax import data, heatmaps, metrics, reports, sharding, train, train_step
+
+
+def gather_rows(tree: dict) -> dict:
+  """Every process's local rows, concatenated in process order (host numpy)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+          for k, v in tree.items()}
+
+
+class Evaluator:
+  """Holds the compiled eval step; evaluates one data set at a time."""
+
+  def __init__(self, cfg, workdir: Path, towers, mesh, params):
+    self.cfg, self.workdir, self.towers, self.mesh = cfg, workdir, towers, mesh
+    n_data = mesh.shape[sharding.DATA]
+    if cfg.eval.batch_size % (n_data * 1) or cfg.eval.batch_size % jax.process_count():
+      raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the "
+                       f"{n_data} data-parallel devices and the processes")
+    head_def, _ = nnx.split(train.new_head(cfg, towers))
+    self.params = jax.device_put(params, sharding.replicated(mesh))
+    backbone_def, self.backbone_state, backbone_sharding = train.place_backbone(
+        towers, mesh, cfg.mesh.backbone_sharding)
+    self.step = train_step.make_eval_step(
+        head_def=head_def, backbone_def=backbone_def, layers=towers.layers,
+        grid=train.grid_of(cfg.image_size), out_hw=(cfg.image_size, cfg.image_size),
+        quirk=cfg.reference_quirks, image_score=cfg.eval.image_score, mesh=mesh,
+        backbone_sharding=backbone_sharding)
+
+  def maps(self, images: np.ndarray, category_index: np.ndarray, text_table) -> tuple:
+    """Local numpy batch -> (maps [B, H, W], scores [B]) for this process's rows."""
+    batch = sharding.global_batch({"image": images, "category_index": category_index},
+                                  self.mesh)
+    amap, score = self.step(self.params, self.backbone_state, text_table,
+                            batch["image"], batch["category_index"])
+    return train._local_rows(amap, 0), train._local_rows(score, 0)
+
+  def text_table(self, names: list[str]):
+    return jax.device_put(jnp.asarray(self.towers.text_embed(names)),
+                          sharding.replicated(self.mesh))
+
+  def evaluate(self, handle) -> dict[str, dict[str, float]]:
+    cfg = self.cfg
+    table = self.text_table(handle.categories)
+    loader = data.make_loader(
+        handle, image_size=cfg.image_size,
+        batch_size=cfg.eval.batch_size // jax.process_count(), train=False,
+        seed=cfg.seed,
+        mask_threshold_strict_zero=cfg.reference_quirks and handle.name == "visa",
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
+    accs: dict[str, metrics.MetricAccumulator] = {}
+    drawn = collections.Counter()
+    main = jax.process_index() == 0
+    heat_dir = self.workdir / "heatmaps" / handle.name
+    for local in loader:
+      amap, score = self.maps(local["image"], local["category_index"], table)
+      rows = gather_rows({"map": amap, "score": score, "mask": local["mask"],
+                          "label": local["label"], "valid": local["valid"],
+                          "category_index": local["category_index"],
+                          "index": local["index"]})
+      if not main:
+        continue
+      for ci in np.unique(rows["category_index"][rows["valid"]]):
+        name = handle.categories[ci]
+        sel = rows["valid"] & (rows["category_index"] == ci)
+        acc = accs.setdefault(name, metrics.MetricAccumulator(
+            fpr_limit=cfg.eval.fpr_limit, zsad_aupro=cfg.eval.aupro_zsad))
+        acc.update(rows["score"][sel], rows["label"][sel], rows["map"][sel],
+                   rows["mask"][sel])
+      if cfg.eval.heatmaps_per_category > 0 and jax.process_count() == 1:
+        self._draw(local, amap, handle, drawn, heat_dir)
+    if not main:
+      return {}
+    results = {name: accs[name].result() for name in sorted(accs)}
+    table_text = reports.write_reports(results, self.workdir / "results", handle.name)
+    print(f"\n{handle.name}: zero-shot results ({len(results)} categories)\n{table_text}")
+    return results
+
+  def _draw(self, local, amap, handle, drawn, heat_dir) -> None:
+    limit = self.cfg.eval.heatmaps_per_category
+    for i in np.flatnonzero(local["valid"]):
+      name = handle.categories[local["category_index"][i]]
+      if drawn[name] >= limit:
+        continue
+      drawn[name] += 1
+      stem = Path(str(_as_str(local["path"][i]))).with_suffix("").as_posix().replace("/", "__")
+      pixels = heatmaps.panel(heatmaps.denormalize(local["image"][i]), amap[i],
+                              local["mask"][i])
+      heatmaps.save_png(heat_dir / name / f"{stem}.png", pixels)
+
+
+def _as_str(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def evaluate_targets(cfg, workdir: Path, towers, mesh, params) -> dict:
+  """Evaluates every configured target that is present; lists the absent ones."""
+  evaluator = Evaluator(cfg, workdir, towers, mesh, params)
+  all_results, absent = {}, []
+  for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
+    try:
+      handle = data.prepare_from_config(cfg, target)
+    except data.DatasetNotFoundError as e:
+      absent.append((target, str(e).splitlines()[0]))
+      continue
+    all_results[handle.name] = evaluator.evaluate(handle)
+  if absent and jax.process_index() == 0:
+    print("\nTargets not evaluated (data not present):")
+    for target, why in absent:
+      print(f"  {target}: {why}")
+  logging.info("evaluated %d targets, %d absent", len(all_results), len(absent))
+  return all_results

@@ -1,0 +1,66 @@
+"""Anomaly-map pictures: the image, its ground truth and the map overlaid.
+
+Drawn with PIL and a small built-in "jet"-like colour map, so no plotting
+library is needed. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from adjax import atomic
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+# Piecewise-linear jet: blue -> cyan -> green -> yellow -> red.
+_JET_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
+_JET_RGB = np.array([[0, 0, 0.5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0.5, 0, 0]])
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+  """[H, W] in [0, 1] -> [H, W, 3] uint8."""
+  v = np.clip(values, 0.0, 1.0)
+  rgb = np.stack([np.interp(v, _JET_X, _JET_RGB[:, c]) for c in range(3)], -1)
+  return (rgb * 255).round().astype(np.uint8)
+
+
+def denormalize(image: np.ndarray) -> np.ndarray:
+  """ImageNet-normalised [H, W, 3] float -> uint8 RGB."""
+  rgb = image * IMAGENET_STD + IMAGENET_MEAN
+  return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  heat = colormap(amap).astype(np.float32)
+  return (alpha * heat + (1 - alpha) * rgb.astype(np.float32)).round().astype(np.uint8)
+
+
+def panel(rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+  """Side by side: image | ground truth (if given) | map overlaid on the image.
+
+  The map is shown on an absolute [0, 1] scale (it is a probability), so
+  panels of different images are comparable.
+  """
+  h, w = amap.shape
+  if rgb.shape[:2] != (h, w):
+    rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+  tiles = [rgb]
+  if mask is not None:
+    tiles.append(np.repeat((np.asarray(mask) > 0.5).astype(np.uint8)[..., None] * 255, 3, -1))
+  tiles.append(overlay(rgb, amap))
+  gap = np.full((h, 4, 3), 255, np.uint8)
+  row = [tiles[0]]
+  for t in tiles[1:]:
+    row += [gap, t]
+  return np.concatenate(row, axis=1)
+
+
+def save_png(path: Path, pixels: np.ndarray) -> None:
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  atomic.write_bytes(path, buf.getvalue())

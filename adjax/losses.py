@@ -1,0 +1,59 @@
+"""AD-DINOv3 training losses (SPEC section 6).
+
+L = 0.25 [focal(AACM) + dice(AACM)] + 0.5 [focal(cross) + dice(cross)]
+    + 0.25 CE(global logits, label)
+
+The focal loss acts on probabilities (the maps are already softmax /
+sigmoid outputs), with gamma 2, no class weights and the release's 1e-5
+smoothing; dice is computed per image on the anomalous channel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+FOCAL_GAMMA = 2.0
+FOCAL_SMOOTH = 1e-5
+DICE_SMOOTH = 1.0
+WEIGHTS = {"aacm": 0.25, "cross": 0.5, "global": 0.25}
+
+
+def focal_loss(probs: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over all pixels of -(1 - pt)^2 log(pt).
+
+  probs: [B, H, W, 2]; mask: [B, H, W] in {0, 1}. The one-hot target is
+  clipped to [smooth, 1 - smooth] and pt = sum_c target_c P_c + smooth.
+  """
+  target = jnp.stack([1.0 - mask, mask], axis=-1)
+  target = jnp.clip(target, FOCAL_SMOOTH, 1.0 - FOCAL_SMOOTH)
+  pt = jnp.sum(target * probs, axis=-1) + FOCAL_SMOOTH
+  return jnp.mean(-jnp.power(1.0 - pt, FOCAL_GAMMA) * jnp.log(pt))
+
+
+def dice_loss(probs: jax.Array, mask: jax.Array) -> jax.Array:
+  """1 - mean over images of (2 sum(P1 M) + 1) / (sum(P1) + sum(M) + 1)."""
+  p1 = probs[..., 1]
+  axes = tuple(range(1, p1.ndim))
+  inter = jnp.sum(p1 * mask, axis=axes)
+  d = (2.0 * inter + DICE_SMOOTH) / (
+      jnp.sum(p1, axis=axes) + jnp.sum(mask, axis=axes) + DICE_SMOOTH)
+  return 1.0 - jnp.mean(d)
+
+
+def total_loss(outputs: dict, mask: jax.Array, label: jax.Array
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted sum of the five terms; returns (loss, dict of every term)."""
+  terms = {
+      "focal_aacm": focal_loss(outputs["aacm"], mask),
+      "dice_aacm": dice_loss(outputs["aacm"], mask),
+      "focal_cross": focal_loss(outputs["cross"], mask),
+      "dice_cross": dice_loss(outputs["cross"], mask),
+      "ce_global": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+          outputs["logits"], label.astype(jnp.int32))),
+  }
+  loss = (WEIGHTS["aacm"] * (terms["focal_aacm"] + terms["dice_aacm"])
+          + WEIGHTS["cross"] * (terms["focal_cross"] + terms["dice_cross"])
+          + WEIGHTS["global"] * terms["ce_global"])
+  return loss, terms

@@ -1,0 +1,28 @@
+"""Command line: `python -m adjax.main --config=configs/mvtec.py [--workdir=DIR]`.
+
+Parses the (locked) config, sets up logging and, when configured,
+`jax.distributed`, then dispatches to train / evaluate / predict.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/mvtec.py or configs/mvtec.py:tpu.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (default: runs/<config name>).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from adjax import experiment
+  experiment.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

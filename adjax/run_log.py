@@ -1,0 +1,59 @@
+"""Run logging: metrics.jsonl, TensorBoard scalars, and a progress bar.
+
+Only process 0 writes, so a multi-host run logs once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+
+
+class RunLog:
+
+  def __init__(self, workdir: Path, total_steps: int, initial_step: int,
+               images_per_step: int, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.images_per_step = images_per_step
+    self._t0, self._step0 = time.perf_counter(), initial_step
+    self._jsonl = self._tb = self._bar = None
+    if not self.enabled:
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:  # optional: metrics.jsonl still has everything
+      self._tb = None
+    from tqdm import tqdm
+    self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                     dynamic_ncols=True, desc="train")
+
+  def step(self, step: int, metrics: dict[str, float], write: bool) -> None:
+    if not self.enabled:
+      return
+    elapsed = time.perf_counter() - self._t0
+    ips = (step - self._step0) * self.images_per_step / max(elapsed, 1e-9)
+    self._bar.update(1)
+    self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{ips:.1f}")
+    if write:
+      record = {"step": step, "images_per_s": ips, **metrics}
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
+      if self._tb is not None:
+        for k, v in record.items():
+          if k != "step" and math.isfinite(v):
+            self._tb.add_scalar(f"train/{k}", v, step)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

@@ -1,0 +1,125 @@
+"""Building the frozen towers and the text table from a run config.
+
+The text tower is used once, at start: every object name's prompt-ensemble
+embedding is computed (or read from the on-disk cache) into a table
+`[num_objects, 2, E]` that stays on device and is indexed by category in
+every step. The text tower itself is then dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from adjax import prompts
+from adjax.models import clip_text, dinov3
+
+
+@dataclasses.dataclass
+class Towers:
+  backbone: dinov3.DinoV3
+  backbone_id: str             # what determines the backbone's features (cache keys)
+  layers: tuple[int, ...]
+  feature_dim: int
+  text_dim: int
+  text_embed: "TextEmbedder"
+
+
+def _dtype(name: str):
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+  except KeyError:
+    raise ValueError(f"backbone.dtype={name!r}; expected float32 or bfloat16") from None
+
+
+class TextEmbedder:
+  """Object names -> [K, 2, E] prompt-ensemble table, cached per name."""
+
+  def __init__(self, model, tokenizer, model_id: str, cache_dir, display_names):
+    self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+    self.cache_dir = cache_dir
+    self.display_names = dict(display_names or {})
+
+  @property
+  def dim(self) -> int:
+    return self.model.config.embed_dim
+
+  def __call__(self, object_names: list[str]) -> np.ndarray:
+    return prompts.text_embeddings(
+        self.model, self.tokenizer, list(object_names), cache_dir=self.cache_dir,
+        model_id=self.model_id, display_names=self.display_names)
+
+
+def build_backbone(cfg) -> tuple[dinov3.DinoV3, str]:
+  dtype = _dtype(cfg.backbone.dtype)
+  if cfg.backbone.random_init:
+    model = dinov3.init_random(cfg.backbone.variant, seed=cfg.seed, dtype=dtype)
+    return model, f"random:{cfg.backbone.variant}:seed{cfg.seed}"
+  path = Path(cfg.backbone.checkpoint)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"backbone.checkpoint={str(path)!r} does not exist; convert the weights "
+        "first: python -m converters.dinov3 --src <dinov3 .pth or HF dir> --dst "
+        f"{path}  (or set backbone.random_init=True for a random backbone)")
+  model = dinov3.load(path, dtype=dtype)
+  return model, f"dinov3:{_sha_of(path)}"
+
+
+def _sha_of(path: Path) -> str:
+  import json
+  cfg = json.loads((path / "config.json").read_text())
+  return cfg.get("source_sha256") or str(path.absolute())
+
+
+def build_text(cfg, workdir: Path) -> TextEmbedder:
+  activation = cfg.text.activation or ("gelu" if cfg.reference_quirks else None)
+  if cfg.text.random_init:
+    model = clip_text.init_random(cfg.text.variant, seed=cfg.seed)
+    if activation:
+      model = _with_activation(model, activation)
+    tok_dir = workdir / "tokenizer"
+    if not (tok_dir / "vocab.json").exists():
+      clip_text.write_byte_level_tokenizer(tok_dir)
+    tokenizer = clip_text.load_tokenizer(tok_dir)
+    model_id = f"random:{cfg.text.variant}:seed{cfg.seed}:{model.config.activation}"
+  else:
+    path = Path(cfg.text.checkpoint)
+    if not path.exists():
+      raise FileNotFoundError(
+          f"text.checkpoint={str(path)!r} does not exist; convert the weights "
+          "first: python -m converters.clip_text --src <CLIP checkpoint> --dst "
+          f"{path}  (or set text.random_init=True)")
+    model = clip_text.load(path, activation=activation or None)
+    tokenizer = clip_text.load_tokenizer(path)
+    model_id = clip_text.model_id_of(path)
+  cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else workdir / "text_cache"
+  return TextEmbedder(model, tokenizer, model_id, cache_dir, cfg.text.display_names.to_dict())
+
+
+def _with_activation(model, activation):
+  import dataclasses as dc
+  from flax import nnx
+  config = dc.replace(model.config, activation=activation)
+  new = nnx.eval_shape(lambda: clip_text.ClipText(config, rngs=nnx.Rngs(0)))
+  nnx.update(new, nnx.state(model))
+  return new
+
+
+def build(cfg, workdir: Path) -> Towers:
+  backbone, backbone_id = build_backbone(cfg)
+  depth = backbone.config.depth
+  layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else tuple(
+      dinov3.default_layers(depth))
+  bad = [l for l in layers if not 0 <= l < depth]
+  if len(layers) != 4 or bad:
+    raise ValueError(f"backbone.layers={layers}: expected 4 block indices in "
+                     f"[0, {depth}) for {cfg.backbone.variant}")
+  text = build_text(cfg, workdir)
+  logging.info("backbone %s (%s), layers %s; text tower %s", cfg.backbone.variant,
+               backbone_id, layers, text.model_id)
+  return Towers(backbone, backbone_id, layers, backbone.config.dim, text.dim, text)

@@ -1,0 +1,187 @@
+"""The training loop: data -> sharded jitted step -> logs and checkpoints.
+
+A plain function over a resolved config. The run resumes from the newest
+complete checkpoint in its workdir (parameters, optimiser state, step and
+each process's data-iterator state), so a killed run restarted with the same
+command ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adjax import checkpointing, data, features, run_log, sharding, train_step
+from adjax.models import head as head_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+def grid_of(image_size: int, patch: int = 16) -> tuple[int, int]:
+  if image_size % patch:
+    raise ValueError(f"image_size={image_size} must be a multiple of {patch}")
+  return image_size // patch, image_size // patch
+
+
+def new_head(cfg, towers) -> nnx.Module:
+  return head_lib.ADHead(towers.feature_dim, towers.text_dim, len(towers.layers),
+                         rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
+
+
+def place_backbone(towers, mesh, mode: str):
+  backbone_def, backbone_state = nnx.split(towers.backbone)
+  rule = sharding.backbone_rule(mesh, mode)
+  state = jax.tree.map(lambda x: jax.device_put(x, rule(np.shape(x))), backbone_state)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return backbone_def, state, shardings
+
+
+def _local_rows(x: jax.Array, axis: int) -> np.ndarray:
+  """This process's rows of a global array sharded on `axis` (in order)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  seen, parts = set(), []
+  for shard in sorted(x.addressable_shards, key=lambda s: s.index[axis].start or 0):
+    start = shard.index[axis].start or 0
+    if start not in seen:
+      seen.add(start)
+      parts.append(np.asarray(shard.data))
+  return np.concatenate(parts, axis=axis)
+
+
+def _check_batch_size(cfg, mesh) -> int:
+  n_data, n_proc = mesh.shape[sharding.DATA], jax.process_count()
+  if cfg.batch_size % n_data or cfg.batch_size % n_proc:
+    raise ValueError(
+        f"batch_size={cfg.batch_size} must be divisible by the {n_data} data-parallel "
+        f"devices and the {n_proc} processes")
+  return cfg.batch_size // n_proc
+
+
+def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
+  """Trains the head on `handle` (a prepared data set); returns the final state."""
+  local_batch = _check_batch_size(cfg, mesh)
+  steps_per_epoch = handle.num_examples // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{handle.name} has {handle.num_examples} examples, fewer than "
+                     f"batch_size={cfg.batch_size}")
+  total_steps = steps_per_epoch * cfg.epochs
+  grid = grid_of(cfg.image_size)
+  out_hw = (cfg.image_size, cfg.image_size)
+  quirk = cfg.reference_quirks
+
+  text_table = jax.device_put(jnp.asarray(towers.text_embed(handle.categories)),
+                              sharding.replicated(mesh))
+  head = new_head(cfg, towers)
+  head_def, params = nnx.split(head)
+  tx, schedule = train_step.make_optimizer(cfg, total_steps)
+  rep = sharding.replicated(mesh)
+  state = jax.device_put(train_step.init_state(params, tx), rep)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+
+  ckpts = checkpointing.RunCheckpoints(workdir, cfg.checkpoints_to_keep)
+  start = ckpts.latest_step()
+  data_state = None
+  if start is not None:
+    state, data_state = ckpts.restore(start, checkpointing.abstract_like(state))
+    logging.info("resumed from step %d of %d", start, total_steps)
+  else:
+    start = 0
+    if cfg.init_from:
+      state = _init_from(cfg.init_from, state, cfg.checkpoints_to_keep)
+  if start >= total_steps:
+    ckpts.close()
+    return state
+
+  backbone_def, backbone_state, backbone_sharding = place_backbone(
+      towers, mesh, cfg.mesh.backbone_sharding)
+  cache = _make_cache(cfg, workdir, towers, handle, grid)
+  cache_dtype = jnp.bfloat16 if cfg.feature_cache_dtype == "bfloat16" else jnp.float32
+  common = dict(head_def=head_def, backbone_def=backbone_def, tx=tx, schedule=schedule,
+                layers=towers.layers, grid=grid, out_hw=out_hw, quirk=quirk, mesh=mesh,
+                state_sharding=state_sharding, backbone_sharding=backbone_sharding)
+  step_images = train_step.make_train_step(
+      **common, from_features=False, return_features=cache is not None,
+      cache_dtype=cache_dtype)
+  step_cached = (train_step.make_train_step(**common, from_features=True)
+                 if cache is not None else None)
+
+  loader = data.make_loader(
+      handle, image_size=cfg.image_size, batch_size=local_batch, train=True,
+      seed=cfg.seed, mask_threshold_strict_zero=quirk and handle.name == "visa",
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
+  iterator = iter(loader)
+  if data_state is not None:
+    iterator.set_state(data_state)
+
+  log = run_log.RunLog(workdir, total_steps, start, cfg.batch_size)
+  config_json = json.loads(cfg.to_json_best_effort())
+  step = start
+  try:
+    for step in range(start, total_steps):
+      local = next(iterator)
+      batch = sharding.global_batch(
+          {k: local[k] for k in ("mask", "label", "category_index")}, mesh)
+      if cache is not None and cache.has(local["index"]):
+        patches, cls = cache.get(local["index"])
+        batch.update(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
+                                           {"patches": 1, "cls": 1}))
+        state, metrics = step_cached(state, backbone_state, text_table, batch)
+      else:
+        batch.update(sharding.global_batch({"image": local["image"]}, mesh))
+        if cache is not None:
+          state, metrics, (patches, cls) = step_images(state, backbone_state,
+                                                       text_table, batch)
+          cache.put(local["index"], _local_rows(patches, 1), _local_rows(cls, 1))
+        else:
+          state, metrics = step_images(state, backbone_state, text_table, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite loss {metrics['loss']} at step {step + 1}; the last good "
+            f"checkpoint in {ckpts.dir} is kept")
+      done = step + 1
+      log.step(done, metrics, write=done % cfg.log_every_steps == 0 or done == total_steps)
+      if cache is not None and done % steps_per_epoch == 0:
+        cache.finish_epoch()
+      if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
+        ckpts.save(done, state, iterator.get_state(), config_json)
+  finally:
+    log.close()
+    ckpts.close()
+  return state
+
+
+def _init_from(path: str, state, keep: int):
+  """Starts from another run's trained head (optimiser state starts fresh)."""
+  other = checkpointing.RunCheckpoints(Path(path), keep)
+  try:
+    restored, step = other.restore_params(checkpointing.abstract_like(state))
+  finally:
+    other.close()
+  logging.info("initialised the head from %s (step %d)", path, step)
+  return dict(state, params=restored["params"])
+
+
+def _make_cache(cfg, workdir: Path, towers, handle, grid):
+  if cfg.feature_cache == "none":
+    return None
+  key = features.cache_key(
+      backbone=towers.backbone_id, image_size=cfg.image_size, layers=towers.layers,
+      dtype=cfg.backbone.dtype, cache_dtype=cfg.feature_cache_dtype,
+      dataset=handle.name, fingerprint=getattr(handle, "fingerprint", ""),
+      examples=handle.num_examples, process=(jax.process_index(), jax.process_count()))
+  directory = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else workdir / "feature_cache"
+  return features.FeatureCache(
+      cfg.feature_cache, handle.num_examples, len(towers.layers), grid[0] * grid[1],
+      towers.feature_dim, cfg.feature_cache_dtype, directory, key)

@@ -1,0 +1,48 @@
+r"""The built-in demo: generated data, random towers, CPU-sized, a few minutes.
+
+Trains on generated family "a" (fabric, wood, washer, pill) and evaluates
+zero-shot on family "b" (mesh, tile, nut, chip), which shares the defect
+kinds (scratches, holes, stains, colour spots, missing / extra parts) but not
+the appearance. No weights are needed: the backbone is a randomly
+initialised DINOv3 ViT-S/16 (the real architecture) and the text tower a
+small random CLIP text transformer with a byte-level tokenizer. The data are
+written to data/demo/ on first use.
+
+Run:
+  python -m adjax.main --config=configs/demo.py
+
+Expect (2 CPU cores, about 2 minutes): pixel AUROC on the unseen family well
+above chance (0.5); the README lists the figure reached. Results, heatmaps
+and checkpoints go to runs/demo/.
+"""
+
+from adjax import config_defaults
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = config_defaults.base_config()
+  c.name = "demo"
+  c.reference_quirks = False
+  c.backbone.variant = "vits16"
+  c.backbone.random_init = True
+  c.backbone.layers = (2, 5, 8, 11)
+  c.backbone.dtype = "float32"
+  c.text.variant = "tiny"
+  c.text.random_init = True
+  c.data.demo.root = "data/demo"
+  c.data.demo.image_size = 128
+  c.data.demo.per_category = 30
+  c.data.train = "data/demo/family_a"
+  c.data.targets = "data/demo/family_b"
+  c.image_size = 128
+  c.batch_size = 8
+  c.epochs = 20
+  c.optimizer.learning_rate = 1e-3   # random towers and few steps: a larger step
+  c.feature_cache = "memory"
+  c.checkpoint_every_steps = 100
+  c.log_every_steps = 5
+  c.eval.batch_size = 8
+  c.eval.image_score = "mean"
+  c.eval.heatmaps_per_category = 3
+  return c

@@ -1,0 +1,184 @@
+"""The jitted train step: learning, sharding equivalence, cached features, schedule."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from adjax import config_defaults, features, sharding, train_step
+from adjax.models import dinov3
+from adjax.models import head as head_lib
+
+TINY = dinov3.DinoV3Config(dim=32, depth=4, num_heads=2, ffn="mlp", ffn_hidden=64,
+                           name="tiny")
+LAYERS = (0, 1, 2, 3)
+SIZE = 48
+GRID = (SIZE // 16, SIZE // 16)
+TEXT_DIM = 16
+NUM_CATEGORIES = 3
+
+
+def _cfg(lr=1e-3, warmup=0.0, quirks=False):
+  c = config_defaults.base_config()
+  c.optimizer.learning_rate = lr
+  c.optimizer.warmup_fraction = warmup
+  c.reference_quirks = quirks
+  return c
+
+
+def _batch(seed=0, b=8):
+  rng = np.random.default_rng(seed)
+  mask = np.zeros((b, SIZE, SIZE), np.float32)
+  for i in range(b // 2, b):
+    y, x = rng.integers(0, SIZE - 12, 2)
+    mask[i, y:y + 12, x:x + 12] = 1
+  images = rng.normal(size=(b, SIZE, SIZE, 3)).astype(np.float32)
+  images[mask > 0] += 2.0
+  return {"image": images, "mask": mask, "label": (mask.sum((1, 2)) > 0).astype(np.int32),
+          "category_index": rng.integers(0, NUM_CATEGORIES, b).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def parts():
+  backbone = dinov3.init_random(TINY, seed=0)
+  backbone_def, backbone_state = nnx.split(backbone)
+  head = head_lib.ADHead(TINY.dim, TEXT_DIM, 4, rngs=nnx.Rngs(0))
+  head_def, params = nnx.split(head)
+  text = np.random.default_rng(1).normal(size=(NUM_CATEGORIES, 2, TEXT_DIM))
+  text /= np.linalg.norm(text, axis=-1, keepdims=True)
+  return dict(backbone_def=backbone_def, backbone_state=backbone_state, head_def=head_def,
+              params=params, text=jnp.asarray(text, jnp.float32))
+
+
+def _steps(parts, cfg, total=10, **kw):
+  tx, schedule = train_step.make_optimizer(cfg, total)
+  step = train_step.make_train_step(
+      head_def=parts["head_def"], backbone_def=parts["backbone_def"], tx=tx,
+      schedule=schedule, layers=LAYERS, grid=GRID, out_hw=(SIZE, SIZE),
+      quirk=cfg.reference_quirks, **kw)
+  return tx, step
+
+
+def _fresh_state(parts, tx):
+  return train_step.init_state(jax.tree.map(jnp.copy, parts["params"]), tx)
+
+
+def test_one_step_lowers_the_loss(parts):
+  cfg = _cfg(lr=1e-3)
+  tx, step = _steps(parts, cfg, from_features=False)
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  state = _fresh_state(parts, tx)
+  state, m0 = step(state, parts["backbone_state"], parts["text"], batch)
+  state, m1 = step(state, parts["backbone_state"], parts["text"], batch)
+  assert float(m1["loss"]) < float(m0["loss"])
+  for k in ("focal_cross", "dice_cross", "focal_aacm", "dice_aacm", "ce_global",
+            "grad_norm", "param_norm", "lr"):
+    assert np.isfinite(float(m0[k])), k
+  assert float(m0["grad_norm"]) > 0
+
+
+def test_only_the_head_is_optimised(parts):
+  cfg = _cfg()
+  tx, _ = _steps(parts, cfg, from_features=False)
+  state = _fresh_state(parts, tx)
+  n_params = len(jax.tree.leaves(parts["params"]))
+  assert n_params == 4 + 4 + 2
+  # AdamW keeps two moments per trainable leaf (plus scalar counts), nothing else.
+  moments = [x for x in jax.tree.leaves(state["opt_state"]) if np.ndim(x) > 0]
+  assert len(moments) == 2 * n_params
+
+
+def test_sharded_step_equals_single_device(parts):
+  assert jax.device_count() == 8
+  cfg = _cfg()
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = sharding.make_mesh(-1, 1, devices)
+    tx, _ = _steps(parts, cfg, from_features=False)
+    state = jax.device_put(_fresh_state(parts, tx), sharding.replicated(mesh))
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    bstate = jax.device_put(parts["backbone_state"], sharding.replicated(mesh))
+    _, step = _steps(parts, cfg, from_features=False, mesh=mesh,
+                     state_sharding=state_sharding,
+                     backbone_sharding=jax.tree.map(lambda x: x.sharding, bstate))
+    text = jax.device_put(parts["text"], sharding.replicated(mesh))
+    losses = []
+    for seed in (0, 1):
+      batch = sharding.global_batch(_batch(seed), mesh)
+      state, m = step(state, bstate, text, batch)
+      losses.append(float(m["loss"]))
+    results.append((jax.device_get(state["params"]), losses))
+  (p1, l1), (p8, l8) = results
+  np.testing.assert_allclose(l1, l8, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype,rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_cached_features_follow_the_uncached_run(parts, cache_dtype, rtol):
+  """Step from images (storing features) then from the stored features, vs images twice.
+
+  float32 storage reproduces the uncached run to float rounding; bfloat16
+  storage (the default) to bfloat16's ~3 significant digits in the loss.
+  """
+  cfg = _cfg()
+  tx, from_images = _steps(parts, cfg, from_features=False)
+  _, filling = _steps(parts, cfg, from_features=False, return_features=True,
+                      cache_dtype=cache_dtype)
+  _, from_cache = _steps(parts, cfg, from_features=True)
+  batch = {k: jnp.asarray(v) for k, v in _batch(3).items()}
+  ref = _fresh_state(parts, tx)
+  ref, _ = from_images(ref, parts["backbone_state"], parts["text"], batch)
+  ref, ref_m = from_images(ref, parts["backbone_state"], parts["text"], batch)
+
+  cache = features.FeatureCache("memory", 8, 4, GRID[0] * GRID[1], TINY.dim,
+                                "bfloat16" if cache_dtype == jnp.bfloat16 else "float32")
+  state = _fresh_state(parts, tx)
+  state, _, (patches, cls) = filling(state, parts["backbone_state"], parts["text"], batch)
+  cache.put(np.arange(8), np.asarray(patches.astype(jnp.float32)),
+            np.asarray(cls.astype(jnp.float32)))
+  assert cache.has(np.arange(8))
+  p, c = cache.get(np.arange(8))
+  cached_batch = dict(batch, patches=jnp.asarray(p), cls=jnp.asarray(c))
+  del cached_batch["image"]
+  state, m = from_cache(state, parts["backbone_state"], parts["text"], cached_batch)
+  np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=rtol)
+  if cache_dtype == jnp.float32:
+    for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(state["params"])):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_disk_cache_published_only_after_first_epoch(tmp_path):
+  rng = np.random.default_rng(0)
+  args = ("disk", 4, 2, 3, 5, "bfloat16", tmp_path, "k1")
+  patches = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
+  cls = rng.normal(size=(2, 4, 5)).astype(np.float32)
+  interrupted = features.FeatureCache(*args)
+  interrupted.put(np.arange(4), patches, cls)
+  del interrupted
+  # Interrupted before the epoch ended: a new run must not trust it.
+  cache = features.FeatureCache(*args)
+  assert not cache.has(np.arange(4))
+  cache.put(np.arange(4), patches, cls)
+  cache.finish_epoch()
+  again = features.FeatureCache(*args)
+  assert again.complete and again.has(np.arange(4))
+  p, c = again.get(np.array([2, 0]))
+  ref = patches.astype(jnp.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(p, ref[:, [2, 0]])
+  # A different key (other backbone, size, layers or data set) is a different cache.
+  assert not features.FeatureCache("disk", 4, 2, 3, 5, "bfloat16", tmp_path, "k2").has(
+      np.arange(4))
+
+
+@pytest.mark.parametrize("quirk", [True, False])
+def test_warmup_schedule(quirk):
+  sched = train_step.lr_schedule(1e-5, 1000, 0.03, first_step_zero=quirk)
+  lrs = np.array([float(sched(s)) for s in (0, 1, 29, 30, 500)])
+  if quirk:
+    np.testing.assert_allclose(lrs, [0, 1e-5 / 30, 29e-5 / 30, 1e-5, 1e-5], rtol=1e-6)
+  else:
+    np.testing.assert_allclose(lrs, [1e-5 / 30, 2e-5 / 30, 1e-5, 1e-5, 1e-5], rtol=1e-6)
