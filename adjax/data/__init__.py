@@ -1,0 +1,181 @@
+"""Data: TFDS builders, the grain input pipeline, prediction reader, generator.
+
+`prepare(name, manual_dir=..., data_dir=...)` turns a raw download (or a
+user's folder in MVTec layout) into an array_record data set on first use
+and reuses it afterwards; `make_loader(handle, ...)` serves preprocessed,
+sharded, checkpointable batches from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adjax.data.builders import BUILDERS, fingerprint, folder_config
+from adjax.data.images import prediction_batches, read_image_folder
+from adjax.data.layouts import DataError
+from adjax.data.pipeline import Loader, make_loader, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+DATASETS: tuple[str, ...] = (
+    "mvtec_ad", "visa", "mpdd", "btad", "isic", "clinicdb", "colondb", "tn3k",
+    "folder")
+
+__all__ = [
+    "DATASETS", "DataError", "DatasetHandle", "Loader", "make_loader",
+    "prediction_batches", "prepare", "read_image_folder", "steps_per_epoch",
+]
+
+
+@dataclasses.dataclass
+class DatasetHandle:
+  """A prepared data set: random-access source plus what the pipeline needs.
+
+  `source[i]` is a dict of `image` (encoded bytes), `mask` (PNG bytes),
+  `label`, `category`, `defect_type`, `path` (text as bytes), `has_mask`.
+  `example_category[i]` indexes `categories` (sorted names).
+  """
+  name: str
+  source: Any
+  categories: list[str]
+  num_examples: int
+  example_category: np.ndarray
+  example_label: np.ndarray
+  data_dir: Path
+  skipped: list = dataclasses.field(default_factory=list)
+
+
+def _missing_manual_dir(cls, root: Path | None) -> DataError:
+  where = f"looked in {root}" if root is not None else "no manual_dir was given"
+  return DataError(
+      f"{cls.name}: raw data not found ({where}).\n"
+      f"Expected layout:\n{cls.LAYOUT}\n"
+      f"The data set is published at {cls.HOMEPAGE}; download and extract it, "
+      "then set manual_dir to its root.")
+
+
+def _describe(records) -> str:
+  per_cat: dict[str, list[int]] = {}
+  for r in records:
+    per_cat.setdefault(r.category, [0, 0])[r.label] += 1
+  parts = [f"{c} {n}+{a}" for c, (n, a) in sorted(per_cat.items())]
+  normal = sum(n for n, _ in per_cat.values())
+  return (f"{len(per_cat)} categories, {len(records)} images ({normal} normal, "
+          f"{len(records) - normal} anomalous; per category normal+anomalous: "
+          f"{', '.join(parts)})")
+
+
+def _check_known(cls, categories: list[str], n: int) -> None:
+  known = set(cls.KNOWN_CATEGORIES)
+  if not known:
+    return
+  missing, extra = sorted(known - set(categories)), sorted(set(categories) - known)
+  if missing or extra:
+    log.warning("%s: categories differ from the published set (missing: %s; "
+                "unexpected: %s)", cls.name, missing or "none", extra or "none")
+  elif cls.NUM_TEST_EXAMPLES and n != cls.NUM_TEST_EXAMPLES:
+    log.warning("%s: %d test images, the published set has %d", cls.name, n,
+                cls.NUM_TEST_EXAMPLES)
+
+
+def _remove_empty_parents(path: Path, stop: Path) -> None:
+  """Removes `path` and its parents up to `stop` while they are empty."""
+  path = path.absolute()
+  stop = stop.absolute()
+  while path != stop and stop in path.parents:
+    try:
+      path.rmdir()
+    except OSError:
+      return
+    path = path.parent
+
+
+def prepare(name: str, *, manual_dir: str | os.PathLike | None,
+            data_dir: str | os.PathLike, skip_bad_files: bool = False
+            ) -> DatasetHandle:
+  """Prepares (first use) or opens (later uses) a data set's test split.
+
+  Args:
+    name: one of `DATASETS`.
+    manual_dir: root of the raw download (for `folder`: the user's root in
+      MVTec layout). Not read when the data set is already prepared, except
+      for `folder`, whose files are fingerprinted: a changed folder is
+      prepared again.
+    data_dir: where prepared data sets live (`<data_dir>/<name>/...`).
+    skip_bad_files: unreadable images or masks become warnings with a count
+      (recorded in `handle.skipped`) instead of errors.
+
+  Raises:
+    DataError: raw data missing or not in the expected layout, unreadable
+      files (without `skip_bad_files`), unpaired images or masks. A failed
+      preparation leaves nothing under `data_dir` that a later run would use.
+  """
+  if name not in BUILDERS:
+    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
+  cls = BUILDERS[name]
+  data_dir = Path(data_dir).expanduser().absolute()
+  root = Path(manual_dir).expanduser().absolute() if manual_dir else None
+  kwargs: dict[str, Any] = dict(data_dir=os.fspath(data_dir),
+                                file_format="array_record")
+  if name == "folder":
+    if root is None:
+      raise _missing_manual_dir(cls, None)
+    kwargs["config"] = folder_config(root)
+  builder = cls(**kwargs)
+  version_dir = Path(builder.data_dir)
+  prepared = (version_dir / "dataset_info.json").is_file()
+  extra: dict[str, Any] = {}
+  if name == "folder" and root.is_dir():
+    extra = {"fingerprint": fingerprint(root), "root": os.fspath(root)}
+    if prepared and builder.info.metadata.get("fingerprint") != extra["fingerprint"]:
+      log.warning("folder %s changed since it was prepared in %s; preparing "
+                  "it again", root, version_dir)
+      shutil.rmtree(version_dir)
+      builder = cls(**kwargs)
+      prepared = False
+
+  if not prepared:
+    if root is None or not root.is_dir() or not any(root.iterdir()):
+      raise _missing_manual_dir(cls, root)
+    records = builder.scan(root)
+    log.info("%s: preparing %s from %s into %s", name, _describe(records), root,
+             version_dir)
+    _check_known(cls, sorted({r.category for r in records}), len(records))
+    builder = cls(skip_bad_files=skip_bad_files, records=records,
+                  extra_metadata=extra, **kwargs)
+    try:
+      with tempfile.TemporaryDirectory(prefix="adjax-tfds-dl-") as dl:
+        builder.download_and_prepare(
+            download_dir=dl,
+            download_config=_download_config(root))
+    except BaseException:
+      _remove_empty_parents(version_dir, data_dir)
+      raise
+    builder = cls(**kwargs)
+
+  source = builder.as_data_source()["test"]
+  meta = builder.info.metadata
+  cats = np.asarray(meta.get("example_category", []), np.int32)
+  labels = np.asarray(meta.get("example_label", []), np.int32)
+  if len(cats) != len(source) or len(labels) != len(source) or not len(source):
+    raise DataError(
+        f"prepared data in {version_dir} is inconsistent ({len(source)} "
+        f"examples, metadata for {len(cats)}); delete that folder to prepare "
+        "it again")
+  return DatasetHandle(
+      name=name, source=source, categories=list(meta["categories"]),
+      num_examples=len(source), example_category=cats, example_label=labels,
+      data_dir=version_dir, skipped=list(meta.get("skipped", [])))
+
+
+def _download_config(root: Path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.download.DownloadConfig(manual_dir=os.fspath(root))

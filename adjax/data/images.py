@@ -1,0 +1,208 @@
+"""Image decoding and preprocessing, and the reader for a folder of images.
+
+Preprocessing follows the release exactly: PIL decode, RGB, PIL bilinear
+resize to S x S (PIL antialiases when shrinking), scale to [0, 1], ImageNet
+mean/std. Masks get the same PIL bilinear resize, scaled to [0, 1], then a
+threshold. Everything here works on encoded bytes or files, with PIL only, so
+it runs inside grain worker processes without JAX.
+
+The prediction reader accepts what users actually have: any size, grayscale,
+palette, RGBA, 16-bit; files that cannot be decoded are reported, never
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+  name = os.path.basename(os.fspath(path))
+  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def open_image(data: bytes | str | os.PathLike) -> Image.Image:
+  """Opens and fully decodes an image (raises on truncated or unknown data)."""
+  f = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+  img = Image.open(f)
+  img.load()
+  return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Converts any PIL mode to 8-bit RGB.
+
+  PIL's own `convert("RGB")` clips 16-bit and 32-bit integer images at 255
+  (a 16-bit photo comes out nearly white), so those are rescaled from their
+  full range first. RGBA and LA drop alpha, as the release's `convert("RGB")`.
+  """
+  if img.mode == "RGB":
+    return img
+  if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+      hi = 1.0 if a.size and a.max() <= 1.0 else 255.0
+    elif img.mode.startswith("I;16"):
+      hi = 65535.0
+    else:  # 32-bit "I": 16-bit PNGs open as "I" in some PIL versions.
+      hi = 65535.0 if a.size and a.max() > 255 else 255.0
+    a = np.clip(np.rint(a / hi * 255.0), 0, 255).astype(np.uint8)
+    img = Image.fromarray(a, "L")
+  return img.convert("RGB")
+
+
+def preprocess_image(img: Image.Image, size: int) -> np.ndarray:
+  """RGB, PIL bilinear resize to size x size, /255, ImageNet mean/std."""
+  img = to_rgb(img)
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.BILINEAR)
+  a = np.asarray(img, np.float32) * (1.0 / 255.0)
+  return (a - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def mask_to_l(img: Image.Image) -> Image.Image:
+  """A mask as a single 8-bit channel, values kept as the release reads them.
+
+  `convert("L")` is what the release does for 8-bit masks (0/255 MVTec masks,
+  VisA's small label values, palette masks); wide integer or float masks are
+  mapped to non-zero -> 255, since clipping their raw values would be
+  meaningless.
+  """
+  if img.mode == "L":
+    return img
+  if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+    a = np.asarray(img)
+    return Image.fromarray(np.where(a != 0, 255, 0).astype(np.uint8), "L")
+  return img.convert("L")
+
+
+def preprocess_mask(img: Image.Image, size: int, *, threshold: float = 0.5,
+                    strict_zero: bool = False) -> np.ndarray:
+  """Binary mask float32 [size, size] in {0, 1}.
+
+  Default: non-zero pixels become 255 (so data sets storing small label
+  values, like VisA, behave like 0/255 masks), PIL bilinear resize, /255,
+  `> threshold`. `strict_zero` is the release's VisA quirk: the raw mask is
+  resized and thresholded at `> 0`, which grows each region by the resize
+  kernel's footprint.
+  """
+  img = mask_to_l(img)
+  if not strict_zero:
+    a = np.asarray(img)
+    img = Image.fromarray(np.where(a != 0, 255, 0).astype(np.uint8), "L")
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.BILINEAR)
+  a = np.asarray(img, np.float32) * (1.0 / 255.0)
+  return (a > (0.0 if strict_zero else threshold)).astype(np.float32)
+
+
+def encode_png(a: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(a).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def zero_mask_png(width: int, height: int) -> bytes:
+  return encode_png(np.zeros((height, width), np.uint8))
+
+
+# ----------------------------------------------------------------------------
+# Prediction: a plain folder or glob of images.
+
+
+def read_image_folder(
+    folder_or_glob: str | os.PathLike,
+) -> tuple[list[str], list[tuple[str, str]]]:
+  """Lists the images of a folder (recursively) or a glob pattern.
+
+  Every candidate is opened and decoded once, so a file that cannot be used
+  is known before prediction starts.
+
+  Returns:
+    (paths, unreadable): sorted readable image paths, and (path, reason) for
+    every file with an image extension that PIL cannot decode.
+
+  Raises:
+    FileNotFoundError: nothing matches, naming the pattern.
+  """
+  spec = os.fspath(folder_or_glob)
+  if os.path.isdir(spec):
+    candidates = [str(p) for p in Path(spec).rglob("*")
+                  if p.is_file() and is_image_file(p)]
+  elif os.path.isfile(spec):
+    candidates = [spec]
+  else:
+    candidates = [p for p in glob.glob(spec, recursive=True)
+                  if os.path.isfile(p) and is_image_file(p)]
+  if not candidates:
+    raise FileNotFoundError(
+        f"no images found at {spec!r} (a folder is searched recursively for "
+        f"{', '.join(IMAGE_EXTENSIONS)}; a glob pattern is matched as given)")
+  ok, bad = [], []
+  for p in sorted(candidates):
+    try:
+      with Image.open(p) as img:
+        img.load()
+      ok.append(p)
+    except Exception as e:  # PIL raises many kinds; every one means unusable.
+      bad.append((p, f"{type(e).__name__}: {e}"))
+  return ok, bad
+
+
+def load_for_prediction(path: str, size: int) -> dict:
+  """One preprocessed image for prediction, with its original size."""
+  try:
+    with Image.open(path) as img:
+      img.load()
+      w, h = img.size
+      image = preprocess_image(img, size)
+    error = ""
+  except Exception as e:
+    image = np.zeros((size, size, 3), np.float32)
+    w = h = 0
+    error = f"{type(e).__name__}: {e}"
+  return {"image": image, "orig_size": np.array([h, w], np.int32),
+          "valid": np.bool_(not error), "path": path, "error": error}
+
+
+def prediction_batches(paths: Sequence[str], *, image_size: int,
+                       batch_size: int, num_threads: int = 4
+                       ) -> Iterator[dict]:
+  """Yields prediction batches in path order.
+
+  Each batch: `image` float32 [B,S,S,3], `orig_size` int32 [B,2] (height,
+  width), `valid` bool [B] (False for padding of the last batch and for a file
+  that failed to decode now although it was readable when listed), `path`
+  and `error` (numpy str arrays; error is "" when fine). The last batch is
+  padded to `batch_size` so a compiled model sees one shape.
+  """
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
+  paths = list(paths)
+  with ThreadPoolExecutor(max(1, num_threads)) as pool:
+    for start in range(0, len(paths), batch_size):
+      chunk = paths[start:start + batch_size]
+      items = list(pool.map(lambda p: load_for_prediction(p, image_size), chunk))
+      pad = batch_size - len(items)
+      for _ in range(pad):
+        items.append({"image": np.zeros((image_size, image_size, 3), np.float32),
+                      "orig_size": np.zeros(2, np.int32), "valid": np.bool_(False),
+                      "path": "", "error": ""})
+      yield {
+          "image": np.stack([x["image"] for x in items]),
+          "orig_size": np.stack([x["orig_size"] for x in items]),
+          "valid": np.array([x["valid"] for x in items], bool),
+          "path": np.array([x["path"] for x in items], dtype=str),
+          "error": np.array([x["error"] for x in items], dtype=str),
+      }
