@@ -1,0 +1,127 @@
+"""DINOv3 backbone forward throughput against the machine's matmul ceiling.
+
+  python -m adjax.bench backbone [--variants vits16,vitl16] [--sizes 224,512]
+                                 [--batch 2] [--dtype float32] [--iters 3]
+
+For each variant and square input size: compile time of the jitted
+`get_intermediate_layers` (default blocks, random weights of the real
+architecture), images/s, and achieved GFLOP/s from an analytic FLOP count
+(patch embedding + per block qkv, attention logits and values, output
+projection, FFN; 2 FLOPs per multiply-add; norms and elementwise work not
+counted). The ceiling is the fastest of a few large square matmuls in the
+same dtype, timed in the same run before and after the models; the fraction
+printed is forward GFLOP/s / ceiling GFLOP/s. Times are the best of
+`--iters` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adjax.models import dinov3
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def forward_flops(config: dinov3.DinoV3Config, height: int, width: int,
+                  blocks: int | None = None) -> float:
+  """Matmul FLOPs of one image through `blocks` blocks (default: all)."""
+  p, d, f = config.patch_size, config.dim, config.ffn_hidden
+  patches = (height // p) * (width // p)
+  t = 1 + config.num_registers + patches
+  ffn_mats = 2 if config.ffn == "mlp" else 3
+  per_block = 2 * t * d * (3 * d + d + ffn_mats * f) + 2 * 2 * t * t * d
+  return 2 * patches * p * p * 3 * d + (blocks or config.depth) * per_block
+
+
+def _time(fn, *args, iters: int) -> float:
+  """Seconds per call, best of `iters` (the machine may be shared)."""
+  best = float("inf")
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def matmul_gflops(n: int, dtype, iters: int) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  fn = jax.jit(jnp.dot)
+  jax.block_until_ready(fn(a, b))
+  return 2 * n ** 3 / _time(fn, a, b, iters=iters) / 1e9
+
+
+def bench_backbone(variant: str, size: int, batch: int, dtype, iters: int) -> dict:
+  model = dinov3.init_random(variant, dtype=dtype)
+  config = model.config
+  layers = dinov3.default_layers(config.depth)
+  graphdef, state = nnx.split(model)
+
+  def features(state, images):
+    return nnx.merge(graphdef, state).get_intermediate_layers(images, layers)
+
+  images = jax.random.normal(jax.random.key(2), (batch, size, size, 3), jnp.float32)
+  start = time.perf_counter()
+  compiled = jax.jit(features).lower(state, images).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(state, images))  # warm-up
+  seconds = _time(compiled, state, images, iters=iters)
+  flops = batch * forward_flops(config, size, size, max(layers) + 1)
+  return dict(variant=variant, size=size, batch=batch, compile_s=compile_s,
+              images_per_s=batch / seconds, gflops=flops / seconds / 1e9)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m adjax.bench backbone",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--variants", default="vits16,vitl16")
+  parser.add_argument("--sizes", default="224,512")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+  parser.add_argument("--iters", type=int, default=3, help="timed calls (best is kept)")
+  parser.add_argument("--matmul-sizes", default="1024,2048,4096",
+                      help="square matmul sizes; the fastest one is the ceiling")
+  args = parser.parse_args(argv)
+  dtype = DTYPES[args.dtype]
+  variants = [v for v in args.variants.split(",") if v]
+  unknown = [v for v in variants if v not in dinov3.VARIANTS]
+  if unknown:
+    parser.error(f"--variants: unknown {unknown}; known: {sorted(dinov3.VARIANTS)}")
+  sizes = [int(s) for s in args.sizes.split(",") if s]
+
+  device = jax.devices()[0]
+  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
+        f"dtype {args.dtype}, batch {args.batch}")
+  # The ceiling is the fastest of several square matmuls, each best of a few
+  # calls, timed before and after the models (the machine may be shared).
+  matmul_sizes = [int(n) for n in args.matmul_sizes.split(",") if n]
+
+  def ceiling_now(when):
+    rates = {n: matmul_gflops(n, dtype, max(args.iters, 5)) for n in matmul_sizes}
+    print(f"matmul {args.dtype} GFLOP/s {when}: "
+          + ", ".join(f"{n}^3 {g:.1f}" for n, g in rates.items()), flush=True)
+    return max(rates.values())
+
+  ceiling = ceiling_now("before")
+  rows = []
+  for variant in variants:
+    for size in sizes:
+      rows.append(bench_backbone(variant, size, args.batch, dtype, args.iters))
+      r = rows[-1]
+      print(f"{variant:10s} {size:5d} compile {r['compile_s']:6.2f} s  "
+            f"{r['images_per_s']:8.2f} images/s  {r['gflops']:7.1f} GFLOP/s", flush=True)
+  ceiling = max(ceiling, ceiling_now("after"))
+  print(f"ceiling: {ceiling:.1f} GFLOP/s")
+  print(f"{'variant':10s} {'size':>5s} {'batch':>5s} {'compile s':>9s} {'images/s':>9s} "
+        f"{'GFLOP/s':>8s} {'of ceiling':>10s}")
+  for r in rows:
+    print(f"{r['variant']:10s} {r['size']:5d} {r['batch']:5d} {r['compile_s']:9.2f} "
+          f"{r['images_per_s']:9.2f} {r['gflops']:8.1f} {r['gflops'] / ceiling:10.1%}")
+  return 0

@@ -1,0 +1,358 @@
+"""Converts a DINOv3 ViT checkpoint (Meta .pth or Hugging Face) for adjax.
+
+  python -m converters.dinov3 --src SRC --dst DIR [--variant NAME] [--overwrite]
+
+SRC is one of
+- an official Meta checkpoint file, e.g. dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth
+  (`blocks.N.attn.qkv` with a `bias_mask`, `storage_tokens`, `ls1.gamma`,
+  `rope_embed.periods`);
+- a Hugging Face `DINOv3ViTModel` directory (config.json + model.safetensors,
+  possibly sharded) or a single .safetensors file in that layout;
+- a hub repo id such as facebook/dinov3-vitl16-pretrain-lvd1689m, fetched with
+  huggingface_hub when the hub is reachable.
+
+The variant is inferred from the tensor shapes (plus the head count from the
+RoPE periods or config.json); `--variant` forces one. DIR receives the
+parameters as NNX paths of `adjax.models.dinov3.DinoV3` and a config.json
+with the architecture, the variant, the source file name and its sha256. It
+is written atomically: a failed conversion leaves nothing at DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from converters.common import (ConversionError, Rule, apply_rules, conv_kernel,
+                               linear_kernel, read_state_dict, sha256_file, unflatten)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Names only CLIP checkpoints (OpenAI, open_clip, HF CLIPModel/CLIPTextModel) have.
+_CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
+                       r"text_projection|logit_scale)(\.|$)")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclasses.dataclass
+class Source:
+  """Flat tensors plus what is known about them besides their shapes."""
+  tensors: dict[str, np.ndarray]
+  origin: str  # for messages
+  file_name: str
+  sha256: str
+  hf_config: dict | None = None
+
+
+# ----------------------------------------------------------------- reading
+
+def read_source(src: str) -> Source:
+  path = Path(src)
+  if path.is_file():
+    return Source(read_state_dict(path), str(path), path.name, sha256_file(path))
+  if path.is_dir():
+    return _read_hf_dir(path)
+  if _HUB_ID.match(src) and not src.startswith((".", "/", "~")):
+    return _read_hf_dir(_download(src))
+  raise ConversionError(
+      f"--src {src}: no such file or directory (and not a hub repo id like "
+      "'facebook/dinov3-vitl16-pretrain-lvd1689m')")
+
+
+def _download(repo_id: str) -> Path:
+  try:
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+  except Exception as e:  # offline, unknown repo, gated repo: all reported alike
+    raise ConversionError(
+        f"--src {repo_id}: not a local path, and fetching it from the Hugging Face "
+        f"hub failed (hub unreachable, repo unknown or gated?): {type(e).__name__}: "
+        f"{e}. Download the checkpoint yourself and pass the local .pth file or "
+        "directory (config.json + model.safetensors)") from e
+
+
+def _read_hf_dir(path: Path) -> Source:
+  present = [path / f for f in _WEIGHT_FILES if (path / f).is_file()]
+  if not present:
+    raise ConversionError(
+        f"{path}: no weights found; expected one of {list(_WEIGHT_FILES)} "
+        "(a Hugging Face DINOv3ViTModel directory) or pass the .pth file itself")
+  hf_config = None
+  if (path / "config.json").is_file():
+    hf_config = json.loads((path / "config.json").read_text())
+    if hf_config.get("model_type") not in (None, "dinov3_vit"):
+      raise ConversionError(
+          f"{path / 'config.json'}: model_type {hf_config.get('model_type')!r}, "
+          "expected 'dinov3_vit' (a Hugging Face DINOv3ViTModel)")
+  weights = present[0]
+  if weights.name.endswith(".index.json"):
+    shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+    tensors = {}
+    for shard in shards:
+      tensors.update(read_state_dict(path / shard))
+    # One digest for the set: sha256 over the shards' digests in name order.
+    import hashlib
+    digest = hashlib.sha256(
+        "".join(sha256_file(path / s) for s in shards).encode()).hexdigest()
+    return Source(tensors, str(path), weights.name, digest, hf_config)
+  return Source(read_state_dict(weights), str(weights), weights.name,
+                sha256_file(weights), hf_config)
+
+
+# ---------------------------------------------------------------- layouts
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Source names of one checkpoint family; `{i}` is the block index."""
+  name: str
+  cls: str
+  registers: str
+  patch: str
+  norm: str
+  block: str
+  norm1: str
+  norm2: str
+  proj: str
+  ls1: str
+  ls2: str
+  mlp: tuple[str, str]  # fc1, fc2
+  swiglu: tuple[str, str, str]  # w1 (gate), w2 (up), w3 (down)
+  ignore: tuple[str, ...]
+
+
+META = Layout(
+    "meta", "cls_token", "storage_tokens", "patch_embed.proj", "norm", "blocks.{i}.",
+    "norm1", "norm2", "attn.proj", "ls1.gamma", "ls2.gamma",
+    ("mlp.fc1", "mlp.fc2"), ("mlp.w1", "mlp.w2", "mlp.w3"),
+    # mask_token: masked-image training only; local_cls_norm: the 7B's
+    # training-time norm of local crops' cls token.
+    (r"mask_token", r"local_cls_norm\..*"))
+
+HF = Layout(
+    "hf", "embeddings.cls_token", "embeddings.register_tokens",
+    "embeddings.patch_embeddings", "norm", "model.layer.{i}.",
+    "norm1", "norm2", "attention.o_proj", "layer_scale1.lambda1", "layer_scale2.lambda1",
+    ("mlp.up_proj", "mlp.down_proj"), ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    (r"embeddings\.mask_token", r"rope_embeddings\.inv_freq"))
+
+
+def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
+  keys = set(tensors)
+  if "cls_token" in keys and "blocks.0.attn.qkv.weight" in keys:
+    if "pos_embed" in keys or "storage_tokens" not in keys:
+      raise ConversionError(
+          f"{origin}: has {'pos_embed' if 'pos_embed' in keys else 'no storage_tokens'}"
+          ": a DINOv2-style checkpoint, not DINOv3 (4 storage tokens, RoPE)")
+    if any(k.startswith("cls_norm.") for k in keys):
+      raise ConversionError(
+          f"{origin}: has untied cls/patch norms (cls_norm.*); adjax's DINOv3 "
+          "applies the one final `norm` to all tokens and cannot represent them")
+    return META
+  if "embeddings.cls_token" in keys:
+    if any(k.startswith("layer.") for k in keys):  # transformers 4.x names
+      return dataclasses.replace(HF, block="layer.{i}.")
+    return HF
+  sample = sorted(keys)[:6]
+  if any(_CLIP_KEY.search(k) for k in keys):
+    raise ConversionError(
+        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
+        "not a DINOv3 ViT; convert it with converters.clip_text instead")
+  raise ConversionError(
+      f"{origin}: not a DINOv3 checkpoint: found neither the Meta keys "
+      "(cls_token, storage_tokens, blocks.N.attn.qkv.weight) nor the Hugging Face "
+      f"keys (embeddings.cls_token, model.layer.N.*); first keys: {sample}")
+
+
+# ---------------------------------------------------------- architecture
+
+def infer_config(src: Source, layout: Layout, variant: str | None):
+  """DinoV3Config from the shapes (+ RoPE periods / config.json), or --variant."""
+  from adjax.models.dinov3 import VARIANTS, DinoV3Config
+  t = src.tensors
+  if variant is not None:
+    if variant not in VARIANTS:
+      raise ConversionError(f"--variant {variant!r}: unknown; known: {sorted(VARIANTS)}")
+    return VARIANTS[variant]
+  block_re = re.compile(re.escape(layout.block).replace(r"\{i\}", r"(\d+)"))
+  indices = [int(m.group(1)) for k in t if (m := block_re.match(k))]
+  b0 = layout.block.format(i=0)
+  swiglu = f"{b0}{layout.swiglu[0]}.weight" in t
+  fc1 = f"{b0}{(layout.swiglu if swiglu else layout.mlp)[0]}.weight"
+  needed = [layout.cls, layout.registers, f"{layout.patch}.weight", fc1]
+  absent = [k for k in needed if k not in t]
+  if absent or not indices:
+    raise ConversionError(
+        f"{src.origin}: cannot infer the architecture: missing source keys "
+        f"{absent or [b0 + '*']} ({layout.name} layout)")
+  qkv_bias = (f"{b0}attn.qkv.bias" if layout.name == "meta"
+              else f"{b0}attention.q_proj.bias") in t
+  facts = dict(dim=t[layout.cls].shape[-1], depth=1 + max(indices),
+               ffn="swiglu" if swiglu else "mlp", ffn_hidden=t[fc1].shape[0],
+               qkv_bias=qkv_bias, patch_size=t[f"{layout.patch}.weight"].shape[-1],
+               num_registers=t[layout.registers].shape[-2])
+  dim = facts["dim"]
+  extra = {}
+  heads = None
+  if src.hf_config:
+    hc = src.hf_config
+    heads = hc.get("num_attention_heads")
+    extra = dict(rope_base=float(hc.get("rope_theta", 100.0)),
+                 layer_norm_eps=float(hc.get("layer_norm_eps", 1e-5)))
+    act = hc.get("hidden_act", "gelu")
+    if act != ("silu" if swiglu else "gelu"):
+      raise ConversionError(
+          f"{src.origin}: hidden_act {act!r} with use_gated_mlp={swiglu}; DINOv3 uses "
+          "'gelu' (exact) for the MLP and 'silu' for SwiGLU")
+  elif "rope_embed.periods" in t:
+    periods = t["rope_embed.periods"].astype(np.float64)
+    heads = dim // (4 * len(periods))
+    if len(periods) >= 2:  # periods[1] = base ** (4 / head_dim)
+      extra = dict(rope_base=float(np.round(periods[1] ** (len(periods)), 4)))
+  for v in VARIANTS.values():
+    if all(getattr(v, k) == val for k, val in facts.items()) and heads in (None, v.num_heads):
+      config = dataclasses.replace(v, **extra)
+      return config if config == v else dataclasses.replace(config, name="custom")
+  if heads is None:
+    raise ConversionError(
+        f"{src.origin}: shapes {facts} match no released DINOv3 variant and the "
+        f"head count is unknown; pass --variant (one of {sorted(VARIANTS)})")
+  return DinoV3Config(num_heads=heads, name="custom", **facts, **extra)
+
+
+# ----------------------------------------------------------------- rules
+
+def _stacked(depth: int, keys: Sequence[str], fn: Callable = lambda x: x) -> Rule:
+  """Rule stacking fn(*block_i_tensors) over blocks; keys contain `{i}`."""
+  per_block = [tuple(k.format(i=i) for k in keys) for i in range(depth)]
+  n = len(keys)
+
+  def stack(*arrays):
+    return np.stack([fn(*arrays[i * n:(i + 1) * n]) for i in range(depth)])
+  return Rule(tuple(k for ks in per_block for k in ks), stack)
+
+
+def _qkv_bias(part: int, origin: str, dim: int):
+  """Bias of q (part 0) or v (part 2) after the bias mask; the key bias must vanish."""
+  def fn(bias, mask=None):
+    if mask is not None:
+      if not np.all(np.isfinite(mask)):
+        raise ConversionError(f"{origin}: attn.qkv.bias_mask holds non-finite values "
+                              "(an uninitialised mask)")
+      bias = bias * mask
+    if np.any(bias[dim:2 * dim] != 0):
+      raise ConversionError(
+          f"{origin}: the key bias is not zero and no bias_mask zeroes it; DINOv3 "
+          "has no key bias")
+    return bias[part * dim:(part + 1) * dim]
+  return fn
+
+
+def build_rules(config, layout: Layout, tensors: dict, origin: str) -> tuple[dict, list]:
+  """Target path -> Rule, and the source keys deliberately ignored."""
+  d, depth = config.dim, config.depth
+  blk = layout.block
+  rules = {
+      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
+      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
+      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
+      "register_tokens": Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:])),
+      "norm/scale": Rule((f"{layout.norm}.weight",)),
+      "norm/bias": Rule((f"{layout.norm}.bias",)),
+      "blocks/ls1": _stacked(depth, [blk + layout.ls1]),
+      "blocks/ls2": _stacked(depth, [blk + layout.ls2]),
+      "blocks/attn/proj/kernel": _stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
+      "blocks/attn/proj/bias": _stacked(depth, [f"{blk}{layout.proj}.bias"]),
+  }
+  for n in ("norm1", "norm2"):
+    name = getattr(layout, n)
+    rules[f"blocks/{n}/scale"] = _stacked(depth, [f"{blk}{name}.weight"])
+    rules[f"blocks/{n}/bias"] = _stacked(depth, [f"{blk}{name}.bias"])
+  ffn_names = (("fc1", "fc2") if config.ffn == "mlp" else ("w1", "w2", "w3"))
+  for ours, theirs in zip(ffn_names, layout.mlp if config.ffn == "mlp" else layout.swiglu):
+    rules[f"blocks/ffn/{ours}/kernel"] = _stacked(depth, [f"{blk}{theirs}.weight"], linear_kernel)
+    rules[f"blocks/ffn/{ours}/bias"] = _stacked(depth, [f"{blk}{theirs}.bias"])
+  if layout.name == "meta":
+    rules["blocks/attn/qkv/kernel"] = _stacked(depth, [blk + "attn.qkv.weight"], linear_kernel)
+    bias_keys = [blk + "attn.qkv.bias"]
+    if blk.format(i=0) + "attn.qkv.bias_mask" in tensors:
+      bias_keys.append(blk + "attn.qkv.bias_mask")
+    if "rope_embed.periods" in tensors:
+      rules["rope_periods"] = Rule(("rope_embed.periods",))
+  else:
+    a = blk + "attention."
+    rules["blocks/attn/qkv/kernel"] = _stacked(
+        depth, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
+        lambda q, k, v: linear_kernel(np.concatenate([q, k, v])))
+    if config.qkv_bias:
+      # HF drops the key bias; a present one is accepted only if it is zero.
+      has_k = blk.format(i=0) + "attention.k_proj.bias" in tensors
+      names = ("q_proj", "k_proj", "v_proj") if has_k else ("q_proj", "v_proj")
+      bias_keys = [f"{a}{n}.bias" for n in names]
+      for part, target in ((0, "q_bias"), (2, "v_bias")):
+        pick = _qkv_bias(part, origin, d)
+        rules[f"blocks/attn/{target}"] = _stacked(
+            depth, bias_keys,
+            lambda *x, pick=pick: pick(np.concatenate(
+                x if len(x) == 3 else (x[0], np.zeros_like(x[0]), x[1]))))
+    return rules, list(layout.ignore)
+  if config.qkv_bias:
+    rules["blocks/attn/q_bias"] = _stacked(depth, bias_keys, _qkv_bias(0, origin, d))
+    rules["blocks/attn/v_bias"] = _stacked(depth, bias_keys, _qkv_bias(2, origin, d))
+  return rules, list(layout.ignore)
+
+
+# --------------------------------------------------------------- convert
+
+def convert(src: str, dst: str, variant: str | None = None, overwrite: bool = False) -> Path:
+  """Converts `src` into the directory `dst`; raises ConversionError."""
+  from flax import nnx
+
+  from adjax.models import dinov3, weights
+  if Path(dst).exists() and not overwrite:
+    raise ConversionError(f"--dst {dst}: already exists; pass --overwrite to replace it")
+  source = read_source(src)
+  layout = detect_layout(source.tensors, source.origin)
+  config = infer_config(source, layout, variant)
+  model = nnx.eval_shape(lambda: dinov3.DinoV3(config, rngs=nnx.Rngs(0)))
+  targets = weights.param_shapes(model)
+  rules, ignore = build_rules(config, layout, source.tensors, source.origin)
+  if "rope_periods" in rules:
+    targets["rope_periods"] = (config.head_dim // 4,)
+  flat = apply_rules(rules, source.tensors, targets, ignore=ignore, origin=source.origin)
+  flat.setdefault("rope_periods", dinov3.rope_periods(config))
+  meta = dict(config.to_dict(), kind=dinov3.KIND, variant=config.name,
+              source=source.file_name, source_sha256=source.sha256,
+              source_format=layout.name)
+  return weights.save(dst, unflatten(flat), meta, overwrite=overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from adjax.models.dinov3 import VARIANTS
+  parser = argparse.ArgumentParser(
+      prog="python -m converters.dinov3", description=__doc__.split("\n")[0])
+  parser.add_argument("--src", required=True,
+                      help="Meta .pth file, HF DINOv3ViTModel directory or hub repo id")
+  parser.add_argument("--dst", required=True, help="output directory (created atomically)")
+  parser.add_argument("--variant", choices=sorted(VARIANTS),
+                      help="force a variant instead of inferring it from the shapes")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+  args = parser.parse_args(argv)
+  try:
+    out = convert(args.src, args.dst, args.variant, args.overwrite)
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  cfg = json.loads((out / "config.json").read_text())
+  print(f"wrote {out} (variant {cfg['variant']}, {cfg['depth']} blocks, dim {cfg['dim']}, "
+        f"from {cfg['source_format']} {cfg['source']})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
