@@ -1,0 +1,80 @@
+"""Result tables: mean over categories, formats, round trips, atomic files."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from adjax import reports
+
+RESULTS = {
+    "bottle": {"image_auroc": 0.91234, "pixel_auroc": 0.8, "pixel_aupro": None,
+               "pixel_aupro_zsad": 0.5},
+    "cable": {"image_auroc": 0.7, "pixel_auroc": float("nan"),
+              "pixel_aupro": None, "pixel_aupro_zsad": 0.25},
+    "zipper": {"image_auroc": 1 / 3, "pixel_auroc": 0.6, "pixel_aupro": None,
+               "pixel_aupro_zsad": 0.125},
+}
+
+
+def test_summary_mean_ignores_missing():
+  s = reports.summarize(RESULTS)
+  assert list(s["categories"]) == ["bottle", "cable", "zipper"]
+  assert s["mean"]["image_auroc"] == pytest.approx((0.91234 + 0.7 + 1 / 3) / 3)
+  assert s["mean"]["pixel_auroc"] == pytest.approx(0.7)  # NaN is missing
+  assert s["categories"]["cable"]["pixel_auroc"] is None
+  assert s["mean"]["pixel_aupro"] is None
+  # Canonical metric order, the ZSAD variant after the standard ones.
+  assert list(s["mean"]) == ["image_auroc", "pixel_auroc", "pixel_aupro",
+                             "pixel_aupro_zsad"]
+
+
+def test_console_table_is_aligned_percentages():
+  table = reports.console_table(RESULTS)
+  lines = [l for l in table.splitlines() if not set(l) <= {"-"}]
+  assert lines[0].split() == ["category", "I-AUROC", "P-AUROC", "AUPRO",
+                              "AUPRO-zsad"]
+  assert lines[1].split() == ["bottle", "91.2", "80.0", "n/a", "50.0"]
+  assert lines[-1].split() == ["mean", "64.9", "70.0", "n/a", "29.2"]
+  assert len({len(l) for l in lines}) == 1  # right-aligned columns line up
+
+
+def test_markdown_table():
+  md = reports.markdown_table(RESULTS).splitlines()
+  assert md[0] == "| category | I-AUROC | P-AUROC | AUPRO | AUPRO-zsad |"
+  assert md[1] == "|:---|---:|---:|---:|---:|"
+  assert md[3] == "| cable | 70.0 | n/a | n/a | 25.0 |"
+  assert md[-1] == "| **mean** | **64.9** | **70.0** | **n/a** | **29.2** |"
+
+
+def test_write_reports_round_trips(tmp_path):
+  table = reports.write_reports(RESULTS, tmp_path / "out", "mvtec")
+  assert table == reports.console_table(RESULTS)
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+      "mvtec.csv", "mvtec.json", "mvtec.md"]
+  want = reports.summarize(RESULTS)
+  assert reports.read_json(tmp_path / "out" / "mvtec.json") == want
+  assert reports.read_csv(tmp_path / "out" / "mvtec.csv") == want
+  with open(tmp_path / "out" / "mvtec.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  assert rows[0][0] == "category" and rows[-1][0] == "mean"
+  assert float(rows[1][1]) == 0.91234  # full precision, not percent
+  raw = json.loads((tmp_path / "out" / "mvtec.json").read_text())
+  assert raw["categories"]["bottle"]["pixel_aupro"] is None
+
+
+def test_bad_input_writes_nothing(tmp_path):
+  with pytest.raises(ValueError, match="'mean'"):
+    reports.write_reports({"mean": {"image_auroc": 0.5}}, tmp_path, "r")
+  with pytest.raises(ValueError, match="finite"):
+    reports.write_reports({"a": {"image_auroc": math.inf}}, tmp_path, "r")
+  with pytest.raises(ValueError, match="plain file name"):
+    reports.write_reports(RESULTS, tmp_path, "../r")
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_results():
+  s = reports.summarize({})
+  assert s == {"categories": {}, "mean": {}}
+  assert reports.console_table({}).splitlines()[-1].strip() == "mean"
