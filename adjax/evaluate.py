@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import data, heatmaps, metrics, reports, sharding, train, train_step
+from adjax import data, heatmaps, metrics, reports, sharding, targets, train, train_step
 
 
 def gather_rows(tree: dict) -> dict:
@@ -29,13 +29,38 @@ def gather_rows(tree: dict) -> dict:
           for k, v in tree.items()}
 
 
+class CategoryMetrics:
+  """Image metrics over every image; pixel metrics over images with a mask.
+
+  A user's folder may have defect images without ground truth: they count
+  for the image-level metrics and are left out of the pixel-level ones.
+  """
+
+  def __init__(self, fpr_limit: float, zsad_aupro: bool):
+    self.images = metrics.MetricAccumulator(fpr_limit=fpr_limit)
+    self.pixels = metrics.MetricAccumulator(fpr_limit=fpr_limit, zsad_aupro=zsad_aupro)
+
+  def update(self, rows: dict, sel: np.ndarray) -> None:
+    self.images.update(rows["score"][sel], rows["label"][sel])
+    known = sel & rows["has_mask"]
+    if known.any():
+      self.pixels.update(rows["score"][known], rows["label"][known], rows["map"][known],
+                         rows["mask"][known])
+
+  def result(self) -> dict:
+    pixel = self.pixels.result()
+    out = {k: v for k, v in pixel.items() if k.startswith("pixel_")}
+    out.update({k: v for k, v in self.images.result().items() if k.startswith("image_")})
+    return out
+
+
 class Evaluator:
   """Holds the compiled eval step; evaluates one data set at a time."""
 
   def __init__(self, cfg, workdir: Path, towers, mesh, params):
     self.cfg, self.workdir, self.towers, self.mesh = cfg, workdir, towers, mesh
     n_data = mesh.shape[sharding.DATA]
-    if cfg.eval.batch_size % (n_data * 1) or cfg.eval.batch_size % jax.process_count():
+    if cfg.eval.batch_size % n_data or cfg.eval.batch_size % jax.process_count():
       raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the "
                        f"{n_data} data-parallel devices and the processes")
     head_def, _ = nnx.split(train.new_head(cfg, towers))
@@ -70,14 +95,15 @@ class Evaluator:
         mask_threshold_strict_zero=cfg.reference_quirks and handle.name == "visa",
         process_index=jax.process_index(), process_count=jax.process_count(),
         worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
-    accs: dict[str, metrics.MetricAccumulator] = {}
+    accs: dict[str, CategoryMetrics] = {}
     drawn = collections.Counter()
     main = jax.process_index() == 0
-    heat_dir = self.workdir / "heatmaps" / handle.name
+    heat_dir = self.workdir / "heatmaps" / handle.display_name
     for local in loader:
       amap, score = self.maps(local["image"], local["category_index"], table)
       rows = gather_rows({"map": amap, "score": score, "mask": local["mask"],
                           "label": local["label"], "valid": local["valid"],
+                          "has_mask": local["has_mask"],
                           "category_index": local["category_index"],
                           "index": local["index"]})
       if not main:
@@ -85,17 +111,17 @@ class Evaluator:
       for ci in np.unique(rows["category_index"][rows["valid"]]):
         name = handle.categories[ci]
         sel = rows["valid"] & (rows["category_index"] == ci)
-        acc = accs.setdefault(name, metrics.MetricAccumulator(
-            fpr_limit=cfg.eval.fpr_limit, zsad_aupro=cfg.eval.aupro_zsad))
-        acc.update(rows["score"][sel], rows["label"][sel], rows["map"][sel],
-                   rows["mask"][sel])
+        acc = accs.setdefault(name, CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad))
+        acc.update(rows, sel)
       if cfg.eval.heatmaps_per_category > 0 and jax.process_count() == 1:
         self._draw(local, amap, handle, drawn, heat_dir)
     if not main:
       return {}
     results = {name: accs[name].result() for name in sorted(accs)}
-    table_text = reports.write_reports(results, self.workdir / "results", handle.name)
-    print(f"\n{handle.name}: zero-shot results ({len(results)} categories)\n{table_text}")
+    table_text = reports.write_reports(results, self.workdir / "results",
+                                       handle.display_name)
+    print(f"\n{handle.display_name}: zero-shot results ({len(results)} categories)\n"
+          f"{table_text}", flush=True)
     return results
 
   def _draw(self, local, amap, handle, drawn, heat_dir) -> None:
@@ -121,11 +147,11 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params) -> dict:
   all_results, absent = {}, []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:
-      handle = data.prepare_from_config(cfg, target)
+      handle = targets.prepare(cfg, target)
     except data.DatasetNotFoundError as e:
       absent.append((target, str(e).splitlines()[0]))
       continue
-    all_results[handle.name] = evaluator.evaluate(handle)
+    all_results[handle.display_name] = evaluator.evaluate(handle)
   if absent and jax.process_index() == 0:
     print("\nTargets not evaluated (data not present):")
     for target, why in absent:

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from adjax import atomic, checkpointing, data, sharding, train, train_step
+from adjax import atomic, checkpointing, sharding, targets, train, train_step
 from adjax import towers as towers_lib
 
 MODES = ("train", "evaluate", "predict")
@@ -21,21 +21,6 @@ MODES = ("train", "evaluate", "predict")
 
 def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
   return Path(workdir_flag or cfg.workdir or Path("runs") / cfg.name)
-
-
-def prepare_from_config(cfg, target: str):
-  """A data set name from adjax.data.DATASETS, or a path to a folder in MVTec layout."""
-  if target in data.DATASETS and target != "folder":
-    if target not in cfg.data.manual_dirs:
-      raise ValueError(f"config.data.manual_dirs has no entry for {target!r}")
-    return data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
-                        data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
-  if Path(target).is_dir():
-    return data.prepare("folder", manual_dir=target, data_dir=cfg.data.data_dir,
-                        skip_bad_files=cfg.data.skip_bad_files)
-  raise data.DatasetNotFoundError(
-      f"{target!r} is neither a data set name ({', '.join(data.DATASETS)}) nor an "
-      "existing folder in MVTec layout (<category>/test/<good|defect>/...)")
 
 
 def trained_params(cfg, workdir: Path, towers, mesh):
@@ -92,7 +77,7 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
 
   from adjax import evaluate
   if cfg.mode == "train":
-    handle = prepare_from_config(cfg, cfg.data.train)
+    handle = targets.prepare(cfg, cfg.data.train)
     before = _latest_step(workdir)
     state = train.train(cfg, workdir, towers, mesh, handle)
     finished_before = before is not None and before == _latest_step(workdir)

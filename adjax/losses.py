@@ -20,36 +20,54 @@ DICE_SMOOTH = 1.0
 WEIGHTS = {"aacm": 0.25, "cross": 0.5, "global": 0.25}
 
 
-def focal_loss(probs: jax.Array, mask: jax.Array) -> jax.Array:
+def _weighted_mean(per_image: jax.Array, weight: jax.Array | None) -> jax.Array:
+  if weight is None:
+    return jnp.mean(per_image)
+  weight = weight.astype(per_image.dtype)
+  return jnp.sum(per_image * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def focal_loss(probs: jax.Array, mask: jax.Array,
+               weight: jax.Array | None = None) -> jax.Array:
   """Mean over all pixels of -(1 - pt)^2 log(pt).
 
   probs: [B, H, W, 2]; mask: [B, H, W] in {0, 1}. The one-hot target is
   clipped to [smooth, 1 - smooth] and pt = sum_c target_c P_c + smooth.
+  `weight` [B] (optional, 0/1) leaves out images without a ground-truth
+  mask; with all ones it is the plain mean over all pixels.
   """
   target = jnp.stack([1.0 - mask, mask], axis=-1)
   target = jnp.clip(target, FOCAL_SMOOTH, 1.0 - FOCAL_SMOOTH)
   pt = jnp.sum(target * probs, axis=-1) + FOCAL_SMOOTH
-  return jnp.mean(-jnp.power(1.0 - pt, FOCAL_GAMMA) * jnp.log(pt))
+  per_pixel = -jnp.power(1.0 - pt, FOCAL_GAMMA) * jnp.log(pt)
+  return _weighted_mean(jnp.mean(per_pixel, axis=tuple(range(1, per_pixel.ndim))), weight)
 
 
-def dice_loss(probs: jax.Array, mask: jax.Array) -> jax.Array:
+def dice_loss(probs: jax.Array, mask: jax.Array,
+              weight: jax.Array | None = None) -> jax.Array:
   """1 - mean over images of (2 sum(P1 M) + 1) / (sum(P1) + sum(M) + 1)."""
   p1 = probs[..., 1]
   axes = tuple(range(1, p1.ndim))
   inter = jnp.sum(p1 * mask, axis=axes)
   d = (2.0 * inter + DICE_SMOOTH) / (
       jnp.sum(p1, axis=axes) + jnp.sum(mask, axis=axes) + DICE_SMOOTH)
-  return 1.0 - jnp.mean(d)
+  return 1.0 - _weighted_mean(d, weight)
 
 
-def total_loss(outputs: dict, mask: jax.Array, label: jax.Array
+def total_loss(outputs: dict, mask: jax.Array, label: jax.Array,
+               has_mask: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted sum of the five terms; returns (loss, dict of every term)."""
+  """Weighted sum of the five terms; returns (loss, dict of every term).
+
+  `has_mask` [B] marks images whose mask is known (a user folder may have
+  defect images without ground truth); the map losses skip the others, the
+  image-level cross-entropy uses every image.
+  """
   terms = {
-      "focal_aacm": focal_loss(outputs["aacm"], mask),
-      "dice_aacm": dice_loss(outputs["aacm"], mask),
-      "focal_cross": focal_loss(outputs["cross"], mask),
-      "dice_cross": dice_loss(outputs["cross"], mask),
+      "focal_aacm": focal_loss(outputs["aacm"], mask, has_mask),
+      "dice_aacm": dice_loss(outputs["aacm"], mask, has_mask),
+      "focal_cross": focal_loss(outputs["cross"], mask, has_mask),
+      "dice_cross": dice_loss(outputs["cross"], mask, has_mask),
       "ce_global": jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
           outputs["logits"], label.astype(jnp.int32))),
   }

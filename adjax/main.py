@@ -6,7 +6,7 @@ Parses the (locked) config, sets up logging and, when configured,
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -20,6 +20,10 @@ flags.mark_flags_as_required(["config"])
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and TFDS log every file operation at INFO; progress bars and
+    # result tables are printed anyway. Pass --verbosity=0 to see them.
+    logging.set_verbosity(logging.WARNING)
   from adjax import experiment
   experiment.run(_CONFIG.value, _WORKDIR.value)
 

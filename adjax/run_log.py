@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -30,17 +31,24 @@ class RunLog:
       self._tb = SummaryWriter(str(workdir / "tensorboard"))
     except ImportError:  # optional: metrics.jsonl still has everything
       self._tb = None
-    from tqdm import tqdm
-    self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
-                     dynamic_ncols=True, desc="train")
+    self.total_steps = total_steps
+    if sys.stderr.isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
+                       dynamic_ncols=True, desc="train")
 
   def step(self, step: int, metrics: dict[str, float], write: bool) -> None:
     if not self.enabled:
       return
     elapsed = time.perf_counter() - self._t0
     ips = (step - self._step0) * self.images_per_step / max(elapsed, 1e-9)
-    self._bar.update(1)
-    self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{ips:.1f}")
+    if self._bar is not None:
+      self._bar.update(1)
+      self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{ips:.1f}")
+    elif write:  # not a terminal (a log file): one line per logged step
+      eta = (self.total_steps - step) * elapsed / max(step - self._step0, 1)
+      print(f"train step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
+            f"{ips:.1f} img/s  eta {eta / 60:.1f} min", flush=True)
     if write:
       record = {"step": step, "images_per_s": ips, **metrics}
       self._jsonl.write(json.dumps(record) + "\n")

@@ -79,14 +79,18 @@ def _sha_of(path: Path) -> str:
 def build_text(cfg, workdir: Path) -> TextEmbedder:
   activation = cfg.text.activation or ("gelu" if cfg.reference_quirks else None)
   if cfg.text.random_init:
-    model = clip_text.init_random(cfg.text.variant, seed=cfg.seed)
+    if cfg.text.variant not in clip_text.VARIANTS:
+      raise ValueError(f"text.variant={cfg.text.variant!r}; expected one of "
+                       f"{sorted(clip_text.VARIANTS)}")
+    config = clip_text.VARIANTS[cfg.text.variant]
     if activation:
-      model = _with_activation(model, activation)
+      config = dataclasses.replace(config, activation=activation)
+    model = clip_text.init_random(config, seed=cfg.seed)
     tok_dir = workdir / "tokenizer"
     if not (tok_dir / "vocab.json").exists():
       clip_text.write_byte_level_tokenizer(tok_dir)
     tokenizer = clip_text.load_tokenizer(tok_dir)
-    model_id = f"random:{cfg.text.variant}:seed{cfg.seed}:{model.config.activation}"
+    model_id = model.model_id
   else:
     path = Path(cfg.text.checkpoint)
     if not path.exists():
@@ -99,15 +103,6 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
     model_id = clip_text.model_id_of(path)
   cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else workdir / "text_cache"
   return TextEmbedder(model, tokenizer, model_id, cache_dir, cfg.text.display_names.to_dict())
-
-
-def _with_activation(model, activation):
-  import dataclasses as dc
-  from flax import nnx
-  config = dc.replace(model.config, activation=activation)
-  new = nnx.eval_shape(lambda: clip_text.ClipText(config, rngs=nnx.Rngs(0)))
-  nnx.update(new, nnx.state(model))
-  return new
 
 
 def build(cfg, workdir: Path) -> Towers:

@@ -131,7 +131,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
     for step in range(start, total_steps):
       local = next(iterator)
       batch = sharding.global_batch(
-          {k: local[k] for k in ("mask", "label", "category_index")}, mesh)
+          {k: local[k] for k in ("mask", "label", "category_index", "has_mask")}, mesh)
       if cache is not None and cache.has(local["index"]):
         patches, cls = cache.get(local["index"])
         batch.update(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
@@ -146,10 +146,11 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
         else:
           state, metrics = step_images(state, backbone_state, text_table, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(metrics["loss"]):
+      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["param_norm"])):
         raise NonFiniteLossError(
-            f"non-finite loss {metrics['loss']} at step {step + 1}; the last good "
-            f"checkpoint in {ckpts.dir} is kept")
+            f"non-finite loss {metrics['loss']} (parameter norm {metrics['param_norm']}) "
+            f"at step {step + 1}; stopping without saving it; the last good checkpoint "
+            f"in {ckpts.dir} is kept")
       done = step + 1
       log.step(done, metrics, write=done % cfg.log_every_steps == 0 or done == total_steps)
       if cache is not None and done % steps_per_epoch == 0:
@@ -179,7 +180,8 @@ def _make_cache(cfg, workdir: Path, towers, handle, grid):
   key = features.cache_key(
       backbone=towers.backbone_id, image_size=cfg.image_size, layers=towers.layers,
       dtype=cfg.backbone.dtype, cache_dtype=cfg.feature_cache_dtype,
-      dataset=handle.name, fingerprint=getattr(handle, "fingerprint", ""),
+      dataset=handle.name, prepared=str(handle.data_dir),
+      prepared_at=(handle.data_dir / "dataset_info.json").stat().st_mtime_ns,
       examples=handle.num_examples, process=(jax.process_index(), jax.process_count()))
   directory = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else workdir / "feature_cache"
   return features.FeatureCache(

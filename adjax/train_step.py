@@ -66,10 +66,12 @@ def make_train_step(*, head_def, backbone_def, tx, schedule, layers, grid, out_h
                     backbone_sharding=None):
   """Returns step(state, backbone_state, text_table, batch) -> (state, metrics[, feats]).
 
-  `batch` holds `mask` [B, H, W], `label` [B], `category_index` [B] and either
+  `batch` holds `mask` [B, H, W], `label` [B], `category_index` [B],
+  `has_mask` [B] (whether the mask is known) and either
   `image` [B, H, W, 3] or, when `from_features`, the cached `patches`
   [L, B, N, D] and `cls` [L, B, D]. With `return_features` the step also
-  returns the features it computed (cast to `cache_dtype`) for the cache.
+  returns the features it computed (cast to `cache_dtype`) for the cache, and
+  trains on those rounded features too.
   """
 
   def step(state, backbone_state, text_table, batch):
@@ -78,11 +80,17 @@ def make_train_step(*, head_def, backbone_def, tx, schedule, layers, grid, out_h
     else:
       backbone = nnx.merge(backbone_def, backbone_state)
       patches, cls = features.extract(backbone, batch["image"], layers)
+      if return_features:
+        # With a cache, every step sees the stored precision, whether its
+        # features come from the cache or were just computed; so a resumed
+        # run (whose cache starts empty) retraces the uninterrupted one.
+        patches = patches.astype(cache_dtype).astype(jnp.float32)
+        cls = cls.astype(cache_dtype).astype(jnp.float32)
 
     def loss_fn(params):
       out = _head_outputs(head_def, params, patches, cls, text_table,
                           batch["category_index"], grid, out_hw, quirk)
-      return losses.total_loss(out, batch["mask"], batch["label"])
+      return losses.total_loss(out, batch["mask"], batch["label"], batch.get("has_mask"))
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -99,8 +107,8 @@ def make_train_step(*, head_def, backbone_def, tx, schedule, layers, grid, out_h
     return jax.jit(step, donate_argnums=(0,))
   from adjax import sharding as shd
   rep = shd.replicated(mesh)
-  batch_spec = {"mask": shd.batch_sharding(mesh), "label": shd.batch_sharding(mesh),
-                "category_index": shd.batch_sharding(mesh)}
+  batch_spec = {k: shd.batch_sharding(mesh)
+                for k in ("mask", "label", "category_index", "has_mask")}
   if from_features:
     batch_spec.update(patches=shd.batch_sharding(mesh, 1), cls=shd.batch_sharding(mesh, 1))
   else:

@@ -77,7 +77,8 @@ def test_config_builds_and_traces(name, arg):
   batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
            "mask": jax.ShapeDtypeStruct((b, s, s), jnp.float32),
            "label": jax.ShapeDtypeStruct((b,), jnp.int32),
-           "category_index": jax.ShapeDtypeStruct((b,), jnp.int32)}
+           "category_index": jax.ShapeDtypeStruct((b,), jnp.int32),
+           "has_mask": jax.ShapeDtypeStruct((b,), jnp.bool_)}
   text = jax.ShapeDtypeStruct((15, 2, tconf.embed_dim), jnp.float32)
   new_state, metrics = jax.eval_shape(step, state, backbone_state, text, batch)
   assert metrics["loss"].shape == ()

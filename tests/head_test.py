@@ -164,3 +164,26 @@ def test_losses_match_numpy():
   total = (0.25 * (expected["focal_aacm"] + expected["dice_aacm"])
            + 0.5 * (expected["focal_cross"] + expected["dice_cross"]) + 0.25 * ce)
   np.testing.assert_allclose(loss, total, rtol=1e-5)
+
+
+def test_images_without_masks_are_left_out_of_map_losses():
+  rng = np.random.default_rng(4)
+  b, h, w = 4, 5, 6
+  cross = jnp.asarray(_np_softmax(rng.normal(size=(b, h, w, 2))), jnp.float32)
+  a = jnp.asarray(1 / (1 + np.exp(-rng.normal(size=(b, h, w)))), jnp.float32)
+  outputs = {"cross": cross, "aacm": jnp.stack([1 - a, a], -1),
+             "logits": jnp.asarray(rng.normal(size=(b, 2)), jnp.float32)}
+  mask = jnp.asarray(rng.random((b, h, w)) > 0.6, jnp.float32)
+  label = jnp.array([1, 1, 0, 1])
+  has_mask = jnp.array([True, False, True, True])
+  _, terms = losses.total_loss(outputs, mask, label, has_mask)
+  keep = np.flatnonzero(has_mask)
+  sub = {k: v[keep] for k, v in outputs.items()}
+  _, ref = losses.total_loss(sub, mask[keep], label[keep])
+  _, full = losses.total_loss(outputs, mask, label)
+  for k in ("focal_aacm", "dice_aacm", "focal_cross", "dice_cross"):
+    np.testing.assert_allclose(terms[k], ref[k], rtol=1e-6, err_msg=k)
+  np.testing.assert_allclose(terms["ce_global"], full["ce_global"], rtol=1e-6)
+  _, ones = losses.total_loss(outputs, mask, label, jnp.ones(b, bool))
+  for k in full:
+    np.testing.assert_allclose(ones[k], full[k], rtol=1e-6, err_msg=k)

@@ -38,7 +38,8 @@ def _batch(seed=0, b=8):
   images = rng.normal(size=(b, SIZE, SIZE, 3)).astype(np.float32)
   images[mask > 0] += 2.0
   return {"image": images, "mask": mask, "label": (mask.sum((1, 2)) > 0).astype(np.int32),
-          "category_index": rng.integers(0, NUM_CATEGORIES, b).astype(np.int32)}
+          "category_index": rng.integers(0, NUM_CATEGORIES, b).astype(np.int32),
+          "has_mask": np.ones(b, bool)}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 
 from adjax.data.builders import BUILDERS, fingerprint, folder_config
 from adjax.data.images import prediction_batches, read_image_folder
-from adjax.data.layouts import DataError
+from adjax.data.layouts import DataError, DatasetNotFoundError
 from adjax.data.pipeline import Loader, make_loader, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ DATASETS: tuple[str, ...] = (
     "folder")
 
 __all__ = [
-    "DATASETS", "DataError", "DatasetHandle", "Loader", "make_loader",
+    "DATASETS", "DataError", "DatasetHandle", "DatasetNotFoundError", "Loader", "make_loader",
     "prediction_batches", "prepare", "read_image_folder", "steps_per_epoch",
 ]
 
@@ -51,11 +51,17 @@ class DatasetHandle:
   example_label: np.ndarray
   data_dir: Path
   skipped: list = dataclasses.field(default_factory=list)
+  # How results and logs name the data set (a user folder: its folder name).
+  label: str = ""
+
+  @property
+  def display_name(self) -> str:
+    return self.label or self.name
 
 
-def _missing_manual_dir(cls, root: Path | None) -> DataError:
+def _missing_manual_dir(cls, root: Path | None) -> DatasetNotFoundError:
   where = f"looked in {root}" if root is not None else "no manual_dir was given"
-  return DataError(
+  return DatasetNotFoundError(
       f"{cls.name}: raw data not found ({where}).\n"
       f"Expected layout:\n{cls.LAYOUT}\n"
       f"The data set is published at {cls.HOMEPAGE}; download and extract it, "

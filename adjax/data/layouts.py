@@ -27,6 +27,10 @@ class DataError(ValueError):
   """Raw data that does not match its expected layout or cannot be read."""
 
 
+class DatasetNotFoundError(DataError):
+  """The raw data set is not there (and was never prepared)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
   image: Path

@@ -288,7 +288,7 @@ def _render_example(seed, fam_i, cat_i, idx, name, kind, defect, s):
             rng, img, obj, s, background)
       else:
         new, mask = DEFECTS[defect](rng, img, obj, s)
-      if mask.sum() >= max(8, (s // 16) ** 2):
+      if mask.sum() >= max(8, (s // 32) ** 2):
         img = new
         break
     else:

@@ -104,6 +104,11 @@ VARIANTS = {
                                embed_dim=512, name="vit-b-16"),
     "vit-b-32": ClipTextConfig(width=512, layers=12, heads=8, mlp_dim=2048,
                                embed_dim=512, name="vit-b-32"),
+    # Not a released tower: a small random one for the built-in demo and
+    # tests, where encoding the prompt set with a real-size tower on a CPU
+    # would dominate the run.
+    "tiny": ClipTextConfig(width=128, layers=2, heads=2, mlp_dim=512, embed_dim=256,
+                           name="tiny"),
 }
 
 

@@ -1,0 +1,51 @@
+"""Data sets named in a config: a benchmark name, or a path to a user folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adjax import data
+
+
+def prepare(cfg, target: str) -> "data.DatasetHandle":
+  """`_prepare` on process 0 first, then on the others (they reuse its files)."""
+  import jax
+  if jax.process_count() == 1:
+    return _prepare(cfg, target)
+  from jax.experimental import multihost_utils
+  error = None
+  if jax.process_index() == 0:
+    try:
+      handle = _prepare(cfg, target)
+    except data.DataError as e:
+      error = e
+  multihost_utils.sync_global_devices(f"prepare {target}")
+  if error is not None:
+    raise error
+  return handle if jax.process_index() == 0 else _prepare(cfg, target)
+
+
+def _prepare(cfg, target: str) -> "data.DatasetHandle":
+  """Prepares (first use) or opens `target` with the config's data settings.
+
+  `target` is a name from `adjax.data.DATASETS` (its raw download is read from
+  `data.manual_dirs.<name>`) or a path to a folder in MVTec layout
+  (`<category>/test/<good|defect>/...`), prepared with the `folder` builder.
+
+  Raises:
+    data.DatasetNotFoundError: the raw data is not there (a missing target is
+      listed, not fatal, when evaluating).
+  """
+  if target in data.DATASETS and target != "folder":
+    if target not in cfg.data.manual_dirs:
+      raise ValueError(f"config.data.manual_dirs has no entry for {target!r}")
+    return data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
+                        data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+  if Path(target).is_dir():
+    handle = data.prepare("folder", manual_dir=target, data_dir=cfg.data.data_dir,
+                          skip_bad_files=cfg.data.skip_bad_files)
+    handle.label = Path(target).resolve().name
+    return handle
+  raise data.DatasetNotFoundError(
+      f"{target!r} is neither a data set name ({', '.join(data.DATASETS)}) nor an "
+      "existing folder in MVTec layout (<category>/test/<good|defect>/...)")

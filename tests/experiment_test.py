@@ -1,0 +1,267 @@
+"""End to end: train, evaluate, predict, resume and multi-process runs.
+
+Runs use the demo's random towers (ViT-S/16 and the tiny text tower) on small
+generated data sets, so each takes seconds. The demo itself, with its real
+settings, is run by `test_demo_reaches_its_auroc_floor`.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from adjax import experiment
+from adjax.data import synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_config():
+  spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("gen")
+  synthetic.generate(root, image_size=64, per_category=6, seed=1)
+  return root
+
+
+def small_config(data_root, tmp_dir, **overrides):
+  c = demo_config()
+  c.data.demo.root = ""
+  c.data.train = str(data_root / "family_a")
+  c.data.targets = str(data_root / "family_b")
+  c.data.data_dir = str(tmp_dir / "tfds")
+  c.text.cache_dir = str(tmp_dir / "text_cache")
+  c.image_size = 64
+  c.batch_size = 8             # the test process has 8 (fake) devices
+  c.epochs = 2
+  c.checkpoint_every_steps = 4
+  c.eval.batch_size = 8
+  c.eval.heatmaps_per_category = 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _overrides_flags(c, keys):
+  flags = []
+  for key in keys:
+    node = c
+    for p in key.split("."):
+      node = node[p]
+    flags.append(f"--config.{key}={node}")
+  return flags
+
+
+def _final_params(workdir: Path) -> dict:
+  """(head parameters, step) of a run's newest checkpoint, on this process's CPU."""
+  import jax
+  mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+  step = mngr.latest_step()
+  mngr.close()
+  item = (workdir / "checkpoints" / str(step) / "state").absolute()
+  with ocp.StandardCheckpointer() as ckpt:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ckpt.metadata(item).item_metadata.tree)
+    state = ckpt.restore(item, target)
+  return state["params"], step
+
+
+def _leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def trained(small_data, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("run")
+  cfg = small_config(small_data, tmp)
+  cfg.data.targets = f"{small_data / 'family_b'},mpdd"
+  cfg.data.manual_dirs.mpdd = str(tmp / "no_such_mpdd")
+  out = experiment.run(cfg, str(tmp / "work"))
+  return cfg, tmp / "work", out
+
+
+def test_train_then_evaluate_writes_everything(trained, capsys):
+  cfg, workdir, out = trained
+  results = out["results"]["family_b"]
+  assert sorted(results) == ["chip", "mesh", "nut", "tile"]
+  for metrics in results.values():
+    for key in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap",
+                "pixel_f1max", "pixel_aupro"):
+      assert 0.0 <= metrics[key] <= 1.0, key
+  stored = json.loads((workdir / "results" / "family_b.json").read_text())
+  assert set(stored["categories"]) == set(results)
+  assert (workdir / "results" / "family_b.md").is_file()
+  for cat in results:
+    assert len(list((workdir / "heatmaps" / "family_b" / cat).glob("*.png"))) == 1
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  last = json.loads(lines[-1])
+  assert last["step"] == 2 * (24 // 8)
+  for key in ("loss", "focal_cross", "dice_cross", "focal_aacm", "dice_aacm", "ce_global",
+              "lr", "grad_norm", "param_norm"):
+    assert np.isfinite(last[key])
+  assert json.loads((workdir / "config.json").read_text())["epochs"] == 2
+  assert list((workdir / "tensorboard").glob("events.*"))
+
+
+def test_absent_targets_are_listed_not_fatal(trained):
+  _, _, out = trained
+  assert "mpdd" not in out["results"]   # listed at the end instead
+
+
+def test_evaluate_mode_reproduces_the_results(trained):
+  cfg, workdir, out = trained
+  cfg = cfg.copy_and_resolve_references()
+  cfg.mode = "evaluate"
+  cfg.data.targets = cfg.data.train.replace("family_a", "family_b")
+  again = experiment.run(cfg, str(workdir))
+  for cat, metrics in out["results"]["family_b"].items():
+    for k, v in metrics.items():
+      assert again["results"]["family_b"][cat][k] == pytest.approx(v, abs=1e-6), (cat, k)
+
+
+def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
+  cfg, workdir, _ = trained
+  src = tmp_path / "images"
+  src.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(src / "rgb.png")
+  Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(src / "gray.png")
+  Image.fromarray(rng.integers(0, 255, (30, 60, 4), dtype=np.uint8), "RGBA").save(src / "rgba.png")
+  Image.fromarray(rng.integers(0, 65535, (33, 33), dtype=np.uint16)).save(src / "deep.png")
+  (src / "broken.png").write_bytes(b"not a png")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.mode = "predict"
+  cfg.predict.input = str(src)
+  cfg.predict.threshold = 0.5
+  out = experiment.run(cfg, str(workdir))
+  rows = (workdir / "predictions" / "scores.csv").read_text().splitlines()
+  assert rows[0] == "path,score,label"
+  assert len(rows) == 1 + 4
+  assert [p for p, _ in out["unreadable"]] == [str(src / "broken.png")]
+  heat = sorted(p.name for p in (workdir / "predictions" / "heatmaps").glob("*.png"))
+  assert heat == ["deep.png", "gray.png", "rgb.png", "rgba.png"]
+  with Image.open(workdir / "predictions" / "heatmaps" / "rgb.png") as img:
+    assert img.size[1] == 50   # drawn at the image's own resolution
+
+
+def test_finished_run_is_not_retrained(trained, capsys):
+  cfg, workdir, _ = trained
+  before = _final_params(workdir)
+  out = experiment.run(cfg, str(workdir))
+  after = _final_params(workdir)
+  assert before[1] == after[1]
+  assert "results" not in out
+  assert "already trained and evaluated" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
+  cfg = small_config(small_data, tmp_path, **{"optimizer.learning_rate": float("nan")})
+  cfg.eval.enabled = False
+  with pytest.raises(FloatingPointError, match="at step 1"):
+    experiment.run(cfg, str(tmp_path / "work"))
+  assert not (tmp_path / "work" / "checkpoints" / "1").exists()
+
+
+def _run_main(args, env_extra=None, **popen):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  env.update(env_extra or {})
+  return subprocess.Popen([sys.executable, "-m", "adjax.main", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          **popen)
+
+
+RESUME_KEYS = ["data.train", "data.targets", "data.data_dir", "text.cache_dir",
+               "image_size", "batch_size", "epochs", "checkpoint_every_steps",
+               "eval.enabled", "data.demo.root"]
+
+
+def test_killed_run_resumes_to_the_same_parameters(small_data, tmp_path):
+  cfg = small_config(small_data, tmp_path, epochs=16, checkpoint_every_steps=3)
+  cfg.eval.enabled = False
+  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RESUME_KEYS)
+  ref = _run_main(flags + [f"--workdir={tmp_path / 'ref'}"])
+  assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+  work = tmp_path / "killed"
+  proc = _run_main(flags + [f"--workdir={work}"])
+  deadline = time.time() + 240
+  while not (work / "checkpoints" / "9").is_dir():   # Orbax renames it in when complete
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = _final_params(work)[1]
+  assert 9 <= killed_at < 48, killed_at     # mid-run (3 steps per epoch, 48 in all)
+  resumed = _run_main(flags + [f"--workdir={work}"])
+  assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+  (p_ref, s_ref), (p_res, s_res) = _final_params(tmp_path / "ref"), _final_params(work)
+  assert s_ref == s_res == 48
+  for a, b in zip(_leaves(p_ref), _leaves(p_res)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_misspelt_override_is_an_error():
+  proc = _run_main(["--config=configs/demo.py", "--config.epocs=3"])
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert "epocs" in out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
+  cfg = small_config(small_data, tmp_path, epochs=2)
+  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RESUME_KEYS[:-2])
+  flags += ["--config.eval.enabled=True", "--config.eval.heatmaps_per_category=0",
+            "--config.eval.batch_size=8"]
+  one = _run_main(flags + [f"--workdir={tmp_path / 'one'}"],
+                  {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  out_one = one.communicate(timeout=300)[0]
+  assert one.returncode == 0, out_one
+  port = _free_port()
+  procs = [
+      _run_main(flags + [f"--workdir={tmp_path / 'two'}", "--config.distributed=True",
+                         f"--config.coordinator_address=127.0.0.1:{port}",
+                         "--config.num_processes=2", f"--config.process_id={i}"],
+                {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+      for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  (p1, s1), (p2, s2) = _final_params(tmp_path / "one"), _final_params(tmp_path / "two")
+  assert s1 == s2
+  for a, b in zip(_leaves(p1), _leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  r1 = json.loads((tmp_path / "one" / "results" / "family_b.json").read_text())
+  r2 = json.loads((tmp_path / "two" / "results" / "family_b.json").read_text())
+  for cat in r1["categories"]:
+    for k, v in r1["categories"][cat].items():
+      assert r2["categories"][cat][k] == pytest.approx(v, abs=1e-4), (cat, k)
