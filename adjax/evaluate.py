@@ -79,7 +79,7 @@ class Evaluator:
                                   self.mesh)
     amap, score = self.step(self.params, self.backbone_state, text_table,
                             batch["image"], batch["category_index"])
-    return train._local_rows(amap, 0), train._local_rows(score, 0)
+    return sharding.local_rows(amap, 0), sharding.local_rows(score, 0)
 
   def text_table(self, names: list[str]):
     return jax.device_put(jnp.asarray(self.towers.text_embed(names)),

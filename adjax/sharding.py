@@ -85,3 +85,19 @@ def global_batch(local: dict, mesh: Mesh, batch_axes: dict[str, int] | None = No
     sharding = batch_sharding(mesh, batch_axes.get(k, 0))
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+def local_rows(x: jax.Array, axis: int = 0) -> np.ndarray:
+  """This process's rows of a global array sharded on `axis`, in order.
+
+  The inverse of `global_batch`: with one process, the whole array.
+  """
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  seen, parts = set(), []
+  for shard in sorted(x.addressable_shards, key=lambda s: s.index[axis].start or 0):
+    start = shard.index[axis].start or 0
+    if start not in seen:     # replicas over the "model" axis hold the same rows
+      seen.add(start)
+      parts.append(np.asarray(shard.data))
+  return np.concatenate(parts, axis=axis)

@@ -60,14 +60,20 @@ def build_backbone(cfg) -> tuple[dinov3.DinoV3, str]:
   if cfg.backbone.random_init:
     model = dinov3.init_random(cfg.backbone.variant, seed=cfg.seed, dtype=dtype)
     return model, f"random:{cfg.backbone.variant}:seed{cfg.seed}"
-  path = Path(cfg.backbone.checkpoint)
-  if not path.exists():
-    raise FileNotFoundError(
-        f"backbone.checkpoint={str(path)!r} does not exist; convert the weights "
-        "first: python -m converters.dinov3 --src <dinov3 .pth or HF dir> --dst "
-        f"{path}  (or set backbone.random_init=True for a random backbone)")
+  path = _converted(cfg.backbone.checkpoint, "backbone", "dinov3",
+                    "<DINOv3 .pth or Hugging Face directory>")
   model = dinov3.load(path, dtype=dtype)
   return model, f"dinov3:{_sha_of(path)}"
+
+
+def _converted(checkpoint: str, field: str, converter: str, source: str) -> Path:
+  path = Path(checkpoint)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{field}.checkpoint={checkpoint!r} does not exist; convert the weights first: "
+        f"python -m converters.{converter} --src {source} --dst {path}  (or set "
+        f"{field}.random_init=True for random weights)")
+  return path
 
 
 def _sha_of(path: Path) -> str:
@@ -92,12 +98,7 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
     tokenizer = clip_text.load_tokenizer(tok_dir)
     model_id = model.model_id
   else:
-    path = Path(cfg.text.checkpoint)
-    if not path.exists():
-      raise FileNotFoundError(
-          f"text.checkpoint={str(path)!r} does not exist; convert the weights "
-          "first: python -m converters.clip_text --src <CLIP checkpoint> --dst "
-          f"{path}  (or set text.random_init=True)")
+    path = _converted(cfg.text.checkpoint, "text", "clip_text", "<CLIP checkpoint>")
     model = clip_text.load(path, activation=activation or None)
     tokenizer = clip_text.load_tokenizer(path)
     model_id = clip_text.model_id_of(path)

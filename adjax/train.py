@@ -45,19 +45,6 @@ def place_backbone(towers, mesh, mode: str):
   return backbone_def, state, shardings
 
 
-def _local_rows(x: jax.Array, axis: int) -> np.ndarray:
-  """This process's rows of a global array sharded on `axis` (in order)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  seen, parts = set(), []
-  for shard in sorted(x.addressable_shards, key=lambda s: s.index[axis].start or 0):
-    start = shard.index[axis].start or 0
-    if start not in seen:
-      seen.add(start)
-      parts.append(np.asarray(shard.data))
-  return np.concatenate(parts, axis=axis)
-
-
 def _check_batch_size(cfg, mesh) -> int:
   n_data, n_proc = mesh.shape[sharding.DATA], jax.process_count()
   if cfg.batch_size % n_data or cfg.batch_size % n_proc:
@@ -142,7 +129,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
         if cache is not None:
           state, metrics, (patches, cls) = step_images(state, backbone_state,
                                                        text_table, batch)
-          cache.put(local["index"], _local_rows(patches, 1), _local_rows(cls, 1))
+          cache.put(local["index"], sharding.local_rows(patches, 1), sharding.local_rows(cls, 1))
         else:
           state, metrics = step_images(state, backbone_state, text_table, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

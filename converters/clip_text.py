@@ -330,7 +330,7 @@ def convert(src, dst, *, tokenizer=None, activation: str | None = None,
                 source_sha256=_source_sha256(files, src), tokenizer=tok_desc,
                 tokenizer_sha256=tok_sha)
     with atomic.atomic_dir(dst, overwrite=overwrite) as tmp:
-      weights.save(tmp / "w", common.unflatten(flat), meta)
+      weights.save(tmp / "w", flat, meta)
       for item in ("params", "config.json"):
         (tmp / "w" / item).rename(tmp / item)
       (tmp / "w").rmdir()

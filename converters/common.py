@@ -15,9 +15,11 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from adjax.models.weights import flatten, unflatten  # noqa: F401  (re-exported)
 
 
 class ConversionError(ValueError):
@@ -174,34 +176,3 @@ def apply_rules(
   if problems:
     raise ConversionError(f"{origin}: cannot convert:\n  " + "\n  ".join(problems))
   return out
-
-
-def unflatten(flat: Mapping[str, np.ndarray], sep: str = "/") -> dict:
-  """{'a/b': x} -> {'a': {'b': x}}."""
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split(sep)
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
-def flatten(tree: Mapping, sep: str = "/", prefix: str = "") -> dict[str, np.ndarray]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{sep}{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, sep, key))
-    else:
-      out[key] = v
-  return out
-
-
-def first_present(paths: Iterable[Path]) -> Path | None:
-  for p in paths:
-    if p.exists():
-      return p
-  return None

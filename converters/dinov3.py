@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from converters.common import (ConversionError, Rule, apply_rules, conv_kernel,
-                               linear_kernel, read_state_dict, sha256_file, unflatten)
+                               linear_kernel, read_state_dict, sha256_file)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Names only CLIP checkpoints (OpenAI, open_clip, HF CLIPModel/CLIPTextModel) have.
@@ -329,7 +329,7 @@ def convert(src: str, dst: str, variant: str | None = None, overwrite: bool = Fa
   meta = dict(config.to_dict(), kind=dinov3.KIND, variant=config.name,
               source=source.file_name, source_sha256=source.sha256,
               source_format=layout.name)
-  return weights.save(dst, unflatten(flat), meta, overwrite=overwrite)
+  return weights.save(dst, flat, meta, overwrite=overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -351,7 +351,7 @@ def test_half_precision_is_upcast(openai_files, tok_dirs, tmp_path):
   np.testing.assert_array_equal(params["text_projection"],
                                 sd["text_projection"].astype(np.float16).astype(np.float32))
   w = sd["transformer.resblocks.1.attn.in_proj_weight"].astype(np.float16).astype(np.float32)
-  np.testing.assert_array_equal(params["blocks"]["1"]["attn"]["k"]["kernel"], w[128:256].T)
+  np.testing.assert_array_equal(params["blocks/1/attn/k/kernel"], w[128:256].T)
 
 
 def test_openai_bpe_gz_as_tokenizer(openai_files, tmp_path):

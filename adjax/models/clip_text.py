@@ -255,17 +255,10 @@ def load(path: str | os.PathLike, *, activation: str | None = None,
   if activation is not None:
     config = dataclasses.replace(config, activation=activation)
   model = nnx.eval_shape(lambda: ClipText(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  weights.assign(model, _flatten(params))
+  weights.assign(model, params)
   model.model_id = model_id_of(path)
   return model
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-  return out
 
 
 # --------------------------------------------------------------------------

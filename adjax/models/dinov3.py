@@ -362,7 +362,7 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV3
   config = DinoV3Config(**{k: v for k, v in meta.items() if k in fields})
   # Built abstractly: no memory is spent on random weights that get replaced.
   model = nnx.eval_shape(lambda: DinoV3(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  flat = _flatten(params)
+  flat = dict(params)
   periods = flat.pop("rope_periods", None)
   if periods is None:
     periods = rope_periods(config)
@@ -373,11 +373,3 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV3
   weights.assign(model, flat, sharding=sharding)
   model.rope_periods.set_value(jnp.asarray(periods, jnp.float32))
   return model
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-  return out

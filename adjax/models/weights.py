@@ -7,6 +7,8 @@ A converted checkpoint is a directory:
   params/       an Orbax checkpoint of a nested dict of float32 arrays whose
                 paths are the NNX state paths of the model
 
+In memory, parameters are flat dicts keyed by '/'-joined NNX state paths.
+
 Converters call `save`; the models' `load()` functions call `load`.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -29,13 +31,16 @@ class WeightsError(ValueError):
   """A converted checkpoint directory is missing, incomplete or of another kind."""
 
 
-def save(dst: str | os.PathLike, params: dict, config: dict[str, Any],
+def save(dst: str | os.PathLike, params: dict[str, np.ndarray], config: dict[str, Any],
          overwrite: bool = False) -> Path:
-  """Writes params + config to `dst` atomically (nothing left on failure)."""
+  """Writes params ('/'-joined paths -> arrays) + config to `dst` atomically.
+
+  Nothing is left at `dst` on failure.
+  """
   config = dict(config, format_version=FORMAT_VERSION)
   with atomic.atomic_dir(dst, overwrite=overwrite) as tmp:
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(tmp / "params", params)
+    ckpt.save(tmp / "params", unflatten(params))
     ckpt.wait_until_finished()
     ckpt.close()
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -65,20 +70,37 @@ def read_config(path: str | os.PathLike, kind: str) -> dict[str, Any]:
   return config
 
 
-def load(path: str | os.PathLike, kind: str) -> tuple[dict, dict[str, Any]]:
-  """Returns (nested dict of numpy arrays, config) of a converted checkpoint."""
+def load(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Returns ('/'-joined path -> numpy array, config) of a converted checkpoint."""
   config = read_config(path, kind)
   ckpt = ocp.StandardCheckpointer()
   params = ckpt.restore(Path(path).absolute() / "params")
   ckpt.close()
-  params = _to_numpy(params)
-  return params, config
+  return {k: np.asarray(v) for k, v in flatten(params).items()}, config
 
 
-def _to_numpy(tree):
-  if isinstance(tree, dict):
-    return {k: _to_numpy(v) for k, v in tree.items()}
-  return np.asarray(tree)
+def unflatten(flat: Mapping[str, np.ndarray], sep: str = "/") -> dict:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split(sep)
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def flatten(tree: Mapping, sep: str = "/", prefix: str = "") -> dict:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{sep}{k}" if prefix else str(k)
+    if isinstance(v, Mapping):
+      out.update(flatten(v, sep, key))
+    else:
+      out[key] = v
+  return out
 
 
 def param_shapes(module) -> dict[str, tuple[int, ...]]:
