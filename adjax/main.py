@@ -6,6 +6,8 @@ Parses the (locked) config, sets up logging and, when configured,
 
 from __future__ import annotations
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,6 +19,13 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config"])
 
 
+class _DropTfdsConfigNotice(std_logging.Filter):
+  """TFDS warns on every open of a user-folder data set that its config is custom."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return "Using custom data configuration" not in record.getMessage()
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -24,6 +33,7 @@ def main(argv) -> None:
     # Orbax and TFDS log every file operation at INFO; progress bars and
     # result tables are printed anyway. Pass --verbosity=0 to see them.
     logging.set_verbosity(logging.WARNING)
+  std_logging.getLogger("absl").addFilter(_DropTfdsConfigNotice())
   from adjax import experiment
   experiment.run(_CONFIG.value, _WORKDIR.value)
 

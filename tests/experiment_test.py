@@ -265,3 +265,21 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   for cat in r1["categories"]:
     for k, v in r1["categories"][cat].items():
       assert r2["categories"][cat][k] == pytest.approx(v, abs=1e-4), (cat, k)
+
+
+DEMO_PIXEL_AUROC_FLOOR = 0.60   # chance is 0.5; the README states the figure reached
+
+
+def test_demo_reaches_its_auroc_floor(tmp_path):
+  """The README's first command, with its real settings, in a temporary place."""
+  cfg = demo_config()
+  cfg.data.demo.root = str(tmp_path / "demo")
+  cfg.data.train = str(tmp_path / "demo" / "family_a")
+  cfg.data.targets = str(tmp_path / "demo" / "family_b")
+  cfg.data.data_dir = str(tmp_path / "tfds")
+  out = experiment.run(cfg, str(tmp_path / "work"))
+  mean = json.loads((tmp_path / "work" / "results" / "family_b.json").read_text())["mean"]
+  assert mean["pixel_auroc"] == pytest.approx(
+      np.mean([m["pixel_auroc"] for m in out["results"]["family_b"].values()]))
+  assert mean["pixel_auroc"] >= DEMO_PIXEL_AUROC_FLOOR, mean
+  assert len(list((tmp_path / "work" / "heatmaps" / "family_b").rglob("*.png"))) == 4 * 3
