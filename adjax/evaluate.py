@@ -8,8 +8,8 @@ heatmap panels per category under `<workdir>/heatmaps/<dataset>/<category>/`.
 
 from __future__ import annotations
 
-import collections
 import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -96,9 +96,11 @@ class Evaluator:
         process_index=jax.process_index(), process_count=jax.process_count(),
         worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
     accs: dict[str, CategoryMetrics] = {}
-    drawn = collections.Counter()
+    to_draw = self._heatmap_indices(handle)
     main = jax.process_index() == 0
     heat_dir = self.workdir / "heatmaps" / handle.display_name
+    if main and heat_dir.exists():
+      shutil.rmtree(heat_dir)     # panels of an earlier evaluation would mislead
     for local in loader:
       amap, score = self.maps(local["image"], local["category_index"], table)
       rows = gather_rows({"map": amap, "score": score, "mask": local["mask"],
@@ -113,8 +115,8 @@ class Evaluator:
         sel = rows["valid"] & (rows["category_index"] == ci)
         acc = accs.setdefault(name, CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad))
         acc.update(rows, sel)
-      if cfg.eval.heatmaps_per_category > 0 and jax.process_count() == 1:
-        self._draw(local, amap, handle, drawn, heat_dir)
+      if to_draw and jax.process_count() == 1:
+        self._draw(local, amap, handle, to_draw, heat_dir)
     if not main:
       return {}
     results = {name: accs[name].result() for name in sorted(accs)}
@@ -124,13 +126,25 @@ class Evaluator:
           f"{table_text}", flush=True)
     return results
 
-  def _draw(self, local, amap, handle, drawn, heat_dir) -> None:
-    limit = self.cfg.eval.heatmaps_per_category
+  def _heatmap_indices(self, handle) -> set[int]:
+    """Examples to draw: evenly spread over each category's (path-sorted) list,
+    so the panels show several defect kinds and normal images."""
+    k = self.cfg.eval.heatmaps_per_category
+    chosen: set[int] = set()
+    if k <= 0:
+      return chosen
+    for ci in range(len(handle.categories)):
+      idx = np.flatnonzero(handle.example_category == ci)
+      if len(idx):
+        chosen.update(int(i) for i in idx[np.linspace(0, len(idx) - 1, min(k, len(idx)))
+                                          .round().astype(int)])
+    return chosen
+
+  def _draw(self, local, amap, handle, to_draw, heat_dir) -> None:
     for i in np.flatnonzero(local["valid"]):
-      name = handle.categories[local["category_index"][i]]
-      if drawn[name] >= limit:
+      if int(local["index"][i]) not in to_draw:
         continue
-      drawn[name] += 1
+      name = handle.categories[local["category_index"][i]]
       stem = Path(str(_as_str(local["path"][i]))).with_suffix("").as_posix().replace("/", "__")
       pixels = heatmaps.panel(heatmaps.denormalize(local["image"][i]), amap[i],
                               local["mask"][i])

@@ -43,10 +43,12 @@ def overlay(rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray
 def panel(rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
   """Side by side: image | ground truth (if given) | map overlaid on the image.
 
-  The map is shown on an absolute [0, 1] scale (it is a probability), so
-  panels of different images are comparable.
+  The map is min-max scaled per image (as ZSAD papers draw them): it shows
+  where the model looks, not how sure it is; the image score says that.
   """
   h, w = amap.shape
+  lo, hi = float(np.min(amap)), float(np.max(amap))
+  amap = (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
   if rgb.shape[:2] != (h, w):
     rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
   tiles = [rgb]

@@ -27,26 +27,26 @@ def _weighted_mean(per_image: jax.Array, weight: jax.Array | None) -> jax.Array:
   return jnp.sum(per_image * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def focal_loss(probs: jax.Array, mask: jax.Array,
+def focal_loss(p1: jax.Array, mask: jax.Array,
                weight: jax.Array | None = None) -> jax.Array:
   """Mean over all pixels of -(1 - pt)^2 log(pt).
 
-  probs: [B, H, W, 2]; mask: [B, H, W] in {0, 1}. The one-hot target is
-  clipped to [smooth, 1 - smooth] and pt = sum_c target_c P_c + smooth.
+  p1: [B, H, W] probability of the anomalous channel (the normal channel is
+  1 - p1); mask: [B, H, W] in {0, 1}. The one-hot target is clipped to
+  [smooth, 1 - smooth] and pt = sum_c target_c P_c + smooth.
   `weight` [B] (optional, 0/1) leaves out images without a ground-truth
   mask; with all ones it is the plain mean over all pixels.
   """
-  target = jnp.stack([1.0 - mask, mask], axis=-1)
-  target = jnp.clip(target, FOCAL_SMOOTH, 1.0 - FOCAL_SMOOTH)
-  pt = jnp.sum(target * probs, axis=-1) + FOCAL_SMOOTH
+  t1 = jnp.clip(mask, FOCAL_SMOOTH, 1.0 - FOCAL_SMOOTH)
+  t0 = jnp.clip(1.0 - mask, FOCAL_SMOOTH, 1.0 - FOCAL_SMOOTH)
+  pt = t0 * (1.0 - p1) + t1 * p1 + FOCAL_SMOOTH
   per_pixel = -jnp.power(1.0 - pt, FOCAL_GAMMA) * jnp.log(pt)
   return _weighted_mean(jnp.mean(per_pixel, axis=tuple(range(1, per_pixel.ndim))), weight)
 
 
-def dice_loss(probs: jax.Array, mask: jax.Array,
+def dice_loss(p1: jax.Array, mask: jax.Array,
               weight: jax.Array | None = None) -> jax.Array:
   """1 - mean over images of (2 sum(P1 M) + 1) / (sum(P1) + sum(M) + 1)."""
-  p1 = probs[..., 1]
   axes = tuple(range(1, p1.ndim))
   inter = jnp.sum(p1 * mask, axis=axes)
   d = (2.0 * inter + DICE_SMOOTH) / (

@@ -124,7 +124,7 @@ def make_train_step(*, head_def, backbone_def, tx, schedule, layers, grid, out_h
 def image_scores(outputs: dict, kind: str) -> jax.Array:
   """Image-level anomaly score [B] from the head outputs (config eval.image_score)."""
   prob = jax.nn.softmax(outputs["logits"], axis=-1)[:, 1]
-  peak = jnp.max(outputs["cross"][..., 1], axis=(1, 2))
+  peak = jnp.max(outputs["cross"], axis=(1, 2))
   if kind == "global":
     return prob
   if kind == "max":
@@ -147,7 +147,7 @@ def make_eval_step(*, head_def, backbone_def, layers, grid, out_hw, quirk: bool,
     patches, cls = features.extract(backbone, images, layers)
     out = _head_outputs(head_def, params, patches, cls, text_table, category_index,
                         grid, out_hw, quirk)
-    return out["cross"][..., 1], image_scores(out, image_score)
+    return out["cross"], image_scores(out, image_score)
 
   if mesh is None:
     return jax.jit(step)

@@ -92,8 +92,10 @@ def test_head_matches_numpy(quirk):
   out = head(jnp.asarray(patches, jnp.float32), jnp.asarray(cls, jnp.float32), tmat,
              grid, out_hw)
   cross, aacm, logits = _np_head(kern, patches, cls, text, grid, out_hw, quirk)
-  np.testing.assert_allclose(out["cross"], cross, atol=2e-5)
-  np.testing.assert_allclose(out["aacm"], aacm, atol=2e-5)
+  # Channel 1 of each two-channel map (channel 0 is 1 minus it in both).
+  np.testing.assert_allclose(cross[..., 0], 1 - cross[..., 1], atol=1e-12)
+  np.testing.assert_allclose(out["cross"], cross[..., 1], atol=2e-5)
+  np.testing.assert_allclose(out["aacm"], aacm[..., 1], atol=2e-5)
   np.testing.assert_allclose(out["logits"], logits, atol=2e-3, rtol=1e-4)
 
 
@@ -151,7 +153,8 @@ def test_losses_match_numpy():
   logits = rng.normal(size=(b, 2)) * 5
   label = np.array([0, 1, 1])
   loss, terms = losses.total_loss(
-      {"cross": jnp.asarray(cross, jnp.float32), "aacm": jnp.asarray(aacm, jnp.float32),
+      {"cross": jnp.asarray(cross[..., 1], jnp.float32),
+       "aacm": jnp.asarray(aacm[..., 1], jnp.float32),
        "logits": jnp.asarray(logits, jnp.float32)},
       jnp.asarray(mask, jnp.float32), jnp.asarray(label))
   lse = np.log(np.exp(logits).sum(-1))
@@ -169,9 +172,9 @@ def test_losses_match_numpy():
 def test_images_without_masks_are_left_out_of_map_losses():
   rng = np.random.default_rng(4)
   b, h, w = 4, 5, 6
-  cross = jnp.asarray(_np_softmax(rng.normal(size=(b, h, w, 2))), jnp.float32)
+  cross = jnp.asarray(_np_softmax(rng.normal(size=(b, h, w, 2)))[..., 1], jnp.float32)
   a = jnp.asarray(1 / (1 + np.exp(-rng.normal(size=(b, h, w)))), jnp.float32)
-  outputs = {"cross": cross, "aacm": jnp.stack([1 - a, a], -1),
+  outputs = {"cross": cross, "aacm": a,
              "logits": jnp.asarray(rng.normal(size=(b, 2)), jnp.float32)}
   mask = jnp.asarray(rng.random((b, h, w)) > 0.6, jnp.float32)
   label = jnp.array([1, 1, 0, 1])

@@ -15,6 +15,12 @@ abnormal). Per tapped layer l (SPEC section 5):
 each averaged over the layers (maps after softmax / sigmoid). `up` is
 bilinear resizing with align_corners=True, written as two interpolation
 matrices because `jax.image.resize` samples half-pixel centres instead.
+
+Both maps have two channels that sum to one, so only the anomalous channel
+is materialised: softmax over two channels is the sigmoid of their
+difference, and upsampling is linear, so channel 1 of the cross-modal map is
+`sigmoid(up(s_1 - s_0))`: one upsampled plane instead of two, and no
+full-resolution softmax (the head's cost at 512 px is these planes).
 """
 
 from __future__ import annotations
@@ -139,7 +145,8 @@ class ADHead(nnx.Module):
       out_hw: (H, W) map resolution.
 
     Returns:
-      dict with `cross` [B, H, W, 2] and `aacm` [B, H, W, 2] probabilities and
+      dict with `cross` [B, H, W] and `aacm` [B, H, W], the anomalous channel's
+      probability of each map (the normal channel is 1 minus it), and
       `logits` [B, 2], each averaged over the L layers.
     """
     num_layers, batch = patches.shape[0], patches.shape[1]
@@ -149,12 +156,13 @@ class ADHead(nnx.Module):
     for l in range(num_layers):
       p = l2_normalize(self.patch_adapters[l](patches[l].astype(jnp.float32)))
       g = l2_normalize(self.cls_adapters[l](cls[l].astype(jnp.float32)))
-      s = CROSS_SCALE * jnp.einsum("bne,bec->bnc", p, text)
-      s = s.reshape(batch, *grid, 2)
-      cross = cross + jax.nn.softmax(upsample_align_corners(s, out_hw), axis=-1)
-      a = AACM_SCALE * jnp.einsum("bne,be->bn", p, g).reshape(batch, *grid, 1)
-      a = jax.nn.sigmoid(upsample_align_corners(a, out_hw))
-      aacm = aacm + jnp.concatenate([1.0 - a, a], axis=-1)
+      # Both low-resolution planes are upsampled together: [B, h, w, 2].
+      diff = CROSS_SCALE * jnp.einsum("bne,be->bn", p, text[..., 1] - text[..., 0])
+      a = AACM_SCALE * jnp.einsum("bne,be->bn", p, g)
+      up = upsample_align_corners(jnp.stack([diff, a], -1).reshape(batch, *grid, 2), out_hw)
+      probs = jax.nn.sigmoid(up)
+      cross = cross + probs[..., 0]
+      aacm = aacm + probs[..., 1]
       logits = logits + CROSS_SCALE * jnp.einsum("be,bec->bc", g, text)
     return {"cross": cross / num_layers, "aacm": aacm / num_layers,
             "logits": logits / num_layers}
