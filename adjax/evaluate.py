@@ -100,7 +100,9 @@ class Evaluator:
     main = jax.process_index() == 0
     heat_dir = self.workdir / "heatmaps" / handle.display_name
     if main and heat_dir.exists():
-      shutil.rmtree(heat_dir)     # panels of an earlier evaluation would mislead
+      # Panels of an earlier evaluation would mislead. The other processes
+      # draw only after the first eval step, which waits for this process.
+      shutil.rmtree(heat_dir)
     for local in loader:
       amap, score = self.maps(local["image"], local["category_index"], table)
       rows = gather_rows({"map": amap, "score": score, "mask": local["mask"],
@@ -108,6 +110,10 @@ class Evaluator:
                           "has_mask": local["has_mask"],
                           "category_index": local["category_index"],
                           "index": local["index"]})
+      # Each process draws the chosen examples among its own rows (it has
+      # their images); process 0 accumulates the metrics of every row.
+      if to_draw:
+        self._draw(local, amap, handle, to_draw, heat_dir)
       if not main:
         continue
       for ci in np.unique(rows["category_index"][rows["valid"]]):
@@ -115,8 +121,6 @@ class Evaluator:
         sel = rows["valid"] & (rows["category_index"] == ci)
         acc = accs.setdefault(name, CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad))
         acc.update(rows, sel)
-      if to_draw and jax.process_count() == 1:
-        self._draw(local, amap, handle, to_draw, heat_dir)
     if not main:
       return {}
     results = {name: accs[name].result() for name in sorted(accs)}

@@ -65,7 +65,9 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   if main_process:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"workdir: {workdir}", flush=True)
-    atomic.write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2))
+    # The training config stays in config.json; other modes keep their own.
+    name = "config.json" if cfg.mode == "train" else f"config_{cfg.mode}.json"
+    atomic.write_text(workdir / name, cfg.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   if cfg.data.demo.root:
     _ensure_demo_data(cfg.data.demo)

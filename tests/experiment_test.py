@@ -136,6 +136,8 @@ def test_evaluate_mode_reproduces_the_results(trained):
   cfg.mode = "evaluate"
   cfg.data.targets = cfg.data.train.replace("family_a", "family_b")
   again = experiment.run(cfg, str(workdir))
+  assert json.loads((workdir / "config.json").read_text())["mode"] == "train"
+  assert json.loads((workdir / "config_evaluate.json").read_text())["mode"] == "evaluate"
   for cat, metrics in out["results"]["family_b"].items():
     for k, v in metrics.items():
       assert again["results"]["family_b"][cat][k] == pytest.approx(v, abs=1e-6), (cat, k)
@@ -240,7 +242,7 @@ def _free_port() -> int:
 def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=2)
   flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RESUME_KEYS[:-2])
-  flags += ["--config.eval.enabled=True", "--config.eval.heatmaps_per_category=0",
+  flags += ["--config.eval.enabled=True", "--config.eval.heatmaps_per_category=2",
             "--config.eval.batch_size=8"]
   one = _run_main(flags + [f"--workdir={tmp_path / 'one'}"],
                   {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
@@ -260,6 +262,9 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   assert s1 == s2
   for a, b in zip(_leaves(p1), _leaves(p2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  heat = [sorted(p.relative_to(tmp_path / run).as_posix()
+                 for p in (tmp_path / run / "heatmaps").rglob("*.png")) for run in ("one", "two")]
+  assert len(heat[0]) == 4 * 2 and heat[0] == heat[1]
   r1 = json.loads((tmp_path / "one" / "results" / "family_b.json").read_text())
   r2 = json.loads((tmp_path / "two" / "results" / "family_b.json").read_text())
   for cat in r1["categories"]:
