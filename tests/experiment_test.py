@@ -288,3 +288,43 @@ def test_demo_reaches_its_auroc_floor(tmp_path):
       np.mean([m["pixel_auroc"] for m in out["results"]["family_b"].values()]))
   assert mean["pixel_auroc"] >= DEMO_PIXEL_AUROC_FLOOR, mean
   assert len(list((tmp_path / "work" / "heatmaps" / "family_b").rglob("*.png"))) == 4 * 3
+
+
+def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):
+  """The paper configs' path: PyTorch towers -> converters -> a run that loads them."""
+  import torch
+  import transformers
+  from adjax.models import clip_text
+  from converters import clip_text as convert_clip
+  from converters import dinov3 as convert_dinov3
+
+  torch.manual_seed(0)
+  dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+      num_register_tokens=4, layerscale_value=0.5)).eval()
+  dino.save_pretrained(tmp_path / "hf_dino")
+  assert convert_dinov3.main(["--src", str(tmp_path / "hf_dino"),
+                              "--dst", str(tmp_path / "dino")]) == 0
+
+  vocab = clip_text.write_byte_level_tokenizer(tmp_path / "hf_clip")
+  clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
+      hidden_act="quick_gelu", bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+      pad_token_id=vocab - 1)).eval()
+  clip.save_pretrained(tmp_path / "hf_clip")
+  convert_clip.convert(tmp_path / "hf_clip", tmp_path / "clip")
+
+  cfg = small_config(small_data, tmp_path, epochs=1, reference_quirks=True)
+  cfg.backbone.random_init = False
+  cfg.backbone.checkpoint = str(tmp_path / "dino")
+  cfg.backbone.layers = (0, 1, 2, 3)
+  cfg.text.random_init = False
+  cfg.text.checkpoint = str(tmp_path / "clip")
+  out = experiment.run(cfg, str(tmp_path / "work"))
+  assert sorted(out["results"]["family_b"]) == ["chip", "mesh", "nut", "tile"]
+  # One cached embedding per object name of both families, keyed by the checkpoint.
+  assert len(list((tmp_path / "text_cache").glob("*.npy"))) == 8
+  with pytest.raises(FileNotFoundError, match="backbone.checkpoint=.*python -m converters.dinov3"):
+    cfg.backbone.checkpoint = str(tmp_path / "missing")
+    experiment.run(cfg, str(tmp_path / "work2"))
