@@ -92,6 +92,10 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
   backbone_def, backbone_state, backbone_sharding = place_backbone(
       towers, mesh, cfg.mesh.backbone_sharding)
   cache = _make_cache(cfg, workdir, towers, handle, grid)
+  if cache is not None and jax.process_index() == 0:
+    where = f" in {cache.dir}" if cfg.feature_cache == "disk" else ""
+    print(f"feature cache ({cfg.feature_cache}{where}): {int(cache.filled.sum())} of "
+          f"{handle.num_examples} examples stored", flush=True)
   cache_dtype = jnp.bfloat16 if cfg.feature_cache_dtype == "bfloat16" else jnp.float32
   common = dict(head_def=head_def, backbone_def=backbone_def, tx=tx, schedule=schedule,
                 layers=towers.layers, grid=grid, out_hw=out_hw, quirk=quirk, mesh=mesh,

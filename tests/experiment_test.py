@@ -328,3 +328,26 @@ def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):
   with pytest.raises(FileNotFoundError, match="backbone.checkpoint=.*python -m converters.dinov3"):
     cfg.backbone.checkpoint = str(tmp_path / "missing")
     experiment.run(cfg, str(tmp_path / "work2"))
+
+
+def test_disk_feature_cache_is_reused_only_when_it_matches(small_data, tmp_path, capsys):
+  cache_dir = tmp_path / "features"
+  cfg = small_config(small_data, tmp_path, feature_cache="disk",
+                     feature_cache_dir=str(cache_dir))
+  cfg.eval.enabled = False
+  experiment.run(cfg, str(tmp_path / "first"))
+  assert "0 of 24 examples stored" in capsys.readouterr().out
+  (key_dir,) = cache_dir.iterdir()
+  assert (key_dir / "meta.json").is_file() and (key_dir / "patches.npy").is_file()
+  # A new run with the same backbone, size, layers and data trains from the
+  # stored features from its first step, and ends with the same parameters.
+  experiment.run(cfg, str(tmp_path / "second"))
+  assert "24 of 24 examples stored" in capsys.readouterr().out
+  for a, b in zip(_leaves(_final_params(tmp_path / "first")[0]),
+                  _leaves(_final_params(tmp_path / "second")[0])):
+    np.testing.assert_array_equal(a, b)
+  # Another image size is another key: nothing is reused.
+  cfg.image_size = 48
+  experiment.run(cfg, str(tmp_path / "third"))
+  assert "0 of 24 examples stored" in capsys.readouterr().out
+  assert len(list(cache_dir.iterdir())) == 2
