@@ -50,7 +50,10 @@ class FeatureCache:
   epoch is recomputed rather than trusted.
 
   Memory: num_examples * L * (N + 1) * D * itemsize bytes (ViT-L/16 at 512,
-  MVTec's 1725 images, bfloat16: about 14.5 GB), held in RAM or on disk.
+  MVTec's 1725 images, bfloat16: about 14.5 GB), held in RAM or on disk. In a
+  multi-host run every process holds the whole cache: the first epoch's
+  features are gathered to all processes, so that every process sees the
+  same hits and takes the same (collective) step.
   """
 
   def __init__(self, mode: str, num_examples: int, layers: int, tokens: int, dim: int,

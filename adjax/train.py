@@ -123,7 +123,8 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
       local = next(iterator)
       batch = sharding.global_batch(
           {k: local[k] for k in ("mask", "label", "category_index", "has_mask")}, mesh)
-      if cache is not None and cache.has(local["index"]):
+      cached = cache is not None and cache.has(_global_rows(local["index"]))
+      if cached:
         patches, cls = cache.get(local["index"])
         batch.update(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
                                            {"patches": 1, "cls": 1}))
@@ -133,10 +134,14 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
         if cache is not None:
           state, metrics, (patches, cls) = step_images(state, backbone_state,
                                                        text_table, batch)
-          cache.put(local["index"], sharding.local_rows(patches, 1), sharding.local_rows(cls, 1))
+          # Every process stores every row of the global batch, so all caches
+          # are identical and every process takes the same branch next time.
+          cache.put(_global_rows(local["index"]), _global_rows(patches, 1),
+                    _global_rows(cls, 1))
         else:
           state, metrics = step_images(state, backbone_state, text_table, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics["from_cache"] = float(cached)
       if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["param_norm"])):
         raise NonFiniteLossError(
             f"non-finite loss {metrics['loss']} (parameter norm {metrics['param_norm']}) "
@@ -152,6 +157,22 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
     log.close()
     ckpts.close()
   return state
+
+
+def _global_rows(x, axis: int = 0) -> np.ndarray:
+  """All processes' rows: a global jax.Array, or each process's numpy rows.
+
+  With one process this is the array itself (on the host).
+  """
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    # process_allgather stacks along axis 0; move the batch axis there and back.
+    moved = jax.numpy.moveaxis(x, axis, 0) if axis else x
+    return np.moveaxis(np.asarray(multihost_utils.process_allgather(moved, tiled=True)),
+                       0, axis)
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
 def _init_from(path: str, state, keep: int):

@@ -262,6 +262,9 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   assert s1 == s2
   for a, b in zip(_leaves(p1), _leaves(p2)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for run in ("one", "two"):   # the last step (epoch 2) ran from the feature cache
+    last = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 6 and last["from_cache"] == 1.0
   heat = [sorted(p.relative_to(tmp_path / run).as_posix()
                  for p in (tmp_path / run / "heatmaps").rglob("*.png")) for run in ("one", "two")]
   assert len(heat[0]) == 4 * 2 and heat[0] == heat[1]
