@@ -96,14 +96,15 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
     if not (tok_dir / "vocab.json").exists():
       clip_text.write_byte_level_tokenizer(tok_dir)
     tokenizer = clip_text.load_tokenizer(tok_dir)
-    model_id = model.model_id
   else:
     path = _converted(cfg.text.checkpoint, "text", "clip_text", "<CLIP checkpoint>")
     model = clip_text.load(path, activation=activation or None)
     tokenizer = clip_text.load_tokenizer(path)
-    model_id = clip_text.model_id_of(path)
   cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else workdir / "text_cache"
-  return TextEmbedder(model, tokenizer, model_id, cache_dir, cfg.text.display_names.to_dict())
+  # model_id: the checkpoint's source and tokenizer hashes, or the random
+  # init's config and seed (the text cache's key).
+  return TextEmbedder(model, tokenizer, model.model_id, cache_dir,
+                      cfg.text.display_names.to_dict())
 
 
 def build(cfg, workdir: Path) -> Towers:
