@@ -189,6 +189,9 @@ def _init_from(path: str, state, keep: int):
 def _make_cache(cfg, workdir: Path, towers, handle, grid):
   if cfg.feature_cache == "none":
     return None
+  if cfg.feature_cache_dtype not in ("bfloat16", "float32"):
+    raise ValueError(f"feature_cache_dtype={cfg.feature_cache_dtype!r}; expected "
+                     "bfloat16 or float32")
   key = features.cache_key(
       backbone=towers.backbone_id, image_size=cfg.image_size, layers=towers.layers,
       dtype=cfg.backbone.dtype, cache_dtype=cfg.feature_cache_dtype,
