@@ -195,15 +195,14 @@ def _run_main(args, env_extra=None, **popen):
                           **popen)
 
 
-RESUME_KEYS = ["data.train", "data.targets", "data.data_dir", "text.cache_dir",
-               "image_size", "batch_size", "epochs", "checkpoint_every_steps",
-               "eval.enabled", "data.demo.root"]
+RUN_KEYS = ["data.train", "data.targets", "data.data_dir", "text.cache_dir", "data.demo.root",
+            "image_size", "batch_size", "epochs", "checkpoint_every_steps"]
 
 
 def test_killed_run_resumes_to_the_same_parameters(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=16, checkpoint_every_steps=3)
   cfg.eval.enabled = False
-  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RESUME_KEYS)
+  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RUN_KEYS + ["eval.enabled"])
   ref = _run_main(flags + [f"--workdir={tmp_path / 'ref'}"])
   assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
@@ -241,7 +240,7 @@ def _free_port() -> int:
 
 def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=2)
-  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RESUME_KEYS[:-2])
+  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RUN_KEYS)
   flags += ["--config.eval.enabled=True", "--config.eval.heatmaps_per_category=2",
             "--config.eval.batch_size=8"]
   one = _run_main(flags + [f"--workdir={tmp_path / 'one'}"],
