@@ -6,7 +6,6 @@ workdir, or `init_from`), `predict` (a folder or glob of images).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

@@ -19,8 +19,6 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from adjax.models.weights import flatten, unflatten  # noqa: F401  (re-exported)
-
 
 class ConversionError(ValueError):
   """The source cannot be converted; the message names keys and files."""

@@ -1,6 +1,5 @@
 """AD-DINOv3 head and losses against independent numpy / torch computations."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
