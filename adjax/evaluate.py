@@ -20,15 +20,6 @@ from flax import nnx
 from adjax import data, heatmaps, metrics, reports, sharding, targets, train, train_step
 
 
-def gather_rows(tree: dict) -> dict:
-  """Every process's local rows, concatenated in process order (host numpy)."""
-  if jax.process_count() == 1:
-    return tree
-  from jax.experimental import multihost_utils
-  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
-          for k, v in tree.items()}
-
-
 class CategoryMetrics:
   """Image metrics over every image; pixel metrics over images with a mask.
 
@@ -88,13 +79,7 @@ class Evaluator:
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
     table = self.text_table(handle.categories)
-    loader = data.make_loader(
-        handle, image_size=cfg.image_size,
-        batch_size=cfg.eval.batch_size // jax.process_count(), train=False,
-        seed=cfg.seed,
-        mask_threshold_strict_zero=cfg.reference_quirks and handle.name == "visa",
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
+    loader = targets.loader(cfg, handle, batch_size=cfg.eval.batch_size, train=False)
     accs: dict[str, CategoryMetrics] = {}
     to_draw = self._heatmap_indices(handle)
     main = jax.process_index() == 0
@@ -105,11 +90,9 @@ class Evaluator:
       shutil.rmtree(heat_dir)
     for local in loader:
       amap, score = self.maps(local["image"], local["category_index"], table)
-      rows = gather_rows({"map": amap, "score": score, "mask": local["mask"],
-                          "label": local["label"], "valid": local["valid"],
-                          "has_mask": local["has_mask"],
-                          "category_index": local["category_index"],
-                          "index": local["index"]})
+      mine = {"map": amap, "score": score, **{k: local[k] for k in (
+          "mask", "label", "valid", "has_mask", "category_index", "index")}}
+      rows = {k: sharding.all_rows(v) for k, v in mine.items()}
       # Each process draws the chosen examples among its own rows (it has
       # their images); process 0 accumulates the metrics of every row.
       if to_draw:

@@ -24,7 +24,7 @@ def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
 
 def trained_params(cfg, workdir: Path, towers, mesh):
   """The head parameters of this workdir's latest checkpoint (else `init_from`)."""
-  head_def, params = nnx.split(train.new_head(cfg, towers))
+  _, params = nnx.split(train.new_head(cfg, towers))
   tx, _ = train_step.make_optimizer(cfg, 1)
   abstract = checkpointing.abstract_like(
       jax.device_put(train_step.init_state(params, tx), sharding.replicated(mesh)))
@@ -45,7 +45,7 @@ def trained_params(cfg, workdir: Path, towers, mesh):
       + "; train first (mode=train) or point init_from at a trained workdir")
 
 
-def _results_complete(cfg, workdir: Path) -> bool:
+def _results_complete(workdir: Path) -> bool:
   results = workdir / "results"
   return results.is_dir() and any(results.glob("*.json"))
 
@@ -79,12 +79,10 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   from adjax import evaluate
   if cfg.mode == "train":
     handle = targets.prepare(cfg, cfg.data.train)
-    before = _latest_step(workdir)
-    state = train.train(cfg, workdir, towers, mesh, handle)
-    finished_before = before is not None and before == _latest_step(workdir)
+    state, steps_run = train.train(cfg, workdir, towers, mesh, handle)
     if not cfg.eval.enabled:
       return {"state": state}
-    if finished_before and _results_complete(cfg, workdir) and not cfg.eval.force:
+    if steps_run == 0 and _results_complete(workdir) and not cfg.eval.force:
       if main_process:
         print(f"{workdir} is already trained and evaluated (results/); pass "
               "--config.eval.force=True to evaluate it again")
@@ -108,11 +106,3 @@ def _ensure_demo_data(demo) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("demo data")
-
-
-def _latest_step(workdir: Path):
-  ckpts = checkpointing.RunCheckpoints(workdir)
-  try:
-    return ckpts.latest_step()
-  finally:
-    ckpts.close()

@@ -57,10 +57,8 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
           unreadable.append((path, str(batch["error"][i])))
         continue
       h, w = (int(v) for v in batch["orig_size"][i])
-      with Image.open(path) as img:
+      with Image.open(path) as img:   # to_rgb: any mode -> 8-bit RGB
         rgb = np.asarray(data.images.to_rgb(img))
-      if rgb.dtype != np.uint8:
-        rgb = np.asarray(Image.fromarray(heatmaps.denormalize(batch["image"][i])).resize((w, h)))
       pixels = heatmaps.panel(rgb, _map_at(amap[i], (h, w)))
       heatmaps.save_png(out_dir / "heatmaps" / _output_name(path, root), pixels)
       row = {"path": path, "score": f"{float(score[i]):.6f}"}

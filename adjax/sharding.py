@@ -87,6 +87,24 @@ def global_batch(local: dict, mesh: Mesh, batch_axes: dict[str, int] | None = No
   return out
 
 
+def all_rows(x, axis: int = 0) -> np.ndarray:
+  """Every process's rows on every process, in global order (host numpy).
+
+  `x` is a global jax.Array sharded on `axis`, or this process's own rows as
+  numpy (concatenated in process order, which is the order in which
+  `global_batch` lays them out). With one process: `x` itself, on the host.
+  """
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    # process_allgather concatenates along axis 0: move the batch axis there.
+    moved = jax.numpy.moveaxis(x, axis, 0) if axis else x
+    return np.moveaxis(np.asarray(multihost_utils.process_allgather(moved, tiled=True)),
+                       0, axis)
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
 def local_rows(x: jax.Array, axis: int = 0) -> np.ndarray:
   """This process's rows of a global array sharded on `axis`, in order.
 

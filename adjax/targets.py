@@ -7,6 +7,21 @@ from pathlib import Path
 from adjax import data
 
 
+def loader(cfg, handle, *, batch_size: int, train: bool):
+  """`data.make_loader` with the config's settings, for this process's share.
+
+  `batch_size` is the global batch; the VisA mask quirk (SPEC section 9)
+  follows `reference_quirks`.
+  """
+  import jax
+  return data.make_loader(
+      handle, image_size=cfg.image_size, batch_size=batch_size // jax.process_count(),
+      train=train, seed=cfg.seed,
+      mask_threshold_strict_zero=cfg.reference_quirks and handle.name == "visa",
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
+
+
 def prepare(cfg, target: str) -> "data.DatasetHandle":
   """`_prepare` on process 0 first, then on the others (they reuse its files)."""
   import jax

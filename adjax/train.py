@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import checkpointing, data, features, run_log, sharding, train_step
+from adjax import checkpointing, features, run_log, sharding, targets, train_step
 from adjax.models import head as head_lib
 
 
@@ -45,18 +45,21 @@ def place_backbone(towers, mesh, mode: str):
   return backbone_def, state, shardings
 
 
-def _check_batch_size(cfg, mesh) -> int:
+def _check_batch_size(cfg, mesh) -> None:
   n_data, n_proc = mesh.shape[sharding.DATA], jax.process_count()
   if cfg.batch_size % n_data or cfg.batch_size % n_proc:
     raise ValueError(
         f"batch_size={cfg.batch_size} must be divisible by the {n_data} data-parallel "
         f"devices and the {n_proc} processes")
-  return cfg.batch_size // n_proc
 
 
-def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
-  """Trains the head on `handle` (a prepared data set); returns the final state."""
-  local_batch = _check_batch_size(cfg, mesh)
+def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
+  """Trains the head on `handle` (a prepared data set).
+
+  Returns the final state and the number of steps this call ran (0 for a
+  run that had already finished).
+  """
+  _check_batch_size(cfg, mesh)
   steps_per_epoch = handle.num_examples // cfg.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{handle.name} has {handle.num_examples} examples, fewer than "
@@ -87,7 +90,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
       state = _init_from(cfg.init_from, state, cfg.checkpoints_to_keep)
   if start >= total_steps:
     ckpts.close()
-    return state
+    return state, 0
 
   backbone_def, backbone_state, backbone_sharding = place_backbone(
       towers, mesh, cfg.mesh.backbone_sharding)
@@ -106,24 +109,18 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
   step_cached = (train_step.make_train_step(**common, from_features=True)
                  if cache is not None else None)
 
-  loader = data.make_loader(
-      handle, image_size=cfg.image_size, batch_size=local_batch, train=True,
-      seed=cfg.seed, mask_threshold_strict_zero=quirk and handle.name == "visa",
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
-  iterator = iter(loader)
+  iterator = iter(targets.loader(cfg, handle, batch_size=cfg.batch_size, train=True))
   if data_state is not None:
     iterator.set_state(data_state)
 
   log = run_log.RunLog(workdir, total_steps, start, cfg.batch_size)
   config_json = json.loads(cfg.to_json_best_effort())
-  step = start
   try:
     for step in range(start, total_steps):
       local = next(iterator)
       batch = sharding.global_batch(
           {k: local[k] for k in ("mask", "label", "category_index", "has_mask")}, mesh)
-      cached = cache is not None and cache.has(_global_rows(local["index"]))
+      cached = cache is not None and cache.has(sharding.all_rows(local["index"]))
       if cached:
         patches, cls = cache.get(local["index"])
         batch.update(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
@@ -136,8 +133,8 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
                                                        text_table, batch)
           # Every process stores every row of the global batch, so all caches
           # are identical and every process takes the same branch next time.
-          cache.put(_global_rows(local["index"]), _global_rows(patches, 1),
-                    _global_rows(cls, 1))
+          cache.put(sharding.all_rows(local["index"]), sharding.all_rows(patches, 1),
+                    sharding.all_rows(cls, 1))
         else:
           state, metrics = step_images(state, backbone_state, text_table, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -156,23 +153,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> dict:
   finally:
     log.close()
     ckpts.close()
-  return state
-
-
-def _global_rows(x, axis: int = 0) -> np.ndarray:
-  """All processes' rows: a global jax.Array, or each process's numpy rows.
-
-  With one process this is the array itself (on the host).
-  """
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    # process_allgather stacks along axis 0; move the batch axis there and back.
-    moved = jax.numpy.moveaxis(x, axis, 0) if axis else x
-    return np.moveaxis(np.asarray(multihost_utils.process_allgather(moved, tiled=True)),
-                       0, axis)
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+  return state, total_steps - start
 
 
 def _init_from(path: str, state, keep: int):
