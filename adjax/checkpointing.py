@@ -20,6 +20,10 @@ import orbax.checkpoint as ocp
 from adjax import atomic
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that does not fit the configured model."""
+
+
 class RunCheckpoints:
 
   def __init__(self, workdir: Path, keep: int = 2):
@@ -61,12 +65,37 @@ class RunCheckpoints:
     data_state = json.loads(self._data_file(step).read_text())
     return restored["state"], data_state
 
-  def restore_params(self, abstract_state):
-    """The latest state of this run (used by `init_from` and evaluation)."""
+  def restore_head(self, abstract_params) -> tuple[object, int]:
+    """The head parameters of the latest complete step, and that step.
+
+    Only the parameters are taken; no optimiser needs to exist. Each leaf is
+    matched by its path and checked against `abstract_params`' shape, so a
+    checkpoint of another head size is refused with the parameter named.
+    """
     step = self.latest_step()
     if step is None:
       raise FileNotFoundError(f"{self.dir}: no complete checkpoint to load")
-    return self.restore(step, abstract_state)[0], step
+    stored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]["params"]
+    leaves = []
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    for path, want in paths:
+      node = stored
+      for key in path:
+        name = str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+        if not isinstance(node, dict) or name not in node:
+          raise CheckpointMismatchError(
+              f"{self.dir} (step {step}) has no head parameter "
+              f"{jax.tree_util.keystr(path)}; it was trained for another head")
+        node = node[name]
+      if tuple(node.shape) != tuple(want.shape):
+        raise CheckpointMismatchError(
+            f"{self.dir} (step {step}): head parameter {jax.tree_util.keystr(path)} has "
+            f"shape {tuple(node.shape)}, this config's head needs {tuple(want.shape)} "
+            "(another backbone width, text width or number of tapped layers)")
+      leaves.append(jax.device_put(jax.numpy.asarray(node, want.dtype),
+                                   getattr(want, "sharding", None)))
+    return jax.tree_util.tree_unflatten(treedef, leaves), step
 
   def close(self) -> None:
     self.manager.close()
@@ -77,3 +106,29 @@ def abstract_like(tree):
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def restore_head_params(abstract_params, *sources: Path | None, keep: int = 2):
+  """Head parameters from the first source workdir that has a checkpoint.
+
+  Returns (params, source, step); raises FileNotFoundError naming the sources
+  when none has one.
+  """
+  tried = []
+  for source in sources:
+    if source is None:
+      continue
+    source = Path(source)
+    tried.append(str(source))
+    if not (source / "checkpoints").is_dir():
+      continue
+    ckpts = RunCheckpoints(source, keep)
+    try:
+      if ckpts.latest_step() is not None:
+        params, step = ckpts.restore_head(abstract_params)
+        return params, source, step
+    finally:
+      ckpts.close()
+  raise FileNotFoundError(
+      f"no trained checkpoint in {' or '.join(tried)}; train first (mode=train) or "
+      "point init_from at a trained workdir")

@@ -26,10 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.reference_quirks = True
 
   c.backbone = ml_collections.ConfigDict()
-  c.backbone.variant = "vitl16"
+  c.backbone.family = "dinov3"      # a row of adjax.models.backbones.FAMILIES: dinov3 | dinov2
+  c.backbone.variant = "vitl16"     # a variant of the family (its VARIANTS table)
   c.backbone.checkpoint = "checkpoints/dinov3_vitl16"   # converted directory
   c.backbone.random_init = False    # random weights of the variant (demo, benchmarks)
-  c.backbone.layers = (5, 11, 17, 23)
+  c.backbone.layers = (5, 11, 17, 23)   # tapped blocks; () = the family's default four
   c.backbone.dtype = "bfloat16"     # matmul dtype; parameters, norms and softmax stay float32
 
   c.text = ml_collections.ConfigDict()
@@ -113,11 +114,33 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+VARIANTS = ("gpu", "gpu8", "tpu", "tpu_7b", "cpu", "dinov2", "exact")
+
+
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Hardware variants shared by the experiment configs (`configs/x.py:tpu`)."""
-  if not arg or arg == "gpu":
+  """Variants shared by the experiment configs (`configs/x.py:tpu`).
+
+  Several combine with "+", applied left to right: `configs/mvtec.py:dinov2+gpu8`.
+  """
+  if not arg:
     return c
-  if arg == "gpu8":            # one host, 8 GPUs: data parallel, backbone replicated
+  if "+" in arg:
+    for part in arg.split("+"):
+      apply_variant(c, part)
+    return c
+  if arg == "gpu":
+    return c
+  if arg == "dinov2":          # the paper protocol on DINOv2 ViT-L/14 with registers
+    c.backbone.family = "dinov2"
+    c.backbone.variant = "vitl14_reg"
+    c.backbone.checkpoint = "checkpoints/dinov2_vitl14_reg"
+    c.backbone.layers = (5, 11, 17, 23)
+    c.image_size = 518         # 37 x 37 patches of 14 px: DINOv2's native grid
+  elif arg == "exact":         # the release's numbers exactly: its quirks, float32 throughout
+    c.reference_quirks = True
+    c.backbone.dtype = "float32"
+    c.feature_cache_dtype = "float32"
+  elif arg == "gpu8":            # one host, 8 GPUs: data parallel, backbone replicated
     c.mesh.data, c.mesh.model = 8, 1
   elif arg == "tpu":           # multi-host TPU VM slice: every chip data parallel
     c.distributed = True
@@ -140,5 +163,5 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.feature_cache = "disk"
   else:
     raise ValueError(f"unknown config variant {arg!r}; expected one of "
-                     "gpu, gpu8, tpu, tpu_7b, cpu")
+                     f"{', '.join(VARIANTS)} (several joined by +)")
   return c

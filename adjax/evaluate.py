@@ -13,11 +13,10 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from adjax import data, heatmaps, metrics, reports, sharding, targets, train, train_step
+from adjax import data, heatmaps, metrics, reports, sharding, targets
+from adjax.scorer import Scorer
 
 
 class CategoryMetrics:
@@ -45,41 +44,18 @@ class CategoryMetrics:
     return out
 
 
-class Evaluator:
-  """Holds the compiled eval step; evaluates one data set at a time."""
+class Evaluator(Scorer):
+  """Evaluates one data set at a time."""
 
   def __init__(self, cfg, workdir: Path, towers, mesh, params):
-    self.cfg, self.workdir, self.towers, self.mesh = cfg, workdir, towers, mesh
-    n_data = mesh.shape[sharding.DATA]
-    if cfg.eval.batch_size % n_data or cfg.eval.batch_size % jax.process_count():
-      raise ValueError(f"eval.batch_size={cfg.eval.batch_size} must be divisible by the "
-                       f"{n_data} data-parallel devices and the processes")
-    head_def, _ = nnx.split(train.new_head(cfg, towers))
-    self.params = jax.device_put(params, sharding.replicated(mesh))
-    backbone_def, self.backbone_state, backbone_sharding = train.place_backbone(
-        towers, mesh, cfg.mesh.backbone_sharding)
-    self.step = train_step.make_eval_step(
-        head_def=head_def, backbone_def=backbone_def, layers=towers.layers,
-        grid=train.grid_of(cfg.image_size), out_hw=(cfg.image_size, cfg.image_size),
-        quirk=cfg.reference_quirks, image_score=cfg.eval.image_score, mesh=mesh,
-        backbone_sharding=backbone_sharding)
-
-  def maps(self, images: np.ndarray, category_index: np.ndarray, text_table) -> tuple:
-    """Local numpy batch -> (maps [B, H, W], scores [B]) for this process's rows."""
-    batch = sharding.global_batch({"image": images, "category_index": category_index},
-                                  self.mesh)
-    amap, score = self.step(self.params, self.backbone_state, text_table,
-                            batch["image"], batch["category_index"])
-    return sharding.local_rows(amap, 0), sharding.local_rows(score, 0)
-
-  def text_table(self, names: list[str]):
-    return jax.device_put(jnp.asarray(self.towers.text_embed(names)),
-                          sharding.replicated(self.mesh))
+    super().__init__(cfg, towers, mesh, params)
+    self.cfg, self.workdir = cfg, workdir
 
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
     table = self.text_table(handle.categories)
-    loader = targets.loader(cfg, handle, batch_size=cfg.eval.batch_size, train=False)
+    loader = targets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
+                            train=False)
     accs: dict[str, CategoryMetrics] = {}
     to_draw = self._heatmap_indices(handle)
     main = jax.process_index() == 0
@@ -133,8 +109,7 @@ class Evaluator:
         continue
       name = handle.categories[local["category_index"][i]]
       stem = Path(str(_as_str(local["path"][i]))).with_suffix("").as_posix().replace("/", "__")
-      pixels = heatmaps.panel(heatmaps.denormalize(local["image"][i]), amap[i],
-                              local["mask"][i])
+      pixels = heatmaps.panel(local["image"][i], amap[i], local["mask"][i])
       heatmaps.save_png(heat_dir / name / f"{stem}.png", pixels)
 
 
@@ -142,8 +117,11 @@ def _as_str(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def evaluate_targets(cfg, workdir: Path, towers, mesh, params) -> dict:
-  """Evaluates every configured target that is present; lists the absent ones."""
+def evaluate_targets(cfg, workdir: Path, towers, mesh, params) -> tuple[dict, list]:
+  """Evaluates every configured target that is present; lists the absent ones.
+
+  Returns (results by data set, [(absent target, why)]).
+  """
   evaluator = Evaluator(cfg, workdir, towers, mesh, params)
   all_results, absent = {}, []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
@@ -158,4 +136,4 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params) -> dict:
     for target, why in absent:
       print(f"  {target}: {why}")
   logging.info("evaluated %d targets, %d absent", len(all_results), len(absent))
-  return all_results
+  return all_results, absent

@@ -10,13 +10,9 @@ import logging
 from pathlib import Path
 
 import jax
-from flax import nnx
 
-from adjax import atomic, checkpointing, sharding, targets, train, train_step
+from adjax import atomic, checkpointing, config_check, sharding, targets
 from adjax import towers as towers_lib
-
-MODES = ("train", "evaluate", "predict")
-
 
 def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
   return Path(workdir_flag or cfg.workdir or Path("runs") / cfg.name)
@@ -24,25 +20,14 @@ def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
 
 def trained_params(cfg, workdir: Path, towers, mesh):
   """The head parameters of this workdir's latest checkpoint (else `init_from`)."""
-  _, params = nnx.split(train.new_head(cfg, towers))
-  tx, _ = train_step.make_optimizer(cfg, 1)
-  abstract = checkpointing.abstract_like(
-      jax.device_put(train_step.init_state(params, tx), sharding.replicated(mesh)))
-  for source in (workdir, Path(cfg.init_from) if cfg.init_from else None):
-    if source is None:
-      continue
-    ckpts = checkpointing.RunCheckpoints(source, cfg.checkpoints_to_keep)
-    try:
-      if ckpts.latest_step() is not None:
-        state, step = ckpts.restore_params(abstract)
-        logging.info("loaded the head from %s (step %d)", source, step)
-        return state["params"]
-    finally:
-      ckpts.close()
-  raise FileNotFoundError(
-      f"no trained checkpoint in {workdir}"
-      + (f" or init_from={cfg.init_from}" if cfg.init_from else "")
-      + "; train first (mode=train) or point init_from at a trained workdir")
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
+      towers.model(cfg).abstract_params())
+  params, source, step = checkpointing.restore_head_params(
+      abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
+      keep=cfg.checkpoints_to_keep)
+  logging.info("loaded the head from %s (step %d)", source, step)
+  return params
 
 
 def _results_complete(workdir: Path) -> bool:
@@ -51,14 +36,15 @@ def _results_complete(workdir: Path) -> bool:
 
 
 def run(cfg, workdir_flag: str | None = None) -> dict:
-  if cfg.mode not in MODES:
-    raise ValueError(f"mode={cfg.mode!r}; expected one of {MODES}")
+  config_check.check(cfg)          # before jax.distributed and the devices
   if cfg.distributed:
     kwargs = {}
     if cfg.coordinator_address:
       kwargs = dict(coordinator_address=cfg.coordinator_address,
                     num_processes=cfg.num_processes, process_id=cfg.process_id)
     jax.distributed.initialize(**kwargs)
+  config_check.check(cfg, device_count=jax.device_count(),
+                     process_count=jax.process_count())
   workdir = resolve_workdir(cfg, workdir_flag)
   main_process = jax.process_index() == 0
   if main_process:
@@ -79,6 +65,7 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   from adjax import evaluate
   if cfg.mode == "train":
     handle = targets.prepare(cfg, cfg.data.train)
+    from adjax import train
     state, steps_run = train.train(cfg, workdir, towers, mesh, handle)
     if not cfg.eval.enabled:
       return {"state": state}
@@ -87,11 +74,12 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
         print(f"{workdir} is already trained and evaluated (results/); pass "
               "--config.eval.force=True to evaluate it again")
       return {"state": state}
-    results = evaluate.evaluate_targets(cfg, workdir, towers, mesh, state["params"])
-    return {"state": state, "results": results}
+    results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, state["params"])
+    return {"state": state, "results": results, "absent": absent}
 
   params = trained_params(cfg, workdir, towers, mesh)
-  return {"results": evaluate.evaluate_targets(cfg, workdir, towers, mesh, params)}
+  results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, params)
+  return {"results": results, "absent": absent}
 
 
 def _ensure_demo_data(demo) -> None:

@@ -1,4 +1,4 @@
-"""Frozen-backbone features for the head, and the training feature cache.
+"""The feature cache: frozen-backbone features stored per example.
 
 Both towers are frozen and training uses no augmentation, so an image's
 backbone features are the same every epoch. With a cache the first epoch
@@ -17,23 +17,8 @@ import json
 import os
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-
-from adjax.models import head as head_lib
-
-NUM_PREFIX_TOKENS = 5   # cls + 4 registers
-
-
-def extract(backbone, images: jax.Array, layers) -> tuple[jax.Array, jax.Array]:
-  """images [B, H, W, 3] -> (patches [L, B, N, D] standardised, cls [L, B, D])."""
-  outs = backbone.get_intermediate_layers(images, list(layers))
-  tokens = jnp.stack(outs)                        # [L, B, T, D]
-  tokens = jax.lax.stop_gradient(tokens.astype(jnp.float32))
-  patches = head_lib.standardize_patches(tokens[:, :, NUM_PREFIX_TOKENS:])
-  return patches, tokens[:, :, 0]
 
 
 def cache_key(**parts) -> str:

@@ -14,9 +14,6 @@ from PIL import Image
 
 from adjax import atomic
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
 # Piecewise-linear jet: blue -> cyan -> green -> yellow -> red.
 _JET_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
 _JET_RGB = np.array([[0, 0, 0.5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0.5, 0, 0]])
@@ -27,12 +24,6 @@ def colormap(values: np.ndarray) -> np.ndarray:
   v = np.clip(values, 0.0, 1.0)
   rgb = np.stack([np.interp(v, _JET_X, _JET_RGB[:, c]) for c in range(3)], -1)
   return (rgb * 255).round().astype(np.uint8)
-
-
-def denormalize(image: np.ndarray) -> np.ndarray:
-  """ImageNet-normalised [H, W, 3] float -> uint8 RGB."""
-  rgb = image * IMAGENET_STD + IMAGENET_MEAN
-  return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
 def overlay(rgb: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -7,6 +7,8 @@ Parses the (locked) config, sets up logging and, when configured,
 from __future__ import annotations
 
 import logging as std_logging
+import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,8 +36,16 @@ def main(argv) -> None:
     # result tables are printed anyway. Pass --verbosity=0 to see them.
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_DropTfdsConfigNotice())
-  from adjax import experiment
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  from adjax import errors, experiment
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value)
+  except errors.user_errors() as e:
+    # A user mistake: one clear message, no traceback (a traceback means a
+    # bug). --verbosity=1 or ADJAX_TRACEBACK=1 shows it anyway.
+    if flags.FLAGS.verbosity >= 1 or os.environ.get("ADJAX_TRACEBACK"):
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

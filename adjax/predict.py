@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from adjax import atomic, data, heatmaps
-from adjax.evaluate import Evaluator
+from adjax.scorer import Scorer
 
 
 def _map_at(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -42,13 +42,13 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   root = cfg.predict.input if os.path.isdir(cfg.predict.input) else os.path.commonpath(
       [os.path.dirname(p) for p in paths]) if paths else ""
   out_dir = workdir / "predictions"
-  evaluator = Evaluator(cfg, workdir, towers, mesh, params)
-  table = evaluator.text_table([cfg.predict.object_name])
+  scorer = Scorer(cfg, towers, mesh, params)
+  table = scorer.text_table([cfg.predict.object_name])
   threshold = cfg.predict.threshold
   rows = []
-  for batch in data.prediction_batches(paths, image_size=cfg.image_size,
-                                       batch_size=cfg.eval.batch_size):
-    amap, score = evaluator.maps(batch["image"], np.zeros(len(batch["image"]), np.int32),
+  for batch in data.prediction_batches(paths, image_size=scorer.model.image_size,
+                                       batch_size=cfg.predict.batch_size):
+    amap, score = scorer.maps(batch["image"], np.zeros(len(batch["image"]), np.int32),
                                  table)
     for i in range(len(batch["image"])):
       path = str(batch["path"][i])

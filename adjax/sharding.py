@@ -64,9 +64,16 @@ def backbone_rule(mesh: Mesh, mode: str):
   return rule
 
 
-def place_tree(tree, rule):
-  """device_put every leaf of `tree` with rule(shape)."""
-  return jax.tree.map(lambda x: jax.device_put(x, rule(np.shape(x))), tree)
+def place_frozen(module, mesh: Mesh, mode: str):
+  """Splits a frozen module and puts its weights on the mesh by `backbone_rule`.
+
+  Returns (graphdef, placed state, the state's shardings) for a jitted step.
+  """
+  from flax import nnx
+  graphdef, state = nnx.split(module)
+  rule = backbone_rule(mesh, mode)
+  state = jax.tree.map(lambda x: jax.device_put(x, rule(np.shape(x))), state)
+  return graphdef, state, jax.tree.map(lambda x: x.sharding, state)
 
 
 def global_batch(local: dict, mesh: Mesh, batch_axes: dict[str, int] | None = None) -> dict:

@@ -7,17 +7,18 @@ from pathlib import Path
 from adjax import data
 
 
-def loader(cfg, handle, *, batch_size: int, train: bool):
+def loader(cfg, handle, model, *, batch_size: int, train: bool):
   """`data.make_loader` with the config's settings, for this process's share.
 
   `batch_size` is the global batch; the VisA mask quirk (SPEC section 9)
-  follows `reference_quirks`.
+  follows `model.behaviour`.
   """
   import jax
   return data.make_loader(
-      handle, image_size=cfg.image_size, batch_size=batch_size // jax.process_count(),
+      handle, image_size=model.image_size, batch_size=batch_size // jax.process_count(),
       train=train, seed=cfg.seed,
-      mask_threshold_strict_zero=cfg.reference_quirks and handle.name == "visa",
+      mask_threshold_strict_zero=(model.behaviour.visa_mask_strict_zero
+                                  and handle.name == "visa"),
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
 

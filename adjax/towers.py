@@ -14,19 +14,24 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from adjax import prompts
-from adjax.models import clip_text, dinov3
+from adjax.model import ADModel, Behaviour
+from adjax.models import backbones, clip_text
 
 
 @dataclasses.dataclass
 class Towers:
-  backbone: dinov3.DinoV3
+  backbone: nnx.Module         # any family of adjax.models.backbones.FAMILIES
   backbone_id: str             # what determines the backbone's features (cache keys)
-  layers: tuple[int, ...]
-  feature_dim: int
+  info: backbones.Backbone     # the backbone's contract (patch, prefix, normalisation)
   text_dim: int
   text_embed: "TextEmbedder"
+
+  def model(self, cfg) -> ADModel:
+    """The configured detector over these towers."""
+    return ADModel.from_config(cfg, self.info, self.text_dim)
 
 
 def _dtype(name: str):
@@ -54,15 +59,20 @@ class TextEmbedder:
         model_id=self.model_id, display_names=self.display_names)
 
 
-def build_backbone(cfg) -> tuple[dinov3.DinoV3, str]:
+def build_backbone(cfg) -> tuple[nnx.Module, str]:
+  """The configured backbone (family and variant from the table) and its identity."""
+  family, variant = cfg.backbone.family, cfg.backbone.variant
+  module = backbones.family_module(family)
   dtype = _dtype(cfg.backbone.dtype)
   if cfg.backbone.random_init:
-    model = dinov3.init_random(cfg.backbone.variant, seed=cfg.seed, dtype=dtype)
-    return model, f"random:{cfg.backbone.variant}:seed{cfg.seed}"
-  path = _converted(cfg.backbone.checkpoint, "backbone", "dinov3",
-                    "<DINOv3 .pth or Hugging Face directory>")
-  model = dinov3.load(path, dtype=dtype)
-  return model, f"dinov3:{_sha_of(path)}"
+    model = module.init_random(backbones.variant_config(family, variant), seed=cfg.seed,
+                               dtype=dtype)
+    return model, f"random:{family}:{variant}:seed{cfg.seed}"
+  path = _converted(cfg.backbone.checkpoint, "backbone", family,
+                    f"<{family} checkpoint>")
+  backbones.check_checkpoint(family, variant, path)
+  model = module.load(path, dtype=dtype)
+  return model, f"{family}:{_sha_of(path)}"
 
 
 def _converted(checkpoint: str, field: str, converter: str, source: str) -> Path:
@@ -82,7 +92,8 @@ def _sha_of(path: Path) -> str:
 
 
 def build_text(cfg, workdir: Path) -> TextEmbedder:
-  activation = cfg.text.activation or ("gelu" if cfg.reference_quirks else None)
+  exact_gelu = Behaviour.from_config(cfg).text_exact_gelu
+  activation = cfg.text.activation or ("gelu" if exact_gelu else None)
   if cfg.text.random_init:
     if cfg.text.variant not in clip_text.VARIANTS:
       raise ValueError(f"text.variant={cfg.text.variant!r}; expected one of "
@@ -108,14 +119,8 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
 
 def build(cfg, workdir: Path) -> Towers:
   backbone, backbone_id = build_backbone(cfg)
-  depth = backbone.config.depth
-  layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else tuple(
-      dinov3.default_layers(depth))
-  bad = [l for l in layers if not 0 <= l < depth]
-  if len(layers) != 4 or bad:
-    raise ValueError(f"backbone.layers={layers}: expected 4 block indices in "
-                     f"[0, {depth}) for {cfg.backbone.variant}")
+  info = backbones.describe(cfg.backbone.family, backbone.config)
   text = build_text(cfg, workdir)
-  logging.info("backbone %s (%s), layers %s; text tower %s", cfg.backbone.variant,
-               backbone_id, layers, text.model_id)
-  return Towers(backbone, backbone_id, layers, backbone.config.dim, text.dim, text)
+  logging.info("backbone %s %s (%s); text tower %s", info.family, info.variant,
+               backbone_id, text.model_id)
+  return Towers(backbone, backbone_id, info, text.dim, text)

@@ -15,42 +15,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from adjax import checkpointing, features, run_log, sharding, targets, train_step
-from adjax.models import head as head_lib
+from adjax import checkpointing, features, run_log, sharding, steps, targets
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
-
-
-def grid_of(image_size: int, patch: int = 16) -> tuple[int, int]:
-  if image_size % patch:
-    raise ValueError(f"image_size={image_size} must be a multiple of {patch}")
-  return image_size // patch, image_size // patch
-
-
-def new_head(cfg, towers) -> nnx.Module:
-  return head_lib.ADHead(towers.feature_dim, towers.text_dim, len(towers.layers),
-                         rngs=nnx.Rngs(params=jax.random.key(cfg.seed)))
-
-
-def place_backbone(towers, mesh, mode: str):
-  backbone_def, backbone_state = nnx.split(towers.backbone)
-  rule = sharding.backbone_rule(mesh, mode)
-  state = jax.tree.map(lambda x: jax.device_put(x, rule(np.shape(x))), backbone_state)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  return backbone_def, state, shardings
-
-
-def _check_batch_size(cfg, mesh) -> None:
-  n_data, n_proc = mesh.shape[sharding.DATA], jax.process_count()
-  if cfg.batch_size % n_data or cfg.batch_size % n_proc:
-    raise ValueError(
-        f"batch_size={cfg.batch_size} must be divisible by the {n_data} data-parallel "
-        f"devices and the {n_proc} processes")
 
 
 def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
@@ -59,23 +30,20 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   Returns the final state and the number of steps this call ran (0 for a
   run that had already finished).
   """
-  _check_batch_size(cfg, mesh)
+  model = towers.model(cfg)
   steps_per_epoch = handle.num_examples // cfg.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"{handle.name} has {handle.num_examples} examples, fewer than "
                      f"batch_size={cfg.batch_size}")
   total_steps = steps_per_epoch * cfg.epochs
-  grid = grid_of(cfg.image_size)
-  out_hw = (cfg.image_size, cfg.image_size)
-  quirk = cfg.reference_quirks
 
   text_table = jax.device_put(jnp.asarray(towers.text_embed(handle.categories)),
                               sharding.replicated(mesh))
-  head = new_head(cfg, towers)
-  head_def, params = nnx.split(head)
-  tx, schedule = train_step.make_optimizer(cfg, total_steps)
+  _, params = nnx.split(model.new_head(cfg.seed))
+  tx, schedule = steps.make_optimizer(
+      cfg, total_steps, first_step_zero=model.behaviour.first_update_lr_zero)
   rep = sharding.replicated(mesh)
-  state = jax.device_put(train_step.init_state(params, tx), rep)
+  state = jax.device_put(steps.init_state(params, tx), rep)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
 
   ckpts = checkpointing.RunCheckpoints(workdir, cfg.checkpoints_to_keep)
@@ -87,29 +55,33 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   else:
     start = 0
     if cfg.init_from:
-      state = _init_from(cfg.init_from, state, cfg.checkpoints_to_keep)
+      # Starts from another run's trained head; the optimiser state starts fresh.
+      params, source, from_step = checkpointing.restore_head_params(
+          checkpointing.abstract_like(state["params"]), Path(cfg.init_from),
+          keep=cfg.checkpoints_to_keep)
+      state = dict(state, params=params)
+      logging.info("initialised the head from %s (step %d)", source, from_step)
   if start >= total_steps:
     ckpts.close()
     return state, 0
 
-  backbone_def, backbone_state, backbone_sharding = place_backbone(
-      towers, mesh, cfg.mesh.backbone_sharding)
-  cache = _make_cache(cfg, workdir, towers, handle, grid)
+  backbone_def, backbone_state, backbone_sharding = sharding.place_frozen(
+      towers.backbone, mesh, cfg.mesh.backbone_sharding)
+  cache = _make_cache(cfg, workdir, towers, model, handle)
   if cache is not None and jax.process_index() == 0:
     where = f" in {cache.dir}" if cfg.feature_cache == "disk" else ""
     print(f"feature cache ({cfg.feature_cache}{where}): {int(cache.filled.sum())} of "
           f"{handle.num_examples} examples stored", flush=True)
   cache_dtype = jnp.bfloat16 if cfg.feature_cache_dtype == "bfloat16" else jnp.float32
-  common = dict(head_def=head_def, backbone_def=backbone_def, tx=tx, schedule=schedule,
-                layers=towers.layers, grid=grid, out_hw=out_hw, quirk=quirk, mesh=mesh,
-                state_sharding=state_sharding, backbone_sharding=backbone_sharding)
-  step_images = train_step.make_train_step(
-      **common, from_features=False, return_features=cache is not None,
-      cache_dtype=cache_dtype)
-  step_cached = (train_step.make_train_step(**common, from_features=True)
-                 if cache is not None else None)
+  builder = steps.StepBuilder(model, backbone_def, tx=tx, schedule=schedule, mesh=mesh,
+                              state_sharding=state_sharding,
+                              backbone_sharding=backbone_sharding)
+  step_images = builder.train_step(from_features=False, return_features=cache is not None,
+                                   cache_dtype=cache_dtype)
+  step_cached = builder.train_step(from_features=True) if cache is not None else None
 
-  iterator = iter(targets.loader(cfg, handle, batch_size=cfg.batch_size, train=True))
+  iterator = iter(targets.loader(cfg, handle, model, batch_size=cfg.batch_size,
+                                 train=True))
   if data_state is not None:
     iterator.set_state(data_state)
 
@@ -118,8 +90,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   try:
     for step in range(start, total_steps):
       local = next(iterator)
-      batch = sharding.global_batch(
-          {k: local[k] for k in ("mask", "label", "category_index", "has_mask")}, mesh)
+      batch = sharding.global_batch({k: local[k] for k in steps.TARGET_KEYS}, mesh)
       cached = cache is not None and cache.has(sharding.all_rows(local["index"]))
       if cached:
         patches, cls = cache.get(local["index"])
@@ -156,30 +127,17 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   return state, total_steps - start
 
 
-def _init_from(path: str, state, keep: int):
-  """Starts from another run's trained head (optimiser state starts fresh)."""
-  other = checkpointing.RunCheckpoints(Path(path), keep)
-  try:
-    restored, step = other.restore_params(checkpointing.abstract_like(state))
-  finally:
-    other.close()
-  logging.info("initialised the head from %s (step %d)", path, step)
-  return dict(state, params=restored["params"])
-
-
-def _make_cache(cfg, workdir: Path, towers, handle, grid):
+def _make_cache(cfg, workdir: Path, towers, model, handle):
   if cfg.feature_cache == "none":
     return None
-  if cfg.feature_cache_dtype not in ("bfloat16", "float32"):
-    raise ValueError(f"feature_cache_dtype={cfg.feature_cache_dtype!r}; expected "
-                     "bfloat16 or float32")
+  grid = model.grid
   key = features.cache_key(
-      backbone=towers.backbone_id, image_size=cfg.image_size, layers=towers.layers,
+      backbone=towers.backbone_id, image_size=cfg.image_size, layers=model.layers,
       dtype=cfg.backbone.dtype, cache_dtype=cfg.feature_cache_dtype,
       dataset=handle.name, prepared=str(handle.data_dir),
       prepared_at=(handle.data_dir / "dataset_info.json").stat().st_mtime_ns,
       examples=handle.num_examples, process=(jax.process_index(), jax.process_count()))
   directory = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else workdir / "feature_cache"
   return features.FeatureCache(
-      cfg.feature_cache, handle.num_examples, len(towers.layers), grid[0] * grid[1],
-      towers.feature_dim, cfg.feature_cache_dtype, directory, key)
+      cfg.feature_cache, handle.num_examples, len(model.layers), grid[0] * grid[1],
+      model.backbone.dim, cfg.feature_cache_dtype, directory, key)

@@ -11,6 +11,13 @@ Run:
   python -m adjax.main --config=configs/mvtec.py:gpu8         # 8 GPUs, one host
   python -m adjax.main --config=configs/mvtec.py:tpu          # each host of a TPU VM slice
   python -m adjax.main --config=configs/mvtec.py:cpu          # a laptop: ViT-S/16, 224 px
+  python -m adjax.main --config=configs/mvtec.py:dinov2       # DINOv2 ViT-L/14 (registers), 518 px
+  python -m adjax.main --config=configs/mvtec.py:exact        # the release's numbers exactly
+  python -m adjax.main --config=configs/mvtec.py:dinov2+gpu8  # variants combine with +
+
+`:exact` sets reference_quirks=True, backbone.dtype=float32 and
+feature_cache_dtype=float32: the bfloat16 defaults are faster and change the
+metrics only in their last digits, but not bit for bit.
 
 Published figures for comparison (SPEC section 7): AnomalyCLIP on VisA
 img-AUROC 82.1, px-AUROC 95.5, AUPRO 87.0; AVA-DINO (DINOv3) VisA 87.2 / 95.9.

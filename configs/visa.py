@@ -5,7 +5,7 @@ thresholded at > 0 after resizing while reference_quirks is on (the release
 does so).
 
 Run:
-  python -m adjax.main --config=configs/visa.py        # also :gpu8, :tpu, :cpu
+  python -m adjax.main --config=configs/visa.py        # also :gpu8, :tpu, :cpu, :dinov2, :exact
 
 Published figures for comparison (SPEC section 7): AnomalyCLIP on MVTec AD
 img-AUROC 91.5, px-AUROC 91.1, AUPRO 81.4; AVA-DINO (DINOv3) 93.5 / 92.1.

@@ -13,14 +13,15 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from adjax import sharding, train, train_step
-from adjax.models import clip_text, dinov3
-from adjax.models import head as head_lib
+from adjax import sharding, steps
+from adjax.model import ADModel
+from adjax.models import backbones, clip_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CASES = [("mvtec", None), ("mvtec", "gpu"), ("mvtec", "gpu8"), ("mvtec", "tpu"),
          ("mvtec", "tpu_7b"), ("mvtec", "cpu"), ("visa", None), ("visa", "tpu"),
-         ("demo", None)]
+         ("mvtec", "dinov2"), ("mvtec", "exact"), ("mvtec", "dinov2+gpu8"),
+         ("visa", "dinov2"), ("demo", None)]
 
 
 def load_config(name, arg):
@@ -47,34 +48,29 @@ def test_config_builds_and_traces(name, arg):
   cfg.lock()
   with pytest.raises(AttributeError):
     cfg.epocs = 3          # locked: misspelt fields are errors
-  bconf = dinov3.VARIANTS[cfg.backbone.variant]
+  bconf = backbones.variant_config(cfg.backbone.family, cfg.backbone.variant)
+  info = backbones.describe(cfg.backbone.family, bconf)
   tconf = clip_text.VARIANTS[cfg.text.variant]
-  layers = tuple(cfg.backbone.layers)
-  assert len(layers) == 4 and all(0 <= l < bconf.depth for l in layers)
+  model = ADModel.from_config(cfg, info, tconf.embed_dim)   # checks size, layers, score
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.backbone.dtype]
-  backbone = nnx.eval_shape(lambda: dinov3.DinoV3(bconf, dtype=dtype, rngs=nnx.Rngs(0)))
-  head = nnx.eval_shape(lambda: head_lib.ADHead(bconf.dim, tconf.embed_dim, 4,
-                                                rngs=nnx.Rngs(0)))
+  backbone = backbones.abstract_model(cfg.backbone.family, cfg.backbone.variant, dtype)
   backbone_def, backbone_state = nnx.split(backbone)
-  head_def, params = nnx.split(head)
+  params = model.abstract_params()
 
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   assert cfg.batch_size % mesh.shape["data"] == 0
   assert cfg.eval.batch_size % mesh.shape["data"] == 0
   rule = sharding.backbone_rule(mesh, cfg.mesh.backbone_sharding)
   bshard = jax.tree.map(lambda x: rule(x.shape), backbone_state)
-  tx, schedule = train_step.make_optimizer(cfg, 1000)
-  state = jax.eval_shape(lambda p: train_step.init_state(p, tx), params)
+  tx, schedule = steps.make_optimizer(cfg, 1000)
+  state = jax.eval_shape(lambda p: steps.init_state(p, tx), params)
   rep = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: rep, state)
-  grid = train.grid_of(cfg.image_size)
-  step = train_step.make_train_step(
-      head_def=head_def, backbone_def=backbone_def, tx=tx, schedule=schedule,
-      layers=layers, grid=grid, out_hw=(cfg.image_size,) * 2,
-      quirk=cfg.reference_quirks, from_features=False, mesh=mesh,
-      state_sharding=state_sharding, backbone_sharding=bshard)
+  step = steps.StepBuilder(model, backbone_def, tx=tx, schedule=schedule, mesh=mesh,
+                           state_sharding=state_sharding,
+                           backbone_sharding=bshard).train_step(from_features=False)
   b, s = cfg.batch_size, cfg.image_size
-  batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32),
+  batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
            "mask": jax.ShapeDtypeStruct((b, s, s), jnp.float32),
            "label": jax.ShapeDtypeStruct((b,), jnp.int32),
            "category_index": jax.ShapeDtypeStruct((b,), jnp.int32),

@@ -5,7 +5,9 @@ generated data sets, so each takes seconds. The demo itself, with its real
 settings, is run by `test_demo_reaches_its_auroc_floor`.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -98,7 +100,10 @@ def trained(small_data, tmp_path_factory):
   cfg = small_config(small_data, tmp)
   cfg.data.targets = f"{small_data / 'family_b'},mpdd"
   cfg.data.manual_dirs.mpdd = str(tmp / "no_such_mpdd")
-  out = experiment.run(cfg, str(tmp / "work"))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    out = experiment.run(cfg, str(tmp / "work"))
+  out["printed"] = printed.getvalue()
   return cfg, tmp / "work", out
 
 
@@ -127,7 +132,10 @@ def test_train_then_evaluate_writes_everything(trained, capsys):
 
 def test_absent_targets_are_listed_not_fatal(trained):
   _, _, out = trained
-  assert "mpdd" not in out["results"]   # listed at the end instead
+  assert "mpdd" not in out["results"]
+  assert [t for t, _ in out["absent"]] == ["mpdd"]
+  listed = out["printed"].split("Targets not evaluated (data not present):")[1]
+  assert "mpdd:" in listed and "no_such_mpdd" in listed
 
 
 def test_evaluate_mode_reproduces_the_results(trained):
@@ -199,6 +207,7 @@ RUN_KEYS = ["data.train", "data.targets", "data.data_dir", "text.cache_dir", "da
             "image_size", "batch_size", "epochs", "checkpoint_every_steps"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=16, checkpoint_every_steps=3)
   cfg.eval.enabled = False
@@ -238,6 +247,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=2)
   flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RUN_KEYS)
@@ -277,6 +287,7 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
 DEMO_PIXEL_AUROC_FLOOR = 0.60   # chance is 0.5; the README states the figure reached
 
 
+@pytest.mark.slow
 def test_demo_reaches_its_auroc_floor(tmp_path):
   """The README's first command, with its real settings, in a temporary place."""
   cfg = demo_config()
@@ -292,6 +303,7 @@ def test_demo_reaches_its_auroc_floor(tmp_path):
   assert len(list((tmp_path / "work" / "heatmaps" / "family_b").rglob("*.png"))) == 4 * 3
 
 
+@pytest.mark.slow
 def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):
   """The paper configs' path: PyTorch towers -> converters -> a run that loads them."""
   import torch

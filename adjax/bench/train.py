@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import config_defaults, features, train_step
-from adjax.models import dinov3
-from adjax.models import head as head_lib
+from adjax import config_defaults, steps
+from adjax.model import ADModel, Behaviour
+from adjax.models import backbones, dinov3
 
 MVTEC_IMAGES = 1725
 EPOCHS = 100
@@ -47,21 +47,19 @@ def _timeit(fn, steps: int) -> tuple[float, float]:
 
 def bench_case(variant: str, size: int, batch: int, steps: int, dtype) -> dict:
   config = dinov3.VARIANTS[variant]
-  layers = tuple(dinov3.default_layers(config.depth))
-  backbone_def, backbone_state = nnx.split(dinov3.init_random(variant, dtype=dtype))
-  head_def, params = nnx.split(head_lib.ADHead(config.dim, TEXT_DIM, 4, rngs=nnx.Rngs(0)))
+  info = backbones.describe("dinov3", config)
+  model = ADModel(info, info.default_layers(), size, TEXT_DIM, Behaviour(True, True, True, True))
+  backbone = dinov3.init_random(variant, dtype=dtype)
+  backbone_def, backbone_state = nnx.split(backbone)
+  _, params = nnx.split(model.new_head(0))
   cfg = config_defaults.base_config()
-  tx, schedule = train_step.make_optimizer(cfg, 1000)
-  grid = (size // 16, size // 16)
-  common = dict(head_def=head_def, backbone_def=backbone_def, tx=tx, schedule=schedule,
-                layers=layers, grid=grid, out_hw=(size, size), quirk=True)
-  from_images = train_step.make_train_step(**common, from_features=False)
-  from_cache = train_step.make_train_step(**common, from_features=True)
-  evaluate = train_step.make_eval_step(
-      head_def=head_def, backbone_def=backbone_def, layers=layers, grid=grid,
-      out_hw=(size, size), quirk=True, image_score="global")
+  tx, schedule = steps.make_optimizer(cfg, 1000)
+  builder = steps.StepBuilder(model, backbone_def, tx=tx, schedule=schedule)
+  from_images = builder.train_step(from_features=False)
+  from_cache = builder.train_step(from_features=True)
+  evaluate = builder.eval_step()
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
+  images = jnp.asarray(rng.integers(0, 256, size=(batch, size, size, 3)), jnp.uint8)
   mask = jnp.asarray(rng.random((batch, size, size)) > 0.9, jnp.float32)
   label = jnp.arange(batch, dtype=jnp.int32) % 2
   cat = jnp.zeros((batch,), jnp.int32)
@@ -69,12 +67,12 @@ def bench_case(variant: str, size: int, batch: int, steps: int, dtype) -> dict:
   has_mask = jnp.ones((batch,), bool)
   batch_img = {"image": images, "mask": mask, "label": label, "category_index": cat,
                "has_mask": has_mask}
-  patches, cls = jax.jit(lambda s, x: features.extract(nnx.merge(backbone_def, s), x, layers))(
+  patches, cls = jax.jit(lambda s, x: model.features(nnx.merge(backbone_def, s), x))(
       backbone_state, images)
   batch_feat = {"patches": patches.astype(jnp.bfloat16).astype(jnp.float32),
                 "cls": cls.astype(jnp.bfloat16).astype(jnp.float32),
                 "mask": mask, "label": label, "category_index": cat, "has_mask": has_mask}
-  holder = {"state": train_step.init_state(params, tx)}
+  holder = {"state": steps.init_state(params, tx)}
 
   def run(step_fn, b):
     def call():

@@ -25,9 +25,8 @@ from adjax.data.pipeline import Loader, make_loader, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = (
-    "mvtec_ad", "visa", "mpdd", "btad", "isic", "clinicdb", "colondb", "tn3k",
-    "folder")
+# Names `prepare` accepts: the builder table's keys.
+DATASETS: tuple[str, ...] = tuple(BUILDERS)
 
 __all__ = [
     "DATASETS", "DataError", "DatasetHandle", "DatasetNotFoundError", "Loader", "make_loader",

@@ -100,7 +100,7 @@ class _Load:
   def __call__(self, index: int) -> dict[str, Any]:
     s = self.size
     if index < 0:
-      return {"image": np.zeros((s, s, 3), np.float32),
+      return {"image": np.zeros((s, s, 3), np.uint8),
               "mask": np.zeros((s, s), np.float32), "label": np.int32(0),
               "category_index": np.int32(0), "valid": np.bool_(False),
               "has_mask": np.bool_(False), "index": np.int64(-1), "path": ""}
@@ -130,8 +130,8 @@ def _stack(items: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 class Loader:
   """Iterable of batches; `iter(loader)` gives a checkpointable iterator.
 
-  Batches are dicts of numpy arrays: `image` float32 [B,S,S,3] (normalised),
-  `mask` float32 [B,S,S] in {0,1}, `label` int32 [B], `category_index` int32
+  Batches are dicts of numpy arrays: `image` uint8 RGB [B,S,S,3] (resized;
+  the model normalises), `mask` float32 [B,S,S] in {0,1}, `label` int32 [B], `category_index` int32
   [B] (into `handle.categories`), `valid` bool [B] (False on padding),
   `has_mask` bool [B] (False on padding and on defect images of a folder
   category without ground truth), `index` int64 [B] (-1 on padding), `path`

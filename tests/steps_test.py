@@ -1,4 +1,5 @@
-"""The jitted train step: learning, sharding equivalence, cached features, schedule."""
+"""The model module and the jitted steps: loss, learning, sharding equivalence,
+cached features, schedule."""
 
 import jax
 import jax.numpy as jnp
@@ -6,15 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adjax import config_defaults, features, sharding, train_step
-from adjax.models import dinov3
-from adjax.models import head as head_lib
+from adjax import config_defaults, features, sharding, steps
+from adjax.model import ADModel, Behaviour, Features
+from adjax.models import backbones, dinov3
 
 TINY = dinov3.DinoV3Config(dim=32, depth=4, num_heads=2, ffn="mlp", ffn_hidden=64,
                            name="tiny")
 LAYERS = (0, 1, 2, 3)
 SIZE = 48
-GRID = (SIZE // 16, SIZE // 16)
+GRID = (SIZE // TINY.patch_size, SIZE // TINY.patch_size)
 TEXT_DIM = 16
 NUM_CATEGORIES = 3
 
@@ -33,8 +34,8 @@ def _batch(seed=0, b=8):
   for i in range(b // 2, b):
     y, x = rng.integers(0, SIZE - 12, 2)
     mask[i, y:y + 12, x:x + 12] = 1
-  images = rng.normal(size=(b, SIZE, SIZE, 3)).astype(np.float32)
-  images[mask > 0] += 2.0
+  images = rng.integers(0, 200, size=(b, SIZE, SIZE, 3)).astype(np.uint8)
+  images[mask > 0] += 50
   return {"image": images, "mask": mask, "label": (mask.sum((1, 2)) > 0).astype(np.int32),
           "category_index": rng.integers(0, NUM_CATEGORIES, b).astype(np.int32),
           "has_mask": np.ones(b, bool)}
@@ -44,25 +45,85 @@ def _batch(seed=0, b=8):
 def parts():
   backbone = dinov3.init_random(TINY, seed=0)
   backbone_def, backbone_state = nnx.split(backbone)
-  head = head_lib.ADHead(TINY.dim, TEXT_DIM, 4, rngs=nnx.Rngs(0))
-  head_def, params = nnx.split(head)
   text = np.random.default_rng(1).normal(size=(NUM_CATEGORIES, 2, TEXT_DIM))
   text /= np.linalg.norm(text, axis=-1, keepdims=True)
-  return dict(backbone_def=backbone_def, backbone_state=backbone_state, head_def=head_def,
-              params=params, text=jnp.asarray(text, jnp.float32))
+  return dict(backbone=backbone, backbone_def=backbone_def, backbone_state=backbone_state,
+              params=nnx.split(_model(False).new_head(0))[1],
+              text=jnp.asarray(text, jnp.float32))
 
 
-def _steps(parts, cfg, total=10, **kw):
-  tx, schedule = train_step.make_optimizer(cfg, total)
-  step = train_step.make_train_step(
-      head_def=parts["head_def"], backbone_def=parts["backbone_def"], tx=tx,
-      schedule=schedule, layers=LAYERS, grid=GRID, out_hw=(SIZE, SIZE),
-      quirk=cfg.reference_quirks, **kw)
-  return tx, step
+def _model(quirks: bool) -> ADModel:
+  return ADModel(backbones.describe("dinov3", TINY), LAYERS, SIZE, TEXT_DIM,
+                 Behaviour(quirks, quirks, quirks, quirks))
+
+
+def _steps(parts, cfg, total=10, mesh=None, state_sharding=None, backbone_sharding=None,
+           **kw):
+  tx, schedule = steps.make_optimizer(cfg, total)
+  builder = steps.StepBuilder(_model(cfg.reference_quirks), parts["backbone_def"], tx=tx,
+                              schedule=schedule, mesh=mesh, state_sharding=state_sharding,
+                              backbone_sharding=backbone_sharding)
+  return tx, builder.train_step(**kw)
 
 
 def _fresh_state(parts, tx):
-  return train_step.init_state(jax.tree.map(jnp.copy, parts["params"]), tx)
+  return steps.init_state(jax.tree.map(jnp.copy, parts["params"]), tx)
+
+
+def test_normalize_uses_the_backbones_statistics():
+  rgb = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
+  ref = (rgb.astype(np.float32) / 255 - np.array([0.485, 0.456, 0.406])) / np.array(
+      [0.229, 0.224, 0.225])
+  np.testing.assert_allclose(_model(False).normalize(jnp.asarray(rgb)), ref, atol=1e-6)
+  floats = jnp.asarray(ref, jnp.float32)   # floating input: taken as normalised
+  np.testing.assert_array_equal(_model(False).normalize(floats), floats)
+
+
+def test_public_loss_is_differentiable_and_matches_the_step(parts):
+  """`ADModel.loss` from images equals the loss from features, and its gradient
+  is what the train step applies (plain SGD through optax.sgd would give the same)."""
+  model = _model(True)
+  batch = {k: jnp.asarray(v) for k, v in _batch(5).items()}
+  feats = model.features(parts["backbone"], batch["image"])
+  loss_img, parts_img = model.loss(parts["params"], batch["image"], parts["text"], batch,
+                                   backbone=parts["backbone"])
+  loss_feat, _ = model.loss(parts["params"], feats, parts["text"], batch)
+  np.testing.assert_allclose(float(loss_img), float(loss_feat), rtol=1e-6)
+  assert set(parts_img) == {"focal_aacm", "dice_aacm", "focal_cross", "dice_cross",
+                            "ce_global"}
+  grads = jax.grad(lambda p: model.loss(p, feats, parts["text"], batch)[0])(parts["params"])
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+  assert len(norms) == 10 and all(n > 0 and np.isfinite(n) for n in norms)
+  with pytest.raises(ValueError, match="backbone"):
+    model.loss(parts["params"], batch["image"], parts["text"], batch)
+
+
+@pytest.mark.parametrize("kind", ["global", "max", "mean"])
+def test_image_scores(parts, kind):
+  import dataclasses
+  model = dataclasses.replace(_model(False), image_score=kind)
+  batch = _batch(2, b=4)
+  amap, score = model.anomaly(
+      parts["params"], parts["backbone"], parts["text"], jnp.asarray(batch["image"]),
+      jnp.asarray(batch["category_index"]))
+  out = model.outputs(parts["params"], model.features(parts["backbone"],
+                                                      jnp.asarray(batch["image"])),
+                      parts["text"], jnp.asarray(batch["category_index"]))
+  prob = np.asarray(jax.nn.softmax(out["logits"], -1))[:, 1]
+  peak = np.asarray(out["cross"]).max(axis=(1, 2))
+  want = {"global": prob, "max": peak, "mean": (prob + peak) / 2}[kind]
+  np.testing.assert_allclose(np.asarray(score), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(amap), np.asarray(out["cross"]), atol=1e-6)
+
+
+def test_model_rejects_what_does_not_fit():
+  info = backbones.describe("dinov3", TINY)
+  with pytest.raises(backbones.BackboneError, match="image_size=50"):
+    ADModel(info, LAYERS, 50, TEXT_DIM)
+  with pytest.raises(backbones.BackboneError, match=r"backbone.layers=\(0, 9\)"):
+    ADModel(info, (0, 9), SIZE, TEXT_DIM)
+  with pytest.raises(backbones.BackboneError, match="eval.image_score='peak'"):
+    ADModel(info, LAYERS, SIZE, TEXT_DIM, image_score="peak")
 
 
 def test_one_step_lowers_the_loss(parts):
@@ -175,7 +236,7 @@ def test_disk_cache_published_only_after_first_epoch(tmp_path):
 
 @pytest.mark.parametrize("quirk", [True, False])
 def test_warmup_schedule(quirk):
-  sched = train_step.lr_schedule(1e-5, 1000, 0.03, first_step_zero=quirk)
+  sched = steps.lr_schedule(1e-5, 1000, 0.03, first_step_zero=quirk)
   lrs = np.array([float(sched(s)) for s in (0, 1, 29, 30, 500)])
   if quirk:
     np.testing.assert_allclose(lrs, [0, 1e-5 / 30, 29e-5 / 30, 1e-5, 1e-5], rtol=1e-6)

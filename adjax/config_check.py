@@ -1,0 +1,162 @@
+"""The whole run config checked once, before any work.
+
+`check(cfg)` runs before devices are used, data sets are prepared or towers
+are built, and raises one `ConfigError` that lists every problem found, each
+naming its field and what is expected. The model-shape checks (image size
+against the backbone's patch, tapped layers within its depth, the image-score
+rule) come from the model module, so the check and the model cannot drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adjax.model import model_problems
+from adjax.models import backbones
+
+MODES = ("train", "evaluate", "predict")
+DTYPES = ("float32", "bfloat16")
+FEATURE_CACHES = ("none", "memory", "disk")
+BACKBONE_SHARDINGS = ("replicated", "model")
+TEXT_ACTIVATIONS = ("", "gelu", "quick_gelu")
+
+
+class ConfigError(ValueError):
+  """The run config has problems; the message lists each with its field."""
+
+
+def _enum(problems, name, value, allowed):
+  if value not in allowed:
+    problems.append(f"{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
+def _at_least(problems, name, value, low):
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    problems.append(f"{name}={value!r}: expected an integer >= {low}")
+
+
+def _targets(cfg) -> list[str]:
+  return [t.strip() for t in str(cfg.data.targets).split(",") if t.strip()]
+
+
+def _data_source_problem(cfg, field: str, target: str) -> str | None:
+  """A data set name, or a folder that exists (or that the demo generates)."""
+  from adjax import data
+  if target in data.DATASETS and target != "folder":
+    if target not in cfg.data.manual_dirs:
+      return f"data.manual_dirs has no entry for {field} {target!r}"
+    return None
+  if Path(target).is_dir():
+    return None
+  demo = str(cfg.data.demo.root)
+  if demo and Path(target).resolve().is_relative_to(Path(demo).resolve()):
+    return None
+  return (f"{field}: {target!r} is neither a data set name "
+          f"({', '.join(n for n in data.DATASETS if n != 'folder')}) nor an existing folder")
+
+
+def problems(cfg, *, device_count: int | None = None,
+             process_count: int | None = None) -> list[str]:
+  """Every problem of `cfg`; device and process counts enable the divisibility checks."""
+  out: list[str] = []
+  _enum(out, "mode", cfg.mode, MODES)
+  _enum(out, "backbone.dtype", cfg.backbone.dtype, DTYPES)
+  _enum(out, "feature_cache", cfg.feature_cache, FEATURE_CACHES)
+  _enum(out, "feature_cache_dtype", cfg.feature_cache_dtype, DTYPES)
+  _enum(out, "mesh.backbone_sharding", cfg.mesh.backbone_sharding, BACKBONE_SHARDINGS)
+  _enum(out, "text.activation", cfg.text.activation, TEXT_ACTIVATIONS)
+  for name in ("epochs", "batch_size", "eval.batch_size", "predict.batch_size",
+               "log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep",
+               "mesh.model"):
+    node = cfg
+    for part in name.split("."):
+      node = node[part]
+    _at_least(out, name, node, 1)
+  if cfg.mesh.data != -1:
+    _at_least(out, "mesh.data", cfg.mesh.data, 1)
+  if not cfg.optimizer.learning_rate > 0:
+    out.append(f"optimizer.learning_rate={cfg.optimizer.learning_rate!r}: expected > 0")
+  if not 0 <= cfg.optimizer.warmup_fraction < 1:
+    out.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction!r}: expected "
+               "a fraction in [0, 1)")
+  if not 0 < cfg.eval.fpr_limit <= 1:
+    out.append(f"eval.fpr_limit={cfg.eval.fpr_limit!r}: expected a value in (0, 1]")
+
+  # The model: family, variant, sizes, layers, checkpoint.
+  try:
+    config = backbones.variant_config(cfg.backbone.family, cfg.backbone.variant)
+    info = backbones.describe(cfg.backbone.family, config)
+  except backbones.BackboneError as e:
+    out.append(str(e))
+    info = None
+  if info is not None:
+    layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else info.default_layers()
+    out += model_problems(info, layers, int(cfg.image_size), cfg.eval.image_score)
+    if not cfg.backbone.random_init:
+      out += _checkpoint_problems(cfg)
+  if cfg.text.random_init:
+    from adjax.models import clip_text
+    _enum(out, "text.variant", cfg.text.variant, tuple(sorted(clip_text.VARIANTS)))
+  elif not Path(cfg.text.checkpoint).is_dir():
+    out.append(f"text.checkpoint={cfg.text.checkpoint!r} does not exist; convert the "
+               "weights first (python -m converters.clip_text --src ... --dst "
+               f"{cfg.text.checkpoint}) or set text.random_init=True")
+
+  # Data and modes.
+  if cfg.mode == "train":
+    problem = _data_source_problem(cfg, "data.train", str(cfg.data.train))
+    if problem:
+      out.append(problem)
+  if cfg.mode == "evaluate" or (cfg.mode == "train" and cfg.eval.enabled):
+    targets = _targets(cfg)
+    if not targets:
+      out.append("data.targets is empty: name at least one data set or folder "
+                 "(or set eval.enabled=False to train only)")
+    for target in targets:
+      problem = _data_source_problem(cfg, "data.targets", target)
+      if problem:
+        out.append(problem)
+  if cfg.mode == "predict" and not cfg.predict.input:
+    out.append("predict.input is empty: expected a folder or a glob of images")
+  if cfg.init_from and not Path(cfg.init_from).is_dir():
+    out.append(f"init_from={cfg.init_from!r}: no such workdir")
+
+  # Devices: every global batch splits evenly over devices and processes.
+  if device_count is not None and isinstance(cfg.mesh.model, int) and cfg.mesh.model >= 1:
+    n_data = cfg.mesh.data if cfg.mesh.data != -1 else device_count // cfg.mesh.model
+    if device_count % cfg.mesh.model or (cfg.mesh.data != -1 and
+                                         cfg.mesh.data * cfg.mesh.model != device_count):
+      out.append(f"mesh.data={cfg.mesh.data} x mesh.model={cfg.mesh.model}: expected a "
+                 f"split of the {device_count} devices (mesh.data=-1 takes the rest)")
+    else:
+      for name in ("batch_size", "eval.batch_size", "predict.batch_size"):
+        node = cfg
+        for part in name.split("."):
+          node = node[part]
+        if isinstance(node, int) and node >= 1 and (node % n_data or
+                                                    node % (process_count or 1)):
+          out.append(f"{name}={node}: expected a multiple of the {n_data} data-parallel "
+                     f"devices and the {process_count or 1} processes")
+  return out
+
+
+def _checkpoint_problems(cfg) -> list[str]:
+  path = Path(cfg.backbone.checkpoint)
+  if not path.is_dir():
+    return [f"backbone.checkpoint={cfg.backbone.checkpoint!r} does not exist; convert "
+            f"the weights first (python -m converters.{cfg.backbone.family} --src ... "
+            f"--dst {cfg.backbone.checkpoint}) or set backbone.random_init=True"]
+  try:
+    backbones.check_checkpoint(cfg.backbone.family, cfg.backbone.variant, path)
+  except backbones.BackboneError as e:
+    return [str(e)]
+  return []
+
+
+def check(cfg, *, device_count: int | None = None, process_count: int | None = None) -> None:
+  """Raises ConfigError listing every problem of `cfg`."""
+  found = problems(cfg, device_count=device_count, process_count=process_count)
+  if found:
+    lines = "\n".join(f"  - {p}" for p in found)
+    raise ConfigError(f"the config has {len(found)} problem{'s' * (len(found) > 1)}:\n"
+                      f"{lines}")

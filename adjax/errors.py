@@ -1,0 +1,35 @@
+"""The one error type a user is shown as a single line.
+
+`UserError` marks a user mistake or an environment problem the user can fix
+(a missing file, a busy workdir, a checkpoint of the wrong kind): the entry
+points print `error: <message>` as one line, with no traceback, and exit
+with a non-zero status. Anything else is a bug and keeps its traceback.
+
+Subclasses keep their own names (and, where older code expects it, a second
+base such as `ValueError`), so `except ValueError` and `except DataError`
+go on working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """A user mistake: printed as one line, no traceback."""
+
+
+# Exit status of a run stopped by a user mistake (config, file, mismatch).
+EXIT_USER_ERROR = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """The exception types the entry points print as one line.
+
+  UserError and its subclasses, plus a missing file (FileNotFoundError: the
+  message names the path) and the model's own mismatch errors.
+  """
+  from adjax import checkpointing, config_check
+  from adjax.data import layouts
+  from adjax.models import backbones, weights
+  return (UserError, FileNotFoundError, config_check.ConfigError, layouts.DataError,
+          backbones.BackboneError, weights.WeightsError,
+          checkpointing.CheckpointMismatchError)

@@ -1,0 +1,175 @@
+"""The AD-DINOv3 computation in one place (SPEC sections 2 and 5-7).
+
+`ADModel` describes one configured detector without holding any arrays: the
+backbone (through its contract, `adjax.models.backbones.Backbone`), the
+tapped layers, the input size, the text width, the image-score rule and the
+named behaviours of the release. Its methods are pure functions of the
+arrays passed in:
+
+- `features(backbone, images)`: the frozen backbone's tapped blocks, prefix
+  tokens split off, patch tokens standardised -> `Features(patches, cls)`;
+- `outputs(params, features, text_table, category_index)`: the head's maps
+  and logits;
+- `image_scores(outputs)`: the image-level score (`global | max | mean`);
+- `loss(params, inputs, text_table, batch, backbone=None)`: the training
+  loss and its parts, usable with `jax.grad` (inputs: `Features` or images);
+- `anomaly(params, backbone, text_table, images, category_index)`: the
+  anomaly map and image score that evaluation and prediction report.
+
+Images are uint8 RGB `[B, H, W, 3]` (normalised here with the backbone's
+statistics) or floating point, taken as already normalised.
+The jitted, sharded steps built from these live in `adjax.steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from adjax import losses
+from adjax.models import backbones
+from adjax.models import head as head_lib
+
+IMAGE_SCORES = ("global", "max", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+  """The release's departures from a clean reading of the method (SPEC section 9).
+
+  `reference_quirks=True` turns all four on; each is passed by name to the
+  code it changes.
+  """
+  mix_text_columns: bool = False       # cat([T0, T1], 1).reshape(B, E, 2)
+  text_exact_gelu: bool = False        # exact GELU in the CLIP text tower
+  visa_mask_strict_zero: bool = False  # raw VisA masks, > 0 after the resize
+  first_update_lr_zero: bool = False   # warm-up starts at step 0
+
+  @classmethod
+  def from_config(cls, cfg) -> "Behaviour":
+    q = bool(cfg.reference_quirks)
+    return cls(mix_text_columns=q, text_exact_gelu=q, visa_mask_strict_zero=q,
+               first_update_lr_zero=q)
+
+
+class Features(NamedTuple):
+  """Backbone features of the tapped blocks, as the head consumes them."""
+  patches: jax.Array   # [L, B, N, D], standardised per image and channel
+  cls: jax.Array       # [L, B, D], through the final norm
+
+
+@dataclasses.dataclass(frozen=True)
+class ADModel:
+  """One configured AD-DINOv3 detector (no arrays; hashable)."""
+  backbone: backbones.Backbone
+  layers: tuple[int, ...]
+  image_size: int
+  text_dim: int
+  behaviour: Behaviour = Behaviour()
+  image_score: str = "global"
+
+  def __post_init__(self):
+    problems = model_problems(self.backbone, self.layers, self.image_size, self.image_score)
+    if problems:
+      raise backbones.BackboneError("; ".join(problems))
+
+  @classmethod
+  def from_config(cls, cfg, backbone: backbones.Backbone, text_dim: int) -> "ADModel":
+    layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else backbone.default_layers()
+    return cls(backbone=backbone, layers=tuple(int(l) for l in layers),
+               image_size=int(cfg.image_size), text_dim=int(text_dim),
+               behaviour=Behaviour.from_config(cfg), image_score=cfg.eval.image_score)
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    return self.backbone.grid(self.image_size)
+
+  @property
+  def out_hw(self) -> tuple[int, int]:
+    return self.image_size, self.image_size
+
+  # ---- the head ---------------------------------------------------------
+  def new_head(self, seed: int = 0) -> head_lib.ADHead:
+    return head_lib.ADHead(self.backbone.dim, self.text_dim, len(self.layers),
+                           rngs=nnx.Rngs(params=jax.random.key(seed)))
+
+  def head_def(self) -> nnx.GraphDef:
+    return nnx.split(nnx.eval_shape(lambda: self.new_head()))[0]
+
+  def abstract_params(self) -> nnx.State:
+    """The head's parameter tree as ShapeDtypeStructs (restore targets)."""
+    return nnx.split(nnx.eval_shape(lambda: self.new_head()))[1]
+
+  # ---- the computation --------------------------------------------------
+  def normalize(self, images: jax.Array) -> jax.Array:
+    if jnp.issubdtype(images.dtype, jnp.integer):
+      return self.backbone.normalize(images)
+    return images.astype(jnp.float32)
+
+  def features(self, backbone: nnx.Module, images: jax.Array) -> Features:
+    """images [B, H, W, 3] -> Features (patches [L, B, N, D], cls [L, B, D])."""
+    outs = backbone.get_intermediate_layers(self.normalize(images), list(self.layers))
+    tokens = jax.lax.stop_gradient(jnp.stack(outs).astype(jnp.float32))  # [L, B, T, D]
+    prefix = self.backbone.num_prefix_tokens
+    patches = head_lib.standardize_patches(tokens[:, :, prefix:])
+    return Features(patches, tokens[:, :, self.backbone.cls_index])
+
+  def outputs(self, params: nnx.State, feats: Features, text_table: jax.Array,
+              category_index: jax.Array) -> dict[str, jax.Array]:
+    """`cross` [B, H, W], `aacm` [B, H, W] (anomalous channels) and `logits` [B, 2]."""
+    head = nnx.merge(self.head_def(), params)
+    tmat = head.text_features(text_table, self.behaviour.mix_text_columns)[category_index]
+    return head(feats.patches, feats.cls, tmat, self.grid, self.out_hw)
+
+  def image_scores(self, outputs: dict) -> jax.Array:
+    """Image-level anomaly score [B]: `global` (the global head's probability of
+    "abnormal"), `max` (the map's maximum) or `mean` of the two."""
+    prob = jax.nn.softmax(outputs["logits"], axis=-1)[:, 1]
+    peak = jnp.max(outputs["cross"], axis=(1, 2))
+    return {"global": prob, "max": peak, "mean": 0.5 * (prob + peak)}[self.image_score]
+
+  def loss(self, params: nnx.State, inputs: Features | jax.Array, text_table: jax.Array,
+           batch: dict, backbone: nnx.Module | None = None
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training loss (SPEC section 6) and its five terms.
+
+    Args:
+      params: the head's parameters (the only thing differentiated).
+      inputs: `Features`, or images [B, H, W, 3] (then `backbone` is needed).
+      text_table: [K, 2, E] prompt-ensemble embeddings of the categories.
+      batch: `mask` [B, H, W], `label` [B], `category_index` [B] and optionally
+        `has_mask` [B] (map losses skip images whose mask is unknown).
+    """
+    if not isinstance(inputs, Features):
+      if backbone is None:
+        raise ValueError("ADModel.loss: images need the backbone")
+      inputs = self.features(backbone, inputs)
+    out = self.outputs(params, inputs, text_table, batch["category_index"])
+    return losses.total_loss(out, batch["mask"], batch["label"], batch.get("has_mask"))
+
+  def anomaly(self, params: nnx.State, backbone: nnx.Module, text_table: jax.Array,
+              images: jax.Array, category_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (anomaly map [B, H, W]: the cross-modal map's anomalous channel
+    (SPEC section 7), image score [B])."""
+    out = self.outputs(params, self.features(backbone, images), text_table, category_index)
+    return out["cross"], self.image_scores(out)
+
+
+def model_problems(backbone: backbones.Backbone, layers, image_size: int,
+                   image_score: str) -> list[str]:
+  """What does not fit together in a model description (for the config check)."""
+  problems = []
+  if image_score not in IMAGE_SCORES:
+    problems.append(f"eval.image_score={image_score!r}: expected one of {IMAGE_SCORES}")
+  if image_size <= 0 or image_size % backbone.patch_size:
+    problems.append(f"image_size={image_size}: expected a positive multiple of the "
+                    f"{backbone.family} {backbone.variant} patch size {backbone.patch_size}")
+  bad = [l for l in layers if not 0 <= int(l) < backbone.depth]
+  if not layers or bad:
+    problems.append(f"backbone.layers={tuple(layers)}: expected block indices in "
+                    f"[0, {backbone.depth}) for {backbone.variant} (depth {backbone.depth})")
+  return problems

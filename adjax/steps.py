@@ -1,0 +1,143 @@
+"""The jitted train and eval steps, built from an `ADModel`, and the optimiser.
+
+Each step is one `jax.jit` over the device mesh: the batch arrives split on
+the "data" axis, the head's parameters and optimiser state are replicated,
+the frozen backbone's weights are placed by the config rule, and the train
+state is donated. Only the head's parameters are differentiated and only
+they get optimiser state; the towers enter as constants (the backbone under
+`stop_gradient`, the text tower only through its precomputed table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from adjax import sharding as shd
+from adjax.model import ADModel, Features
+
+# The per-example fields every train step reads besides its inputs.
+TARGET_KEYS = ("mask", "label", "category_index", "has_mask")
+
+
+def lr_schedule(base_lr: float, total_steps: int, warmup_fraction: float,
+                first_step_zero: bool) -> Callable[[jax.Array], jax.Array]:
+  """Linear warm-up from 0 over the first `warmup_fraction` of steps, then constant.
+
+  `first_step_zero` reproduces the release (SPEC section 9, quirk 4): the
+  warm-up starts at step 0, so the first update has learning rate 0. Without
+  it the warm-up's first value is base / warmup_steps.
+  """
+  warmup = int(warmup_fraction * total_steps)
+  offset = 0 if first_step_zero else 1
+
+  def schedule(step):
+    if warmup <= 0:
+      return jnp.asarray(base_lr, jnp.float32)
+    frac = jnp.minimum(1.0, (step + offset) / warmup)
+    return base_lr * frac.astype(jnp.float32)
+  return schedule
+
+
+def make_optimizer(cfg, total_steps: int, first_step_zero: bool | None = None):
+  """AdamW with the warm-up schedule; `first_step_zero` defaults to the quirks switch."""
+  if first_step_zero is None:
+    first_step_zero = bool(cfg.reference_quirks)
+  schedule = lr_schedule(cfg.optimizer.learning_rate, total_steps,
+                         cfg.optimizer.warmup_fraction, first_step_zero=first_step_zero)
+  tx = optax.adamw(schedule, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2,
+                   eps=1e-8, weight_decay=cfg.optimizer.weight_decay)
+  return tx, schedule
+
+
+def init_state(params: nnx.State, tx) -> dict[str, Any]:
+  return {"params": params, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32)}
+
+
+@dataclasses.dataclass
+class StepBuilder:
+  """Builds the jitted steps of one model.
+
+  `mesh=None` gives plain `jax.jit` steps (tests, benchmarks); with a mesh,
+  `state_sharding` and `backbone_sharding` are the placed trees' shardings.
+  """
+  model: ADModel
+  backbone_def: nnx.GraphDef
+  tx: Any = None
+  schedule: Callable | None = None
+  mesh: Any = None
+  state_sharding: Any = None
+  backbone_sharding: Any = None
+
+  def train_step(self, *, from_features: bool, return_features: bool = False,
+                 cache_dtype=jnp.bfloat16):
+    """step(state, backbone_state, text_table, batch) -> (state, metrics[, features]).
+
+    `batch` holds TARGET_KEYS and either `image` [B, H, W, 3] or, when
+    `from_features`, the cached `patches` [L, B, N, D] and `cls` [L, B, D].
+    With `return_features` the step also returns the features it computed
+    (cast to `cache_dtype`) for the cache, and trains on those rounded
+    features too.
+    """
+    model, tx, schedule = self.model, self.tx, self.schedule
+
+    def step(state, backbone_state, text_table, batch):
+      if from_features:
+        feats = Features(batch["patches"], batch["cls"])
+      else:
+        feats = model.features(nnx.merge(self.backbone_def, backbone_state), batch["image"])
+        if return_features:
+          # With a cache, every step sees the stored precision, whether its
+          # features come from the cache or were just computed; so a resumed
+          # run (whose cache starts empty) retraces the uninterrupted one.
+          feats = Features(*(x.astype(cache_dtype).astype(jnp.float32) for x in feats))
+
+      (loss, terms), grads = jax.value_and_grad(model.loss, has_aux=True)(
+          state["params"], feats, text_table, batch)
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      metrics = {"loss": loss, **terms, "lr": schedule(state["step"]),
+                 "grad_norm": optax.tree.norm(grads),
+                 "param_norm": optax.tree.norm(params)}
+      new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+      if return_features:
+        return new_state, metrics, tuple(x.astype(cache_dtype) for x in feats)
+      return new_state, metrics
+
+    if self.mesh is None:
+      return jax.jit(step, donate_argnums=(0,))
+    mesh = self.mesh
+    rep = shd.replicated(mesh)
+    batch_spec = {k: shd.batch_sharding(mesh) for k in TARGET_KEYS}
+    if from_features:
+      batch_spec.update(patches=shd.batch_sharding(mesh, 1), cls=shd.batch_sharding(mesh, 1))
+    else:
+      batch_spec.update(image=shd.batch_sharding(mesh))
+    out = (self.state_sharding, rep)
+    if return_features:
+      out = out + ((shd.batch_sharding(mesh, 1), shd.batch_sharding(mesh, 1)),)
+    return jax.jit(step, donate_argnums=(0,),
+                   in_shardings=(self.state_sharding, self.backbone_sharding, rep, batch_spec),
+                   out_shardings=out)
+
+  def eval_step(self):
+    """step(params, backbone_state, text_table, images, category_index)
+    -> (anomaly_map [B, H, W], image_score [B])."""
+    model = self.model
+
+    def step(params, backbone_state, text_table, images, category_index):
+      return model.anomaly(params, nnx.merge(self.backbone_def, backbone_state),
+                           text_table, images, category_index)
+
+    if self.mesh is None:
+      return jax.jit(step)
+    rep = shd.replicated(self.mesh)
+    b = shd.batch_sharding(self.mesh)
+    return jax.jit(step, in_shardings=(rep, self.backbone_sharding, rep, b, b),
+                   out_shardings=(b, b))
