@@ -9,6 +9,7 @@ rule) come from the model module, so the check and the model cannot drift.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from adjax.model import model_problems
@@ -60,6 +61,7 @@ def problems(cfg, *, device_count: int | None = None,
   """Every problem of `cfg`; device and process counts enable the divisibility checks."""
   out: list[str] = []
   _enum(out, "mode", cfg.mode, MODES)
+  _enum(out, "resume_mismatch", cfg.resume_mismatch, ("refuse", "allow"))
   _enum(out, "backbone.dtype", cfg.backbone.dtype, DTYPES)
   _enum(out, "feature_cache", cfg.feature_cache, FEATURE_CACHES)
   _enum(out, "feature_cache_dtype", cfg.feature_cache_dtype, DTYPES)
@@ -74,8 +76,9 @@ def problems(cfg, *, device_count: int | None = None,
     _at_least(out, name, node, 1)
   if cfg.mesh.data != -1:
     _at_least(out, "mesh.data", cfg.mesh.data, 1)
-  if not cfg.optimizer.learning_rate > 0:
-    out.append(f"optimizer.learning_rate={cfg.optimizer.learning_rate!r}: expected > 0")
+  if not (math.isfinite(cfg.optimizer.learning_rate) and cfg.optimizer.learning_rate > 0):
+    out.append(f"optimizer.learning_rate={cfg.optimizer.learning_rate!r}: expected a "
+               "finite number > 0")
   if not 0 <= cfg.optimizer.warmup_fraction < 1:
     out.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction!r}: expected "
                "a fraction in [0, 1)")

@@ -19,6 +19,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = "train"            # train (then evaluate) | evaluate | predict
   c.workdir = ""              # default: runs/<name>
   c.init_from = ""            # a trained workdir whose head parameters start this run
+  # A workdir remembers its training config; resuming it (or evaluating its
+  # head) under a config that differs in a result-changing field is refused
+  # unless this is "allow".
+  c.resume_mismatch = "refuse"   # refuse | allow
   c.seed = 0
   # One switch for the release's quirks (SPEC section 9): text columns mixed,
   # exact GELU in the text tower, VisA masks thresholded at > 0, and a first

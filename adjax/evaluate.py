@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from adjax import data, heatmaps, metrics, reports, sharding, targets
+from adjax import data, heatmaps, identity, metrics, reports, sharding, targets
 from adjax.scorer import Scorer
 
 
@@ -47,9 +47,16 @@ class CategoryMetrics:
 class Evaluator(Scorer):
   """Evaluates one data set at a time."""
 
-  def __init__(self, cfg, workdir: Path, towers, mesh, params):
+  def __init__(self, cfg, workdir: Path, towers, mesh, params, source: tuple[Path, int]):
     super().__init__(cfg, towers, mesh, params)
     self.cfg, self.workdir = cfg, workdir
+    self.identity = {
+        "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
+        "model": identity.model_fields(cfg),
+        "towers": {"backbone": towers.backbone_id, "text": towers.text_embed.model_id},
+        "eval": {k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
+        "image_size": int(cfg.image_size),
+    }
 
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
@@ -59,7 +66,12 @@ class Evaluator(Scorer):
     accs: dict[str, CategoryMetrics] = {}
     to_draw = self._heatmap_indices(handle)
     main = jax.process_index() == 0
-    heat_dir = self.workdir / "heatmaps" / handle.display_name
+    ident = dict(self.identity, data={"name": handle.name, "examples": handle.num_examples,
+                                      "prepared": str(handle.data_dir)})
+    # Results of another evaluation (another head, step, model or setting)
+    # are never overwritten: this one then goes beside them, as name@digest.
+    name = identity.results_name(self.workdir / "results", handle.display_name, ident)
+    heat_dir = self.workdir / "heatmaps" / name
     if main and heat_dir.exists():
       # Panels of an earlier evaluation would mislead. The other processes
       # draw only after the first eval step, which waits for this process.
@@ -83,8 +95,10 @@ class Evaluator(Scorer):
     if not main:
       return {}
     results = {name: accs[name].result() for name in sorted(accs)}
-    table_text = reports.write_reports(results, self.workdir / "results",
-                                       handle.display_name)
+    table_text = reports.write_reports(results, self.workdir / "results", name, ident)
+    if name != handle.display_name:
+      print(f"\nresults/{handle.display_name}.json holds another evaluation's results; "
+            f"these go to results/{name}.*", flush=True)
     print(f"\n{handle.display_name}: zero-shot results ({len(results)} categories)\n"
           f"{table_text}", flush=True)
     return results
@@ -117,12 +131,14 @@ def _as_str(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def evaluate_targets(cfg, workdir: Path, towers, mesh, params) -> tuple[dict, list]:
+def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
+                     source: tuple[Path, int]) -> tuple[dict, list]:
   """Evaluates every configured target that is present; lists the absent ones.
 
-  Returns (results by data set, [(absent target, why)]).
+  `source` is (the workdir the head comes from, its step): part of the
+  results' identity. Returns (results by data set, [(absent target, why)]).
   """
-  evaluator = Evaluator(cfg, workdir, towers, mesh, params)
+  evaluator = Evaluator(cfg, workdir, towers, mesh, params, source)
   all_results, absent = {}, []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from adjax import atomic, checkpointing, config_check, sharding, targets
+from adjax import atomic, checkpointing, config_check, identity, sharding, targets
 from adjax import towers as towers_lib
 
 def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
@@ -19,15 +19,25 @@ def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
 
 
 def trained_params(cfg, workdir: Path, towers, mesh):
-  """The head parameters of this workdir's latest checkpoint (else `init_from`)."""
+  """The head parameters of this workdir's latest checkpoint (else `init_from`).
+
+  Returns (params, source workdir, step). The source's recorded training
+  config must describe the configured model (identity.check_model).
+  """
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
       towers.model(cfg).abstract_params())
   params, source, step = checkpointing.restore_head_params(
       abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
       keep=cfg.checkpoints_to_keep)
+  identity.check_model(cfg, source)
   logging.info("loaded the head from %s (step %d)", source, step)
-  return params
+  return params, source, step
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+  ckpt = workdir / "checkpoints"
+  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
 def _results_complete(workdir: Path) -> bool:
@@ -50,6 +60,8 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   if main_process:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"workdir: {workdir}", flush=True)
+    if cfg.mode == "train":
+      identity.check_training(cfg, workdir, resuming=_has_checkpoints(workdir))
     # The training config stays in config.json; other modes keep their own.
     name = "config.json" if cfg.mode == "train" else f"config_{cfg.mode}.json"
     atomic.write_text(workdir / name, cfg.to_json_best_effort(indent=2))
@@ -60,7 +72,8 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
 
   if cfg.mode == "predict":
     from adjax import predict
-    return predict.run(cfg, workdir, towers, mesh, trained_params(cfg, workdir, towers, mesh))
+    params, _, _ = trained_params(cfg, workdir, towers, mesh)
+    return predict.run(cfg, workdir, towers, mesh, params)
 
   from adjax import evaluate
   if cfg.mode == "train":
@@ -74,11 +87,14 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
         print(f"{workdir} is already trained and evaluated (results/); pass "
               "--config.eval.force=True to evaluate it again")
       return {"state": state}
-    results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, state["params"])
+    results, absent = evaluate.evaluate_targets(
+        cfg, workdir, towers, mesh, state["params"],
+        source=(workdir, int(jax.device_get(state["step"]))))
     return {"state": state, "results": results, "absent": absent}
 
-  params = trained_params(cfg, workdir, towers, mesh)
-  results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, params)
+  params, source, step = trained_params(cfg, workdir, towers, mesh)
+  results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, params,
+                                              source=(source, step))
   return {"results": results, "absent": absent}
 
 

@@ -7,7 +7,9 @@ stores each training example's standardised patch tokens and cls tokens
 is keyed by everything that determines the features (backbone checkpoint,
 image size, layers, dtype, data set and its size) and is only trusted once a
 complete first epoch has been written (the files are renamed into place and
-meta.json written last).
+meta.json written last). Each stored example's CRC32 is recorded when the
+cache is published and checked, with the files' sizes, whenever it is opened:
+a damaged cache is reported by path and computed again, never trained on.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import json
 import os
 from pathlib import Path
 
+import zlib
+
 import ml_dtypes
 import numpy as np
+
+from adjax import atomic
 
 
 def cache_key(**parts) -> str:
@@ -60,20 +66,57 @@ class FeatureCache:
       raise ValueError("a disk feature cache needs feature_cache_dir")
     self.dir = Path(directory) / key
     self.dir.mkdir(parents=True, exist_ok=True)
-    final = [self.dir / "patches.npy", self.dir / "cls.npy"]
     meta = self.dir / "meta.json"
     want = {"shape_patches": list(pshape), "shape_cls": list(cshape),
             "dtype": str(self.dtype)}
-    if all(f.exists() for f in final) and meta.exists() and json.loads(meta.read_text()) == want:
-      # Storage dtype bfloat16 is saved as its raw 2-byte view.
-      self.patches = self._open(final[0], pshape, "r+")
-      self.cls = self._open(final[1], cshape, "r+")
-      self.filled = np.load(self.dir / "filled.npy")
-      self.complete = True
-      return
+    if meta.exists():
+      damage = self._open_published(meta, want, pshape, cshape)
+      if damage is None:
+        self.complete = True
+        return
+      print(f"feature cache {self.dir} is damaged ({damage}); computing it again",
+            flush=True)
+      self.filled[:] = False
+      for name in ("meta.json", "patches.npy", "cls.npy", "filled.npy", "digests.npy"):
+        (self.dir / name).unlink(missing_ok=True)
     self._meta, self._want = meta, want
     self.patches = self._open(self.dir / "patches.npy.partial", pshape, "w+")
     self.cls = self._open(self.dir / "cls.npy.partial", cshape, "w+")
+
+  def _open_published(self, meta: Path, want: dict, pshape, cshape) -> str | None:
+    """Opens a published cache; returns what is wrong with it, or None.
+
+    The files must have the sizes their shapes imply, and every stored
+    example must match the checksum taken when the cache was published.
+    """
+    try:
+      stored = json.loads(meta.read_text())
+    except ValueError:
+      return "unreadable meta.json"
+    if {k: stored.get(k) for k in want} != want:
+      return "written for other shapes"
+    try:
+      for name, expect in (("patches.npy", stored.get("bytes_patches")),
+                           ("cls.npy", stored.get("bytes_cls"))):
+        size = (self.dir / name).stat().st_size
+        if size != expect:
+          return f"{name} has {size} bytes, expected {expect}"
+      self.patches = self._open(self.dir / "patches.npy", pshape, "r+")
+      self.cls = self._open(self.dir / "cls.npy", cshape, "r+")
+      filled = np.load(self.dir / "filled.npy")
+      digests = np.load(self.dir / "digests.npy")
+    except (OSError, ValueError) as e:
+      return str(e)
+    if filled.shape != self.filled.shape or digests.shape != self.filled.shape:
+      return "index files of another size"
+    bad = [i for i in np.flatnonzero(filled) if self._digest(i) != digests[i]]
+    if bad:
+      return f"{len(bad)} examples fail their checksum, e.g. example {bad[0]}"
+    self.filled = filled
+    return None
+
+  def _digest(self, i: int) -> int:
+    return zlib.crc32(self.cls[i].tobytes(), zlib.crc32(self.patches[i].tobytes()))
 
   def _open(self, path, shape, mode):
     raw = np.lib.format.open_memmap(
@@ -111,7 +154,14 @@ class FeatureCache:
       arr = getattr(self, name)
       (arr if hasattr(arr, "flush") else arr.base).flush()
     np.save(self.dir / "filled.npy", self.filled)
+    digests = np.zeros(self.filled.shape, np.uint32)
+    for i in np.flatnonzero(self.filled):
+      digests[i] = self._digest(i)
+    np.save(self.dir / "digests.npy", digests)
+    sizes = {}
     for name in ("patches", "cls"):
       os.replace(self.dir / f"{name}.npy.partial", self.dir / f"{name}.npy")
-    self._meta.write_text(json.dumps(self._want))
+      sizes[f"bytes_{name}"] = (self.dir / f"{name}.npy").stat().st_size
+    # meta.json last: its presence publishes the cache.
+    atomic.write_text(self._meta, json.dumps(dict(self._want, **sizes)))
     self.complete = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -29,8 +30,11 @@ def _map_at(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def _output_name(path: str, root: str) -> str:
+  """The heatmap's path under heatmaps/: the input's path below `root`, its
+  whole file name kept (so photo.jpg and photo.png, or a/b.png and a__b.png,
+  never share an output), plus .png."""
   rel = os.path.relpath(path, root) if root else os.path.basename(path)
-  return Path(rel).with_suffix("").as_posix().replace("/", "__").replace("..", "_") + ".png"
+  return Path(rel).as_posix() + ".png"
 
 
 def run(cfg, workdir: Path, towers, mesh, params) -> dict:
@@ -42,6 +46,33 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   root = cfg.predict.input if os.path.isdir(cfg.predict.input) else os.path.commonpath(
       [os.path.dirname(p) for p in paths]) if paths else ""
   out_dir = workdir / "predictions"
+  # Everything is written to a fresh folder that replaces predictions/ at the
+  # end: a rerun leaves no output of an earlier one, a failed run leaves the
+  # earlier outputs as they were.
+  work_dir = workdir / f".predictions.tmp-{os.getpid()}"
+  shutil.rmtree(work_dir, ignore_errors=True)
+  try:
+    rows = _predict_into(cfg, work_dir, towers, mesh, params, paths, root, unreadable)
+    _replace_dir(work_dir, out_dir)
+  finally:
+    shutil.rmtree(work_dir, ignore_errors=True)
+  if unreadable:
+    print(f"{len(unreadable)} unreadable files (listed in {out_dir / 'unreadable.txt'}):")
+    for p, why in unreadable:
+      print(f"  {p}: {why}")
+  print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}")
+  return {"scores": rows, "unreadable": unreadable}
+
+
+def _replace_dir(new: Path, old: Path) -> None:
+  stale = old.with_name(f".{old.name}.old-{os.getpid()}")
+  if old.exists():
+    os.replace(old, stale)
+  os.replace(new, old)
+  shutil.rmtree(stale, ignore_errors=True)
+
+
+def _predict_into(cfg, out_dir: Path, towers, mesh, params, paths, root, unreadable):
   scorer = Scorer(cfg, towers, mesh, params)
   table = scorer.text_table([cfg.predict.object_name])
   threshold = cfg.predict.threshold
@@ -49,7 +80,7 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   for batch in data.prediction_batches(paths, image_size=scorer.model.image_size,
                                        batch_size=cfg.predict.batch_size):
     amap, score = scorer.maps(batch["image"], np.zeros(len(batch["image"]), np.int32),
-                                 table)
+                              table)
     for i in range(len(batch["image"])):
       path = str(batch["path"][i])
       if not batch["valid"][i]:
@@ -60,13 +91,14 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
       with Image.open(path) as img:   # to_rgb: any mode -> 8-bit RGB
         rgb = np.asarray(data.images.to_rgb(img))
       pixels = heatmaps.panel(rgb, _map_at(amap[i], (h, w)))
-      heatmaps.save_png(out_dir / "heatmaps" / _output_name(path, root), pixels)
-      row = {"path": path, "score": f"{float(score[i]):.6f}"}
+      name = _output_name(path, root)
+      heatmaps.save_png(out_dir / "heatmaps" / name, pixels)
+      row = {"path": path, "score": f"{float(score[i]):.6f}", "heatmap": f"heatmaps/{name}"}
       if threshold >= 0:
         row["label"] = int(float(score[i]) >= threshold)
       rows.append(row)
   buf = io.StringIO()
-  fields = ["path", "score"] + (["label"] if threshold >= 0 else [])
+  fields = ["path", "score", "heatmap"] + (["label"] if threshold >= 0 else [])
   writer = csv.DictWriter(buf, fieldnames=fields)
   writer.writeheader()
   writer.writerows(rows)
@@ -74,8 +106,4 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   if unreadable:
     atomic.write_text(out_dir / "unreadable.txt",
                       "".join(f"{p}\t{why}\n" for p, why in unreadable))
-    print(f"{len(unreadable)} unreadable files (listed in {out_dir / 'unreadable.txt'}):")
-    for p, why in unreadable:
-      print(f"  {p}: {why}")
-  print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}")
-  return {"scores": rows, "unreadable": unreadable}
+  return rows

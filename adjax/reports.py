@@ -119,8 +119,11 @@ def csv_text(results: Results) -> str:
   return buf.getvalue()
 
 
-def json_text(results: Results) -> str:
-  return json.dumps(summarize(results), indent=2) + "\n"
+def json_text(results: Results, identity: dict | None = None) -> str:
+  summary = summarize(results)
+  if identity is not None:
+    summary["identity"] = identity   # what produced these numbers
+  return json.dumps(summary, indent=2, default=str) + "\n"
 
 
 def read_csv(path: str | os.PathLike) -> dict:
@@ -146,8 +149,10 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def write_reports(results_by_category: Results, out_dir: str | os.PathLike,
-                  name: str) -> str:
+                  name: str, identity: dict | None = None) -> str:
   """Writes `<name>.json`, `<name>.md` and `<name>.csv` atomically.
+
+  `identity` (what produced the results) is stored in the JSON.
 
   Returns:
     The console table (for printing or logging).
@@ -155,7 +160,7 @@ def write_reports(results_by_category: Results, out_dir: str | os.PathLike,
   out_dir = Path(out_dir)
   if not name or Path(name).name != name:
     raise ValueError(f"report name must be a plain file name, got {name!r}")
-  summary_json = json_text(results_by_category)  # validates before writing
+  summary_json = json_text(results_by_category, identity)  # validates before writing
   atomic.write_text(out_dir / f"{name}.json", summary_json)
   atomic.write_text(out_dir / f"{name}.md", markdown_table(results_by_category))
   atomic.write_text(out_dir / f"{name}.csv", csv_text(results_by_category))

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adjax import checkpointing, features, run_log, sharding, steps, targets
+from adjax.errors import UserError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
@@ -111,10 +112,16 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       metrics["from_cache"] = float(cached)
       if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["param_norm"])):
+        last = ckpts.latest_step()
+        kept = (f"the last good checkpoint (step {last}) in {ckpts.dir} is kept"
+                if last is not None else "no checkpoint had been saved yet")
+        source = (f"from the feature cache in {cache.dir}; if the data and config are "
+                  "right, delete that cache" if cached and cfg.feature_cache == "disk"
+                  else "from images")
         raise NonFiniteLossError(
-            f"non-finite loss {metrics['loss']} (parameter norm {metrics['param_norm']}) "
-            f"at step {step + 1}; stopping without saving it; the last good checkpoint "
-            f"in {ckpts.dir} is kept")
+            f"non-finite training at step {step + 1}: loss {metrics['loss']}, parameter "
+            f"norm {metrics['param_norm']} (the step ran {source}); stopping without "
+            f"saving it; {kept}")
       done = step + 1
       log.step(done, metrics, write=done % cfg.log_every_steps == 0 or done == total_steps)
       if cache is not None and done % steps_per_epoch == 0:

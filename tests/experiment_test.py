@@ -167,13 +167,30 @@ def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
   cfg.predict.threshold = 0.5
   out = experiment.run(cfg, str(workdir))
   rows = (workdir / "predictions" / "scores.csv").read_text().splitlines()
-  assert rows[0] == "path,score,label"
+  assert rows[0] == "path,score,heatmap,label"
   assert len(rows) == 1 + 4
   assert [p for p, _ in out["unreadable"]] == [str(src / "broken.png")]
   heat = sorted(p.name for p in (workdir / "predictions" / "heatmaps").glob("*.png"))
-  assert heat == ["deep.png", "gray.png", "rgb.png", "rgba.png"]
-  with Image.open(workdir / "predictions" / "heatmaps" / "rgb.png") as img:
+  assert heat == ["deep.png.png", "gray.png.png", "rgb.png.png", "rgba.png.png"]
+  with Image.open(workdir / "predictions" / "heatmaps" / "rgb.png.png") as img:
     assert img.size[1] == 50   # drawn at the image's own resolution
+  assert (workdir / "predictions" / "unreadable.txt").exists()
+
+  # Inputs whose names collide once flattened or stripped of their extension
+  # each get their own output; a rerun leaves nothing of the earlier one.
+  other = tmp_path / "other"
+  (other / "a").mkdir(parents=True)
+  for rel in ("photo.jpg", "photo.png", "a/b.png", "a__b.png"):
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(other / rel)
+  cfg.predict.input = str(other)
+  out = experiment.run(cfg, str(workdir))
+  pred = workdir / "predictions"
+  assert sorted(p.relative_to(pred / "heatmaps").as_posix()
+                for p in (pred / "heatmaps").rglob("*.png")) == [
+      "a/b.png.png", "a__b.png.png", "photo.jpg.png", "photo.png.png"]
+  assert len(out["scores"]) == 4 and len({r["heatmap"] for r in out["scores"]}) == 4
+  assert not (pred / "unreadable.txt").exists()      # the earlier run's list is gone
+  assert not list(workdir.glob(".predictions*"))     # no temporary left
 
 
 def test_finished_run_is_not_retrained(trained, capsys):
@@ -187,9 +204,11 @@ def test_finished_run_is_not_retrained(trained, capsys):
 
 
 def test_non_finite_loss_stops_with_the_step(small_data, tmp_path):
-  cfg = small_config(small_data, tmp_path, **{"optimizer.learning_rate": float("nan")})
+  # A finite but absurd learning rate: the first update overflows float32.
+  cfg = small_config(small_data, tmp_path, **{"optimizer.learning_rate": 1e38})
   cfg.eval.enabled = False
-  with pytest.raises(FloatingPointError, match="at step 1"):
+  with pytest.raises(FloatingPointError,
+                     match="at step 1.*ran from images.*no checkpoint had been saved yet"):
     experiment.run(cfg, str(tmp_path / "work"))
   assert not (tmp_path / "work" / "checkpoints" / "1").exists()
 

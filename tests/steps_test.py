@@ -242,3 +242,30 @@ def test_warmup_schedule(quirk):
     np.testing.assert_allclose(lrs, [0, 1e-5 / 30, 29e-5 / 30, 1e-5, 1e-5], rtol=1e-6)
   else:
     np.testing.assert_allclose(lrs, [1e-5 / 30, 2e-5 / 30, 1e-5, 1e-5, 1e-5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "filled"])
+def test_damaged_disk_cache_is_reported_and_rebuilt(tmp_path, capsys, damage):
+  rng = np.random.default_rng(0)
+  args = ("disk", 4, 2, 3, 5, "bfloat16", tmp_path, "k1")
+  cache = features.FeatureCache(*args)
+  cache.put(np.arange(4), rng.normal(size=(2, 4, 3, 5)), rng.normal(size=(2, 4, 5)))
+  cache.finish_epoch()
+  del cache
+  path = tmp_path / "k1" / "patches.npy"
+  if damage == "flip":         # one stored value changed on disk
+    raw = bytearray(path.read_bytes())
+    raw[-7] ^= 0x40
+    path.write_bytes(bytes(raw))
+  elif damage == "truncate":
+    path.write_bytes(path.read_bytes()[:-10])
+  else:                        # an index file from elsewhere
+    np.save(tmp_path / "k1" / "filled.npy", np.ones(7, bool))
+  again = features.FeatureCache(*args)
+  assert not again.complete and not again.has(np.arange(4))
+  out = capsys.readouterr().out
+  assert f"feature cache {tmp_path / 'k1'} is damaged" in out
+  # It is rebuilt in place and then trusted again.
+  again.put(np.arange(4), np.ones((2, 4, 3, 5)), np.ones((2, 4, 5)))
+  again.finish_epoch()
+  assert features.FeatureCache(*args).complete
