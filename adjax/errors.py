@@ -1,0 +1,17 @@
+"""The one error type a user is shown as a single line.
+
+`UserError` marks a user mistake or an environment problem the user can fix
+(a missing file, a busy workdir, a checkpoint of the wrong kind): the entry
+points print `error: <message>` as one line, with no traceback, and exit
+with a non-zero status. Anything else is a bug and keeps its traceback.
+
+Subclasses keep their own names (and, where older code expects it, a second
+base such as `ValueError`), so `except ValueError` and `except DataError`
+go on working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """A user mistake: printed as one line, no traceback."""
