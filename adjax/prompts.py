@@ -10,8 +10,9 @@ The tower is frozen and the computation deterministic, so `text_embeddings`
 encodes an object's sentences once and keeps the result in memory and, when
 given a `cache_dir`, on disk (one atomic .npy per key). The key hashes the
 model's identity (checkpoint sha256 + tokenizer, or a description of a random
-init), its activation and compute dtype, the prompt set, and the object name
-as encoded. Training and evaluation call this once per run and index the
+init), its activation and compute dtype, the prompt set, the object name, and
+how text is cleaned before tokenisation (`clip_text.TEXT_CLEANING`).
+Training and evaluation call this once per run and index the
 result by category; nothing is re-encoded per image or per step.
 """
 
@@ -98,7 +99,8 @@ def model_id_of(path_or_model) -> str:
 def cache_key(model_id: str, activation: str, dtype, display_name: str) -> str:
   return hashlib.sha256(json.dumps(
       {"model": model_id, "activation": activation, "dtype": jnp.dtype(dtype).name,
-       "prompts": PROMPT_SET_ID, "object": display_name}, sort_keys=True).encode()
+       "prompts": PROMPT_SET_ID, "object": display_name,
+       "text_cleaning": clip_text.TEXT_CLEANING}, sort_keys=True).encode()
   ).hexdigest()
 
 

@@ -1,6 +1,10 @@
 """Run logging: metrics.jsonl, TensorBoard scalars, and a progress bar.
 
 Only process 0 writes, so a multi-host run logs once.
+
+A resumed run logs again the steps that came after its checkpoint; so that
+metrics.jsonl holds each step once, `RunLog` first drops the lines past the
+step it resumes from (`truncate_metrics`, an atomic rewrite).
 """
 
 from __future__ import annotations
@@ -12,6 +16,38 @@ import time
 from pathlib import Path
 
 import jax
+
+from adjax import atomic
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+  """Keeps the lines of `path` (metrics.jsonl) with "step" <= `step`.
+
+  Call it with the step a run resumes from (0 for a fresh start) before
+  appending. Lines after that step, and a torn last line (a run killed
+  mid-write), are dropped; the file is rewritten atomically, and only when
+  something is dropped. Returns the number of lines dropped.
+  """
+  path = Path(path)
+  try:
+    lines = path.read_text().splitlines(keepends=True)
+  except FileNotFoundError:
+    return 0
+  keep = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+      logged = int(record["step"])
+    except (ValueError, TypeError, KeyError):
+      continue
+    if logged <= step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  dropped = len(lines) - len(keep)
+  if keep != lines:  # also a kept last line that lacks its newline
+    atomic.write_text(path, "".join(keep))
+  return dropped
 
 
 class RunLog:
@@ -25,7 +61,8 @@ class RunLog:
     if not self.enabled:
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    truncate_metrics(workdir / METRICS_FILE, initial_step)
+    self._jsonl = open(workdir / METRICS_FILE, "a")
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(workdir / "tensorboard"))

@@ -33,14 +33,13 @@ import argparse
 import hashlib
 import json
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from adjax import atomic
+from adjax import atomic, processes
+from adjax.errors import UserError
 from adjax.models import clip_text, weights
 from converters import common
 from converters.common import ConversionError, Rule
@@ -321,22 +320,19 @@ def convert(src, dst, *, tokenizer=None, activation: str | None = None,
 
   flat = to_params(sd, layout, config, origin=str(src))
 
-  with tempfile.TemporaryDirectory() as staging:
-    staging = Path(staging)
-    clip_text.write_vocab_merges(staging, vocab, merges)
-    tok_sha = {f: common.sha256_file(staging / f) for f in ("vocab.json", "merges.txt")}
+  source_sha256 = _source_sha256(files, src)
+  with atomic.atomic_dir(dst, overwrite=overwrite) as tmp:
+    clip_text.write_vocab_merges(tmp, vocab, merges)
+    tok_sha = {f: common.sha256_file(tmp / f) for f in ("vocab.json", "merges.txt")}
     meta = dict(config.to_dict(), kind=clip_text.KIND, source=str(src.absolute()),
                 source_name=src.name, source_layout=layout,
-                source_sha256=_source_sha256(files, src), tokenizer=tok_desc,
+                source_sha256=source_sha256, tokenizer=tok_desc,
                 tokenizer_sha256=tok_sha)
-    with atomic.atomic_dir(dst, overwrite=overwrite) as tmp:
-      weights.save(tmp / "w", flat, meta)
-      for item in ("params", "config.json"):
-        (tmp / "w" / item).rename(tmp / item)
-      (tmp / "w").rmdir()
-      for f in ("vocab.json", "merges.txt"):
-        shutil.copyfile(staging / f, tmp / f)
-      clip_text.load_tokenizer(tmp)  # the written files must load
+    weights.save(tmp / "w", flat, meta)
+    for item in ("params", "config.json"):
+      (tmp / "w" / item).rename(tmp / item)
+    (tmp / "w").rmdir()
+    clip_text.load_tokenizer(tmp)  # the written files must load
   return dst
 
 
@@ -355,9 +351,10 @@ def main(argv=None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   args = parser.parse_args(argv)
   try:
-    out = convert(args.src, args.dst, tokenizer=args.tokenizer,
-                  activation=args.activation, overwrite=args.overwrite)
-  except (ConversionError, FileExistsError, weights.WeightsError) as e:
+    with processes.sigterm_raises():  # temporaries are removed on SIGTERM too
+      out = convert(args.src, args.dst, tokenizer=args.tokenizer,
+                    activation=args.activation, overwrite=args.overwrite)
+  except (UserError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   cfg = weights.read_config(out, clip_text.KIND)

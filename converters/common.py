@@ -19,8 +19,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from adjax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
   """The source cannot be converted; the message names keys and files."""
 
 

@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from adjax import processes
+from adjax.errors import UserError
 from converters.common import (ConversionError, Rule, apply_rules, conv_kernel,
                                linear_kernel, read_state_dict, sha256_file)
 
@@ -344,8 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
   args = parser.parse_args(argv)
   try:
-    out = convert(args.src, args.dst, args.variant, args.overwrite)
-  except ConversionError as e:
+    with processes.sigterm_raises():  # temporaries are removed on SIGTERM too
+      out = convert(args.src, args.dst, args.variant, args.overwrite)
+  except (UserError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   cfg = json.loads((out / "config.json").read_text())

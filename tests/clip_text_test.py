@@ -3,11 +3,13 @@
 import dataclasses
 import functools
 import gzip
+import html
 import json
 import re
 import warnings
 
 import jax.numpy as jnp
+import ftfy
 import numpy as np
 import pytest
 import regex
@@ -91,12 +93,22 @@ _PAT = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|
                      r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
 
+def _openai_clean(text):
+  """simple_tokenizer.py: whitespace_clean(basic_clean(text)).lower()."""
+  text = ftfy.fix_text(text)  # basic_clean
+  text = html.unescape(html.unescape(text))
+  text = text.strip()
+  text = re.sub(r"\s+", " ", text)  # whitespace_clean
+  text = text.strip()
+  return text.lower()
+
+
 def _reference_encode(text, merges):
-  """OpenAI's BPE encoding algorithm, independently of transformers."""
+  """OpenAI's cleaning and BPE encoding algorithm, independently of transformers."""
   table, encoder, ranks = _reference_tables(tuple(merges))
   pat = _PAT
   out = [encoder["<|startoftext|>"]]
-  for word in pat.findall(re.sub(r"\s+", " ", text).strip().lower()):
+  for word in pat.findall(_openai_clean(text)):
     w = [table[b] for b in word.encode("utf-8")]
     w[-1] += "</w>"
     while len(w) > 1:
@@ -129,6 +141,48 @@ def test_tokenization_matches_openai_algorithm_over_prompt_set(tok_dirs):
     assert not row[len(ref):].any()
   # Merged tokens must occur, or this test would only check single bytes.
   assert ((ids >= 512) & (ids < tok_dirs["vocab_size"] - 2)).sum() > len(sentences)
+
+
+# Names that exercise each cleaning step and where transformers' own
+# normaliser (NFC, \s+, Rust lower-casing) would differ from OpenAI's.
+AWKWARD_NAMES = (
+    "nut &amp; bolt", "nut &amp;amp; bolt", "&lt;chip&gt;", "ﬁsh ﬂake", "cafÃ©",
+    "Metal_Nut", "METAL NUT", "  metal\tnut\n ", "metal\u00a0nut", "ΟΔΟΣ",
+    "e&#769;cru", "Ｆｕｌｌ ｗｉｄｔｈ", "it’s broken", "don't", "pcb4", "macaroni2",
+    "x²", "zipper (YKK) #3", "bottle-cap", "日本語の部品", "naïve 🙂", "İstanbul",
+    "straße", "a\u200bb")
+
+
+@pytest.mark.parametrize("text,cleaned", [
+    ("nut &amp;amp; bolt", "nut & bolt"), ("ﬁsh", "fish"), ("cafÃ©", "café"),
+    ("  Metal\tNUT\n", "metal nut"), ("ΟΔΟΣ", "οδος"), ("it’s", "it's"),
+    ("Ｐｉｌｌ", "pill"), ("screw 12", "screw 12")])
+def test_clean_text_examples(text, cleaned):
+  assert clip_text.clean_text(text) == cleaned
+
+
+def test_awkward_names_tokenised_as_openai(tok_dirs):
+  tok = clip_text.load_tokenizer(tok_dirs["max"])
+  merges = clip_text.read_merges(tok_dirs["max"] / "merges.txt")
+  texts = list(AWKWARD_NAMES) + [
+      s for name in AWKWARD_NAMES[:6] for g in prompts.prompt_sentences(name) for s in g[:3]]
+  ids = clip_text.tokenize(tok, texts, 77)
+  for text, row in zip(texts, ids):
+    ref = _reference_encode(text, merges)
+    np.testing.assert_array_equal(row[: len(ref)], ref, err_msg=repr(text))
+    assert not row[len(ref):].any()
+  # transformers' default normaliser alone would not have matched OpenAI's.
+  default = transformers.CLIPTokenizer(
+      vocab=json.loads((tok_dirs["max"] / "vocab.json").read_text()), merges=merges)
+  differs = [t for t in AWKWARD_NAMES
+             if default(t)["input_ids"] != _reference_encode(t, merges)]
+  assert {"nut &amp; bolt", "ﬁsh ﬂake", "ΟΔΟΣ"} <= set(differs)
+
+
+def test_text_cleaning_is_part_of_the_cache_key(monkeypatch):
+  key = prompts.cache_key("m", "gelu", jnp.float32, "nut")
+  monkeypatch.setattr(clip_text, "TEXT_CLEANING", "another cleaning")
+  assert prompts.cache_key("m", "gelu", jnp.float32, "nut") != key
 
 
 def test_tokenize_refuses_text_longer_than_context(tok_dirs):

@@ -12,12 +12,12 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from adjax import atomic, processes
 from adjax.data.builders import BUILDERS, fingerprint, folder_config
 from adjax.data.images import prediction_batches, read_image_folder
 from adjax.data.layouts import DataError, DatasetNotFoundError
@@ -98,9 +98,32 @@ def _remove_empty_parents(path: Path, stop: Path) -> None:
   while path != stop and stop in path.parents:
     try:
       path.rmdir()
+    except FileNotFoundError:
+      pass
     except OSError:
       return
     path = path.parent
+
+
+def _remove_stale_incomplete(version_dir: Path) -> None:
+  """Removes TFDS `incomplete.*` folders a killed preparation left behind.
+
+  TFDS names them `incomplete.<random>_<version>` beside `version_dir`,
+  without an owner; they are removed only when no other live process has a
+  scratch folder there (see `atomic.scratch_dir`). A live one means two runs
+  prepare the same data at once, which is refused.
+  """
+  parent = version_dir.parent
+  me = (processes.this_host(), os.getpid())
+  for path, host, pid in atomic.owned_temporaries(parent, version_dir.name):
+    if (host, pid) != me and processes.owner_alive(host, pid):
+      raise DataError(
+          f"{version_dir} is being prepared by process {pid} on {host}; wait "
+          f"for it to finish (if that process no longer runs: rm -r '{path}')")
+  for path in parent.glob(f"incomplete.*_{version_dir.name}"):
+    if path.is_dir():
+      log.warning("removed %s, left by an interrupted preparation", path)
+      shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare(name: str, *, manual_dir: str | os.PathLike | None,
@@ -156,14 +179,20 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None,
     _check_known(cls, sorted({r.category for r in records}), len(records))
     builder = cls(skip_bad_files=skip_bad_files, records=records,
                   extra_metadata=extra, **kwargs)
-    try:
-      with tempfile.TemporaryDirectory(prefix="adjax-tfds-dl-") as dl:
-        builder.download_and_prepare(
-            download_dir=dl,
-            download_config=_download_config(root))
-    except BaseException:
-      _remove_empty_parents(version_dir, data_dir)
-      raise
+    # SIGTERM raises, so TFDS's own clean-up of its `incomplete.*` folder
+    # and ours below run on errors, Ctrl-C and SIGTERM alike.
+    with processes.sigterm_raises():
+      try:
+        # The scratch folder (the download dir TFDS wants) is named with our
+        # pid and host: it tells a later run that this preparation is live.
+        with atomic.scratch_dir(version_dir.parent, version_dir.name) as dl:
+          _remove_stale_incomplete(version_dir)
+          builder.download_and_prepare(
+              download_dir=os.fspath(dl),
+              download_config=_download_config(root))
+      except BaseException:
+        _remove_empty_parents(version_dir, data_dir)
+        raise
     builder = cls(**kwargs)
 
   source = builder.as_data_source()["test"]

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Sequence
 
 from adjax.data import images
+from adjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Raw data that does not match its expected layout or cannot be read."""
 
 

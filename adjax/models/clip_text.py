@@ -20,7 +20,11 @@ to the EOT; callers may therefore drop trailing padding columns (`L` may be
 anything from the last EOT position + 1 up to `context_length`).
 
 Tokenizers are transformers' `CLIPTokenizer`, built from `vocab.json` and
-`merges.txt`. Those files are written here in the OpenAI construction: the
+`merges.txt`. Text is cleaned first exactly as OpenAI's `simple_tokenizer`
+does (`clean_text`: ftfy, HTML entities, whitespace, lower case); the
+tokenizer's own normaliser (NFC, whitespace, Rust lower-casing) is removed
+because it differs from OpenAI's on some text (a final sigma, combining
+marks from HTML entities), so `tokenize` gives OpenAI's ids. Those files are written here in the OpenAI construction: the
 256 byte symbols, the same with `</w>`, one token per merge (the merged
 pair joined), then `<|startoftext|>` and `<|endoftext|>` as the two largest
 ids. `write_tokenizer_from_openai_bpe` applies it to OpenAI's
@@ -36,8 +40,10 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import html
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -344,7 +350,6 @@ def learn_merges(corpus: Iterable[str], num_merges: int) -> list[tuple[str, str]
   Merges whose joined token already exists are skipped so every merge adds
   exactly one new token.
   """
-  import re
   byte_map = bytes_to_unicode()
   words = collections.Counter()
   for text in corpus:
@@ -407,8 +412,28 @@ def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
   return merges
 
 
+# Names what `clean_text` does; part of the text-embedding cache key.
+TEXT_CLEANING = "openai-simple-tokenizer:ftfy,html.unescape*2,whitespace,lower"
+
+
+def clean_text(text: str) -> str:
+  """OpenAI `simple_tokenizer`'s cleaning, applied before BPE.
+
+  `ftfy.fix_text` (mojibake, ligatures such as 'ﬁ', full-width forms, NFC),
+  HTML entities unescaped twice ('nut &amp;amp; bolt' -> 'nut & bolt'),
+  runs of whitespace made one space, ends stripped, lower-cased (Python's
+  `str.lower`, as OpenAI's).
+  """
+  import ftfy  # pylint: disable=g-import-not-at-top
+  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+  return re.sub(r"\s+", " ", text).strip().lower()
+
+
 def load_tokenizer(path: str | os.PathLike):
-  """transformers `CLIPTokenizer` from a directory's vocab.json + merges.txt."""
+  """transformers `CLIPTokenizer` from a directory's vocab.json + merges.txt.
+
+  Its normaliser is removed: `tokenize` cleans text as OpenAI does instead.
+  """
   from transformers import CLIPTokenizer
   path = Path(path)
   missing = [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
@@ -421,16 +446,19 @@ def load_tokenizer(path: str | os.PathLike):
     if special not in vocab:
       raise ValueError(f"{path / 'vocab.json'}: has no {special} token")
   # transformers 5 ignores `vocab_file=`; the contents are passed directly.
-  return CLIPTokenizer(vocab=vocab, merges=read_merges(path / "merges.txt"))
+  tokenizer = CLIPTokenizer(vocab=vocab, merges=read_merges(path / "merges.txt"))
+  tokenizer.backend_tokenizer.normalizer = None
+  return tokenizer
 
 
 def tokenize(tokenizer, texts: Sequence[str], context_length: int) -> np.ndarray:
   """int32 [N, context_length]: SOT, tokens, EOT, then zeros (as OpenAI's).
 
+  Each text is cleaned with `clean_text` first, as OpenAI's tokenizer does.
   The padding value never matters (attention is causal and pooling reads
   the EOT). A text that does not fit is an error, not a silent truncation.
   """
-  ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+  ids = tokenizer([clean_text(t) for t in texts], add_special_tokens=True)["input_ids"]
   out = np.zeros((len(ids), context_length), np.int32)
   for i, row in enumerate(ids):
     if len(row) > context_length:

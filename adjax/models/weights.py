@@ -23,11 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from adjax import atomic
+from adjax.errors import UserError
 
 FORMAT_VERSION = 1
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
   """A converted checkpoint directory is missing, incomplete or of another kind."""
 
 
