@@ -18,9 +18,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from adjax import atomic
+from adjax.errors import UserError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint that does not fit the configured model."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from adjax.errors import UserError
 from adjax.model import model_problems
 from adjax.models import backbones
 
@@ -22,7 +23,7 @@ BACKBONE_SHARDINGS = ("replicated", "model")
 TEXT_ACTIVATIONS = ("", "gelu", "quick_gelu")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """The run config has problems; the message lists each with its field."""
 
 
@@ -65,6 +66,8 @@ def problems(cfg, *, device_count: int | None = None,
   _enum(out, "backbone.dtype", cfg.backbone.dtype, DTYPES)
   _enum(out, "feature_cache", cfg.feature_cache, FEATURE_CACHES)
   _enum(out, "feature_cache_dtype", cfg.feature_cache_dtype, DTYPES)
+  _enum(out, "eval.feature_cache", cfg.eval.feature_cache, ("none", "disk"))
+  _enum(out, "eval.feature_cache_dtype", cfg.eval.feature_cache_dtype, DTYPES)
   _enum(out, "mesh.backbone_sharding", cfg.mesh.backbone_sharding, BACKBONE_SHARDINGS)
   _enum(out, "text.activation", cfg.text.activation, TEXT_ACTIVATIONS)
   for name in ("epochs", "batch_size", "eval.batch_size", "predict.batch_size",

@@ -15,7 +15,7 @@ MVTEC_TARGETS = ("visa", "mpdd", "btad", "isic", "clinicdb", "colondb", "tn3k")
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.name = "adjax"
+  c.name = "adjax"            # run name; the default workdir is runs/<name>
   c.mode = "train"            # train (then evaluate) | evaluate | predict
   c.workdir = ""              # default: runs/<name>
   c.init_from = ""            # a trained workdir whose head parameters start this run
@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   # head) under a config that differs in a result-changing field is refused
   # unless this is "allow".
   c.resume_mismatch = "refuse"   # refuse | allow
-  c.seed = 0
+  c.seed = 0                  # head initialisation, data order, random towers
   # One switch for the release's quirks (SPEC section 9): text columns mixed,
   # exact GELU in the text tower, VisA masks thresholded at > 0, and a first
   # optimiser step with learning rate 0.
@@ -38,9 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.dtype = "bfloat16"     # matmul dtype; parameters, norms and softmax stay float32
 
   c.text = ml_collections.ConfigDict()
-  c.text.variant = "vit-l-14"
-  c.text.checkpoint = "checkpoints/clip_vitl14_336_text"
-  c.text.random_init = False
+  c.text.variant = "vit-l-14"       # CLIP text architecture (clip_text.VARIANTS), for random_init
+  c.text.checkpoint = "checkpoints/clip_vitl14_336_text"   # converted directory
+  c.text.random_init = False        # random weights of text.variant (demo, benchmarks)
   c.text.activation = ""            # "" = the checkpoint's (quick_gelu), or gelu under the quirks
   c.text.display_names = ml_collections.ConfigDict()  # folder name -> readable object name
   c.text.cache_dir = ""             # default: <workdir>/text_cache
@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train = "mvtec_ad"         # a data set name, or a path to a folder in MVTec layout
   c.data.targets = ",".join(MVTEC_TARGETS)   # comma-separated names or paths
   c.data.data_dir = "data/tfds"     # where prepared data sets live
+  # Where each benchmark's raw download lies (read once, when it is prepared).
   c.data.manual_dirs = ml_collections.ConfigDict({
       "mvtec_ad": "data/mvtec_anomaly_detection",
       "visa": "data/VisA_20220922",
@@ -66,42 +67,48 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.demo.seed = 0
   c.data.demo.image_size = 256
   c.data.demo.per_category = 30
-  c.data.worker_count = 0
-  c.data.prefetch = 2
-  c.data.skip_bad_files = False
+  c.data.worker_count = 0           # grain worker processes decoding images (0: threads only)
+  c.data.prefetch = 2               # batches decoded ahead
+  c.data.skip_bad_files = False     # unreadable images become warnings, not errors
 
   c.image_size = 512
   c.batch_size = 64                 # global batch (all processes and devices)
-  c.epochs = 100
+  c.epochs = 100                    # passes over the training set
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 1e-5
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.weight_decay = 0.01
-  c.optimizer.warmup_fraction = 0.03
+  c.optimizer.learning_rate = 1e-5  # AdamW peak learning rate
+  c.optimizer.b1 = 0.9              # AdamW first-moment decay
+  c.optimizer.b2 = 0.999            # AdamW second-moment decay
+  c.optimizer.weight_decay = 0.01   # AdamW decoupled weight decay
+  c.optimizer.warmup_fraction = 0.03   # linear warm-up over this fraction of the steps
 
   c.feature_cache = "none"          # none | memory | disk
-  c.feature_cache_dtype = "bfloat16"
+  c.feature_cache_dtype = "bfloat16"   # storage precision of cached features: bfloat16 | float32
   c.feature_cache_dir = ""          # default: <workdir>/feature_cache
 
-  c.checkpoint_every_steps = 200
-  c.checkpoints_to_keep = 2
-  c.log_every_steps = 10
+  c.checkpoint_every_steps = 200    # save a resumable checkpoint this often (and at the end)
+  c.checkpoints_to_keep = 2         # newest checkpoints kept
+  c.log_every_steps = 10            # metrics.jsonl / TensorBoard / progress line cadence
 
   c.eval = ml_collections.ConfigDict()
   c.eval.enabled = True             # evaluate after training
-  c.eval.batch_size = 16
+  c.eval.batch_size = 16            # global evaluation batch
   c.eval.image_score = "global"     # global | max | mean
-  c.eval.fpr_limit = 0.3
+  c.eval.fpr_limit = 0.3            # AUPRO integrates the PRO curve up to this FPR
   c.eval.aupro_zsad = False         # also report the ZSAD papers' AUPRO variant
-  c.eval.heatmaps_per_category = 4
+  c.eval.heatmaps_per_category = 4  # heatmap panels drawn per category
   c.eval.force = False              # evaluate a finished run again
+  # disk: each target's backbone features are stored once per (backbone,
+  # image size, layers, data set) and every later evaluation of any head runs
+  # the head only.
+  c.eval.feature_cache = "none"     # none | disk
+  c.eval.feature_cache_dtype = "float32"   # float32: cached results equal uncached ones
+  c.eval.feature_cache_dir = ""     # default: <data.data_dir>/feature_cache
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""              # folder or glob of images
   c.predict.object_name = "object"  # the prompt's object name for these images
   c.predict.threshold = -1.0        # >= 0: also write a label column
-  c.predict.batch_size = 8
+  c.predict.batch_size = 8          # images per prediction batch
 
   # Devices: a mesh ("data", "model"). The batch is split on "data"; the
   # trainable head is replicated; the frozen backbone's weights are either
@@ -113,8 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = False             # call jax.distributed.initialize() (multi-host)
   # Left empty on TPU VMs and SLURM/GPU clusters, where JAX finds them itself.
   c.coordinator_address = ""        # host:port of process 0
-  c.num_processes = 0
-  c.process_id = -1
+  c.num_processes = 0               # with coordinator_address: number of processes
+  c.process_id = -1                 # with coordinator_address: this process's index
   return c
 
 
@@ -156,7 +163,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.backbone.layers = (9, 19, 29, 39)
     c.mesh.data, c.mesh.model = -1, 4
     c.mesh.backbone_sharding = "model"
-    c.text.variant = "vit-l-14"
+    c.text.variant = "vit-l-14"       # CLIP text architecture (clip_text.VARIANTS), for random_init
   elif arg == "cpu":           # a laptop: small backbone, small images
     c.backbone.variant = "vits16"
     c.backbone.checkpoint = "checkpoints/dinov3_vits16"

@@ -22,14 +22,6 @@ EXIT_USER_ERROR = 2
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-  """The exception types the entry points print as one line.
-
-  UserError and its subclasses, plus a missing file (FileNotFoundError: the
-  message names the path) and the model's own mismatch errors.
-  """
-  from adjax import checkpointing, config_check
-  from adjax.data import layouts
-  from adjax.models import backbones, weights
-  return (UserError, FileNotFoundError, config_check.ConfigError, layouts.DataError,
-          backbones.BackboneError, weights.WeightsError,
-          checkpointing.CheckpointMismatchError)
+  """The exception types the entry points print as one line: UserError and
+  its subclasses, and a missing file (the message names the path)."""
+  return (UserError, FileNotFoundError)

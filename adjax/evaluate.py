@@ -13,9 +13,11 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from adjax import data, heatmaps, identity, metrics, reports, sharding, targets
+from adjax import data, features, heatmaps, identity, metrics, reports, run_log, sharding
+from adjax import targets
 from adjax.scorer import Scorer
 
 
@@ -50,11 +52,16 @@ class Evaluator(Scorer):
   def __init__(self, cfg, workdir: Path, towers, mesh, params, source: tuple[Path, int]):
     super().__init__(cfg, towers, mesh, params)
     self.cfg, self.workdir = cfg, workdir
+    self._steps_cached = None
     self.identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
         "towers": {"backbone": towers.backbone_id, "text": towers.text_embed.model_id},
-        "eval": {k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
+        "eval": dict({k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
+                     backbone_dtype=cfg.backbone.dtype,
+                     feature_precision=("bfloat16" if cfg.eval.feature_cache == "disk" and
+                                        cfg.eval.feature_cache_dtype == "bfloat16"
+                                        else "float32")),
         "image_size": int(cfg.image_size),
     }
 
@@ -70,17 +77,21 @@ class Evaluator(Scorer):
                                       "prepared": str(handle.data_dir)})
     # Results of another evaluation (another head, step, model or setting)
     # are never overwritten: this one then goes beside them, as name@digest.
-    name = identity.results_name(self.workdir / "results", handle.display_name, ident)
-    heat_dir = self.workdir / "heatmaps" / name
+    stem = identity.results_name(self.workdir / "results", handle.display_name, ident)
+    heat_dir = self.workdir / "heatmaps" / stem
     if main and heat_dir.exists():
       # Panels of an earlier evaluation would mislead. The other processes
       # draw only after the first eval step, which waits for this process.
       shutil.rmtree(heat_dir)
+    progress = run_log.Progress(f"evaluate {handle.display_name}", handle.num_examples,
+                                enabled=main)
+    cache = self._feature_cache(handle)
     for local in loader:
-      amap, score = self.maps(local["image"], local["category_index"], table)
+      amap, score = self._batch_maps(local, table, cache)
       mine = {"map": amap, "score": score, **{k: local[k] for k in (
           "mask", "label", "valid", "has_mask", "category_index", "index")}}
       rows = {k: sharding.all_rows(v) for k, v in mine.items()}
+      progress.update(int(rows["valid"].sum()))
       # Each process draws the chosen examples among its own rows (it has
       # their images); process 0 accumulates the metrics of every row.
       if to_draw:
@@ -92,16 +103,62 @@ class Evaluator(Scorer):
         sel = rows["valid"] & (rows["category_index"] == ci)
         acc = accs.setdefault(name, CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad))
         acc.update(rows, sel)
+    progress.close()
+    if cache is not None and not cache.complete:
+      cache.finish_epoch()
     if not main:
       return {}
     results = {name: accs[name].result() for name in sorted(accs)}
-    table_text = reports.write_reports(results, self.workdir / "results", name, ident)
-    if name != handle.display_name:
+    table_text = reports.write_reports(results, self.workdir / "results", stem, ident)
+    if stem != handle.display_name:
       print(f"\nresults/{handle.display_name}.json holds another evaluation's results; "
-            f"these go to results/{name}.*", flush=True)
+            f"these go to results/{stem}.*", flush=True)
     print(f"\n{handle.display_name}: zero-shot results ({len(results)} categories)\n"
           f"{table_text}", flush=True)
     return results
+
+  def _feature_cache(self, handle):
+    """The target's backbone features on disk (eval.feature_cache=disk), shared by
+    every head evaluated over the same backbone, image size and layers."""
+    cfg = self.cfg
+    if cfg.eval.feature_cache == "none":
+      return None
+    directory = (Path(cfg.eval.feature_cache_dir) if cfg.eval.feature_cache_dir
+                 else Path(cfg.data.data_dir) / "feature_cache")
+    cache = features.open_cache("disk", directory, self.towers.backbone_id, self.model,
+                                handle, dtype=cfg.eval.feature_cache_dtype,
+                                backbone_dtype=cfg.backbone.dtype)
+    if jax.process_index() == 0:
+      state = ("complete: the backbone is not run" if cache.complete
+               else "filled by this evaluation")
+      print(f"evaluation feature cache {cache.dir}: {state}", flush=True)
+    if not self._steps_cached:
+      self._steps_cached = (
+          self.builder.eval_step(return_features=True,
+                                 cache_dtype=jnp.dtype(cfg.eval.feature_cache_dtype)),
+          self.builder.eval_features_step())
+    return cache
+
+  def _batch_maps(self, local: dict, table, cache) -> tuple[np.ndarray, np.ndarray]:
+    if cache is None:
+      return self.maps(local["image"], local["category_index"], table)
+    filling, head_only = self._steps_cached
+    index = local["index"]
+    if cache.complete:
+      patches, cls = cache.get(index)
+      batch = sharding.global_batch({"patches": patches, "cls": cls,
+                                     "category_index": local["category_index"]},
+                                    self.mesh, {"patches": 1, "cls": 1})
+      amap, score = head_only(self.params, table, batch["patches"], batch["cls"],
+                              batch["category_index"])
+    else:
+      batch = sharding.global_batch({"image": local["image"],
+                                     "category_index": local["category_index"]}, self.mesh)
+      amap, score, (patches, cls) = filling(self.params, self.backbone_state, table,
+                                            batch["image"], batch["category_index"])
+      cache.put(sharding.all_rows(index), sharding.all_rows(patches, 1),
+                sharding.all_rows(cls, 1))
+    return sharding.local_rows(amap, 0), sharding.local_rows(score, 0)
 
   def _heatmap_indices(self, handle) -> set[int]:
     """Examples to draw: evenly spread over each category's (path-sorted) list,

@@ -13,6 +13,7 @@ import jax
 
 from adjax import atomic, checkpointing, config_check, identity, sharding, targets
 from adjax import towers as towers_lib
+from adjax.workdir_lock import WorkdirLock
 
 def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
   return Path(workdir_flag or cfg.workdir or Path("runs") / cfg.name)
@@ -56,9 +57,20 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   config_check.check(cfg, device_count=jax.device_count(),
                      process_count=jax.process_count())
   workdir = resolve_workdir(cfg, workdir_flag)
+  if cfg.mode != "train" and not cfg.init_from and not _has_checkpoints(workdir):
+    raise config_check.ConfigError(
+        f"mode={cfg.mode}: {workdir} holds no trained checkpoint; pass the trained "
+        "run's --workdir, or --config.init_from=<trained workdir>")
   main_process = jax.process_index() == 0
   if main_process:
     workdir.mkdir(parents=True, exist_ok=True)
+  # One run per workdir (process 0 holds the lock for a multi-host run).
+  with WorkdirLock(workdir, is_primary=main_process):
+    return _run(cfg, workdir, main_process)
+
+
+def _run(cfg, workdir: Path, main_process: bool) -> dict:
+  if main_process:
     print(f"workdir: {workdir}", flush=True)
     if cfg.mode == "train":
       identity.check_training(cfg, workdir, resuming=_has_checkpoints(workdir))

@@ -32,6 +32,25 @@ def cache_key(**parts) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def open_cache(mode: str, directory: Path, backbone_id: str, model, handle, *,
+               dtype: str, backbone_dtype: str) -> "FeatureCache":
+  """The cache of `handle`'s features under `model`'s backbone, size and layers.
+
+  The key holds everything that determines the features, and nothing about
+  the head: any head over the same backbone, size and layers shares it.
+  """
+  import jax
+  grid = model.grid
+  key = cache_key(
+      backbone=backbone_id, image_size=model.image_size, layers=model.layers,
+      dtype=backbone_dtype, cache_dtype=dtype, dataset=handle.name,
+      prepared=str(handle.data_dir),
+      prepared_at=(handle.data_dir / "dataset_info.json").stat().st_mtime_ns,
+      examples=handle.num_examples, process=(jax.process_index(), jax.process_count()))
+  return FeatureCache(mode, handle.num_examples, len(model.layers), grid[0] * grid[1],
+                      model.backbone.dim, dtype, directory, key)
+
+
 class FeatureCache:
   """Per-example features, indexed by the data set's example index.
 

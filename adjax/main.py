@@ -10,6 +10,9 @@ import logging as std_logging
 import os
 import sys
 
+# transformers announces at import that PyTorch is absent (it is optional).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,6 +21,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: runs/<config name>).")
+_CONFIG_HELP = flags.DEFINE_bool(
+    "config_help", False, "Print every config field with its value under --config and its "
+    "meaning, then exit.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -36,6 +42,10 @@ def main(argv) -> None:
     # result tables are printed anyway. Pass --verbosity=0 to see them.
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_DropTfdsConfigNotice())
+  if _CONFIG_HELP.value:
+    from adjax import config_doc
+    print(config_doc.text_table(_CONFIG.value))
+    return
   from adjax import errors, experiment
   try:
     experiment.run(_CONFIG.value, _WORKDIR.value)

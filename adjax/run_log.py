@@ -56,7 +56,9 @@ class RunLog:
                images_per_step: int, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.images_per_step = images_per_step
-    self._t0, self._step0 = time.perf_counter(), initial_step
+    # Rates and ETAs are measured from the end of the first step, so the
+    # compilation in it does not skew them.
+    self._t0, self._step0 = None, initial_step
     self._jsonl = self._tb = self._bar = None
     if not self.enabled:
       return
@@ -77,22 +79,28 @@ class RunLog:
   def step(self, step: int, metrics: dict[str, float], write: bool) -> None:
     if not self.enabled:
       return
-    elapsed = time.perf_counter() - self._t0
-    ips = (step - self._step0) * self.images_per_step / max(elapsed, 1e-9)
+    now = time.perf_counter()
+    if self._t0 is None:
+      self._t0, self._step0 = now, step
+    done = step - self._step0
+    elapsed = now - self._t0
+    ips = done * self.images_per_step / elapsed if done and elapsed > 0 else float("nan")
     if self._bar is not None:
       self._bar.update(1)
       self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{ips:.1f}")
     elif write:  # not a terminal (a log file): one line per logged step
-      eta = (self.total_steps - step) * elapsed / max(step - self._step0, 1)
+      eta = (f"eta {(self.total_steps - step) * elapsed / done / 60:.1f} min" if done
+             else "eta after the next step (this one compiled)")
       print(f"train step {step}/{self.total_steps}  loss {metrics['loss']:.4f}  "
-            f"{ips:.1f} img/s  eta {eta / 60:.1f} min", flush=True)
+            f"{ips:.1f} img/s  {eta}", flush=True)
     if write:
-      record = {"step": step, "images_per_s": ips, **metrics}
+      record = {"step": step, "images_per_s": ips if math.isfinite(ips) else None,
+                **metrics}
       self._jsonl.write(json.dumps(record) + "\n")
       self._jsonl.flush()
       if self._tb is not None:
         for k, v in record.items():
-          if k != "step" and math.isfinite(v):
+          if k != "step" and v is not None and math.isfinite(v):
             self._tb.add_scalar(f"train/{k}", v, step)
 
   def close(self) -> None:
@@ -102,3 +110,46 @@ class RunLog:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+class Progress:
+  """Progress of one pass over `total` images (evaluation, prediction).
+
+  A bar on a terminal; otherwise a line about every `every_s` seconds and at
+  the end, with images/s and an ETA measured after the first batch (which
+  compiles).
+  """
+
+  def __init__(self, label: str, total: int, enabled: bool = True, every_s: float = 10.0):
+    self.label, self.total, self.enabled, self.every_s = label, total, enabled, every_s
+    self.done = 0
+    self._t0 = self._first = self._last = None
+    self._bar = None
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, unit="img", dynamic_ncols=True, desc=label)
+
+  def update(self, n: int) -> None:
+    if not self.enabled:
+      return
+    now = time.perf_counter()
+    self.done += n
+    if self._t0 is None:
+      self._t0, self._first, self._last = now, self.done, now
+    if self._bar is not None:
+      self._bar.update(n)
+      return
+    if now - self._last >= self.every_s or self.done >= self.total:
+      self._last = now
+      print(f"{self.label}: {self.done}/{self.total} images  {self._rate(now)}", flush=True)
+
+  def _rate(self, now: float) -> str:
+    n, dt = self.done - self._first, now - self._t0
+    if n <= 0 or dt <= 0:
+      return "(first batch, compiling)"
+    ips = n / dt
+    return f"{ips:.1f} img/s  eta {(self.total - self.done) / ips / 60:.1f} min"
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

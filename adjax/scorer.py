@@ -21,8 +21,9 @@ class Scorer:
     self.params = jax.device_put(params, sharding.replicated(mesh))
     backbone_def, self.backbone_state, backbone_sharding = sharding.place_frozen(
         towers.backbone, mesh, cfg.mesh.backbone_sharding)
-    self.step = steps.StepBuilder(self.model, backbone_def, mesh=mesh,
-                                  backbone_sharding=backbone_sharding).eval_step()
+    self.builder = steps.StepBuilder(self.model, backbone_def, mesh=mesh,
+                                     backbone_sharding=backbone_sharding)
+    self.step = self.builder.eval_step()
 
   def maps(self, images: np.ndarray, category_index: np.ndarray, text_table) -> tuple:
     """Local numpy batch -> (maps [B, H, W], scores [B]) for this process's rows."""

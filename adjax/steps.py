@@ -126,18 +126,51 @@ class StepBuilder:
                    in_shardings=(self.state_sharding, self.backbone_sharding, rep, batch_spec),
                    out_shardings=out)
 
-  def eval_step(self):
+  def eval_step(self, *, return_features: bool = False, cache_dtype=jnp.float32):
     """step(params, backbone_state, text_table, images, category_index)
-    -> (anomaly_map [B, H, W], image_score [B])."""
+    -> (anomaly_map [B, H, W], image_score [B][, features]).
+
+    With `return_features` the backbone features are returned too (cast to
+    `cache_dtype`) for the evaluation feature cache, and the maps are
+    computed from those stored-precision features, as a later cached
+    evaluation will.
+    """
     model = self.model
 
     def step(params, backbone_state, text_table, images, category_index):
-      return model.anomaly(params, nnx.merge(self.backbone_def, backbone_state),
-                           text_table, images, category_index)
+      feats = model.features(nnx.merge(self.backbone_def, backbone_state), images)
+      if not return_features:
+        return _maps(model, params, feats, text_table, category_index)
+      stored = Features(*(x.astype(cache_dtype) for x in feats))
+      feats = Features(*(x.astype(jnp.float32) for x in stored))
+      return _maps(model, params, feats, text_table, category_index) + (tuple(stored),)
 
     if self.mesh is None:
       return jax.jit(step)
     rep = shd.replicated(self.mesh)
     b = shd.batch_sharding(self.mesh)
+    out = (b, b)
+    if return_features:
+      out = out + ((shd.batch_sharding(self.mesh, 1), shd.batch_sharding(self.mesh, 1)),)
     return jax.jit(step, in_shardings=(rep, self.backbone_sharding, rep, b, b),
-                   out_shardings=(b, b))
+                   out_shardings=out)
+
+  def eval_features_step(self):
+    """step(params, text_table, patches, cls, category_index) -> (map, score):
+    the head alone, on cached features."""
+    model = self.model
+
+    def step(params, text_table, patches, cls, category_index):
+      return _maps(model, params, Features(patches, cls), text_table, category_index)
+
+    if self.mesh is None:
+      return jax.jit(step)
+    rep = shd.replicated(self.mesh)
+    b = shd.batch_sharding(self.mesh)
+    b1 = shd.batch_sharding(self.mesh, 1)
+    return jax.jit(step, in_shardings=(rep, rep, b1, b1, b), out_shardings=(b, b))
+
+
+def _maps(model: ADModel, params, feats: Features, text_table, category_index):
+  out = model.outputs(params, feats, text_table, category_index)
+  return out["cross"], model.image_scores(out)

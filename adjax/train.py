@@ -52,7 +52,8 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   data_state = None
   if start is not None:
     state, data_state = ckpts.restore(start, checkpointing.abstract_like(state))
-    logging.info("resumed from step %d of %d", start, total_steps)
+    if jax.process_index() == 0:
+      print(f"resuming from step {start} of {total_steps}", flush=True)
   else:
     start = 0
     if cfg.init_from:
@@ -137,14 +138,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
 def _make_cache(cfg, workdir: Path, towers, model, handle):
   if cfg.feature_cache == "none":
     return None
-  grid = model.grid
-  key = features.cache_key(
-      backbone=towers.backbone_id, image_size=cfg.image_size, layers=model.layers,
-      dtype=cfg.backbone.dtype, cache_dtype=cfg.feature_cache_dtype,
-      dataset=handle.name, prepared=str(handle.data_dir),
-      prepared_at=(handle.data_dir / "dataset_info.json").stat().st_mtime_ns,
-      examples=handle.num_examples, process=(jax.process_index(), jax.process_count()))
   directory = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else workdir / "feature_cache"
-  return features.FeatureCache(
-      cfg.feature_cache, handle.num_examples, len(model.layers), grid[0] * grid[1],
-      model.backbone.dim, cfg.feature_cache_dtype, directory, key)
+  return features.open_cache(cfg.feature_cache, directory, towers.backbone_id, model, handle,
+                             dtype=cfg.feature_cache_dtype,
+                             backbone_dtype=cfg.backbone.dtype)

@@ -151,6 +151,26 @@ def test_evaluate_mode_reproduces_the_results(trained):
       assert again["results"]["family_b"][cat][k] == pytest.approx(v, abs=1e-6), (cat, k)
 
 
+def test_evaluation_feature_cache_runs_the_head_only(trained, capsys):
+  """eval.feature_cache=disk: the first evaluation stores the target's features,
+  the next one runs the head alone; both give the uncached results."""
+  cfg, workdir, out = trained
+  cfg = cfg.copy_and_resolve_references()
+  cfg.mode = "evaluate"
+  cfg.data.targets = cfg.data.targets.split(",")[0]
+  cfg.eval.feature_cache = "disk"
+  capsys.readouterr()
+  first = experiment.run(cfg, str(workdir))["results"]["family_b"]
+  assert "filled by this evaluation" in capsys.readouterr().out
+  second = experiment.run(cfg, str(workdir))["results"]["family_b"]
+  assert "complete: the backbone is not run" in capsys.readouterr().out
+  for cat, ref in out["results"]["family_b"].items():
+    for key, value in ref.items():
+      if value is not None:
+        assert first[cat][key] == pytest.approx(value, abs=1e-6), (cat, key)
+        assert second[cat][key] == pytest.approx(value, abs=1e-6), (cat, key)
+
+
 def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
   cfg, workdir, _ = trained
   src = tmp_path / "images"

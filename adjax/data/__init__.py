@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +135,11 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None,
   Args:
     name: one of `DATASETS`.
     manual_dir: root of the raw download (for `folder`: the user's root in
-      MVTec layout). Not read when the data set is already prepared, except
-      for `folder`, whose files are fingerprinted: a changed folder is
-      prepared again.
+      MVTec layout). The prepared data records the folder it came from (its
+      resolved path and a digest of its files' names, sizes and mtimes) and
+      `skip_bad_files`; a different or changed folder, or another
+      `skip_bad_files`, is prepared again. When the raw folder is gone, the
+      prepared copy is used if it came from that same path.
     data_dir: where prepared data sets live (`<data_dir>/<name>/...`).
     skip_bad_files: unreadable images or masks become warnings with a count
       (recorded in `handle.skipped`) instead of errors.
@@ -161,21 +164,39 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None,
   version_dir = Path(builder.data_dir)
   prepared = (version_dir / "dataset_info.json").is_file()
   extra: dict[str, Any] = {}
-  if name == "folder" and root.is_dir():
-    extra = {"fingerprint": fingerprint(root), "root": os.fspath(root)}
-    if prepared and builder.info.metadata.get("fingerprint") != extra["fingerprint"]:
-      log.warning("folder %s changed since it was prepared in %s; preparing "
-                  "it again", root, version_dir)
+  if root is not None and root.is_dir():
+    # What the prepared data is made from: the raw folder (resolved path and a
+    # listing digest of names, sizes and mtimes) and the options that shape it.
+    extra = {"root": os.fspath(root.resolve()), "fingerprint": fingerprint(root),
+             "skip_bad_files": bool(skip_bad_files)}
+  if prepared:
+    meta = builder.info.metadata
+    stored = {k: meta.get(k) for k in ("root", "fingerprint", "skip_bad_files")}
+    if extra and stored != extra:
+      changed = [k for k in extra if stored.get(k) != extra[k]]
+      print(f"{name}: the data prepared in {version_dir} was made from "
+            f"{stored.get('root') or 'an unrecorded source'}; {', '.join(changed)} "
+            f"differ now ({root}), so it is prepared again", flush=True)
       shutil.rmtree(version_dir)
       builder = cls(**kwargs)
       prepared = False
+    elif not extra and root is not None and stored.get("root") not in (
+        None, os.fspath(root.resolve())):
+      raise DataError(
+          f"{name}: manual_dir {root} does not exist, and the data prepared in "
+          f"{version_dir} was made from {stored['root']}; point manual_dir at the "
+          f"raw data, or at {stored['root']} to use the prepared copy")
 
   if not prepared:
     if root is None or not root.is_dir() or not any(root.iterdir()):
       raise _missing_manual_dir(cls, root)
     records = builder.scan(root)
-    log.info("%s: preparing %s from %s into %s", name, _describe(records), root,
-             version_dir)
+    print(f"{name}: preparing {_describe(records)} from {root} into {version_dir}",
+          flush=True)
+    if not sys.stderr.isatty():
+      # TFDS's bars write cursor escapes (`[A`) that litter a log file.
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      tfds.disable_progress_bar()
     _check_known(cls, sorted({r.category for r in records}), len(records))
     builder = cls(skip_bad_files=skip_bad_files, records=records,
                   extra_metadata=extra, **kwargs)

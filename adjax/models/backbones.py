@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adjax.errors import UserError
+
 # family name -> module implementing the contract above.
 FAMILIES: dict[str, str] = {
     "dinov3": "adjax.models.dinov3",
@@ -33,7 +35,7 @@ FAMILIES: dict[str, str] = {
 }
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
   """An unknown family or variant, or a checkpoint that does not match the config."""
 
 
