@@ -29,6 +29,8 @@ import numpy as np
 from flax import nnx
 
 KIND = "dinov3"
+PIXEL_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as the release normalises
+PIXEL_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,15 @@ class DinoV3Config:
   @property
   def head_dim(self) -> int:
     return self.dim // self.num_heads
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """cls + registers, the tokens before the patches."""
+    return 1 + self.num_registers
+
+  @property
+  def cls_index(self) -> int:
+    return 0
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
