@@ -176,3 +176,73 @@ def apply_rules(
   if problems:
     raise ConversionError(f"{origin}: cannot convert:\n  " + "\n  ".join(problems))
   return out
+
+
+# ------------------------------------------------ Hugging Face directories
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+
+
+@dataclasses.dataclass
+class Source:
+  """Flat tensors plus what is known about them besides their shapes."""
+  tensors: dict[str, np.ndarray]
+  origin: str  # for messages
+  file_name: str
+  sha256: str
+  hf_config: dict | None = None
+
+
+def read_file_source(path: str | os.PathLike) -> Source:
+  """A single checkpoint file (.pth/.pt/.bin/.safetensors) as a Source."""
+  path = Path(path)
+  return Source(read_state_dict(path), str(path), path.name, sha256_file(path))
+
+
+def read_hf_dir(path: str | os.PathLike, model_types: Sequence[str], what: str) -> Source:
+  """A Hugging Face model directory: config.json + weights, possibly sharded.
+
+  `model_types`: accepted `model_type`s of config.json (a missing
+  config.json is accepted; the layout is then known from the keys alone).
+  `what`: the expected model, for messages ("a Hugging Face Dinov2Model").
+  A sharded checkpoint's digest is the sha256 of its shards' digests in
+  name order.
+  """
+  import json
+  path = Path(path)
+  present = [path / f for f in HF_WEIGHT_FILES if (path / f).is_file()]
+  if not present:
+    raise ConversionError(
+        f"{path}: no weights found; expected one of {list(HF_WEIGHT_FILES)} ({what} "
+        "directory) or pass the checkpoint file itself")
+  hf_config = None
+  if (path / "config.json").is_file():
+    hf_config = json.loads((path / "config.json").read_text())
+    if hf_config.get("model_type") not in (None, *model_types):
+      raise ConversionError(
+          f"{path / 'config.json'}: model_type {hf_config.get('model_type')!r}, "
+          f"expected one of {list(model_types)} ({what})")
+  weights = present[0]
+  if not weights.name.endswith(".index.json"):
+    return Source(read_state_dict(weights), str(weights), weights.name,
+                  sha256_file(weights), hf_config)
+  shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+  tensors = {}
+  for shard in shards:
+    tensors.update(read_state_dict(path / shard))
+  digest = hashlib.sha256("".join(sha256_file(path / s) for s in shards).encode()).hexdigest()
+  return Source(tensors, str(path), weights.name, digest, hf_config)
+
+
+def download_hf_repo(repo_id: str, example: str) -> Path:
+  """Fetches a hub repo's json and safetensors files; ConversionError if it cannot."""
+  try:
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
+  except Exception as e:  # offline, unknown repo, gated repo: all reported alike
+    raise ConversionError(
+        f"--src {repo_id}: not a local path, and fetching it from the Hugging Face "
+        f"hub failed (hub unreachable, repo unknown or gated?): {type(e).__name__}: "
+        f"{e}. Download the checkpoint yourself and pass the local file or "
+        f"directory (config.json + model.safetensors), e.g. for {example}") from e

@@ -1,0 +1,331 @@
+"""Converts a DINOv2 ViT checkpoint (Meta .pth or Hugging Face) for adjax.
+
+  python -m converters.dinov2 --src SRC --dst DIR [--variant NAME] [--num-heads N]
+      [--pos-interpolation {meta,hf}] [--overwrite]
+
+SRC is one of
+- an official Meta hub checkpoint file, e.g. dinov2_vitl14_reg4_pretrain.pth
+  (`cls_token`, `pos_embed`, `register_tokens`, `blocks.N.attn.qkv`,
+  `blocks.N.ls1.gamma`, `blocks.N.mlp.fc1` or the fused SwiGLU
+  `blocks.N.mlp.w12`/`w3`; chunked `blocks.C.N.*` names are accepted);
+- a Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel` directory
+  (config.json + model.safetensors or pytorch_model.bin, possibly sharded),
+  in the names `save_pretrained` writes (`attention.attention.query`,
+  `mlp.weights_in`) or those of the loaded modules (`attention.q_proj`,
+  `mlp.gate_proj`);
+- a hub repo id such as facebook/dinov2-small, fetched with huggingface_hub
+  when the hub is reachable.
+
+The architecture is inferred from the tensor shapes; the head count comes
+from config.json or, for a Meta file, from the released variant the shapes
+match (`--num-heads` or `--variant` otherwise). The position-embedding
+resize follows the source's own reference (see adjax.models.dinov2):
+`hf` = transformers (by size; antialiased for the register model), `meta` =
+Meta's hub (offset 0.1 without registers; by size, antialiased with them);
+`--pos-interpolation` picks the other. DIR receives the parameters as NNX
+paths of `adjax.models.dinov2.DinoV2` and a config.json with the
+architecture, the variant, the source file name and its sha256, written
+atomically: a failed conversion leaves nothing at DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from converters.common import (ConversionError, Rule, Source, apply_rules, conv_kernel,
+                               download_hf_repo, linear_kernel, read_file_source,
+                               read_hf_dir)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
+                       r"text_projection|logit_scale)(\.|$)")
+_HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+# ----------------------------------------------------------------- reading
+
+def read_source(src: str) -> Source:
+  path = Path(src)
+  what = "a Hugging Face Dinov2Model or Dinov2WithRegistersModel"
+  if path.is_file():
+    source = read_file_source(path)
+  elif path.is_dir():
+    source = read_hf_dir(path, _HF_MODEL_TYPES, what)
+  elif _HUB_ID.match(src) and not src.startswith((".", "/", "~")):
+    source = read_hf_dir(download_hf_repo(src, "facebook/dinov2-small"), _HF_MODEL_TYPES, what)
+  else:
+    raise ConversionError(
+        f"--src {src}: no such file or directory (and not a hub repo id like "
+        "'facebook/dinov2-small')")
+  # Meta's block_chunks > 0 layout, blocks.C.N.*, with global block indices N.
+  if any(_CHUNKED.match(k) for k in source.tensors):
+    source.tensors = {_CHUNKED.sub(r"blocks.\1.", k): v for k, v in source.tensors.items()}
+  return source
+
+
+# ---------------------------------------------------------------- layouts
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Source names of one checkpoint family; `{i}` is the block index."""
+  name: str  # "meta" or "hf"
+  cls: str
+  pos: str
+  registers: str
+  patch: str
+  norm: str
+  block: str
+  qkv: tuple[str, ...]  # one fused Linear, or query, key, value
+  proj: str
+  ls1: str
+  ls2: str
+  mlp: tuple[str, str]  # fc1, fc2
+  swiglu: tuple[str, ...]  # fused (gate|up, down) or (gate, up, down)
+  ignore: tuple[str, ...]
+
+
+META = Layout(
+    "meta", "cls_token", "pos_embed", "register_tokens", "patch_embed.proj", "norm",
+    "blocks.{i}.", ("attn.qkv",), "attn.proj", "ls1.gamma", "ls2.gamma",
+    ("mlp.fc1", "mlp.fc2"), ("mlp.w12", "mlp.w3"),
+    (r"mask_token",))  # masked-image training only
+
+# As `save_pretrained` writes them (and the hub holds them).
+HF = Layout(
+    "hf", "embeddings.cls_token", "embeddings.position_embeddings",
+    "embeddings.register_tokens", "embeddings.patch_embeddings.projection", "layernorm",
+    "encoder.layer.{i}.",
+    ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+    "attention.output.dense", "layer_scale1.lambda1", "layer_scale2.lambda1",
+    ("mlp.fc1", "mlp.fc2"), ("mlp.weights_in", "mlp.weights_out"),
+    (r"embeddings\.mask_token",))
+
+# As transformers 5's modules name them (a `model.state_dict()` saved with torch).
+HF_MODULES = dataclasses.replace(
+    HF, qkv=("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    proj="attention.o_proj", swiglu=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+
+
+def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
+  keys = set(tensors)
+  sample = sorted(keys)[:6]
+  if "storage_tokens" in keys or "rope_embed.periods" in keys or any(
+      k.startswith("model.layer.") for k in keys):
+    raise ConversionError(
+        f"{origin}: a DINOv3 checkpoint (storage tokens / RoPE), not DINOv2; convert it "
+        "with converters.dinov3 instead")
+  if "cls_token" in keys and "blocks.0.norm1.weight" in keys:
+    if "pos_embed" not in keys:
+      raise ConversionError(f"{origin}: Meta-style keys but no pos_embed; not a DINOv2 ViT")
+    return META
+  if "embeddings.cls_token" in keys:
+    return HF if "encoder.layer.0.attention.attention.query.weight" in keys else HF_MODULES
+  if any(_CLIP_KEY.search(k) for k in keys):
+    raise ConversionError(
+        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
+        "not a DINOv2 ViT; convert it with converters.clip_text instead")
+  raise ConversionError(
+      f"{origin}: not a DINOv2 checkpoint: found neither the Meta keys "
+      "(cls_token, pos_embed, blocks.N.*) nor the Hugging Face keys "
+      f"(embeddings.cls_token, encoder.layer.N.*); first keys: {sample}")
+
+
+# ---------------------------------------------------------- architecture
+
+_ARCH_FIELDS = ("dim", "depth", "ffn", "ffn_hidden", "patch_size", "num_registers",
+                "native_grid")
+
+
+def interpolation(source_format: str, num_registers: int) -> dict:
+  """The position-embedding resize of a reference (adjax.models.dinov2)."""
+  if source_format == "hf":
+    return dict(interpolate_offset=0.0, interpolate_antialias=num_registers > 0)
+  if num_registers:
+    return dict(interpolate_offset=0.0, interpolate_antialias=True)
+  return dict(interpolate_offset=0.1, interpolate_antialias=False)
+
+
+def infer_config(src: Source, layout: Layout, variant: str | None,
+                 num_heads: int | None = None, pos_interpolation: str | None = None):
+  """DinoV2Config from the shapes (+ config.json / num_heads), or --variant."""
+  from adjax.models.dinov2 import VARIANTS, DinoV2Config
+  t = src.tensors
+  hc = src.hf_config or {}
+  block_re = re.compile(re.escape(layout.block).replace(r"\{i\}", r"(\d+)"))
+  indices = [int(m.group(1)) for k in t if (m := block_re.match(k))]
+  b0 = layout.block.format(i=0)
+  swiglu = f"{b0}{layout.swiglu[0]}.weight" in t
+  fc1 = f"{b0}{(layout.swiglu if swiglu else layout.mlp)[0]}.weight"
+  needed = [layout.cls, layout.pos, f"{layout.patch}.weight", fc1]
+  absent = [k for k in needed if k not in t]
+  if absent or not indices:
+    raise ConversionError(
+        f"{src.origin}: cannot infer the architecture: missing source keys "
+        f"{absent or [b0 + '*']} ({layout.name} layout)")
+  positions = t[layout.pos].shape[-2] - 1
+  grid = math.isqrt(positions)
+  if grid * grid != positions:
+    raise ConversionError(
+        f"{src.origin}: {layout.pos} has {positions} patch positions, not a square grid")
+  hidden = t[fc1].shape[0]
+  fused = swiglu and len(layout.swiglu) == 2  # gate and up in one matrix
+  facts = dict(dim=t[layout.cls].shape[-1], depth=1 + max(indices),
+               ffn="swiglu" if swiglu else "mlp",
+               ffn_hidden=hidden // 2 if fused else hidden,
+               patch_size=t[f"{layout.patch}.weight"].shape[-1],
+               num_registers=t[layout.registers].shape[-2] if layout.registers in t else 0,
+               native_grid=grid)
+  if hc:
+    act = hc.get("hidden_act", "gelu")
+    if not swiglu and act != "gelu":
+      raise ConversionError(
+          f"{src.origin}: hidden_act {act!r}; adjax's DINOv2 MLP uses exact 'gelu'")
+    if hc.get("qkv_bias", True) is False:
+      raise ConversionError(f"{src.origin}: qkv_bias is false; DINOv2 has q, k, v biases")
+    if num_heads is None:
+      num_heads = hc.get("num_attention_heads")
+    facts["layer_norm_eps"] = float(hc.get("layer_norm_eps", 1e-6))
+  interp = interpolation(pos_interpolation or layout.name, facts["num_registers"])
+  if variant is not None:
+    if variant not in VARIANTS:
+      raise ConversionError(f"--variant {variant!r}: unknown; known: {sorted(VARIANTS)}")
+    return dataclasses.replace(VARIANTS[variant], **interp)
+  for v in VARIANTS.values():
+    if (all(getattr(v, k) == facts[k] for k in _ARCH_FIELDS)
+        and facts.get("layer_norm_eps", v.layer_norm_eps) == v.layer_norm_eps
+        and num_heads in (None, v.num_heads)):
+      return dataclasses.replace(v, **interp)
+  if num_heads is None:
+    raise ConversionError(
+        f"{src.origin}: shapes {facts} match no released DINOv2 variant and the head "
+        f"count is not stored; pass --num-heads (released models use head dim 64) or "
+        f"--variant (one of {sorted(VARIANTS)})")
+  try:
+    return DinoV2Config(num_heads=num_heads, name="custom", **facts, **interp)
+  except ValueError as e:
+    raise ConversionError(f"{src.origin}: {e}") from e
+
+
+# ----------------------------------------------------------------- rules
+
+def _stacked(depth: int, keys: Sequence[str], fn: Callable = lambda x: x) -> Rule:
+  """Rule stacking fn(*block_i_tensors) over blocks; keys contain `{i}`."""
+  per_block = [tuple(k.format(i=i) for k in keys) for i in range(depth)]
+  n = len(keys)
+
+  def stack(*arrays):
+    return np.stack([fn(*arrays[i * n:(i + 1) * n]) for i in range(depth)])
+  return Rule(tuple(k for ks in per_block for k in ks), stack)
+
+
+def _half(part: int, fn: Callable = lambda x: x) -> Callable:
+  """Half `part` (0: gate, 1: up) of a fused [2h, ...] gate|up tensor."""
+  def take(x):
+    h = x.shape[0] // 2
+    return fn(x[part * h:(part + 1) * h])
+  return take
+
+
+def build_rules(config, layout: Layout) -> tuple[dict, list]:
+  """Target path -> Rule, and the source keys deliberately ignored."""
+  depth, blk = config.depth, layout.block
+  rules = {
+      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
+      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
+      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
+      "pos_embed": Rule((layout.pos,), lambda x: x.reshape(x.shape[-2:])),
+      "norm/scale": Rule((f"{layout.norm}.weight",)),
+      "norm/bias": Rule((f"{layout.norm}.bias",)),
+      "blocks/ls1": _stacked(depth, [blk + layout.ls1]),
+      "blocks/ls2": _stacked(depth, [blk + layout.ls2]),
+      "blocks/attn/proj/kernel": _stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
+      "blocks/attn/proj/bias": _stacked(depth, [f"{blk}{layout.proj}.bias"]),
+      "blocks/attn/qkv/kernel": _stacked(
+          depth, [f"{blk}{n}.weight" for n in layout.qkv],
+          lambda *w: linear_kernel(np.concatenate(w))),
+      "blocks/attn/qkv/bias": _stacked(
+          depth, [f"{blk}{n}.bias" for n in layout.qkv], lambda *b: np.concatenate(b)),
+  }
+  if config.num_registers:
+    rules["register_tokens"] = Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:]))
+  for n in ("norm1", "norm2"):
+    rules[f"blocks/{n}/scale"] = _stacked(depth, [f"{blk}{n}.weight"])
+    rules[f"blocks/{n}/bias"] = _stacked(depth, [f"{blk}{n}.bias"])
+  if config.ffn == "mlp":
+    pairs = [("fc1", layout.mlp[0], lambda x: x), ("fc2", layout.mlp[1], lambda x: x)]
+  elif len(layout.swiglu) == 2:  # w1 = gate = first half, w2 = up = second half
+    fused, down = layout.swiglu
+    pairs = [("w1", fused, _half(0)), ("w2", fused, _half(1)), ("w3", down, lambda x: x)]
+  else:
+    pairs = [(ours, theirs, lambda x: x) for ours, theirs in zip(("w1", "w2", "w3"),
+                                                                   layout.swiglu)]
+  for ours, theirs, pick in pairs:
+    rules[f"blocks/ffn/{ours}/kernel"] = _stacked(
+        depth, [f"{blk}{theirs}.weight"], lambda w, pick=pick: linear_kernel(pick(w)))
+    rules[f"blocks/ffn/{ours}/bias"] = _stacked(depth, [f"{blk}{theirs}.bias"], pick)
+  return rules, list(layout.ignore)
+
+
+# --------------------------------------------------------------- convert
+
+def convert(src: str, dst: str, variant: str | None = None, overwrite: bool = False,
+            num_heads: int | None = None, pos_interpolation: str | None = None) -> Path:
+  """Converts `src` into the directory `dst`; raises ConversionError."""
+  from flax import nnx
+
+  from adjax.models import dinov2, weights
+  if Path(dst).exists() and not overwrite:
+    raise ConversionError(f"--dst {dst}: already exists; pass --overwrite to replace it")
+  source = read_source(src)
+  layout = detect_layout(source.tensors, source.origin)
+  config = infer_config(source, layout, variant, num_heads, pos_interpolation)
+  model = nnx.eval_shape(lambda: dinov2.DinoV2(config, rngs=nnx.Rngs(0)))
+  rules, ignore = build_rules(config, layout)
+  flat = apply_rules(rules, source.tensors, weights.param_shapes(model), ignore=ignore,
+                     origin=source.origin)
+  meta = dict(config.to_dict(), kind=dinov2.KIND, variant=config.name,
+              source=source.file_name, source_sha256=source.sha256,
+              source_format=layout.name)
+  return weights.save(dst, flat, meta, overwrite=overwrite)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from adjax.models.dinov2 import VARIANTS
+  parser = argparse.ArgumentParser(
+      prog="python -m converters.dinov2", description=__doc__.split("\n")[0])
+  parser.add_argument("--src", required=True,
+                      help="Meta .pth file, HF Dinov2Model directory or hub repo id")
+  parser.add_argument("--dst", required=True, help="output directory (created atomically)")
+  parser.add_argument("--variant", choices=sorted(VARIANTS),
+                      help="force a variant instead of inferring it from the shapes")
+  parser.add_argument("--num-heads", type=int,
+                      help="head count of a non-released architecture in a Meta file")
+  parser.add_argument("--pos-interpolation", choices=("meta", "hf"),
+                      help="position-embedding resize of that reference (default: the "
+                      "source's own)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+  args = parser.parse_args(argv)
+  try:
+    out = convert(args.src, args.dst, args.variant, args.overwrite, args.num_heads,
+                  args.pos_interpolation)
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  cfg = json.loads((out / "config.json").read_text())
+  print(f"wrote {out} (variant {cfg['variant']}, {cfg['depth']} blocks, dim {cfg['dim']}, "
+        f"{cfg['num_registers']} registers, from {cfg['source_format']} {cfg['source']})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
