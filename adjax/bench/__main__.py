@@ -13,6 +13,7 @@ BENCHMARKS = {
     "pipeline": "input pipeline throughput",
     "metrics": "evaluation metrics",
     "train": "train step",
+    "heads": "evaluating N heads on one target, with and without the feature cache",
 }
 
 
