@@ -8,6 +8,7 @@ heatmap panels per category under `<workdir>/heatmaps/<dataset>/<category>/`.
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
-from adjax import data, features, heatmaps, identity, metrics, reports, run_log, sharding
-from adjax import targets
+from adjax import atomic, data, features, heatmaps, html_report, identity, metrics, reports
+from adjax import run_log, sharding, targets
 from adjax.scorer import Scorer
 
 
@@ -28,9 +30,13 @@ class CategoryMetrics:
   for the image-level metrics and are left out of the pixel-level ones.
   """
 
-  def __init__(self, fpr_limit: float, zsad_aupro: bool):
+  def __init__(self, fpr_limit: float, zsad_aupro: bool, extremes: int = 0):
     self.images = metrics.MetricAccumulator(fpr_limit=fpr_limit)
     self.pixels = metrics.MetricAccumulator(fpr_limit=fpr_limit, zsad_aupro=zsad_aupro)
+    self.extremes = extremes
+    # (score, example index, map, mask) of the highest- and lowest-scoring images.
+    self.high: list[tuple] = []
+    self.low: list[tuple] = []
 
   def update(self, rows: dict, sel: np.ndarray) -> None:
     self.images.update(rows["score"][sel], rows["label"][sel])
@@ -38,12 +44,25 @@ class CategoryMetrics:
     if known.any():
       self.pixels.update(rows["score"][known], rows["label"][known], rows["map"][known],
                          rows["mask"][known])
+    if self.extremes:
+      for i in np.flatnonzero(sel):
+        item = (float(rows["score"][i]), int(rows["index"][i]), rows["map"][i],
+                rows["mask"][i])
+        self.high = sorted(self.high + [item], key=lambda t: -t[0])[:self.extremes]
+        self.low = sorted(self.low + [item], key=lambda t: t[0])[:self.extremes]
 
-  def result(self) -> dict:
-    pixel = self.pixels.result()
-    out = {k: v for k, v in pixel.items() if k.startswith("pixel_")}
-    out.update({k: v for k, v in self.images.result().items() if k.startswith("image_")})
-    return out
+  def result(self) -> tuple[dict, dict]:
+    """(metrics, details): details holds the F1-max thresholds and the curves."""
+    pixel = self.pixels.result(details=True)
+    image = self.images.result(details=True)
+    out = {k: v for k, v in pixel.items() if k in metrics.METRIC_KEYS + (metrics.ZSAD_KEY,)
+           and k.startswith("pixel_")}
+    out.update({k: v for k, v in image.items() if k in metrics.METRIC_KEYS
+                and k.startswith("image_")})
+    details = {"image_threshold": image.get("image_threshold"),
+               "pixel_threshold": pixel.get("pixel_threshold"),
+               "image_curve": image.get("image_curve"), "pixel_curve": pixel.get("pixel_curve")}
+    return out, details
 
 
 class Evaluator(Scorer):
@@ -53,6 +72,8 @@ class Evaluator(Scorer):
     super().__init__(cfg, towers, mesh, params)
     self.cfg, self.workdir = cfg, workdir
     self._steps_cached = None
+    # data set -> category -> {"image", "pixel"}: the F1-max thresholds.
+    self.thresholds: dict[str, dict] = {}
     self.identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
@@ -101,21 +122,51 @@ class Evaluator(Scorer):
       for ci in np.unique(rows["category_index"][rows["valid"]]):
         name = handle.categories[ci]
         sel = rows["valid"] & (rows["category_index"] == ci)
-        acc = accs.setdefault(name, CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad))
+        acc = accs.setdefault(name, CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad,
+                                                    cfg.eval.report_panels))
         acc.update(rows, sel)
     progress.close()
     if cache is not None and not cache.complete:
       cache.finish_epoch()
     if not main:
       return {}
-    results = {name: accs[name].result() for name in sorted(accs)}
+    outcome = {name: accs[name].result() for name in sorted(accs)}
+    results = {name: res for name, (res, _) in outcome.items()}
+    details = {name: d for name, (_, d) in outcome.items()}
     table_text = reports.write_reports(results, self.workdir / "results", stem, ident)
+    self._write_html(handle, stem, ident, results, details, accs)
+    self.thresholds[handle.display_name] = {
+        name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
+        for name, d in details.items()}
     if stem != handle.display_name:
       print(f"\nresults/{handle.display_name}.json holds another evaluation's results; "
             f"these go to results/{stem}.*", flush=True)
     print(f"\n{handle.display_name}: zero-shot results ({len(results)} categories)\n"
           f"{table_text}", flush=True)
     return results
+
+  def _write_html(self, handle, stem: str, ident: dict, results: dict, details: dict,
+                  accs: dict) -> None:
+    """results/<stem>.html: table, ROC / PR curves and extreme panels per category."""
+    panels = {}
+    for name, acc in accs.items():
+      panels[name] = [
+          (f"{kind} score {score:.4f}: {_as_str(handle.source[index]['path'])}",
+           heatmaps.png_bytes(heatmaps.panel(self._image_at(handle, index), amap, mask)))
+          for kind, items in (("highest", acc.high), ("lowest", acc.low))
+          for score, index, amap, mask in items]
+    curves = {name: {"image": d["image_curve"], "pixel": d["pixel_curve"]}
+              for name, d in details.items()}
+    summary = reports.summarize(results)
+    page = html_report.evaluation_html(
+        f"{handle.display_name}: zero-shot results",
+        {**summary["categories"], "mean": summary["mean"]}, curves, panels, ident,
+        list(summary["mean"]))
+    atomic.write_text(self.workdir / "results" / f"{stem}.html", page)
+
+  def _image_at(self, handle, index: int) -> np.ndarray:
+    with Image.open(io.BytesIO(handle.source[index]["image"])) as img:
+      return data.images.preprocess_image(img, self.model.image_size)
 
   def _feature_cache(self, handle):
     """The target's backbone features on disk (eval.feature_cache=disk), shared by

@@ -53,7 +53,11 @@ def panel(rgb: np.ndarray, amap: np.ndarray, mask: np.ndarray | None = None) -> 
   return np.concatenate(row, axis=1)
 
 
-def save_png(path: Path, pixels: np.ndarray) -> None:
+def png_bytes(pixels: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(pixels).save(buf, format="PNG")
-  atomic.write_bytes(path, buf.getvalue())
+  return buf.getvalue()
+
+
+def save_png(path: Path, pixels: np.ndarray) -> None:
+  atomic.write_bytes(path, png_bytes(pixels))

@@ -130,6 +130,39 @@ def test_train_then_evaluate_writes_everything(trained, capsys):
   assert list((workdir / "tensorboard").glob("events.*"))
 
 
+def test_evaluation_html_report_has_every_curve_and_panel(trained):
+  """results/<data set>.html: the table, ROC and PR curves at image and pixel
+  level for every category, and the highest- and lowest-scoring panels."""
+  from html.parser import HTMLParser
+  _, workdir, out = trained
+
+  class Parser(HTMLParser):
+    def __init__(self):
+      super().__init__()
+      self.section, self.curves, self.images, self.rows = None, {}, {}, 0
+
+    def handle_starttag(self, tag, attrs):
+      a = dict(attrs)
+      if tag == "section" and a.get("class") == "category":
+        self.section = a["id"]
+      elif tag == "svg" and self.section:
+        self.curves.setdefault(self.section, []).append(a["data-title"])
+      elif tag == "img" and self.section:
+        assert a["src"].startswith("data:image/png;base64,")   # self-contained
+        self.images[self.section] = self.images.get(self.section, 0) + 1
+      elif tag == "tr":
+        self.rows += 1
+
+  parser = Parser()
+  parser.feed((workdir / "results" / "family_b.html").read_text())
+  categories = sorted(out["results"]["family_b"])
+  assert parser.rows == 1 + len(categories) + 1          # header, categories, mean
+  for cat in categories:
+    assert parser.curves[cat] == ["image ROC", "image precision-recall", "pixel ROC",
+                                  "pixel precision-recall"], cat
+    assert parser.images[cat] == 2 * 2                   # 2 highest + 2 lowest
+
+
 def test_absent_targets_are_listed_not_fatal(trained):
   _, _, out = trained
   assert "mpdd" not in out["results"]

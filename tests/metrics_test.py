@@ -301,3 +301,34 @@ def test_image_only_updates():
   for k in ("auroc", "ap", "f1max"):
     _assert_close(got["image_" + k], img[k], k)
   assert got["pixel_auroc"] is None and got["pixel_aupro"] is None
+
+
+def test_thresholds_and_curves_against_sklearn():
+  """`result(details=True)`: the F1-max threshold and the ROC / PR points agree
+  with scikit-learn's curves (image level, and pixel level with ties)."""
+  from sklearn.metrics import precision_recall_curve, roc_curve
+  rng = np.random.default_rng(7)
+  n = 40
+  labels = (rng.random(n) < 0.4).astype(int)
+  scores = np.round(rng.random(n) + 0.5 * labels, 2)       # ties
+  maps = np.round(rng.random((n, 8, 8)).astype(np.float32), 2)
+  masks = np.zeros((n, 8, 8), np.float32)
+  masks[labels == 1, 2:5, 3:6] = 1
+  maps = maps + masks * 0.3
+  acc = metrics.MetricAccumulator()
+  acc.update(scores, labels, maps, masks)
+  res = acc.result(details=True)
+  for prefix, y, s in (("image", labels, scores.astype(np.float64)),
+                       ("pixel", masks.ravel(), maps.ravel().astype(np.float32))):
+    prec, rec, thr = precision_recall_curve(y, s)
+    f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-300)
+    assert res[f"{prefix}_threshold"] == pytest.approx(float(thr[np.argmax(f1)]))
+    pred = s >= res[f"{prefix}_threshold"]
+    tp = np.sum(pred & (y == 1))
+    assert 2 * tp / (pred.sum() + y.sum()) == pytest.approx(res[f"{prefix}_f1max"])
+    curve = res[f"{prefix}_curve"]
+    fpr, tpr, roc_thr = roc_curve(y, s, drop_intermediate=False)
+    for t, x, r, p in curve:
+      i = int(np.flatnonzero(roc_thr == np.float64(t).astype(s.dtype))[0])
+      assert (x, r) == pytest.approx((fpr[i], tpr[i]))
+      assert p == pytest.approx(np.sum((s >= t) & (y == 1)) / np.sum(s >= t))

@@ -78,6 +78,10 @@ class _Pages:
     return out
 
 
+# Points per sweep block kept for the ROC / PR plots of the reports.
+CURVE_POINTS = 256
+
+
 class MetricAccumulator:
   """Exact image- and pixel-level metrics of one category, fed in batches.
 
@@ -191,28 +195,40 @@ class MetricAccumulator:
     self._image_labels.append(labels)
     self._num_images += scores.shape[0]
 
-  def result(self) -> dict[str, float | None]:
-    """Metrics over everything added so far (floats in [0, 1] or None)."""
+  def result(self, details: bool = False) -> dict[str, float | None]:
+    """Metrics over everything added so far (floats in [0, 1] or None).
+
+    With `details`, also `image_threshold` / `pixel_threshold` (the score at
+    which F1-max is reached: scores >= it are anomalous) and `image_curve` /
+    `pixel_curve` (rows of threshold, FPR, recall, precision; see
+    `curves.RankingSweep`), where defined.
+    """
     out = dict.fromkeys(METRIC_KEYS)
+    points = CURVE_POINTS if details else 0
     if self.zsad_aupro:
       out[ZSAD_KEY] = None
     if self._num_images:
       scores = np.concatenate(self._image_scores)
       labels = np.concatenate(self._image_labels)
-      sweep = curves.RankingSweep(np.sort(scores[~labels]), int(labels.sum()))
+      sweep = curves.RankingSweep(np.sort(scores[~labels]), int(labels.sum()),
+                                  curve_points=points)
       sweep.feed(*curves.distinct_descending(scores[labels]))
       image = sweep.finish()
       out.update(image_auroc=image["auroc"], image_ap=image["ap"],
                  image_f1max=image["f1max"])
+      if details:
+        out.update(image_threshold=image.get("f1_threshold"), image_curve=image["curve"])
     if self._has_maps:
-      pixel = self._pixel_metrics()
+      pixel = self._pixel_metrics(points)
       out.update(pixel_auroc=pixel["auroc"], pixel_ap=pixel["ap"],
                  pixel_f1max=pixel["f1max"], pixel_aupro=pixel["aupro"])
       if self.zsad_aupro:
         out[ZSAD_KEY] = pixel["aupro_zsad"]
+      if details:
+        out.update(pixel_threshold=pixel.get("f1_threshold"), pixel_curve=pixel["curve"])
     return out
 
-  def _pixel_metrics(self) -> dict[str, float | None]:
+  def _pixel_metrics(self, curve_points: int = 0) -> dict[str, float | None]:
     normal = self._normal.gather()
     normal.sort()
     keys = self._anomalous.gather()
@@ -226,7 +242,7 @@ class MetricAccumulator:
         lo, hi = min(lo, float(normal[0])), max(hi, float(normal[-1]))
       zsad = curves.zsad_thresholds(lo, hi, self.zsad_steps)
     sweep = curves.RankingSweep(normal, keys.size, self._num_regions,
-                                self.fpr_limit, zsad)
+                                self.fpr_limit, zsad, curve_points=curve_points)
     for block in _blocks_descending(keys, self.block_size):
       sweep.feed(*block)
     return sweep.finish()

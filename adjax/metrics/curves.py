@@ -84,7 +84,11 @@ class RankingSweep:
   """
 
   def __init__(self, negatives: np.ndarray, n_pos: int, n_regions: int = 0,
-               fpr_limit: float = 0.3, zsad: np.ndarray | None = None):
+               fpr_limit: float = 0.3, zsad: np.ndarray | None = None,
+               curve_points: int = 0):
+    self._curve_points = int(curve_points)
+    self._curve: list[np.ndarray] = []
+    self._f1_threshold = None
     self._neg = negatives
     self._n_neg = int(negatives.shape[0])
     self._n_pos = int(n_pos)
@@ -128,7 +132,18 @@ class RankingSweep:
     tp = self._tp + np.cumsum(counts)
     # Precision and recall at each distinct positive score, as scikit-learn.
     self._ap += float(np.sum(counts * (tp / (tp + ge)))) / self._n_pos
-    self._f1 = max(self._f1, float(np.max(2.0 * tp / (tp + ge + self._n_pos))))
+    f1 = 2.0 * tp / (tp + ge + self._n_pos)
+    best = int(np.argmax(f1))
+    if self._f1_threshold is None or f1[best] > self._f1:
+      # Predicting "anomalous" for scores >= this value reaches F1-max.
+      self._f1, self._f1_threshold = float(f1[best]), float(values[best])
+    if self._curve_points:
+      # (threshold, FPR, recall, precision) at up to curve_points scores per block.
+      pick = np.unique(np.linspace(0, values.shape[0] - 1,
+                                   min(values.shape[0], self._curve_points)).astype(int))
+      self._curve.append(np.stack([values[pick].astype(np.float64),
+                                   ge[pick] / max(self._n_neg, 1), tp[pick] / self._n_pos,
+                                   tp[pick] / (tp[pick] + ge[pick])], axis=1))
     self._tp = int(tp[-1])
     if self._n_regions:
       cum_w = self._w + np.cumsum(weights)
@@ -173,7 +188,10 @@ class RankingSweep:
     self._zsad_w[hit] = cum_w[n_above[hit] - 1]
 
   def finish(self) -> dict[str, float | None]:
-    """Returns auroc, ap, f1max, aupro and aupro_zsad (None where undefined)."""
+    """Returns auroc, ap, f1max, aupro and aupro_zsad (None where undefined);
+    with positives also `f1_threshold` (scores >= it are called anomalous at
+    F1-max) and, when `curve_points` was set, `curve`: rows (threshold, FPR,
+    recall, precision) at decreasing thresholds, for ROC and PR plots."""
     if self._tp != self._n_pos:
       raise AssertionError(f"fed {self._tp} positives, expected {self._n_pos}")
     out: dict[str, float | None] = dict(
@@ -183,6 +201,11 @@ class RankingSweep:
       out["f1max"] = _unit(self._f1)
       if self._n_neg:
         out["auroc"] = _unit(self._rank_sum / (2 * self._n_pos * self._n_neg))
+    if self._n_pos:
+      out["f1_threshold"] = self._f1_threshold
+    if self._curve_points:
+      out["curve"] = (np.concatenate(self._curve) if self._curve
+                      else np.zeros((0, 4)))
     if self._n_regions and self._n_neg:
       if not self._pro_done:
         # Lowest threshold: every pixel is above it.
