@@ -247,12 +247,13 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, **kwargs) -> dic
   from adjax import atomic
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
-  if fmt == "onnx":
+  # Fail before the towers are built. jax.export's serialization needs flatbuffers.
+  needed = ("jax2onnx", "onnx") if fmt == "onnx" else ("flatbuffers",)
+  for module in needed:
     try:
-      import jax2onnx  # noqa: F401  (fail before the towers are built)
-      import onnx  # noqa: F401
-    except ImportError as e:
-      raise ExportError(f"--format onnx needs jax2onnx and onnx ({e.name} is not "
+      __import__(module)
+    except ImportError:
+      raise ExportError(f"--format {fmt} needs {' and '.join(needed)} ({module} is not "
                         f"installed): {EXTRA_HINT}") from None
   platforms = kwargs.pop("platforms", None)
   exp = build(workdir, object_names, **kwargs)
