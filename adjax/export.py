@@ -247,6 +247,9 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, **kwargs) -> dic
   from adjax import atomic
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
+  _check_names(object_names)
+  if not Path(workdir).is_dir():
+    raise ExportError(f"--workdir {workdir}: no such directory")
   # Fail before the towers are built. jax.export's serialization needs flatbuffers.
   needed = ("jax2onnx", "onnx") if fmt == "onnx" else ("flatbuffers",)
   for module in needed:

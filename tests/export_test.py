@@ -114,6 +114,7 @@ def test_forward_matches_the_eval_step(run_dir, exportable):
 
 
 def test_stablehlo_reloads_without_adjax(run_dir, exportable, tmp_path):
+  pytest.importorskip("flatbuffers")    # jax.export's serialization (the export extra)
   out = tmp_path / "model.shlo"
   meta = export.export(run_dir, NAMES, "stablehlo", out)
   assert meta["object_names"] == NAMES and json.loads(
@@ -227,6 +228,7 @@ def test_workdir_without_checkpoint_refused(run_dir, tmp_path, capsys):
   empty = tmp_path / "fresh"
   empty.mkdir()
   (empty / "config.json").write_text((run_dir / "config.json").read_text())
+  pytest.importorskip("flatbuffers")
   rc = export.main(["--workdir", str(empty), "--object-names", "bottle",
                     "--format", "stablehlo", "--out", str(tmp_path / "m.onnx")])
   err = capsys.readouterr().err
