@@ -1,0 +1,308 @@
+"""Exports a trained run as one self-contained file: ONNX or serialized StableHLO.
+
+  python -m adjax.export --workdir runs/mvtec --object-names bottle,screw \
+      --format onnx|stablehlo --out model.onnx \
+      [--image-size 512] [--dtype float32|bfloat16] [--config CFG[:arg]] [--set k=v]
+
+The file holds the frozen backbone, the trained head and the text table of
+the given object names (their prompt-ensemble embeddings), all as constants:
+- inputs `images` uint8 [B, H, W, 3] RGB at H = W = image size (resize as
+  the data pipeline does: PIL bilinear) and `object_index` int32 [B], an
+  index into the object names; normalisation (/255, ImageNet mean and std)
+  happens inside;
+- outputs `anomaly_map` float32 [B, H, W] and `image_score` float32 [B], the
+  numbers `mode=predict` writes, and `decision` bool [B] (image_score >= the
+  image threshold) when `<workdir>/thresholds.json` exists and was made for
+  this model and image-score mode.
+An `object_index` outside [0, number of names) gives NaN outputs for that
+image. The batch dimension is dynamic.
+
+ONNX goes through jax2onnx (`pip install 'adjax[export]'`); the model's
+object names, image size and threshold are in its metadata_props. StableHLO
+goes through `jax.export` and is loaded back, without adjax, by
+`jax.export.deserialize(open(f, "rb").read()).call(images, object_index)`,
+which returns a dict with the outputs above; the names and settings go to a
+`<out>.json` beside it. Files are written atomically.
+
+The model's forward pass is `_anomaly_forward`, composed from the project's
+public pieces (backbone features, head, image score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+FORMATS = ("onnx", "stablehlo")
+EXTRA_HINT = "pip install 'adjax[export]'"
+OUTPUT_NAMES = ("anomaly_map", "image_score", "decision")
+INPUT_NAMES = ("images", "object_index")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ExportError(ValueError):
+  """The run cannot be exported; the message says why and what to do."""
+
+
+def _anomaly_forward(backbone, head, text_table, images_uint8, object_index, *,
+                     layers, quirk: bool, image_score: str):
+  """uint8 [B, H, W, 3], int32 [B] -> (anomaly_map [B, H, W], image_score [B]).
+
+  What predict computes, from raw pixels: /255, ImageNet normalisation, the
+  tapped blocks' features, the head, the configured image score. The one
+  function to swap for the model module's forward.
+  """
+  import jax.numpy as jnp
+
+  from adjax import features, train_step
+  x = images_uint8.astype(jnp.float32) * (1.0 / 255.0)
+  x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
+  patch = backbone.config.patch_size
+  h, w = x.shape[1], x.shape[2]
+  patches, cls = features.extract(backbone, x, layers)
+  tmat = head.text_features(text_table, quirk)[object_index]
+  out = head(patches, cls, tmat, (h // patch, w // patch), (h, w))
+  return out["cross"], train_step.image_scores(out, image_score)
+
+
+@dataclasses.dataclass
+class Exportable:
+  """A run's deployable function and what describes it."""
+  fn: Callable            # (images uint8 [B,S,S,3], object_index int32 [B]) -> dict
+  image_size: int
+  object_names: list[str]
+  image_threshold: float | None
+  metadata: dict
+
+
+def _check_names(object_names: Sequence[str]) -> list[str]:
+  names = [n.strip() for n in object_names]
+  if not names or any(not n for n in names):
+    raise ExportError(f"--object-names {','.join(object_names)!r}: give one or more "
+                      "non-empty comma-separated names, e.g. bottle,screw")
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise ExportError(f"--object-names: {dupes} given more than once; each name is one "
+                      "object_index")
+  return names
+
+
+def load_config(workdir, config: str | None = None, overrides: Sequence[str] = ()):
+  from adjax import run_config
+  try:
+    if config:
+      return run_config.from_file(config, overrides)
+    return run_config.from_workdir(workdir, overrides)
+  except run_config.RunConfigError as e:
+    raise ExportError(str(e)) from None
+
+
+def build(workdir, object_names: Sequence[str], *, config: str | None = None,
+          overrides: Sequence[str] = (), image_size: int | None = None,
+          dtype: str | None = None) -> Exportable:
+  """Loads the run in `workdir` and closes the forward pass over its weights."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from adjax import checkpointing, experiment, sharding, thresholds, train
+  from adjax import towers as towers_lib
+
+  workdir = Path(workdir)
+  names = _check_names(object_names)
+  if not workdir.is_dir():
+    raise ExportError(f"--workdir {workdir}: no such directory")
+  cfg = load_config(workdir, config, overrides)
+  if dtype:
+    if dtype not in ("float32", "bfloat16"):
+      raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
+    cfg.backbone.dtype = dtype
+  size = int(image_size or cfg.image_size)
+  if size <= 0 or size % 16:
+    raise ExportError(f"--image-size {size}: must be a positive multiple of 16")
+  source = workdir if (workdir / "checkpoints").is_dir() else (
+      Path(cfg.init_from) if cfg.init_from and (Path(cfg.init_from) / "checkpoints").is_dir()
+      else None)
+  step = None
+  if source is not None:
+    ckpts = checkpointing.RunCheckpoints(source, cfg.checkpoints_to_keep)
+    try:
+      step = ckpts.latest_step()
+    finally:
+      ckpts.close()
+  if step is None:
+    raise ExportError(f"{workdir}: no trained checkpoint (checkpoints/ with a complete "
+                      "step); train first (mode=train), or import a release head with "
+                      "python -m converters.head")
+  cfg.mesh.data, cfg.mesh.model = 1, 1
+  towers = towers_lib.build(cfg, workdir)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  params = jax.device_get(experiment.trained_params(cfg, workdir, towers, mesh))
+  head_def, _ = nnx.split(train.new_head(cfg, towers))
+  head = nnx.merge(head_def, params)
+  table = np.asarray(towers.text_embed(names), np.float32)
+  identity = thresholds.model_identity(
+      backbone_id=towers.backbone_id, text_id=towers.text_embed.model_id,
+      layers=towers.layers, image_size=size, reference_quirks=cfg.reference_quirks,
+      head_sha256=thresholds.params_sha256(params))
+  threshold = None
+  if (workdir / thresholds.FILE_NAME).is_file():
+    try:
+      record = thresholds.read(workdir)
+      thresholds.check(record, image_score=cfg.eval.image_score, model=identity)
+    except thresholds.ThresholdError as e:
+      raise ExportError(f"{e} (or remove it to export without a decision output)") from None
+    threshold = record["image_threshold"]
+  backbone, layers, quirk, kind = towers.backbone, towers.layers, cfg.reference_quirks, \
+      cfg.eval.image_score
+  table_j = jnp.asarray(table)
+  num_objects = len(names)
+
+  def fn(images, object_index):
+    idx = object_index.astype(jnp.int32)
+    valid = (idx >= 0) & (idx < num_objects)
+    amap, score = _anomaly_forward(backbone, head, table_j, images,
+                                   jnp.clip(idx, 0, num_objects - 1), layers=layers,
+                                   quirk=quirk, image_score=kind)
+    nan = jnp.float32(jnp.nan)
+    out = {"anomaly_map": jnp.where(valid[:, None, None], amap, nan).astype(jnp.float32),
+           "image_score": jnp.where(valid, score, nan).astype(jnp.float32)}
+    if threshold is not None:
+      out["decision"] = out["image_score"] >= jnp.float32(threshold)
+    return out
+
+  metadata = {"object_names": names, "image_size": size, "image_threshold": threshold,
+              "image_score": kind, "backbone_dtype": cfg.backbone.dtype,
+              "checkpoint_step": step, "model": identity,
+              "inputs": list(INPUT_NAMES),
+              "outputs": list(OUTPUT_NAMES if threshold is not None else OUTPUT_NAMES[:2])}
+  return Exportable(fn, size, names, threshold, metadata)
+
+
+def _input_specs(size: int, batch):
+  import jax
+  import jax.numpy as jnp
+  return (jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((batch,), jnp.int32))
+
+
+def to_stablehlo(exp: Exportable, platforms: Sequence[str] | None = None) -> bytes:
+  import jax
+  (batch,) = jax.export.symbolic_shape("batch")
+  with jax.default_matmul_precision("float32"):
+    exported = jax.export.export(jax.jit(exp.fn), platforms=platforms)(
+        *_input_specs(exp.image_size, batch))
+  return bytes(exported.serialize())
+
+
+def to_onnx(exp: Exportable) -> bytes:
+  try:
+    import jax2onnx
+    import onnx
+  except ImportError as e:
+    raise ExportError(f"--format onnx needs jax2onnx and onnx ({e.name} is not "
+                      f"installed): {EXTRA_HINT}") from None
+  outputs = exp.metadata["outputs"]
+
+  def positional(images, object_index):
+    out = exp.fn(images, object_index)
+    return tuple(out[k] for k in outputs)
+
+  with _quiet_jax2onnx():
+    model = jax2onnx.to_onnx(positional, _input_specs(exp.image_size, "B"),
+                             model_name="adjax_anomaly", input_names=list(INPUT_NAMES),
+                             output_names=list(outputs))
+  for key, value in exp.metadata.items():
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, json.dumps(value)
+  if model.ByteSize() >= 2**31:
+    raise ExportError(f"the ONNX model is {model.ByteSize() / 2**30:.1f} GiB, over "
+                      "protobuf's 2 GiB single-file limit; export a smaller backbone, "
+                      "--dtype bfloat16, or --format stablehlo")
+  return model.SerializeToString()
+
+
+class _quiet_jax2onnx:
+  """jax2onnx imports its example plugins eagerly and logs their missing extras."""
+
+  def __enter__(self):
+    import logging
+    self._logger = logging.getLogger("jax2onnx")
+    self._level = self._logger.level
+    self._logger.setLevel(logging.ERROR)
+
+  def __exit__(self, *exc):
+    self._logger.setLevel(self._level)
+
+
+def export(workdir, object_names: Sequence[str], fmt: str, out, **kwargs) -> dict:
+  """Builds and writes the file `out` (atomically); returns its metadata."""
+  from adjax import atomic
+  if fmt not in FORMATS:
+    raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
+  _check_names(object_names)
+  if not Path(workdir).is_dir():
+    raise ExportError(f"--workdir {workdir}: no such directory")
+  # Fail before the towers are built. jax.export's serialization needs flatbuffers.
+  needed = ("jax2onnx", "onnx") if fmt == "onnx" else ("flatbuffers",)
+  for module in needed:
+    try:
+      __import__(module)
+    except ImportError:
+      raise ExportError(f"--format {fmt} needs {' and '.join(needed)} ({module} is not "
+                        f"installed): {EXTRA_HINT}") from None
+  platforms = kwargs.pop("platforms", None)
+  exp = build(workdir, object_names, **kwargs)
+  data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
+  out = Path(out)
+  meta = dict(exp.metadata, format=fmt, bytes=len(data))
+  if fmt == "stablehlo":
+    atomic.write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
+  atomic.write_bytes(out, data)
+  return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m adjax.export",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a trained (or imported) run")
+  parser.add_argument("--object-names", required=True,
+                      help="comma-separated object names; object_index i is the i-th")
+  parser.add_argument("--format", required=True, choices=FORMATS)
+  parser.add_argument("--out", required=True, help="the file to write")
+  parser.add_argument("--image-size", type=int, default=None,
+                      help="input height and width (default: the run's image_size)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                      help="backbone matmul dtype (default: the run's backbone.dtype)")
+  parser.add_argument("--config", default=None,
+                      help="config file[:arg] (default: <workdir>/config.json)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. backbone.checkpoint=ckpts/vitl16")
+  parser.add_argument("--platforms", default=None,
+                      help="stablehlo: comma-separated platforms to lower for, e.g. "
+                           "cpu,cuda (default: this machine's)")
+  args = parser.parse_args(argv)
+  try:
+    meta = export(args.workdir, args.object_names.split(","), args.format, args.out,
+                  config=args.config, overrides=args.set, image_size=args.image_size,
+                  dtype=args.dtype,
+                  platforms=args.platforms.split(",") if args.platforms else None)
+  except ExportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  decision = " and decision" if meta["image_threshold"] is not None else ""
+  print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "
+        f"{len(meta['object_names'])} objects, {meta['image_size']} px, outputs anomaly_map, "
+        f"image_score{decision}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,240 @@
+"""adjax.export: ONNX and StableHLO files give the JAX model's maps and scores.
+
+A tiny DINOv3 (custom config) and the tiny text tower, with a head imported
+from a random release-layout file, are exported once per format; the file is
+run at batch sizes 1 and 3 (onnxruntime; `jax.export.deserialize` in a
+subprocess that never imports adjax) and compared with the JAX function and
+with the evaluation step on pipeline-normalised images (what predict writes).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from PIL import Image
+
+from adjax import export, thresholds, train, train_step
+from adjax import towers as towers_lib
+from adjax.data import images as data_images
+from adjax.models import dinov3
+from converters import head as head_converter
+
+sys.path.insert(0, str(Path(__file__).parent))
+from head_converter_test import release_state, tiny_config  # noqa: E402
+
+TINY = dinov3.DinoV3Config(64, 4, 2, "mlp", 128, name="export-test-tiny")
+SIZE = 32
+NAMES = ["bottle", "screw"]
+TOL = 1e-4
+
+# The onnxruntime snippet of the export's documentation (onnxruntime, numpy
+# and pillow only): `python snippet.py model.onnx image.png heatmap.png`.
+ORT_SNIPPET = textwrap.dedent("""\
+    import json, sys
+    import numpy as np, onnxruntime as ort
+    from PIL import Image
+    model, image, out = sys.argv[1:4]
+    sess = ort.InferenceSession(model)
+    meta = sess.get_modelmeta().custom_metadata_map
+    size, names = json.loads(meta["image_size"]), json.loads(meta["object_names"])
+    rgb = np.asarray(Image.open(image).convert("RGB").resize((size, size), Image.BILINEAR))
+    amap, score = sess.run(["anomaly_map", "image_score"],
+                           {"images": rgb[None], "object_index": np.array([0], np.int32)})
+    m = (amap[0] - amap[0].min()) / (np.ptp(amap[0]) + 1e-12)
+    heat = np.stack([m, 1 - np.abs(2 * m - 1), 1 - m], -1)   # blue (low) -> red (high)
+    Image.fromarray((0.5 * rgb + 127.5 * heat).astype(np.uint8)).save(out)
+    print(f"{names[0]}: image score {score[0]:.4f}, heatmap {out}")
+""")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  mp = pytest.MonkeyPatch()
+  mp.setitem(dinov3.VARIANTS, TINY.name, TINY)
+  tmp = tmp_path_factory.mktemp("export")
+  src = tmp / "release.pth"
+  torch.save(release_state(feature_dim=TINY.dim, text_dim=256, seed=3), src)
+  cfg = tiny_config()
+  cfg.backbone.variant = TINY.name
+  cfg.backbone.layers = (0, 1, 2, 3)
+  cfg.backbone.dtype = "float32"
+  cfg.image_size = SIZE
+  cfg.eval.image_score = "mean"
+  cfg.text.cache_dir = str(tmp / "text_cache")
+  head_converter.convert(str(src), str(tmp / "run"), cfg)
+  yield tmp / "run"
+  mp.undo()
+
+
+@pytest.fixture(scope="module")
+def exportable(run_dir):
+  return export.build(run_dir, NAMES)
+
+
+def _inputs(batch, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+  return images, (np.arange(batch) % len(NAMES)).astype(np.int32)
+
+
+def _max_err(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_forward_matches_the_eval_step(run_dir, exportable):
+  """The exported function computes what evaluate / predict compute."""
+  images, idx = _inputs(3)
+  got = jax.jit(exportable.fn)(images, idx)
+  cfg = export.load_config(run_dir)
+  towers = towers_lib.build(cfg, run_dir)
+  from adjax import experiment, sharding
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  params = jax.device_get(experiment.trained_params(cfg, run_dir, towers, mesh))
+  head_def, _ = nnx.split(train.new_head(cfg, towers))
+  backbone_def, backbone_state = nnx.split(towers.backbone)
+  step = train_step.make_eval_step(head_def=head_def, backbone_def=backbone_def,
+                                   layers=towers.layers, grid=(SIZE // 16,) * 2,
+                                   out_hw=(SIZE, SIZE), quirk=cfg.reference_quirks,
+                                   image_score=cfg.eval.image_score)
+  normalised = np.stack([data_images.preprocess_image(Image.fromarray(im), SIZE)
+                         for im in images])
+  table = jnp.asarray(towers.text_embed(NAMES))
+  amap, score = step(params, backbone_state, table, jnp.asarray(normalised), jnp.asarray(idx))
+  assert _max_err(got["anomaly_map"], amap) <= 1e-5
+  assert _max_err(got["image_score"], score) <= 1e-5
+
+
+def test_stablehlo_reloads_without_adjax(run_dir, exportable, tmp_path):
+  pytest.importorskip("flatbuffers")    # jax.export's serialization (the export extra)
+  out = tmp_path / "model.shlo"
+  meta = export.export(run_dir, NAMES, "stablehlo", out)
+  assert meta["object_names"] == NAMES and json.loads(
+      (tmp_path / "model.shlo.json").read_text())["image_size"] == SIZE
+  ins = {b: _inputs(b, seed=b) for b in (1, 3)}
+  np.savez(tmp_path / "in.npz", **{f"images{b}": v[0] for b, v in ins.items()},
+           **{f"idx{b}": v[1] for b, v in ins.items()})
+  script = textwrap.dedent(f"""\
+      import sys, numpy as np, jax
+      exp = jax.export.deserialize(open({str(out)!r}, "rb").read())
+      data = np.load({str(tmp_path / 'in.npz')!r})
+      res = {{}}
+      for b in (1, 3):
+        o = exp.call(data[f"images{{b}}"], data[f"idx{{b}}"])
+        res.update({{f"{{k}}{{b}}": np.asarray(v) for k, v in o.items()}})
+      np.savez({str(tmp_path / 'out.npz')!r}, **res)
+      assert not any(m.split(".")[0] == "adjax" for m in sys.modules), "adjax imported"
+      """)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env,
+                 timeout=300)
+  res = np.load(tmp_path / "out.npz")
+  for b, (images, idx) in ins.items():
+    want = jax.jit(exportable.fn)(images, idx)
+    assert res[f"anomaly_map{b}"].shape == (b, SIZE, SIZE)
+    assert _max_err(res[f"anomaly_map{b}"], want["anomaly_map"]) <= TOL
+    assert _max_err(res[f"image_score{b}"], want["image_score"]) <= TOL
+
+
+def _ort_session(path):
+  ort = pytest.importorskip("onnxruntime")
+  so = ort.SessionOptions()
+  so.log_severity_level = 3
+  return ort.InferenceSession(str(path), so)
+
+
+def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path):
+  pytest.importorskip("jax2onnx")
+  out = tmp_path / "model.onnx"
+  export.export(run_dir, NAMES, "onnx", out)
+  sess = _ort_session(out)
+  assert [i.name for i in sess.get_inputs()] == ["images", "object_index"]
+  assert [o.name for o in sess.get_outputs()] == ["anomaly_map", "image_score"]
+  for b in (1, 3):
+    images, idx = _inputs(b, seed=b)
+    amap, score = sess.run(None, {"images": images, "object_index": idx})
+    want = jax.jit(exportable.fn)(images, idx)
+    assert amap.shape == (b, SIZE, SIZE) and amap.dtype == np.float32
+    assert _max_err(amap, want["anomaly_map"]) <= TOL
+    assert _max_err(score, want["image_score"]) <= TOL
+  # An index outside the names gives NaN, not another object's numbers.
+  amap, score = sess.run(None, {"images": _inputs(1)[0], "object_index": np.array([7], np.int32)})
+  assert np.isnan(score).all() and np.isnan(amap).all()
+
+  (tmp_path / "snippet.py").write_text(ORT_SNIPPET)
+  Image.fromarray(_inputs(1)[0][0]).resize((50, 40)).save(tmp_path / "photo.png")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "snippet.py", "model.onnx", "photo.png", "heat.png"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert Image.open(tmp_path / "heat.png").size == (SIZE, SIZE)
+  assert "bottle: image score" in done.stdout
+
+
+def test_decision_output_from_thresholds_json(run_dir, exportable, tmp_path):
+  images, idx = _inputs(3)
+  scores = np.asarray(jax.jit(exportable.fn)(images, idx)["image_score"])
+  cut = float(np.median(scores))
+  good = dict(dataset="unit", image_score="mean", checkpoint_step=0,
+              model=exportable.metadata["model"], image=cut)
+  thresholds.write(run_dir, **good)
+  try:
+    exp = export.build(run_dir, NAMES)
+    assert exp.image_threshold == cut and exp.metadata["outputs"][-1] == "decision"
+    out = jax.jit(exp.fn)(images, idx)
+    np.testing.assert_array_equal(np.asarray(out["decision"]), scores >= cut)
+    # Made for another image-score mode, or another head: refused, saying why.
+    thresholds.write(run_dir, **dict(good, image_score="max"))
+    with pytest.raises(export.ExportError, match="image_score='max'"):
+      export.build(run_dir, NAMES)
+    thresholds.write(run_dir, **dict(good, model=dict(good["model"], head_sha256="0" * 64)))
+    with pytest.raises(export.ExportError, match="another model .*head_sha256"):
+      export.build(run_dir, NAMES)
+  finally:
+    (run_dir / thresholds.FILE_NAME).unlink()
+
+
+def _nothing_written(tmp_path):
+  assert not (tmp_path / "m.onnx").exists()
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx")]
+
+
+def test_bad_object_names_refused(run_dir, tmp_path, capsys):
+  rc = export.main(["--workdir", str(run_dir), "--object-names", "bottle,,screw",
+                    "--format", "stablehlo", "--out", str(tmp_path / "m.onnx")])
+  err = capsys.readouterr().err
+  assert rc == 2 and "non-empty" in err and err.count("\n") == 1
+  with pytest.raises(export.ExportError, match=r"\['bottle'\] given more than once"):
+    export.export(run_dir, ["bottle", "bottle"], "stablehlo", tmp_path / "m.onnx")
+  _nothing_written(tmp_path)
+
+
+def test_missing_extra_named(run_dir, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "jax2onnx", None)     # import fails
+  with pytest.raises(export.ExportError, match=r"pip install 'adjax\[export\]'"):
+    export.export(run_dir, NAMES, "onnx", tmp_path / "m.onnx")
+  _nothing_written(tmp_path)
+
+
+def test_workdir_without_checkpoint_refused(run_dir, tmp_path, capsys):
+  empty = tmp_path / "fresh"
+  empty.mkdir()
+  (empty / "config.json").write_text((run_dir / "config.json").read_text())
+  pytest.importorskip("flatbuffers")
+  rc = export.main(["--workdir", str(empty), "--object-names", "bottle",
+                    "--format", "stablehlo", "--out", str(tmp_path / "m.onnx")])
+  err = capsys.readouterr().err
+  assert rc == 2 and "no trained checkpoint" in err and err.count("\n") == 1
+  assert not (empty / "checkpoints").exists()
+  rc = export.main(["--workdir", str(tmp_path / "nowhere"), "--object-names", "bottle",
+                    "--format", "stablehlo", "--out", str(tmp_path / "m.onnx")])
+  assert rc == 2 and "no such directory" in capsys.readouterr().err
+  _nothing_written(tmp_path)

@@ -1,0 +1,165 @@
+"""adjax.thresholds and adjax.overlays against brute-force computations."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adjax import overlays, thresholds
+
+
+def brute_f1(scores, labels):
+  """Every observed score as a threshold; F1 of `score >= t`; ties to the highest t."""
+  best = (-1.0, None)
+  for t in sorted(set(scores.tolist()), reverse=True):
+    pred = scores >= t
+    tp = np.sum(pred & labels)
+    fp = np.sum(pred & ~labels)
+    fn = np.sum(~pred & labels)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    if f1 > best[0] + 1e-15:
+      best = (f1, t)
+  return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_f1_optimal_matches_brute_force(seed):
+  rng = np.random.default_rng(seed)
+  n = 200
+  labels = rng.random(n) < 0.3
+  scores = rng.normal(size=n) + labels * rng.uniform(0, 2)
+  if seed % 2:
+    scores = np.round(scores, 1)           # many ties
+  got = thresholds.f1_optimal(scores, labels)
+  f1, t = brute_f1(scores, labels)
+  assert got.threshold == pytest.approx(t) and got.f1 == pytest.approx(f1)
+  pred = scores >= got.threshold
+  assert got.precision == pytest.approx(np.sum(pred & labels) / pred.sum())
+  assert got.recall == pytest.approx(np.sum(pred & labels) / labels.sum())
+
+
+def test_f1_optimal_refuses_bad_input():
+  with pytest.raises(ValueError, match="at least one anomalous"):
+    thresholds.f1_optimal([0.1, 0.2], [0, 0])
+  with pytest.raises(ValueError, match="NaN"):
+    thresholds.f1_optimal([np.nan, 0.2], [0, 1])
+
+
+def test_pixel_sweep_exact_matches_brute_force():
+  rng = np.random.default_rng(0)
+  maps = np.round(rng.random((6, 16, 16)), 3).astype(np.float32)
+  masks = (maps + rng.normal(0, 0.3, maps.shape)) > 0.9
+  sweep = thresholds.PixelF1Sweep()
+  for i in range(0, 6, 2):                 # streamed in batches
+    sweep.update(maps[i:i + 2], masks[i:i + 2])
+  got = sweep.result()
+  f1, t = brute_f1(maps.ravel().astype(np.float64), masks.ravel())
+  assert got.f1 == pytest.approx(f1) and got.threshold == pytest.approx(t)
+
+
+def test_pixel_sweep_binned_is_exact_f1_of_its_threshold_and_near_best():
+  rng = np.random.default_rng(1)
+  maps = rng.random((4, 32, 32)).astype(np.float32)
+  masks = (maps + rng.normal(0, 0.2, maps.shape)) > 0.8
+  sweep = thresholds.PixelF1Sweep(bins=1000, max_exact=100)    # forces the grid
+  for i in range(4):
+    sweep.update(maps[i], masks[i])
+  got = sweep.result()
+  pred = maps.ravel() >= got.threshold
+  m = masks.ravel()
+  tp = np.sum(pred & m)
+  f1_of_t = 2 * tp / (2 * tp + np.sum(pred & ~m) + np.sum(~pred & m))
+  assert got.f1 == pytest.approx(f1_of_t, abs=1e-12)
+  best, _ = brute_f1(maps.ravel().astype(np.float64), m)
+  assert best - 0.01 <= got.f1 <= best + 1e-12
+
+
+def test_quantile_threshold():
+  rng = np.random.default_rng(2)
+  normal = rng.normal(size=1000)
+  t = thresholds.quantile_threshold(normal, 0.99)
+  assert t in normal
+  assert np.mean(normal > t) <= 0.01 and np.mean(normal >= t) >= 0.01
+  assert t == np.sort(normal)[int(np.ceil(0.99 * 999))]
+  with pytest.raises(ValueError):
+    thresholds.quantile_threshold([], 0.9)
+  with pytest.raises(ValueError):
+    thresholds.quantile_threshold([1.0], 0.0)
+
+
+MODEL = thresholds.model_identity(backbone_id="random:vits16:seed0", text_id="t",
+                                  layers=(2, 5, 8, 11), image_size=224,
+                                  reference_quirks=False, head_sha256="ab" * 32)
+
+
+def test_file_round_trip_and_check(tmp_path):
+  path = thresholds.write(tmp_path, dataset="mvtec_ad", image_score="global",
+                          checkpoint_step=1200, model=MODEL, image=0.42, pixel=0.5,
+                          details={"image_f1": 0.9})
+  assert path.name == "thresholds.json"
+  rec = thresholds.read(tmp_path)
+  assert rec["image_threshold"] == 0.42 and rec["pixel_threshold"] == 0.5
+  assert rec["dataset"] == "mvtec_ad" and rec["checkpoint_step"] == 1200
+  thresholds.check(rec, image_score="global", model=MODEL, checkpoint_step=1200)
+  with pytest.raises(thresholds.ThresholdError, match="image_score='global'.*'max'"):
+    thresholds.check(rec, image_score="max", model=MODEL)
+  other = dict(MODEL, backbone="random:vitl16:seed0")
+  with pytest.raises(thresholds.ThresholdError, match="another model.*backbone: file"):
+    thresholds.check(rec, image_score="global", model=other)
+  with pytest.raises(thresholds.ThresholdError, match="step 1200"):
+    thresholds.check(rec, image_score="global", model=MODEL, checkpoint_step=5)
+  bad = json.loads(path.read_text())
+  del bad["model"]
+  path.write_text(json.dumps(bad))
+  with pytest.raises(thresholds.ThresholdError, match=r"missing fields \['model'\]"):
+    thresholds.read(path)
+
+
+def test_params_hash_sees_every_value():
+  a = {"x": np.zeros((2, 3), np.float32), "y": np.ones(4, np.float32)}
+  b = {"x": np.zeros((2, 3), np.float32), "y": np.ones(4, np.float32)}
+  assert thresholds.params_sha256(a) == thresholds.params_sha256(b)
+  b["y"][2] = 1.0000001
+  assert thresholds.params_sha256(a) != thresholds.params_sha256(b)
+
+
+def brute_contour(m):
+  h, w = m.shape
+  out = np.zeros_like(m)
+  for y in range(h):
+    for x in range(w):
+      if not m[y, x]:
+        continue
+      for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        yy, xx = y + dy, x + dx
+        if not (0 <= yy < h and 0 <= xx < w) or not m[yy, xx]:
+          out[y, x] = True
+  return out
+
+
+def test_contour_and_overlay_match_brute_force(tmp_path):
+  rng = np.random.default_rng(3)
+  amap = rng.random((20, 24)).astype(np.float32)
+  mask = overlays.binary_mask(amap, 0.6)
+  np.testing.assert_array_equal(mask == 255, amap >= 0.6)
+  np.testing.assert_array_equal(overlays.contour(mask), brute_contour(amap >= 0.6))
+  rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+  drawn = overlays.draw_contour(rgb, mask, color=(0, 255, 0), thickness=1)
+  edge = brute_contour(amap >= 0.6)
+  assert (drawn[edge] == [0, 255, 0]).all()
+  np.testing.assert_array_equal(drawn[~edge], rgb[~edge])
+  thick = overlays.draw_contour(rgb, mask, thickness=3)
+  changed = np.any(thick != rgb, -1)
+  assert changed[edge & np.any(rgb != [255, 0, 0], -1)].all()
+  assert not changed[mask == 0].any()                  # drawn inside the mask only
+
+  overlays.save_mask_png(tmp_path / "m.png", mask)
+  overlays.save_overlay_png(tmp_path / "o.png", rgb, mask)
+  back = np.asarray(Image.open(tmp_path / "m.png"))
+  assert back.dtype == np.uint8 and set(np.unique(back)) <= {0, 255}
+  np.testing.assert_array_equal(back, mask)
+  assert Image.open(tmp_path / "o.png").size == (24, 20)
+  # A mask at map resolution is drawn on a larger image.
+  big = np.zeros((40, 48, 3), np.uint8)
+  assert overlays.draw_contour(big, mask).shape == (40, 48, 3)
