@@ -122,8 +122,12 @@ def problems(cfg, *, device_count: int | None = None,
       problem = _data_source_problem(cfg, "data.targets", target)
       if problem:
         out.append(problem)
-  if cfg.mode == "predict" and not cfg.predict.input:
-    out.append("predict.input is empty: expected a folder or a glob of images")
+  if cfg.mode == "predict" and not (cfg.predict.input or cfg.predict.calibrate_normals):
+    out.append("predict.input is empty: expected a folder or a glob of images "
+               "(or predict.calibrate_normals to set thresholds only)")
+  if not 0 < cfg.predict.calibrate_quantile <= 1:
+    out.append(f"predict.calibrate_quantile={cfg.predict.calibrate_quantile!r}: expected "
+               "a value in (0, 1]")
   if cfg.init_from and not Path(cfg.init_from).is_dir():
     out.append(f"init_from={cfg.init_from!r}: no such workdir")
 

@@ -108,7 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""              # folder or glob of images
   c.predict.object_name = "object"  # the prompt's object name for these images
-  c.predict.threshold = -1.0        # >= 0: also write a label column
+  c.predict.threshold = -1.0        # >= 0: the image threshold (else thresholds.json's, if any)
+  c.predict.calibrate_normals = ""  # folder or glob of normal images: set thresholds from them
+  c.predict.calibrate_quantile = 0.99   # their scores' quantile that becomes the threshold
   c.predict.batch_size = 8          # images per prediction batch
 
   # Devices: a mesh ("data", "model"). The batch is split on "data"; the

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from adjax import atomic, data, features, heatmaps, html_report, identity, metrics, reports
-from adjax import run_log, sharding, targets
+from adjax import run_log, sharding, targets, thresholds
 from adjax.scorer import Scorer
 
 
@@ -74,6 +74,32 @@ class Evaluator(Scorer):
     self._steps_cached = None
     # data set -> category -> {"image", "pixel"}: the F1-max thresholds.
     self.thresholds: dict[str, dict] = {}
+    self._image_scores: list[tuple[np.ndarray, np.ndarray]] = []
+    self.head_step = int(source[1])
+
+  def write_thresholds(self) -> Path | None:
+    """<workdir>/thresholds.json from the evaluated targets (process 0).
+
+    Per target and category the F1-max image and pixel thresholds (in
+    `details`); at the top, the F1-optimal image threshold over every
+    evaluated image and the median of the categories' pixel thresholds (what
+    `predict` uses for an object name the evaluation did not see).
+    """
+    if not self._image_scores:
+      return None
+    scores = np.concatenate([s for s, _ in self._image_scores])
+    labels = np.concatenate([l for _, l in self._image_scores])
+    image = (thresholds.f1_optimal(scores, labels).threshold
+             if 0 < labels.sum() < labels.size else None)
+    pixels = [t["pixel"] for cats in self.thresholds.values() for t in cats.values()
+              if t["pixel"] is not None]
+    pixel = float(np.median(pixels)) if pixels else None
+    if image is None and pixel is None:
+      return None
+    return thresholds.write(
+        self.workdir, dataset=",".join(self.thresholds), image_score=self.model.image_score,
+        checkpoint_step=self.head_step, model=self.threshold_identity(), image=image,
+        pixel=pixel, method="f1", details={"per_category": self.thresholds})
     self.identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
@@ -125,6 +151,8 @@ class Evaluator(Scorer):
         acc = accs.setdefault(name, CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad,
                                                     cfg.eval.report_panels))
         acc.update(rows, sel)
+      valid = rows["valid"]
+      self._image_scores.append((rows["score"][valid], rows["label"][valid]))
     progress.close()
     if cache is not None and not cache.complete:
       cache.finish_epoch()
@@ -255,6 +283,10 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
       absent.append((target, str(e).splitlines()[0]))
       continue
     all_results[handle.display_name] = evaluator.evaluate(handle)
+  if jax.process_index() == 0:
+    written = evaluator.write_thresholds()
+    if written:
+      print(f"decision thresholds (F1-max) -> {written}", flush=True)
   if absent and jax.process_index() == 0:
     print("\nTargets not evaluated (data not present):")
     for target, why in absent:

@@ -39,37 +39,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from adjax import errors
+from adjax.errors import UserError
+
 FORMATS = ("onnx", "stablehlo")
 EXTRA_HINT = "pip install 'adjax[export]'"
 OUTPUT_NAMES = ("anomaly_map", "image_score", "decision")
 INPUT_NAMES = ("images", "object_index")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
   """The run cannot be exported; the message says why and what to do."""
-
-
-def _anomaly_forward(backbone, head, text_table, images_uint8, object_index, *,
-                     layers, quirk: bool, image_score: str):
-  """uint8 [B, H, W, 3], int32 [B] -> (anomaly_map [B, H, W], image_score [B]).
-
-  What predict computes, from raw pixels: /255, ImageNet normalisation, the
-  tapped blocks' features, the head, the configured image score. The one
-  function to swap for the model module's forward.
-  """
-  import jax.numpy as jnp
-
-  from adjax import features, train_step
-  x = images_uint8.astype(jnp.float32) * (1.0 / 255.0)
-  x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-  patch = backbone.config.patch_size
-  h, w = x.shape[1], x.shape[2]
-  patches, cls = features.extract(backbone, x, layers)
-  tmat = head.text_features(text_table, quirk)[object_index]
-  out = head(patches, cls, tmat, (h // patch, w // patch), (h, w))
-  return out["cross"], train_step.image_scores(out, image_score)
 
 
 @dataclasses.dataclass
@@ -110,9 +90,7 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   """Loads the run in `workdir` and closes the forward pass over its weights."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
-
-  from adjax import checkpointing, experiment, sharding, thresholds, train
+  from adjax import checkpointing, experiment, sharding, thresholds
   from adjax import towers as towers_lib
 
   workdir = Path(workdir)
@@ -125,8 +103,6 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
       raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
     cfg.backbone.dtype = dtype
   size = int(image_size or cfg.image_size)
-  if size <= 0 or size % 16:
-    raise ExportError(f"--image-size {size}: must be a positive multiple of 16")
   source = workdir if (workdir / "checkpoints").is_dir() else (
       Path(cfg.init_from) if cfg.init_from and (Path(cfg.init_from) / "checkpoints").is_dir()
       else None)
@@ -143,14 +119,17 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
                       "python -m converters.head")
   cfg.mesh.data, cfg.mesh.model = 1, 1
   towers = towers_lib.build(cfg, workdir)
+  try:
+    model = dataclasses.replace(towers.model(cfg), image_size=size)
+  except ValueError as e:
+    raise ExportError(f"--image-size {size}: {e}") from None
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  params = jax.device_get(experiment.trained_params(cfg, workdir, towers, mesh))
-  head_def, _ = nnx.split(train.new_head(cfg, towers))
-  head = nnx.merge(head_def, params)
+  params, _, _ = experiment.trained_params(cfg, workdir, towers, mesh)
+  params = jax.device_get(params)
   table = np.asarray(towers.text_embed(names), np.float32)
   identity = thresholds.model_identity(
       backbone_id=towers.backbone_id, text_id=towers.text_embed.model_id,
-      layers=towers.layers, image_size=size, reference_quirks=cfg.reference_quirks,
+      layers=model.layers, image_size=size, reference_quirks=cfg.reference_quirks,
       head_sha256=thresholds.params_sha256(params))
   threshold = None
   if (workdir / thresholds.FILE_NAME).is_file():
@@ -160,17 +139,16 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
     except thresholds.ThresholdError as e:
       raise ExportError(f"{e} (or remove it to export without a decision output)") from None
     threshold = record["image_threshold"]
-  backbone, layers, quirk, kind = towers.backbone, towers.layers, cfg.reference_quirks, \
-      cfg.eval.image_score
+  backbone, kind = towers.backbone, model.image_score
   table_j = jnp.asarray(table)
   num_objects = len(names)
 
   def fn(images, object_index):
     idx = object_index.astype(jnp.int32)
     valid = (idx >= 0) & (idx < num_objects)
-    amap, score = _anomaly_forward(backbone, head, table_j, images,
-                                   jnp.clip(idx, 0, num_objects - 1), layers=layers,
-                                   quirk=quirk, image_score=kind)
+    # What predict computes, from raw pixels (the model normalises them).
+    amap, score = model.anomaly(params, backbone, table_j, images,
+                                jnp.clip(idx, 0, num_objects - 1))
     nan = jnp.float32(jnp.nan)
     out = {"anomaly_map": jnp.where(valid[:, None, None], amap, nan).astype(jnp.float32),
            "image_score": jnp.where(valid, score, nan).astype(jnp.float32)}
@@ -294,9 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   config=args.config, overrides=args.set, image_size=args.image_size,
                   dtype=args.dtype,
                   platforms=args.platforms.split(",") if args.platforms else None)
-  except ExportError as e:
+  except errors.user_errors() as e:   # a bad workdir, config, checkpoint or threshold
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return errors.EXIT_USER_ERROR
   decision = " and decision" if meta["image_threshold"] is not None else ""
   print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "
         f"{len(meta['object_names'])} objects, {meta['image_size']} px, outputs anomaly_map, "

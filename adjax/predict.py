@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from adjax import atomic, data, heatmaps
+from adjax import atomic, data, heatmaps, html_report, overlays, thresholds
 from adjax.scorer import Scorer
 
 
@@ -40,8 +40,11 @@ def _output_name(path: str, root: str) -> str:
 def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   if jax.process_count() > 1:
     raise ValueError("mode=predict runs on one process; start it without distributed=True")
-  if not cfg.predict.input:
-    raise ValueError("mode=predict needs --config.predict.input=<folder or glob of images>")
+  scorer = Scorer(cfg, towers, mesh, params)
+  table = scorer.text_table([cfg.predict.object_name])
+  limits = _thresholds(cfg, workdir, scorer, table)
+  if not cfg.predict.input:          # calibration only
+    return {"scores": [], "unreadable": [], "thresholds": limits[:2]}
   paths, unreadable = data.read_image_folder(cfg.predict.input)
   root = cfg.predict.input if os.path.isdir(cfg.predict.input) else os.path.commonpath(
       [os.path.dirname(p) for p in paths]) if paths else ""
@@ -52,7 +55,7 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   work_dir = workdir / f".predictions.tmp-{os.getpid()}"
   shutil.rmtree(work_dir, ignore_errors=True)
   try:
-    rows = _predict_into(cfg, work_dir, towers, mesh, params, paths, root, unreadable)
+    rows = _predict_into(cfg, work_dir, scorer, table, paths, root, unreadable, limits)
     _replace_dir(work_dir, out_dir)
   finally:
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -60,8 +63,9 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
     print(f"{len(unreadable)} unreadable files (listed in {out_dir / 'unreadable.txt'}):")
     for p, why in unreadable:
       print(f"  {p}: {why}")
-  print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}")
-  return {"scores": rows, "unreadable": unreadable}
+  print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}, {out_dir / 'index.html'}"
+        f" (decision thresholds: {limits[2]})")
+  return {"scores": rows, "unreadable": unreadable, "thresholds": limits[:2]}
 
 
 def _replace_dir(new: Path, old: Path) -> None:
@@ -72,10 +76,66 @@ def _replace_dir(new: Path, old: Path) -> None:
   shutil.rmtree(stale, ignore_errors=True)
 
 
-def _predict_into(cfg, out_dir: Path, towers, mesh, params, paths, root, unreadable):
-  scorer = Scorer(cfg, towers, mesh, params)
-  table = scorer.text_table([cfg.predict.object_name])
-  threshold = cfg.predict.threshold
+def _thresholds(cfg, workdir: Path, scorer, table) -> tuple[float | None, float | None, str]:
+  """(image threshold, pixel threshold, where they come from) for this run.
+
+  `predict.calibrate_normals` first sets them from normal images and writes
+  thresholds.json; an existing thresholds.json must belong to this head,
+  towers, size and image-score mode (else it is refused, saying why);
+  `predict.threshold >= 0` overrides the image threshold.
+  """
+  if cfg.predict.calibrate_normals:
+    _calibrate(cfg, workdir, scorer, table)
+  image = pixel = None
+  origin = "none"
+  path = workdir / thresholds.FILE_NAME
+  if path.exists():
+    record = thresholds.read(path)
+    thresholds.check(record, image_score=scorer.model.image_score,
+                     model=scorer.threshold_identity())
+    image, pixel = record["image_threshold"], record["pixel_threshold"]
+    # A category the evaluation saw has its own F1-max thresholds.
+    for cats in record.get("details", {}).get("per_category", {}).values():
+      if cfg.predict.object_name in cats:
+        image = cats[cfg.predict.object_name]["image"] or image
+        pixel = cats[cfg.predict.object_name]["pixel"] or pixel
+    origin = f"{path} ({record['method']})"
+  if cfg.predict.threshold >= 0:
+    image, origin = float(cfg.predict.threshold), "predict.threshold"
+  return image, pixel, origin
+
+
+def _calibrate(cfg, workdir: Path, scorer, table) -> None:
+  """Thresholds from normal images only: the `calibrate_quantile` quantile of
+  their image scores and of their pixels' scores, written to thresholds.json."""
+  paths, unreadable = data.read_image_folder(cfg.predict.calibrate_normals)
+  if not paths:
+    raise thresholds.ThresholdError(
+        f"predict.calibrate_normals={cfg.predict.calibrate_normals!r}: no readable images")
+  scores, pixels = [], []
+  for batch in data.prediction_batches(paths, image_size=scorer.model.image_size,
+                                       batch_size=cfg.predict.batch_size):
+    amap, score = scorer.maps(batch["image"], np.zeros(len(batch["image"]), np.int32),
+                              table)
+    valid = np.asarray(batch["valid"])
+    scores.append(np.asarray(score)[valid])
+    pixels.append(np.asarray(amap)[valid].ravel())
+  q = cfg.predict.calibrate_quantile
+  written = thresholds.write(
+      workdir, dataset=f"normals:{cfg.predict.calibrate_normals}",
+      image_score=scorer.model.image_score, checkpoint_step=-1,
+      model=scorer.threshold_identity(),
+      image=thresholds.quantile_threshold(np.concatenate(scores), q),
+      pixel=thresholds.quantile_threshold(np.concatenate(pixels), q),
+      method=f"normal-quantile {q}",
+      details={"normal_images": int(sum(len(x) for x in scores)),
+               "unreadable": [p for p, _ in unreadable]})
+  print(f"calibrated on {sum(len(x) for x in scores)} normal images (quantile {q}) -> "
+        f"{written}", flush=True)
+
+
+def _predict_into(cfg, out_dir: Path, scorer, table, paths, root, unreadable, limits):
+  image_t, pixel_t, origin = limits
   rows = []
   for batch in data.prediction_batches(paths, image_size=scorer.model.image_size,
                                        batch_size=cfg.predict.batch_size):
@@ -90,19 +150,27 @@ def _predict_into(cfg, out_dir: Path, towers, mesh, params, paths, root, unreada
       h, w = (int(v) for v in batch["orig_size"][i])
       with Image.open(path) as img:   # to_rgb: any mode -> 8-bit RGB
         rgb = np.asarray(data.images.to_rgb(img))
-      pixels = heatmaps.panel(rgb, _map_at(amap[i], (h, w)))
+      full = _map_at(amap[i], (h, w))
       name = _output_name(path, root)
-      heatmaps.save_png(out_dir / "heatmaps" / name, pixels)
+      heatmaps.save_png(out_dir / "heatmaps" / name, heatmaps.panel(rgb, full))
       row = {"path": path, "score": f"{float(score[i]):.6f}", "heatmap": f"heatmaps/{name}"}
-      if threshold >= 0:
-        row["label"] = int(float(score[i]) >= threshold)
+      if image_t is not None:
+        row["decision"] = int(float(score[i]) >= image_t)
+      if pixel_t is not None:
+        mask = overlays.binary_mask(full, pixel_t)
+        overlays.save_mask_png(out_dir / "masks" / name, mask)
+        overlays.save_overlay_png(out_dir / "overlays" / name, rgb, mask)
+        row.update(mask=f"masks/{name}", overlay=f"overlays/{name}")
       rows.append(row)
   buf = io.StringIO()
-  fields = ["path", "score", "heatmap"] + (["label"] if threshold >= 0 else [])
+  fields = ["path", "score", "heatmap"] + (["decision"] if image_t is not None else []) + (
+      ["mask", "overlay"] if pixel_t is not None else [])
   writer = csv.DictWriter(buf, fieldnames=fields)
   writer.writeheader()
   writer.writerows(rows)
   atomic.write_text(out_dir / "scores.csv", buf.getvalue())
+  atomic.write_text(out_dir / "index.html", html_report.gallery_html(
+      f"predictions for {cfg.predict.object_name!r} (thresholds: {origin})", rows))
   if unreadable:
     atomic.write_text(out_dir / "unreadable.txt",
                       "".join(f"{p}\t{why}\n" for p, why in unreadable))

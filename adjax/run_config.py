@@ -20,9 +20,10 @@ from typing import Sequence
 import ml_collections
 
 from adjax import config_defaults
+from adjax.errors import UserError
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UserError, ValueError):
   """The config cannot be loaded; the message names the file or key."""
 
 
@@ -101,14 +102,15 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]):
 
 def tower_dims(cfg) -> tuple[int, int, int]:
   """(feature width D, text width E, number of tapped layers) of a config's towers."""
-  from adjax.models import clip_text, dinov3, weights
+  from adjax.models import backbones, clip_text, weights
   if cfg.backbone.random_init:
-    if cfg.backbone.variant not in dinov3.VARIANTS:
-      raise RunConfigError(f"backbone.variant={cfg.backbone.variant!r}; expected one of "
-                           f"{sorted(dinov3.VARIANTS)}")
-    feature_dim = dinov3.VARIANTS[cfg.backbone.variant].dim
+    try:
+      feature_dim = backbones.variant_config(cfg.backbone.family, cfg.backbone.variant).dim
+    except backbones.BackboneError as e:
+      raise RunConfigError(str(e)) from None
   else:
-    feature_dim = int(_converted_config(cfg.backbone.checkpoint, dinov3.KIND, weights)["dim"])
+    kind = backbones.family_module(cfg.backbone.family).KIND
+    feature_dim = int(_converted_config(cfg.backbone.checkpoint, kind, weights)["dim"])
   if cfg.text.random_init:
     if cfg.text.variant not in clip_text.VARIANTS:
       raise RunConfigError(f"text.variant={cfg.text.variant!r}; expected one of "

@@ -17,6 +17,7 @@ class Scorer:
 
   def __init__(self, cfg, towers, mesh, params):
     self.towers, self.mesh = towers, mesh
+    self.reference_quirks = bool(cfg.reference_quirks)
     self.model = towers.model(cfg)
     self.params = jax.device_put(params, sharding.replicated(mesh))
     backbone_def, self.backbone_state, backbone_sharding = sharding.place_frozen(
@@ -36,3 +37,13 @@ class Scorer:
   def text_table(self, names: list[str]):
     return jax.device_put(jnp.asarray(self.towers.text_embed(names)),
                           sharding.replicated(self.mesh))
+
+
+  def threshold_identity(self) -> dict:
+    """What a decision threshold belongs to: this head on these towers, at this size."""
+    from adjax import thresholds
+    return thresholds.model_identity(
+        backbone_id=self.towers.backbone_id, text_id=self.towers.text_embed.model_id,
+        layers=self.model.layers, image_size=self.model.image_size,
+        reference_quirks=self.reference_quirks,
+        head_sha256=thresholds.params_sha256(jax.device_get(self.params)))

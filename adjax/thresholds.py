@@ -26,12 +26,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from adjax import atomic
+from adjax.errors import UserError
 
 FORMAT_VERSION = 1
 FILE_NAME = "thresholds.json"
 
 
-class ThresholdError(ValueError):
+class ThresholdError(UserError, ValueError):
   """A threshold file is missing fields or was made for another model or mode."""
 
 

@@ -127,7 +127,7 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
   import jax
   from flax import nnx
 
-  from adjax import atomic, checkpointing, run_config, train_step
+  from adjax import atomic, checkpointing, identity, run_config, steps
   from adjax.models import head as head_lib
   from adjax.models import weights
 
@@ -144,8 +144,8 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
                                                 rngs=nnx.Rngs(0)))
   weights.assign(head, flat)
   _, params = nnx.split(head)
-  tx, _ = train_step.make_optimizer(cfg, 1)
-  state = train_step.init_state(params, tx)
+  tx, _ = steps.make_optimizer(cfg, 1)
+  state = steps.init_state(params, tx)
   config_json = json.loads(cfg.to_json_best_effort())
   summary = {"source": Path(src).name, "source_sha256": sha256_file(src),
              "step": IMPORT_STEP, "feature_dim": feature_dim, "text_dim": text_dim,
@@ -159,6 +159,9 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
       ckpts.close()
     (tmp / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     (tmp / "imported_from.json").write_text(json.dumps(summary, indent=2))
+    # The model the head belongs to: evaluating it under another is refused.
+    (tmp / identity.IDENTITY_FILE).write_text(
+        json.dumps({"training": identity.training_fields(cfg)}, indent=2, sort_keys=True))
   return summary
 
 

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -220,8 +221,11 @@ def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
   cfg.predict.threshold = 0.5
   out = experiment.run(cfg, str(workdir))
   rows = (workdir / "predictions" / "scores.csv").read_text().splitlines()
-  assert rows[0] == "path,score,heatmap,label"
+  # predict.threshold sets the image decision; the evaluation's thresholds.json
+  # gives the pixel threshold (masks and overlays).
+  assert rows[0] == "path,score,heatmap,decision,mask,overlay"
   assert len(rows) == 1 + 4
+  assert out["thresholds"][0] == 0.5
   assert [p for p, _ in out["unreadable"]] == [str(src / "broken.png")]
   heat = sorted(p.name for p in (workdir / "predictions" / "heatmaps").glob("*.png"))
   assert heat == ["deep.png.png", "gray.png.png", "rgb.png.png", "rgba.png.png"]
@@ -244,6 +248,72 @@ def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
   assert len(out["scores"]) == 4 and len({r["heatmap"] for r in out["scores"]}) == 4
   assert not (pred / "unreadable.txt").exists()      # the earlier run's list is gone
   assert not list(workdir.glob(".predictions*"))     # no temporary left
+
+
+def test_thresholds_calibration_decisions_and_gallery(trained, tmp_path):
+  """Evaluation writes F1-max thresholds; calibration on normal images replaces
+  them with quantiles of the normals' scores; predict writes decisions, masks,
+  overlays and a gallery; a threshold of another image-score mode is refused."""
+  import csv
+  from html.parser import HTMLParser
+  from adjax import thresholds
+  cfg, workdir, out = trained
+  record = thresholds.read(workdir)
+  assert record["method"] == "f1" and record["image_score"] == cfg.eval.image_score
+  per_cat = record["details"]["per_category"]["family_b"]
+  assert sorted(per_cat) == sorted(out["results"]["family_b"])
+  pixel = [v["pixel"] for v in per_cat.values()]
+  assert record["pixel_threshold"] == pytest.approx(float(np.median(pixel)))
+
+  # Calibrate on the normal images of one family-b category.
+  normals = tmp_path / "normals"
+  shutil.copytree(next((cfg_path for cfg_path in
+                        sorted(Path(cfg.data.targets.split(",")[0]).glob("*/test/good")))),
+                  normals)
+  cal = cfg.copy_and_resolve_references()
+  cal.mode = "predict"
+  cal.predict.calibrate_normals = str(normals)
+  cal.predict.calibrate_quantile = 0.75
+  cal.predict.input = str(normals)
+  cal.predict.object_name = "tile"
+  res = experiment.run(cal, str(workdir))
+  record = thresholds.read(workdir)
+  assert record["method"] == "normal-quantile 0.75"
+  scores = np.array([float(r["score"]) for r in res["scores"]])
+  assert record["image_threshold"] == pytest.approx(np.quantile(scores, 0.75,
+                                                                method="higher"))
+  decisions = np.array([int(r["decision"]) for r in res["scores"]])
+  np.testing.assert_array_equal(decisions, scores >= record["image_threshold"])
+  pred = workdir / "predictions"
+  with open(pred / "scores.csv") as f:
+    for row in csv.DictReader(f):
+      assert (pred / row["mask"]).is_file() and (pred / row["overlay"]).is_file()
+      with Image.open(pred / row["mask"]) as m:
+        assert set(np.unique(np.asarray(m))) <= {0, 255}
+
+  class Gallery(HTMLParser):
+    def __init__(self):
+      super().__init__()
+      self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+      if tag == "img":
+        self.srcs.append(dict(attrs)["src"])
+
+  gallery = Gallery()
+  gallery.feed((pred / "index.html").read_text())
+  by_score = [r for r in sorted(res["scores"], key=lambda r: -float(r["score"]))]
+  assert gallery.srcs == [x for r in by_score for x in (r["heatmap"], r["overlay"])]
+  for src in gallery.srcs:
+    assert (pred / src).is_file()
+
+  # The same thresholds under another image-score mode: refused, saying why.
+  other = cal.copy_and_resolve_references()
+  other.predict.calibrate_normals = ""
+  other.eval.image_score = "max" if cfg.eval.image_score != "max" else "global"
+  with pytest.raises(thresholds.ThresholdError, match="eval.image_score"):
+    experiment.run(other, str(workdir))
+  (workdir / thresholds.FILE_NAME).unlink()      # leave the fixture as evaluation left it
 
 
 def test_finished_run_is_not_retrained(trained, capsys):
