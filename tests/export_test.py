@@ -10,6 +10,7 @@ with the evaluation step on pipeline-normalised images (what predict writes).
 import json
 import os
 import subprocess
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -36,24 +37,12 @@ SIZE = 32
 NAMES = ["bottle", "screw"]
 TOL = 1e-4
 
-# The onnxruntime snippet of the export's documentation (onnxruntime, numpy
+# The onnxruntime snippet in README.md's Deploy section (onnxruntime, numpy
 # and pillow only): `python snippet.py model.onnx image.png heatmap.png`.
-ORT_SNIPPET = textwrap.dedent("""\
-    import json, sys
-    import numpy as np, onnxruntime as ort
-    from PIL import Image
-    model, image, out = sys.argv[1:4]
-    sess = ort.InferenceSession(model)
-    meta = sess.get_modelmeta().custom_metadata_map
-    size, names = json.loads(meta["image_size"]), json.loads(meta["object_names"])
-    rgb = np.asarray(Image.open(image).convert("RGB").resize((size, size), Image.BILINEAR))
-    amap, score = sess.run(["anomaly_map", "image_score"],
-                           {"images": rgb[None], "object_index": np.array([0], np.int32)})
-    m = (amap[0] - amap[0].min()) / (np.ptp(amap[0]) + 1e-12)
-    heat = np.stack([m, 1 - np.abs(2 * m - 1), 1 - m], -1)   # blue (low) -> red (high)
-    Image.fromarray((0.5 * rgb + 127.5 * heat).astype(np.uint8)).save(out)
-    print(f"{names[0]}: image score {score[0]:.4f}, heatmap {out}")
-""")
+# Read from the README, so the documented code is the code tested.
+ORT_SNIPPET = re.search(
+    r"Running the ONNX file.*?```python\n(.*?)```",
+    (Path(__file__).resolve().parent.parent / "README.md").read_text(), re.S).group(1)
 
 
 @pytest.fixture(scope="module")
