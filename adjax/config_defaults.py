@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fpr_limit = 0.3            # AUPRO integrates the PRO curve up to this FPR
   c.eval.aupro_zsad = False         # also report the ZSAD papers' AUPRO variant
   c.eval.heatmaps_per_category = 4  # heatmap panels drawn per category
-  c.eval.report_panels = 2          # highest- and lowest-scoring panels per category in the HTML report
+  c.eval.report_panels = 2          # highest- and lowest-scoring panels per category (HTML report)
   c.eval.force = False              # evaluate a finished run again
   # disk: each target's backbone features are stored once per (backbone,
   # image size, layers, data set) and every later evaluation of any head runs

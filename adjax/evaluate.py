@@ -73,9 +73,20 @@ class Evaluator(Scorer):
     self.cfg, self.workdir = cfg, workdir
     self._steps_cached = None
     # data set -> category -> {"image", "pixel"}: the F1-max thresholds.
-    self.thresholds: dict[str, dict] = {}
+    self.category_thresholds: dict[str, dict] = {}
     self._image_scores: list[tuple[np.ndarray, np.ndarray]] = []
     self.head_step = int(source[1])
+    self.eval_identity = {
+        "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
+        "model": identity.model_fields(cfg),
+        "towers": {"backbone": towers.backbone_id, "text": towers.text_embed.model_id},
+        "eval": dict({k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
+                     backbone_dtype=cfg.backbone.dtype,
+                     feature_precision=("bfloat16" if cfg.eval.feature_cache == "disk" and
+                                        cfg.eval.feature_cache_dtype == "bfloat16"
+                                        else "float32")),
+        "image_size": int(cfg.image_size),
+    }
 
   def write_thresholds(self) -> Path | None:
     """<workdir>/thresholds.json from the evaluated targets (process 0).
@@ -91,26 +102,16 @@ class Evaluator(Scorer):
     labels = np.concatenate([l for _, l in self._image_scores])
     image = (thresholds.f1_optimal(scores, labels).threshold
              if 0 < labels.sum() < labels.size else None)
-    pixels = [t["pixel"] for cats in self.thresholds.values() for t in cats.values()
+    found = self.category_thresholds
+    pixels = [t["pixel"] for cats in found.values() for t in cats.values()
               if t["pixel"] is not None]
     pixel = float(np.median(pixels)) if pixels else None
     if image is None and pixel is None:
       return None
     return thresholds.write(
-        self.workdir, dataset=",".join(self.thresholds), image_score=self.model.image_score,
+        self.workdir, dataset=",".join(found), image_score=self.model.image_score,
         checkpoint_step=self.head_step, model=self.threshold_identity(), image=image,
-        pixel=pixel, method="f1", details={"per_category": self.thresholds})
-    self.identity = {
-        "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
-        "model": identity.model_fields(cfg),
-        "towers": {"backbone": towers.backbone_id, "text": towers.text_embed.model_id},
-        "eval": dict({k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
-                     backbone_dtype=cfg.backbone.dtype,
-                     feature_precision=("bfloat16" if cfg.eval.feature_cache == "disk" and
-                                        cfg.eval.feature_cache_dtype == "bfloat16"
-                                        else "float32")),
-        "image_size": int(cfg.image_size),
-    }
+        pixel=pixel, method="f1", details={"per_category": found})
 
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
@@ -120,8 +121,8 @@ class Evaluator(Scorer):
     accs: dict[str, CategoryMetrics] = {}
     to_draw = self._heatmap_indices(handle)
     main = jax.process_index() == 0
-    ident = dict(self.identity, data={"name": handle.name, "examples": handle.num_examples,
-                                      "prepared": str(handle.data_dir)})
+    ident = dict(self.eval_identity, data={
+        "name": handle.name, "examples": handle.num_examples, "prepared": str(handle.data_dir)})
     # Results of another evaluation (another head, step, model or setting)
     # are never overwritten: this one then goes beside them, as name@digest.
     stem = identity.results_name(self.workdir / "results", handle.display_name, ident)
@@ -163,7 +164,7 @@ class Evaluator(Scorer):
     details = {name: d for name, (_, d) in outcome.items()}
     table_text = reports.write_reports(results, self.workdir / "results", stem, ident)
     self._write_html(handle, stem, ident, results, details, accs)
-    self.thresholds[handle.display_name] = {
+    self.category_thresholds[handle.display_name] = {
         name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
         for name, d in details.items()}
     if stem != handle.display_name:

@@ -173,3 +173,28 @@ def test_changed_source_is_prepared_again(small_data, tmp_path, capsys):
   capsys.readouterr()
   data.prepare("folder", manual_dir=src, data_dir=tmp_path / "tfds", skip_bad_files=True)
   assert "skip_bad_files differ" in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_variant_or_family_is_refused(small_data, tmp_path):
+  """backbone.variant=vitb16 with a ViT-S checkpoint: refused, naming the sizes."""
+  from flax import nnx
+  from adjax.models import dinov3, weights
+  model = dinov3.init_random("vits16")
+  flat = {k: np.asarray(v) for k, v in weights.flatten(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+  meta = dict(dinov3.VARIANTS["vits16"].to_dict(), kind=dinov3.KIND, variant="vits16",
+              source="test", source_sha256="0" * 64)
+  weights.save(tmp_path / "vits16", flat, meta)
+  cfg = _cfg(small_data, tmp_path)
+  cfg.backbone.random_init = False
+  cfg.backbone.checkpoint = str(tmp_path / "vits16")
+  cfg.backbone.variant = "vitb16"
+  cfg.backbone.layers = (2, 5, 8, 11)
+  found = config_check.problems(cfg)
+  assert any("is a vits16 model (dim 384 (config: 768)" in p and "backbone.variant='vitb16'"
+             in p for p in found), found
+  cfg.backbone.family = "dinov2"
+  cfg.backbone.variant = "vitb14"
+  cfg.image_size = 28
+  found = config_check.problems(cfg)
+  assert any("holds a 'dinov3' model, but backbone.family='dinov2'" in p for p in found), found

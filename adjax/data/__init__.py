@@ -138,8 +138,9 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None,
       MVTec layout). The prepared data records the folder it came from (its
       resolved path and a digest of its files' names, sizes and mtimes) and
       `skip_bad_files`; a different or changed folder, or another
-      `skip_bad_files`, is prepared again. When the raw folder is gone, the
-      prepared copy is used if it came from that same path.
+      `skip_bad_files`, is prepared again. When manual_dir does not exist,
+      the prepared copy is used (with a message naming its source when that
+      was another folder).
     data_dir: where prepared data sets live (`<data_dir>/<name>/...`).
     skip_bad_files: unreadable images or masks become warnings with a count
       (recorded in `handle.skipped`) instead of errors.
@@ -182,10 +183,9 @@ def prepare(name: str, *, manual_dir: str | os.PathLike | None,
       prepared = False
     elif not extra and root is not None and stored.get("root") not in (
         None, os.fspath(root.resolve())):
-      raise DataError(
-          f"{name}: manual_dir {root} does not exist, and the data prepared in "
-          f"{version_dir} was made from {stored['root']}; point manual_dir at the "
-          f"raw data, or at {stored['root']} to use the prepared copy")
+      # The raw folder is not needed once prepared; say which copy is used.
+      print(f"{name}: {root} does not exist; using the data prepared in {version_dir} "
+            f"from {stored['root']}", flush=True)
 
   if not prepared:
     if root is None or not root.is_dir() or not any(root.iterdir()):

@@ -2,7 +2,8 @@
 
 Preprocessing follows the release exactly: PIL decode, RGB, PIL bilinear
 resize to S x S (PIL antialiases when shrinking), kept as uint8 RGB; the
-model scales to [0, 1] and applies its backbone's mean/std. Masks get the same PIL bilinear resize, scaled to [0, 1], then a
+model scales to [0, 1] and applies its backbone's mean/std. Masks get the
+same PIL bilinear resize, scaled to [0, 1], then a
 threshold. Everything here works on encoded bytes or files, with PIL only, so
 it runs inside grain worker processes without JAX.
 
