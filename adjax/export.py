@@ -183,7 +183,7 @@ def to_stablehlo(exp: Exportable, platforms: Sequence[str] | None = None) -> byt
 def to_onnx(exp: Exportable) -> bytes:
   try:
     import jax2onnx
-    import onnx
+    import onnx  # noqa: F401  (jax2onnx needs it; checked here for the message)
   except ImportError as e:
     raise ExportError(f"--format onnx needs jax2onnx and onnx ({e.name} is not "
                       f"installed): {EXTRA_HINT}") from None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -50,15 +49,10 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
       [os.path.dirname(p) for p in paths]) if paths else ""
   out_dir = workdir / "predictions"
   # Everything is written to a fresh folder that replaces predictions/ at the
-  # end: a rerun leaves no output of an earlier one, a failed run leaves the
-  # earlier outputs as they were.
-  work_dir = workdir / f".predictions.tmp-{os.getpid()}"
-  shutil.rmtree(work_dir, ignore_errors=True)
-  try:
+  # end: a rerun leaves no output of an earlier one, a failed or interrupted
+  # run leaves the earlier outputs as they were (and no temporary folder).
+  with atomic.atomic_dir(out_dir, overwrite=True) as work_dir:
     rows = _predict_into(cfg, work_dir, scorer, table, paths, root, unreadable, limits)
-    _replace_dir(work_dir, out_dir)
-  finally:
-    shutil.rmtree(work_dir, ignore_errors=True)
   if unreadable:
     print(f"{len(unreadable)} unreadable files (listed in {out_dir / 'unreadable.txt'}):")
     for p, why in unreadable:
@@ -66,14 +60,6 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}, {out_dir / 'index.html'}"
         f" (decision thresholds: {limits[2]})")
   return {"scores": rows, "unreadable": unreadable, "thresholds": limits[:2]}
-
-
-def _replace_dir(new: Path, old: Path) -> None:
-  stale = old.with_name(f".{old.name}.old-{os.getpid()}")
-  if old.exists():
-    os.replace(old, stale)
-  os.replace(new, old)
-  shutil.rmtree(stale, ignore_errors=True)
 
 
 def _thresholds(cfg, workdir: Path, scorer, table) -> tuple[float | None, float | None, str]:

@@ -72,8 +72,12 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   cache = _make_cache(cfg, workdir, towers, model, handle)
   if cache is not None and jax.process_index() == 0:
     where = f" in {cache.dir}" if cfg.feature_cache == "disk" else ""
-    print(f"feature cache ({cfg.feature_cache}{where}): {int(cache.filled.sum())} of "
-          f"{handle.num_examples} examples stored", flush=True)
+    stored = int(cache.filled.sum())
+    plan = ("every step runs the head only" if stored == handle.num_examples else
+            "the backbone runs for the others until they are stored (first epoch); "
+            "later steps run the head only")
+    print(f"feature cache ({cfg.feature_cache}{where}): backbone features of {stored} of "
+          f"{handle.num_examples} training examples stored; {plan}", flush=True)
   cache_dtype = jnp.bfloat16 if cfg.feature_cache_dtype == "bfloat16" else jnp.float32
   builder = steps.StepBuilder(model, backbone_def, tx=tx, schedule=schedule, mesh=mesh,
                               state_sharding=state_sharding,

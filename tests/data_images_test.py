@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from adjax import data
-from adjax.data import images
 
 
 def _ref(rgb_uint8: np.ndarray, size: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from adjax import config_defaults, features, sharding, steps
-from adjax.model import ADModel, Behaviour, Features
+from adjax.model import ADModel, Behaviour
 from adjax.models import backbones, dinov3
 
 TINY = dinov3.DinoV3Config(dim=32, depth=4, num_heads=2, ffn="mlp", ffn_hidden=64,

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import config_defaults, steps
+from adjax import config_defaults
+from adjax import steps as step_lib
 from adjax.model import ADModel, Behaviour
 from adjax.models import backbones, dinov3
 
@@ -53,8 +54,8 @@ def bench_case(variant: str, size: int, batch: int, steps: int, dtype) -> dict:
   backbone_def, backbone_state = nnx.split(backbone)
   _, params = nnx.split(model.new_head(0))
   cfg = config_defaults.base_config()
-  tx, schedule = steps.make_optimizer(cfg, 1000)
-  builder = steps.StepBuilder(model, backbone_def, tx=tx, schedule=schedule)
+  tx, schedule = step_lib.make_optimizer(cfg, 1000)
+  builder = step_lib.StepBuilder(model, backbone_def, tx=tx, schedule=schedule)
   from_images = builder.train_step(from_features=False)
   from_cache = builder.train_step(from_features=True)
   evaluate = builder.eval_step()
@@ -72,7 +73,7 @@ def bench_case(variant: str, size: int, batch: int, steps: int, dtype) -> dict:
   batch_feat = {"patches": patches.astype(jnp.bfloat16).astype(jnp.float32),
                 "cls": cls.astype(jnp.bfloat16).astype(jnp.float32),
                 "mask": mask, "label": label, "category_index": cat, "has_mask": has_mask}
-  holder = {"state": steps.init_state(params, tx)}
+  holder = {"state": step_lib.init_state(params, tx)}
 
   def run(step_fn, b):
     def call():

@@ -291,32 +291,9 @@ class DinoV2(nnx.Module):
     Returns:
       one float32 [B, 1 + R + (H/14)(W/14), D] array per entry of `layers`.
     """
-    depth = self.config.depth
-    layers = [int(i) for i in layers]
-    if not layers or any(not -depth <= i < depth for i in layers):
-      raise ValueError(f"DinoV2: layers {layers} must be non-empty block indices "
-                       f"in [-{depth}, {depth})")
-    layers = [i % depth for i in layers]
-    wanted = sorted(set(layers))
-    x = self.embed(images)
-
-    # Requested outputs land in `buf[slot]`, the others in a spare last slot.
-    n = wanted[-1] + 1
-    slot_of = np.full((n,), len(wanted), np.int32)
-    slot_of[wanted] = np.arange(len(wanted))
-    graphdef, state = nnx.split(self.blocks)
-    state = jax.tree.map(lambda a: a[:n], state)
-
-    def step(carry, xs):
-      x, buf = carry
-      block_state, slot = xs
-      x = nnx.merge(graphdef, block_state)(x)
-      return (x, jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)), None
-
-    buf = jnp.zeros((len(wanted) + 1,) + x.shape, jnp.float32)
-    (_, buf), _ = jax.lax.scan(step, (x, buf), (state, jnp.asarray(slot_of)))
-    normed = self.norm(buf[:-1])
-    return [normed[wanted.index(i)] for i in layers]
+    from adjax.models import backbones
+    return backbones.tapped_blocks("DinoV2", self.blocks, self.norm,
+                                   lambda: self.embed(images), layers, self.config.depth)
 
 
 # ------------------------------------------------------ construction

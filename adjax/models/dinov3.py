@@ -299,35 +299,12 @@ class DinoV3(nnx.Module):
     Returns:
       one float32 [B, 1 + 4 + (H/16)(W/16), D] array per entry of `layers`.
     """
-    depth = self.config.depth
-    layers = [int(i) for i in layers]
-    if not layers or any(not -depth <= i < depth for i in layers):
-      raise ValueError(f"DinoV3: layers {layers} must be non-empty block indices "
-                       f"in [-{depth}, {depth})")
-    layers = [i % depth for i in layers]
-    wanted = sorted(set(layers))
-    x = self.embed(images)
+    from adjax.models import backbones
     p = self.config.patch_size
     cos, sin = self._rope_tables(images.shape[1] // p, images.shape[2] // p)
-
-    # Requested outputs land in `buf[slot]`; other blocks write to a spare
-    # last slot, so each scan step is one in-place dynamic update.
-    n = wanted[-1] + 1
-    slot_of = np.full((n,), len(wanted), np.int32)
-    slot_of[wanted] = np.arange(len(wanted))
-    graphdef, state = nnx.split(self.blocks)
-    state = jax.tree.map(lambda a: a[:n], state)
-
-    def step(carry, xs):
-      x, buf = carry
-      block_state, slot = xs
-      x = nnx.merge(graphdef, block_state)(x, cos, sin)
-      return (x, jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)), None
-
-    buf = jnp.zeros((len(wanted) + 1,) + x.shape, jnp.float32)
-    (_, buf), _ = jax.lax.scan(step, (x, buf), (state, jnp.asarray(slot_of)))
-    normed = self.norm(buf[:-1])
-    return [normed[wanted.index(i)] for i in layers]
+    return backbones.tapped_blocks("DinoV3", self.blocks, self.norm,
+                                   lambda: self.embed(images), layers, self.config.depth,
+                                   cos, sin)
 
 
 def _resolve(config_or_name: DinoV3Config | str) -> DinoV3Config:
