@@ -23,7 +23,7 @@ import torch
 from flax import nnx
 from PIL import Image
 
-from adjax import export, thresholds, train, train_step
+from adjax import export, steps, thresholds
 from adjax import towers as towers_lib
 from adjax.data import images as data_images
 from adjax.models import dinov3
@@ -87,17 +87,15 @@ def test_forward_matches_the_eval_step(run_dir, exportable):
   towers = towers_lib.build(cfg, run_dir)
   from adjax import experiment, sharding
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  params = jax.device_get(experiment.trained_params(cfg, run_dir, towers, mesh))
-  head_def, _ = nnx.split(train.new_head(cfg, towers))
+  params, _, _ = experiment.trained_params(cfg, run_dir, towers, mesh)
   backbone_def, backbone_state = nnx.split(towers.backbone)
-  step = train_step.make_eval_step(head_def=head_def, backbone_def=backbone_def,
-                                   layers=towers.layers, grid=(SIZE // 16,) * 2,
-                                   out_hw=(SIZE, SIZE), quirk=cfg.reference_quirks,
-                                   image_score=cfg.eval.image_score)
-  normalised = np.stack([data_images.preprocess_image(Image.fromarray(im), SIZE)
-                         for im in images])
+  step = steps.StepBuilder(towers.model(cfg), backbone_def).eval_step()
+  # What the data pipeline feeds evaluation and prediction.
+  pipeline = np.stack([data_images.preprocess_image(Image.fromarray(im), SIZE)
+                       for im in images])
   table = jnp.asarray(towers.text_embed(NAMES))
-  amap, score = step(params, backbone_state, table, jnp.asarray(normalised), jnp.asarray(idx))
+  amap, score = step(jax.device_get(params), backbone_state, table, jnp.asarray(pipeline),
+                     jnp.asarray(idx))
   assert _max_err(got["anomaly_map"], amap) <= 1e-5
   assert _max_err(got["image_score"], score) <= 1e-5
 

@@ -17,6 +17,8 @@ import torch
 from flax import nnx
 
 from adjax import config_defaults, experiment, sharding
+from adjax.model import ADModel
+from adjax.models import backbones, dinov3
 from adjax.models import head as head_lib
 from converters import head as head_converter
 
@@ -82,9 +84,11 @@ def test_imported_workdir_matches_direct_placement(tmp_path, short_names):
   assert len(summary["ignored_keys"]) == 2 * L + 2      # every fc2, reported
   assert (tmp_path / "run" / "config.json").is_file()
 
-  towers = types.SimpleNamespace(feature_dim=D, text_dim=E, layers=cfg.backbone.layers)
+  # trained_params needs only the model the towers describe (no weights).
+  info = backbones.describe("dinov3", dinov3.VARIANTS["vits16"])
+  towers = types.SimpleNamespace(model=lambda c: ADModel.from_config(c, info, E))
   mesh = sharding.make_mesh(-1, 1)
-  params = experiment.trained_params(cfg, tmp_path / "run", towers, mesh)
+  params, _, _ = experiment.trained_params(cfg, tmp_path / "run", towers, mesh)
   head_def, _ = nnx.split(head_lib.ADHead(D, E, L, rngs=nnx.Rngs(0)))
   imported = nnx.merge(head_def, jax.device_get(params))
   if short_names:
