@@ -89,17 +89,22 @@ def problems(cfg, *, device_count: int | None = None,
     out.append(f"eval.fpr_limit={cfg.eval.fpr_limit!r}: expected a value in (0, 1]")
 
   # The model: family, variant, sizes, layers, checkpoint.
-  try:
-    config = backbones.variant_config(cfg.backbone.family, cfg.backbone.variant)
-    info = backbones.describe(cfg.backbone.family, config)
-  except backbones.BackboneError as e:
-    out.append(str(e))
-    info = None
+  info = None
+  checkpoint = None if cfg.backbone.random_init else _checkpoint_problems(cfg)
+  if checkpoint:
+    out += checkpoint
+  else:
+    try:
+      if cfg.backbone.variant or cfg.backbone.random_init:
+        config = backbones.variant_config(cfg.backbone.family, cfg.backbone.variant)
+        info = backbones.describe(cfg.backbone.family, config)
+      else:                       # the converted checkpoint's own architecture
+        info = backbones.describe_checkpoint(cfg.backbone.family, cfg.backbone.checkpoint)
+    except backbones.BackboneError as e:
+      out.append(str(e))
   if info is not None:
     layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else info.default_layers()
     out += model_problems(info, layers, int(cfg.image_size), cfg.eval.image_score)
-    if not cfg.backbone.random_init:
-      out += _checkpoint_problems(cfg)
   if cfg.text.random_init:
     from adjax.models import clip_text
     _enum(out, "text.variant", cfg.text.variant, tuple(sorted(clip_text.VARIANTS)))

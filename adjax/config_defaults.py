@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.backbone = ml_collections.ConfigDict()
   c.backbone.family = "dinov3"      # a row of adjax.models.backbones.FAMILIES: dinov3 | dinov2
-  c.backbone.variant = "vitl16"     # a variant of the family (its VARIANTS table)
+  c.backbone.variant = "vitl16"     # the family's VARIANTS name; "" = the checkpoint's own
   c.backbone.checkpoint = "checkpoints/dinov3_vitl16"   # converted directory
   c.backbone.random_init = False    # random weights of the variant (demo, benchmarks)
   c.backbone.layers = (5, 11, 17, 23)   # tapped blocks; () = the family's default four

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from adjax import experiment
+from adjax import config_check, experiment
 from adjax.data import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -475,6 +475,7 @@ def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=1, reference_quirks=True)
   cfg.backbone.random_init = False
   cfg.backbone.checkpoint = str(tmp_path / "dino")
+  cfg.backbone.variant = ""          # a custom architecture: the checkpoint's own
   cfg.backbone.layers = (0, 1, 2, 3)
   cfg.text.random_init = False
   cfg.text.checkpoint = str(tmp_path / "clip")
@@ -482,7 +483,8 @@ def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):
   assert sorted(out["results"]["family_b"]) == ["chip", "mesh", "nut", "tile"]
   # One cached embedding per object name of both families, keyed by the checkpoint.
   assert len(list((tmp_path / "text_cache").glob("*.npy"))) == 8
-  with pytest.raises(FileNotFoundError, match="backbone.checkpoint=.*python -m converters.dinov3"):
+  with pytest.raises(config_check.ConfigError,
+                     match="backbone.checkpoint=.*python -m converters.dinov3"):
     cfg.backbone.checkpoint = str(tmp_path / "missing")
     experiment.run(cfg, str(tmp_path / "work2"))
 

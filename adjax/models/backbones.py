@@ -166,14 +166,38 @@ def checkpoint_meta(path: str | os.PathLike) -> dict:
     raise BackboneError(f"{meta_file}: not a converted backbone checkpoint ({e})") from None
 
 
-def check_checkpoint(family: str, variant: str, path: str | os.PathLike) -> None:
-  """Refuses a converted checkpoint of another family or architecture than configured."""
+def describe_checkpoint(family: str, path: str | os.PathLike) -> Backbone:
+  """The contract's facts of a converted checkpoint, from its config.json alone
+  (for architectures outside VARIANTS: `backbone.variant=""`)."""
   meta = checkpoint_meta(path)
+  _check_kind(family, meta, path)
   module = family_module(family)
-  if meta.get("kind") != module.KIND:
+  try:
+    return Backbone(
+        family=family, variant=str(meta.get("name") or meta.get("variant") or "custom"),
+        patch_size=int(meta["patch_size"]), num_prefix_tokens=1 + int(meta["num_registers"]),
+        cls_index=0, depth=int(meta["depth"]), dim=int(meta["dim"]),
+        pixel_mean=tuple(float(v) for v in module.PIXEL_MEAN),
+        pixel_std=tuple(float(v) for v in module.PIXEL_STD))
+  except (KeyError, TypeError, ValueError) as e:
+    raise BackboneError(f"{Path(path) / 'config.json'}: not a converted {family} "
+                        f"checkpoint (field {e})") from None
+
+
+def _check_kind(family: str, meta: dict, path) -> None:
+  if meta.get("kind") != family_module(family).KIND:
     raise BackboneError(
         f"backbone.checkpoint={os.fspath(path)!r} holds a {meta.get('kind')!r} model, "
         f"but backbone.family={family!r}")
+
+
+def check_checkpoint(family: str, variant: str, path: str | os.PathLike) -> None:
+  """Refuses a converted checkpoint of another family or architecture than
+  configured; `variant=""` accepts the checkpoint's own architecture."""
+  meta = checkpoint_meta(path)
+  _check_kind(family, meta, path)
+  if not variant:
+    return
   want = variant_config(family, variant)
   stored = meta.get("name") or meta.get("variant")
   shape_fields = ("dim", "depth", "num_heads", "ffn", "ffn_hidden", "patch_size")
@@ -182,4 +206,5 @@ def check_checkpoint(family: str, variant: str, path: str | os.PathLike) -> None
     detail = ", ".join(f"{f} {meta[f]} (config: {getattr(want, f)})" for f in differs)
     raise BackboneError(
         f"backbone.checkpoint={os.fspath(path)!r} is a {stored or 'different'} model "
-        f"({detail}), but backbone.variant={variant!r}; set backbone.variant to match")
+        f"({detail}), but backbone.variant={variant!r}; set backbone.variant to match "
+        "(or to \"\" to take the checkpoint's architecture)")
