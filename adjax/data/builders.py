@@ -60,6 +60,15 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._extra_metadata = dict(extra_metadata or {})
     super().__init__(**kwargs)
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+  # "... downloaded and prepared" lines; `adjax.data.prepare` says what it
+  # prepares (per-category counts) and where, in its own words.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:
