@@ -133,3 +133,14 @@ def test_cpu_attention_matches_dot_product_attention(dtype):
   ours = dinov3.attention(q, k, v).astype(jnp.float32)
   ref = jax.nn.dot_product_attention(q, k, v).astype(jnp.float32)
   np.testing.assert_allclose(ours, ref, atol=1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("budget", [37 * 37 * 4, 2 * 37 * 37 * 4])
+def test_cpu_attention_loop_over_head_groups(monkeypatch, budget):
+  """With a small logits budget the CPU path loops over groups of (image, head)
+  pairs (one or two per step) and still computes the same attention."""
+  monkeypatch.setattr(dinov3, "CPU_ATTENTION_LOGITS_BYTES", budget)
+  q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 37, 4, 16))
+  ours = dinov3.attention(q, k, v)
+  ref = jax.nn.dot_product_attention(q, k, v)
+  np.testing.assert_allclose(ours, ref, atol=1e-5)
