@@ -22,6 +22,18 @@ norm). The two alternate call by call (the machine may be shared), and the
 table gives both images/s (best call) and adjax/torch, the speed ratio
 (> 1: adjax is faster), from the best calls and as the median of the
 ratios of neighbouring calls (robust to load that changes during the run).
+PyTorch's CPU kernels can be capped at AVX2 with ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2, XLA's generated code
+with XLA_FLAGS=--xla_cpu_max_isa=AVX2 (its matmul library, YNNPACK, picks
+kernels from the CPU it finds; on AMD Zen 4, AVX-512 and AVX2 have the same
+FMA throughput anyway).
+
+No XLA flag is set by adjax: with jax 0.10's defaults, dots already run in
+YNNPACK (`--xla_cpu_experimental_ynn_fusion_type` defaults to dots), and
+the alternatives measured on ViT-L/16 at 512 were no faster or slower
+(Eigen dots via `--xla_cpu_experimental_ynn_fusion_type=`, XNNPACK or oneDNN
+dot fusions, `--xla_cpu_use_onednn`, `--xla_cpu_use_xnnpack`, XNN graph
+fusion, `--xla_cpu_multi_thread_eigen=false`, `--xla_cpu_prefer_vector_width=512`).
 """
 
 from __future__ import annotations
