@@ -133,3 +133,34 @@ def test_cpu_attention_matches_dot_product_attention(dtype):
   ours = dinov3.attention(q, k, v).astype(jnp.float32)
   ref = jax.nn.dot_product_attention(q, k, v).astype(jnp.float32)
   np.testing.assert_allclose(ours, ref, atol=1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("budget", [37 * 37 * 4, 2 * 37 * 37 * 4])
+def test_cpu_attention_loop_over_head_groups(monkeypatch, budget):
+  """With a small logits budget the CPU path loops over groups of (image, head)
+  pairs (one or two per step) and still computes the same attention."""
+  monkeypatch.setattr(dinov3, "CPU_ATTENTION_LOGITS_BYTES", budget)
+  q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 37, 4, 16))
+  ours = dinov3.attention(q, k, v)
+  ref = jax.nn.dot_product_attention(q, k, v)
+  np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_bench_cached_step_flops():
+  """The adapters' forward and kernel-gradient matmuls dominate the count."""
+  from adjax.bench import train as train_bench
+  cfg = dinov3.VARIANTS["vitl16"]
+  flops = train_bench.cached_step_flops(cfg, 512, 2)
+  adapters = 4 * 2 * 2 * (2 * 1024) * 1024 * 768
+  assert adapters < flops < 1.05 * adapters
+  assert train_bench.cached_step_flops(cfg, 512, 4) > 1.9 * flops
+
+
+def test_bench_torch_reference_taps_blocks():
+  """The --versus torch side returns the same blocks and shapes as ours."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from adjax.bench import backbone
+  forward = backbone.torch_backbone(TINY, [3, 1], threads=1)
+  outs = forward(np.zeros((1, 32, 48, 3), np.float32))
+  assert [tuple(o.shape) for o in outs] == [(1, 5 + 6, 64)] * 2
