@@ -1,10 +1,11 @@
-"""DINOv3 backbone forward throughput against the machine's matmul ceiling.
+"""Backbone forward throughput against the machine's matmul ceiling.
 
   python -m adjax.bench backbone [--variants vits16,vitl16] [--sizes 224,512]
                                  [--batch 2] [--dtype float32] [--iters 3]
                                  [--versus torch]
 
-For each variant and square input size: compile time of the jitted
+Variants of any family (DINOv3 `vitl16`, DINOv2 `vitl14_reg`, ...). For each
+variant and square input size (a multiple of its patch): compile time of the jitted
 `get_intermediate_layers` (default blocks, random weights of the real
 architecture), images/s, and achieved GFLOP/s from an analytic FLOP count
 (patch embedding + per block qkv, attention logits and values, output
@@ -47,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adjax.models import dinov3
+from adjax.models import backbones, dinov3
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -170,9 +171,9 @@ def print_versus(rows) -> None:
 
 
 def bench_backbone(variant: str, size: int, batch: int, dtype, iters: int) -> dict:
-  model = dinov3.init_random(variant, dtype=dtype)
-  config = model.config
-  layers = dinov3.default_layers(config.depth)
+  family, config = backbones.find_variant(variant)
+  model = backbones.family_module(family).init_random(config, dtype=dtype)
+  layers = backbones.describe(family, config).default_layers()
   graphdef, state = nnx.split(model)
 
   def features(state, images):
@@ -194,6 +195,9 @@ def main(argv=None) -> int:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--variants", default="vits16,vitl16")
   parser.add_argument("--sizes", default="224,512")
+  parser.add_argument("--cases", default="",
+                      help="variant@size pairs instead of --variants x --sizes, e.g. "
+                           "vitl16@512,vitl14_reg@518")
   parser.add_argument("--batch", type=int, default=2)
   parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
   parser.add_argument("--iters", type=int, default=3, help="timed calls (best is kept)")
@@ -208,11 +212,19 @@ def main(argv=None) -> int:
   if args.versus:
     import_torch()  # fail before any timing
   dtype = DTYPES[args.dtype]
-  variants = [v for v in args.variants.split(",") if v]
-  unknown = [v for v in variants if v not in dinov3.VARIANTS]
-  if unknown:
-    parser.error(f"--variants: unknown {unknown}; known: {sorted(dinov3.VARIANTS)}")
-  sizes = [int(s) for s in args.sizes.split(",") if s]
+  if args.cases:
+    cases = [(c.split("@")[0], int(c.split("@")[1])) for c in args.cases.split(",") if c]
+  else:
+    cases = [(v, int(s)) for v in args.variants.split(",") if v
+             for s in args.sizes.split(",") if s]
+  variants = sorted({v for v, _ in cases})
+  for v in variants:
+    try:
+      family, _ = backbones.find_variant(v)
+    except backbones.BackboneError as e:
+      parser.error(f"--variants: {e}")
+    if args.versus and family != "dinov3":
+      parser.error(f"--versus torch compares DINOv3 variants; {v} is {family}")
 
   device = jax.devices()[0]
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}, "
@@ -229,12 +241,11 @@ def main(argv=None) -> int:
 
   ceiling = ceiling_now("before")
   rows = []
-  for variant in variants:
-    for size in sizes:
-      rows.append(bench_backbone(variant, size, args.batch, dtype, args.iters))
-      r = rows[-1]
-      print(f"{variant:10s} {size:5d} compile {r['compile_s']:6.2f} s  "
-            f"{r['images_per_s']:8.2f} images/s  {r['gflops']:7.1f} GFLOP/s", flush=True)
+  for variant, size in cases:
+    rows.append(bench_backbone(variant, size, args.batch, dtype, args.iters))
+    r = rows[-1]
+    print(f"{variant:10s} {size:5d} compile {r['compile_s']:6.2f} s  "
+          f"{r['images_per_s']:8.2f} images/s  {r['gflops']:7.1f} GFLOP/s", flush=True)
   ceiling = max(ceiling, ceiling_now("after"))
   print(f"ceiling: {ceiling:.1f} GFLOP/s")
   print(f"{'variant':10s} {'size':>5s} {'batch':>5s} {'compile s':>9s} {'images/s':>9s} "
@@ -245,6 +256,5 @@ def main(argv=None) -> int:
   if args.versus:
     print(f"\nversus torch (transformers DINOv3ViTModel, no_grad), alternating calls, "
           f"{args.iters} each:", flush=True)
-    print_versus([versus_torch(v, size, args.batch, args.iters)
-                  for v in variants for size in sizes])
+    print_versus([versus_torch(v, size, args.batch, args.iters) for v, size in cases])
   return 0

@@ -91,6 +91,16 @@ class Backbone:
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
+def find_variant(name: str) -> tuple[str, object]:
+  """(family, config) of a variant name from any family ("vitl16", "vitl14_reg")."""
+  for family in FAMILIES:
+    module = family_module(family)
+    if name in module.VARIANTS:
+      return family, module.VARIANTS[name]
+  known = {f: variants(f) for f in FAMILIES}
+  raise BackboneError(f"unknown backbone variant {name!r}; known: {known}")
+
+
 def describe(family: str, config) -> Backbone:
   """The contract's facts for a family and one of its configs."""
   module = family_module(family)
