@@ -146,6 +146,19 @@ def test_cpu_attention_loop_over_head_groups(monkeypatch, budget):
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("budget", [37 * 37 * 4, 1 << 30])
+def test_cpu_attention_with_a_symbolic_batch(monkeypatch, budget):
+  """jax.export with a dynamic batch (the exported model) takes the head-group
+  path with the batch inside each step; it computes the same attention."""
+  monkeypatch.setattr(dinov3, "CPU_ATTENTION_LOGITS_BYTES", budget)
+  q, k, v = jax.random.normal(jax.random.key(2), (3, 3, 37, 4, 16))
+  (b,) = jax.export.symbolic_shape("b")
+  spec = jax.ShapeDtypeStruct((b, 37, 4, 16), jnp.float32)
+  exported = jax.export.export(jax.jit(dinov3.attention))(spec, spec, spec)
+  ours = exported.call(q, k, v)
+  np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
+
+
 def test_bench_cached_step_flops():
   """The adapters' forward and kernel-gradient matmuls dominate the count."""
   from adjax.bench import train as train_bench

@@ -161,11 +161,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   if jax.default_backend() != "cpu":
     return jax.nn.dot_product_attention(q, k, v)
   b, t, n, h = q.shape
-  pairs = b * n
   per_pair = t * t * 4
-  group = max([g for g in range(1, pairs + 1)
-               if pairs % g == 0 and g * per_pair <= CPU_ATTENTION_LOGITS_BYTES] or [1])
+  if not isinstance(b, int):
+    # A symbolic batch (jax.export with a dynamic batch): the groups are of
+    # heads, with the whole batch in each step, sized as for one image.
+    group = _group(n, per_pair)
+    q, k, v = (x.transpose(2, 0, 1, 3).reshape(n // group, group * b, t, h)
+               for x in (q, k, v))
+    out = _attention_groups(q, k, v, h, loop=group < n)
+    return out.reshape(n, b, t, h).transpose(1, 2, 0, 3)
+  pairs = b * n
+  group = _group(pairs, per_pair)
   q, k, v = (x.transpose(0, 2, 1, 3).reshape(pairs // group, group, t, h) for x in (q, k, v))
+  out = _attention_groups(q, k, v, h, loop=group < pairs)
+  return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+
+
+def _group(pairs: int, per_pair: int) -> int:
+  """The largest divisor of `pairs` whose logits fit CPU_ATTENTION_LOGITS_BYTES."""
+  return max([g for g in range(1, pairs + 1)
+              if pairs % g == 0 and g * per_pair <= CPU_ATTENTION_LOGITS_BYTES] or [1])
+
+
+def _attention_groups(q, k, v, h: int, loop: bool) -> jax.Array:
+  """[steps, g, T, h] inputs: attention one step at a time (`loop`) or at once."""
 
   def heads(qkv):
     q, k, v = qkv
@@ -173,8 +192,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     probs = jax.nn.softmax(logits * h ** -0.5, axis=-1).astype(v.dtype)
     return jnp.einsum("gts,gsh->gth", probs, v)
 
-  out = heads((q[0], k[0], v[0]))[None] if group == pairs else jax.lax.map(heads, (q, k, v))
-  return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
+  return jax.lax.map(heads, (q, k, v)) if loop else heads((q[0], k[0], v[0]))[None]
 
 
 def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
