@@ -288,6 +288,7 @@ def test_activation_override_at_load(tiny_cases):
   assert clip_text.load(path).model_id == prompts.model_id_of(path)
 
 
+@pytest.mark.slow
 def test_vit_l14_text_architecture_parity():
   cfg = transformers.CLIPTextConfig(
       vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

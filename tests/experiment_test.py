@@ -28,6 +28,10 @@ from adjax.data import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# End-to-end runs (seconds to minutes each): the full suite and CI run them;
+# `pytest -m "not slow"` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def demo_config():
   spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
@@ -350,7 +354,6 @@ RUN_KEYS = ["data.train", "data.targets", "data.data_dir", "text.cache_dir", "da
             "image_size", "batch_size", "epochs", "checkpoint_every_steps"]
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_parameters(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=16, checkpoint_every_steps=3)
   cfg.eval.enabled = False
@@ -390,7 +393,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=2)
   flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RUN_KEYS)
@@ -430,7 +432,6 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
 DEMO_PIXEL_AUROC_FLOOR = 0.60   # chance is 0.5; the README states the figure reached
 
 
-@pytest.mark.slow
 def test_demo_reaches_its_auroc_floor(tmp_path):
   """The README's first command, with its real settings, in a temporary place."""
   cfg = demo_config()
@@ -446,7 +447,6 @@ def test_demo_reaches_its_auroc_floor(tmp_path):
   assert len(list((tmp_path / "work" / "heatmaps" / "family_b").rglob("*.png"))) == 4 * 3
 
 
-@pytest.mark.slow
 def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):
   """The paper configs' path: PyTorch towers -> converters -> a run that loads them."""
   import torch

@@ -100,6 +100,7 @@ def test_forward_matches_the_eval_step(run_dir, exportable):
   assert _max_err(got["image_score"], score) <= 1e-5
 
 
+@pytest.mark.slow
 def test_stablehlo_reloads_without_adjax(run_dir, exportable, tmp_path):
   pytest.importorskip("flatbuffers")    # jax.export's serialization (the export extra)
   out = tmp_path / "model.shlo"
@@ -138,6 +139,7 @@ def _ort_session(path):
   return ort.InferenceSession(str(path), so)
 
 
+@pytest.mark.slow
 def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path):
   pytest.importorskip("jax2onnx")
   out = tmp_path / "model.onnx"

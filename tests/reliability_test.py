@@ -75,6 +75,7 @@ def _main(args, cwd=ROOT):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_mistakes_are_one_line(small_data, tmp_path):
   proc = _main(["--config=configs/demo.py", f"--workdir={tmp_path / 'w'}",
                 "--config.epochs=0", "--config.batch_size=0"])
@@ -98,6 +99,7 @@ def trained(small_data, tmp_path_factory):
   return cfg, tmp
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(trained):
   cfg, tmp = trained
   work = tmp / "work"
@@ -113,6 +115,7 @@ def test_resume_with_another_config_is_refused(trained):
   assert (work / "config.json").read_text() == before     # not overwritten
 
 
+@pytest.mark.slow
 def test_evaluating_with_another_model_is_refused_and_keeps_results(trained):
   cfg, tmp = trained
   work = tmp / "work"
@@ -125,6 +128,7 @@ def test_evaluating_with_another_model_is_refused_and_keeps_results(trained):
   assert (work / "results" / "family_b.json").read_text() == results
 
 
+@pytest.mark.slow
 def test_another_evaluation_writes_beside_earlier_results(trained):
   cfg, tmp = trained
   work = tmp / "work"
@@ -141,6 +145,7 @@ def test_another_evaluation_writes_beside_earlier_results(trained):
   assert stored["head"] == first["identity"]["head"]
 
 
+@pytest.mark.slow
 def test_a_busy_workdir_is_refused(trained):
   cfg, tmp = trained
   work = tmp / "work"

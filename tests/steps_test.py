@@ -80,18 +80,22 @@ def test_normalize_uses_the_backbones_statistics():
 
 
 def test_public_loss_is_differentiable_and_matches_the_step(parts):
-  """`ADModel.loss` from images equals the loss from features, and its gradient
-  is what the train step applies (plain SGD through optax.sgd would give the same)."""
+  """`ADModel.loss` from images equals the loss from features, and has a
+  finite, non-zero gradient for every adapter."""
   model = _model(True)
   batch = {k: jnp.asarray(v) for k, v in _batch(5).items()}
-  feats = model.features(parts["backbone"], batch["image"])
-  loss_img, parts_img = model.loss(parts["params"], batch["image"], parts["text"], batch,
-                                   backbone=parts["backbone"])
-  loss_feat, _ = model.loss(parts["params"], feats, parts["text"], batch)
+  backbone = parts["backbone"]
+  feats = jax.jit(lambda x: model.features(backbone, x))(batch["image"])
+  loss_img, parts_img = jax.jit(
+      lambda p, x: model.loss(p, x, parts["text"], batch, backbone=backbone))(
+          parts["params"], batch["image"])
+  loss_feat, _ = jax.jit(lambda p, f: model.loss(p, f, parts["text"], batch))(
+      parts["params"], feats)
   np.testing.assert_allclose(float(loss_img), float(loss_feat), rtol=1e-6)
   assert set(parts_img) == {"focal_aacm", "dice_aacm", "focal_cross", "dice_cross",
                             "ce_global"}
-  grads = jax.grad(lambda p: model.loss(p, feats, parts["text"], batch)[0])(parts["params"])
+  grads = jax.jit(jax.grad(lambda p: model.loss(p, feats, parts["text"], batch)[0]))(
+      parts["params"])
   norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
   assert len(norms) == 10 and all(n > 0 and np.isfinite(n) for n in norms)
   with pytest.raises(ValueError, match="backbone"):
@@ -103,12 +107,12 @@ def test_image_scores(parts, kind):
   import dataclasses
   model = dataclasses.replace(_model(False), image_score=kind)
   batch = _batch(2, b=4)
-  amap, score = model.anomaly(
-      parts["params"], parts["backbone"], parts["text"], jnp.asarray(batch["image"]),
-      jnp.asarray(batch["category_index"]))
-  out = model.outputs(parts["params"], model.features(parts["backbone"],
-                                                      jnp.asarray(batch["image"])),
-                      parts["text"], jnp.asarray(batch["category_index"]))
+  backbone, text = parts["backbone"], parts["text"]
+  images, cats = jnp.asarray(batch["image"]), jnp.asarray(batch["category_index"])
+  amap, score = jax.jit(lambda p: model.anomaly(p, backbone, text, images, cats))(
+      parts["params"])
+  out = jax.jit(lambda p: model.outputs(p, model.features(backbone, images), text, cats))(
+      parts["params"])
   prob = np.asarray(jax.nn.softmax(out["logits"], -1))[:, 1]
   peak = np.asarray(out["cross"]).max(axis=(1, 2))
   want = {"global": prob, "max": peak, "mean": (prob + peak) / 2}[kind]
