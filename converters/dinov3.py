@@ -32,79 +32,32 @@ import numpy as np
 
 from adjax import processes
 from adjax.errors import UserError
-from converters.common import (ConversionError, Rule, apply_rules, conv_kernel,
-                               linear_kernel, read_state_dict, sha256_file)
+from converters.common import (ConversionError, Rule, Source, apply_rules, conv_kernel,
+                               download_hf_repo, linear_kernel, read_file_source,
+                               read_hf_dir)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Names only CLIP checkpoints (OpenAI, open_clip, HF CLIPModel/CLIPTextModel) have.
 _CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
                        r"text_projection|logit_scale)(\.|$)")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-@dataclasses.dataclass
-class Source:
-  """Flat tensors plus what is known about them besides their shapes."""
-  tensors: dict[str, np.ndarray]
-  origin: str  # for messages
-  file_name: str
-  sha256: str
-  hf_config: dict | None = None
+_HF_MODEL_TYPES = ("dinov3_vit",)
 
 
 # ----------------------------------------------------------------- reading
 
 def read_source(src: str) -> Source:
   path = Path(src)
+  what = "a Hugging Face DINOv3ViTModel"
   if path.is_file():
-    return Source(read_state_dict(path), str(path), path.name, sha256_file(path))
+    return read_file_source(path)
   if path.is_dir():
-    return _read_hf_dir(path)
+    return read_hf_dir(path, _HF_MODEL_TYPES, what)
   if _HUB_ID.match(src) and not src.startswith((".", "/", "~")):
-    return _read_hf_dir(_download(src))
+    return read_hf_dir(download_hf_repo(src, "facebook/dinov3-vitl16-pretrain-lvd1689m"),
+                       _HF_MODEL_TYPES, what)
   raise ConversionError(
       f"--src {src}: no such file or directory (and not a hub repo id like "
       "'facebook/dinov3-vitl16-pretrain-lvd1689m')")
-
-
-def _download(repo_id: str) -> Path:
-  try:
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors"]))
-  except Exception as e:  # offline, unknown repo, gated repo: all reported alike
-    raise ConversionError(
-        f"--src {repo_id}: not a local path, and fetching it from the Hugging Face "
-        f"hub failed (hub unreachable, repo unknown or gated?): {type(e).__name__}: "
-        f"{e}. Download the checkpoint yourself and pass the local .pth file or "
-        "directory (config.json + model.safetensors)") from e
-
-
-def _read_hf_dir(path: Path) -> Source:
-  present = [path / f for f in _WEIGHT_FILES if (path / f).is_file()]
-  if not present:
-    raise ConversionError(
-        f"{path}: no weights found; expected one of {list(_WEIGHT_FILES)} "
-        "(a Hugging Face DINOv3ViTModel directory) or pass the .pth file itself")
-  hf_config = None
-  if (path / "config.json").is_file():
-    hf_config = json.loads((path / "config.json").read_text())
-    if hf_config.get("model_type") not in (None, "dinov3_vit"):
-      raise ConversionError(
-          f"{path / 'config.json'}: model_type {hf_config.get('model_type')!r}, "
-          "expected 'dinov3_vit' (a Hugging Face DINOv3ViTModel)")
-  weights = present[0]
-  if weights.name.endswith(".index.json"):
-    shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
-    tensors = {}
-    for shard in shards:
-      tensors.update(read_state_dict(path / shard))
-    # One digest for the set: sha256 over the shards' digests in name order.
-    import hashlib
-    digest = hashlib.sha256(
-        "".join(sha256_file(path / s) for s in shards).encode()).hexdigest()
-    return Source(tensors, str(path), weights.name, digest, hf_config)
-  return Source(read_state_dict(weights), str(weights), weights.name,
-                sha256_file(weights), hf_config)
 
 
 # ---------------------------------------------------------------- layouts
