@@ -56,6 +56,11 @@ def main(argv) -> None:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_USER_ERROR)
+  except KeyboardInterrupt:
+    # Ctrl-C: the lock and temporaries are already released; say how to go on.
+    print("interrupted; run the same command again to resume from the last checkpoint",
+          file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":
