@@ -23,5 +23,24 @@ EXIT_USER_ERROR = 2
 
 def user_errors() -> tuple[type[BaseException], ...]:
   """The exception types the entry points print as one line: UserError and
-  its subclasses, and a missing file (the message names the path)."""
-  return (UserError, FileNotFoundError)
+  its subclasses, and a missing or already existing file (the message names
+  the path)."""
+  return (UserError, FileNotFoundError, FileExistsError)
+
+
+def run_command(fn):
+  """Runs a command-line entry point's work: (0, fn()) or, for a user error,
+  one `error: ...` line on stderr and (EXIT_USER_ERROR, None).
+
+  SIGTERM raises inside (so temporaries are removed on it as on Ctrl-C); every
+  command of the project (converters, export) reports the same way.
+  """
+  import sys
+
+  from adjax import processes
+  try:
+    with processes.sigterm_raises():
+      return 0, fn()
+  except user_errors() as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR, None

@@ -267,14 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="stablehlo: comma-separated platforms to lower for, e.g. "
                            "cpu,cuda (default: this machine's)")
   args = parser.parse_args(argv)
-  try:
-    meta = export(args.workdir, args.object_names.split(","), args.format, args.out,
-                  config=args.config, overrides=args.set, image_size=args.image_size,
-                  dtype=args.dtype,
-                  platforms=args.platforms.split(",") if args.platforms else None)
-  except errors.user_errors() as e:   # a bad workdir, config, checkpoint or threshold
-    print(f"error: {e}", file=sys.stderr)
-    return errors.EXIT_USER_ERROR
+  rc, meta = errors.run_command(lambda: export(
+      args.workdir, args.object_names.split(","), args.format, args.out,
+      config=args.config, overrides=args.set, image_size=args.image_size, dtype=args.dtype,
+      platforms=args.platforms.split(",") if args.platforms else None))
+  if rc:
+    return rc
   decision = " and decision" if meta["image_threshold"] is not None else ""
   print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "
         f"{len(meta['object_names'])} objects, {meta['image_size']} px, outputs anomaly_map, "

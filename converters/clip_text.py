@@ -38,8 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adjax import atomic, processes
-from adjax.errors import UserError
+from adjax import atomic, errors
 from adjax.models import clip_text, weights
 from converters import common
 from converters.common import ConversionError, Rule
@@ -350,13 +349,11 @@ def main(argv=None) -> int:
                            "quick_gelu for OpenAI files)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   args = parser.parse_args(argv)
-  try:
-    with processes.sigterm_raises():  # temporaries are removed on SIGTERM too
-      out = convert(args.src, args.dst, tokenizer=args.tokenizer,
-                    activation=args.activation, overwrite=args.overwrite)
-  except (UserError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  rc, out = errors.run_command(
+      lambda: convert(args.src, args.dst, tokenizer=args.tokenizer,
+                      activation=args.activation, overwrite=args.overwrite))
+  if rc:
+    return rc
   cfg = weights.read_config(out, clip_text.KIND)
   print(f"wrote {out}: {cfg['layers']} layers, width {cfg['width']}, heads {cfg['heads']}, "
         f"embed {cfg['embed_dim']}, vocab {cfg['vocab_size']}, activation {cfg['activation']}")

@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from adjax import errors
 from converters.common import (ConversionError, Rule, Source, apply_rules, conv_kernel,
                                download_hf_repo, linear_kernel, read_file_source,
                                read_hf_dir)
@@ -315,12 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "source's own)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
   args = parser.parse_args(argv)
-  try:
-    out = convert(args.src, args.dst, args.variant, args.overwrite, args.num_heads,
-                  args.pos_interpolation)
-  except ConversionError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  rc, out = errors.run_command(
+      lambda: convert(args.src, args.dst, args.variant, args.overwrite, args.num_heads,
+                      args.pos_interpolation))
+  if rc:
+    return rc
   cfg = json.loads((out / "config.json").read_text())
   print(f"wrote {out} (variant {cfg['variant']}, {cfg['depth']} blocks, dim {cfg['dim']}, "
         f"{cfg['num_registers']} registers, from {cfg['source_format']} {cfg['source']})")

@@ -30,8 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from adjax import processes
-from adjax.errors import UserError
+from adjax import errors
 from converters.common import (ConversionError, Rule, Source, apply_rules, conv_kernel,
                                download_hf_repo, linear_kernel, read_file_source,
                                read_hf_dir)
@@ -298,12 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="force a variant instead of inferring it from the shapes")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
   args = parser.parse_args(argv)
-  try:
-    with processes.sigterm_raises():  # temporaries are removed on SIGTERM too
-      out = convert(args.src, args.dst, args.variant, args.overwrite)
-  except (UserError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  rc, out = errors.run_command(
+      lambda: convert(args.src, args.dst, args.variant, args.overwrite))
+  if rc:
+    return rc
   cfg = json.loads((out / "config.json").read_text())
   print(f"wrote {out} (variant {cfg['variant']}, {cfg['depth']} blocks, dim {cfg['dim']}, "
         f"from {cfg['source_format']} {cfg['source']})")

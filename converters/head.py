@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from adjax import errors
 from converters.common import (ConversionError, Rule, apply_rules, linear_kernel,
                                sha256_file)
 
@@ -177,12 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
   args = parser.parse_args(argv)
   from adjax import run_config
-  try:
-    cfg = run_config.from_file(args.config, args.set)
-    summary = convert(args.src, args.dst, cfg, args.overwrite)
-  except (ConversionError, run_config.RunConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  rc, summary = errors.run_command(
+      lambda: convert(args.src, args.dst, run_config.from_file(args.config, args.set),
+                      args.overwrite))
+  if rc:
+    return rc
   print(f"wrote {args.dst}: {len(summary['parameters'])} adapters ({summary['num_layers']} "
         f"tapped layers, feature width {summary['feature_dim']}, text width "
         f"{summary['text_dim']}); ignored {len(summary['ignored_keys'])} unused fc2 weights")

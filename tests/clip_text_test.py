@@ -432,7 +432,7 @@ def _save(sd, path):
 
 def test_refuses_missing_tokenizer(openai_files, tmp_path, capsys):
   root, _ = openai_files
-  assert conv.main(["--src", str(root / "sd.pt"), "--dst", str(tmp_path / "out")]) == 1
+  assert conv.main(["--src", str(root / "sd.pt"), "--dst", str(tmp_path / "out")]) == 2
   assert "--tokenizer" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
 
