@@ -75,7 +75,6 @@ class Evaluator(Scorer):
     # data set -> category -> {"image", "pixel"}: the F1-max thresholds.
     self.category_thresholds: dict[str, dict] = {}
     self._image_scores: list[tuple[np.ndarray, np.ndarray]] = []
-    self.head_step = int(source[1])
     self.eval_identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
@@ -110,7 +109,7 @@ class Evaluator(Scorer):
       return None
     return thresholds.write(
         self.workdir, dataset=",".join(found), image_score=self.model.image_score,
-        checkpoint_step=self.head_step, model=self.threshold_identity(), image=image,
+        checkpoint_step=self.eval_identity["head"]["step"], model=self.threshold_identity(), image=image,
         pixel=pixel, method="f1", details={"per_category": found})
 
   def evaluate(self, handle) -> dict[str, dict[str, float]]:

@@ -82,9 +82,10 @@ def _thresholds(cfg, workdir: Path, scorer, table) -> tuple[float | None, float 
     image, pixel = record["image_threshold"], record["pixel_threshold"]
     # A category the evaluation saw has its own F1-max thresholds.
     for cats in record.get("details", {}).get("per_category", {}).values():
-      if cfg.predict.object_name in cats:
-        image = cats[cfg.predict.object_name]["image"] or image
-        pixel = cats[cfg.predict.object_name]["pixel"] or pixel
+      own = cats.get(cfg.predict.object_name, {})
+      # A threshold of 0.0 is a threshold; only a missing one falls back.
+      image = own["image"] if own.get("image") is not None else image
+      pixel = own["pixel"] if own.get("pixel") is not None else pixel
     origin = f"{path} ({record['method']})"
   if cfg.predict.threshold >= 0:
     image, origin = float(cfg.predict.threshold), "predict.threshold"
