@@ -155,7 +155,12 @@ class ADModel:
               images: jax.Array, category_index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> (anomaly map [B, H, W]: the cross-modal map's anomalous channel
     (SPEC section 7), image score [B])."""
-    out = self.outputs(params, self.features(backbone, images), text_table, category_index)
+    return self.maps(params, self.features(backbone, images), text_table, category_index)
+
+  def maps(self, params: nnx.State, feats: Features, text_table: jax.Array,
+           category_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`anomaly` from features already computed (the evaluation feature cache)."""
+    out = self.outputs(params, feats, text_table, category_index)
     return out["cross"], self.image_scores(out)
 
 

@@ -140,10 +140,10 @@ class StepBuilder:
     def step(params, backbone_state, text_table, images, category_index):
       feats = model.features(nnx.merge(self.backbone_def, backbone_state), images)
       if not return_features:
-        return _maps(model, params, feats, text_table, category_index)
+        return model.maps(params, feats, text_table, category_index)
       stored = Features(*(x.astype(cache_dtype) for x in feats))
       feats = Features(*(x.astype(jnp.float32) for x in stored))
-      return _maps(model, params, feats, text_table, category_index) + (tuple(stored),)
+      return model.maps(params, feats, text_table, category_index) + (tuple(stored),)
 
     if self.mesh is None:
       return jax.jit(step)
@@ -161,7 +161,7 @@ class StepBuilder:
     model = self.model
 
     def step(params, text_table, patches, cls, category_index):
-      return _maps(model, params, Features(patches, cls), text_table, category_index)
+      return model.maps(params, Features(patches, cls), text_table, category_index)
 
     if self.mesh is None:
       return jax.jit(step)
@@ -169,8 +169,3 @@ class StepBuilder:
     b = shd.batch_sharding(self.mesh)
     b1 = shd.batch_sharding(self.mesh, 1)
     return jax.jit(step, in_shardings=(rep, rep, b1, b1, b), out_shardings=(b, b))
-
-
-def _maps(model: ADModel, params, feats: Features, text_table, category_index):
-  out = model.outputs(params, feats, text_table, category_index)
-  return out["cross"], model.image_scores(out)
