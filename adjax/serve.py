@@ -242,6 +242,7 @@ def make_handler(app: App):
       query = {k: v[-1] for k, v in parse_qs(url.query).items()}
       try:
         if url.path not in ("/predict", "/predict_folder"):
+          self.close_connection = True     # its body is not read
           raise Refusal(404, f"unknown route POST {url.path}; the routes are "
                         "POST /predict and POST /predict_folder")
         body = self._body()
