@@ -21,6 +21,10 @@ from adjax.detector import DetectorError, _resolve_threshold
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
 
+# Every test here uses a trained demo workdir (an end-to-end run, shared by the
+# session): the slow tier, like tests/experiment_test.py.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def images(demo_workdir, tmp_path_factory):
@@ -199,6 +203,23 @@ def test_thresholds_of_another_head_are_refused(demo_workdir, tmp_path):
                    checkpoint_step=0, model=model, image=0.5)
   with pytest.raises(thresholds.ThresholdError, match="another model .*head_sha256"):
     Detector.from_workdir(copy)
+
+
+def test_from_config_and_light_import(demo_workdir, detector, images):
+  cfg, workdir, _ = demo_workdir
+  cfg = cfg.copy_and_resolve_references()
+  cfg.workdir = str(workdir)
+  det = Detector.from_config(cfg)
+  paths = sorted(str(p) for p in images.glob("tile_*.png"))
+  np.testing.assert_allclose(det.predict(paths, object_name="tile").scores,
+                             detector.predict(paths, object_name="tile").scores,
+                             atol=1e-6, rtol=0)
+  # `import adjax` stays light: the Detector (and JAX) load on first use.
+  done = subprocess.run(
+      [sys.executable, "-c", "import sys, adjax; assert 'jax' not in sys.modules; "
+       "assert 'adjax.detector' not in sys.modules; from adjax import Detector"],
+      env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
 
 
 def test_overrides_and_missing_checkpoint(demo_workdir, tmp_path):

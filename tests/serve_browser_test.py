@@ -21,8 +21,13 @@ from adjax import Detector
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_test import Running  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# The server scores with a trained demo workdir (an end-to-end run): the slow tier.
+pytestmark = pytest.mark.slow
+
+# ADJAX_CHROMIUM / ADJAX_CHROMEDRIVER point at another build (e.g. Chrome's).
+CHROMIUM = os.environ.get("ADJAX_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = (os.environ.get("ADJAX_CHROMEDRIVER") or shutil.which("chromedriver")
+                or "/usr/bin/chromedriver")
 CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync",
@@ -31,12 +36,14 @@ CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOT_COPY = os.environ.get("ADJAX_SERVE_SCREENSHOT", "")
 
 
-@pytest.fixture(scope="module")
+# Session scope: set up (or skipped) before the session's trained workdir.
+@pytest.fixture(scope="session")
 def browser():
   webdriver = pytest.importorskip(
       "selenium.webdriver", reason="selenium is not installed (pip install -e '.[serve]')")
   if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-    pytest.skip("headless Chromium is absent: apt-get install -y chromium chromium-driver")
+    pytest.skip(f"headless Chromium is absent ({CHROMIUM}, {CHROMEDRIVER}): "
+                "apt-get install -y chromium chromium-driver")
   from selenium.webdriver.chrome.service import Service
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM

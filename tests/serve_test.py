@@ -21,6 +21,9 @@ from PIL import Image
 
 from adjax import Detector, serve
 
+# The server scores with a trained demo workdir (an end-to-end run): the slow tier.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_BYTES = 50_000
 
