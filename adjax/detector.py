@@ -149,10 +149,10 @@ class Detector:
         cfg, "copy_and_resolve_references") else cfg
     cfg.mode = "predict"
     workdir = Path(workdir) if workdir is not None else experiment.resolve_workdir(cfg, None)
-    # mode=predict's checks, without an input folder (images come per call).
-    if not cfg.predict.input and not cfg.predict.calibrate_normals:
-      cfg.predict.input = "<images given to Detector.predict>"
-    config_check.check(cfg, device_count=jax.device_count(),
+    # mode=predict's checks; the images come per call, not from predict.input.
+    checked = cfg.copy_and_resolve_references()
+    checked.predict.input = checked.predict.input or "<images given to predict()>"
+    config_check.check(checked, device_count=jax.device_count(),
                        process_count=jax.process_count())
     if jax.process_count() > 1:
       raise DetectorError("the Detector runs on one process; start it without "
@@ -161,8 +161,6 @@ class Detector:
       raise config_check.ConfigError(
           f"{workdir} holds no trained checkpoint; pass a trained or imported workdir "
           "(or set init_from to one)")
-    if cfg.data.demo.root:
-      cfg.data.demo.root = ""          # prediction needs no generated data
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
     towers = towers_lib.build(cfg, workdir)
     params, _, step = experiment.trained_params(cfg, workdir, towers, mesh)
@@ -317,9 +315,12 @@ class Detector:
       raise DetectorError("calibrate: no readable normal images")
     image = thresholds.quantile_threshold(np.asarray(scores), quantile)
     pixel = thresholds.quantile_threshold(np.concatenate(pixels), quantile)
+    if isinstance(normal_images, (str, os.PathLike)):
+      dataset = f"normals:{os.fspath(normal_images)}"    # as predict.calibrate_normals
+    else:
+      dataset = f"normals:{len(scores)} images given to calibrate()"
     self._pending = dict(
-        dataset="normals:" + ",".join(sorted({str(p) for p, _ in items if p})
-                                      or ["in-memory images"]),
+        dataset=dataset,
         image_score=self.scorer.model.image_score, checkpoint_step=-1,
         model=self.scorer.threshold_identity(), image=image, pixel=pixel,
         method=f"normal-quantile {quantile}",

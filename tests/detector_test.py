@@ -176,8 +176,22 @@ def test_calibrate_and_save_thresholds(demo_workdir, tmp_path):
   assert image_t == float(np.quantile(pred.scores.astype(np.float64), 0.75, method="higher"))
   assert pred.thresholds[0] == (image_t, pixel_t)
   assert pred.decisions.sum() <= np.ceil(0.25 * len(pred) + 1e-9) + (pred.scores == image_t).sum()
+  # mode=predict's calibration (on a copy of the workdir) chooses the same thresholds.
+  cfg = demo_workdir[0].copy_and_resolve_references()
+  copy = tmp_path / "work"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("predictions*"))
+  cfg.mode = "predict"
+  cfg.predict.input = ""
+  cfg.predict.calibrate_normals = str(normals)
+  cfg.predict.calibrate_quantile = 0.75
+  cfg.predict.object_name = "tile"
+  experiment.run(cfg, str(copy))
+  by_predict = thresholds.read(copy)
+  assert abs(by_predict["image_threshold"] - image_t) <= 1e-6
+  assert abs(by_predict["pixel_threshold"] - pixel_t) <= 1e-6
   written = det.save_thresholds(tmp_path)
   record = thresholds.read(written)
+  assert record["dataset"] == by_predict["dataset"] == f"normals:{normals}"
   thresholds.check(record, image_score=det.scorer.model.image_score,
                    model=det.scorer.threshold_identity())
   assert (record["image_threshold"], record["pixel_threshold"]) == (image_t, pixel_t)
