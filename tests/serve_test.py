@@ -246,3 +246,25 @@ def test_command_line(demo_workdir, tmp_path):
   finally:
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def test_readme_curl_examples(server, detector, demo_workdir):
+  """The README's curl commands, pointed at the test's server and image."""
+  import re
+  import shlex
+  import shutil as sh
+  if not sh.which("curl"):
+    pytest.skip("curl is not installed")
+  block = re.search(r"### Inspection page.*?```bash\n(.*?)```",
+                    (ROOT / "README.md").read_text(), re.S).group(1)
+  commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("curl")]
+  assert len(commands) == 2
+  image = _image(demo_workdir)
+  want = detector.predict(str(image), object_name="tile")
+  for command in commands:
+    command = command.replace("http://127.0.0.1:8080", server.url).replace(
+        "data/demo/family_b/tile/test/good/000.png", str(image))
+    done = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert abs(answer["score"] - float(want.scores[0])) <= 1e-6, command
