@@ -11,3 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory):
+  """(config, workdir, data root) of a tiny trained demo run (tests/demo_run.py)."""
+  import demo_run
+  return demo_run.train(tmp_path_factory.mktemp("demo_run"))
