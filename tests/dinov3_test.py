@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adjax.models import dinov3, weights
+from adjax.models import dinov3, vit, weights
 
 TINY = dinov3.DinoV3Config(64, 4, 4, "mlp", 128, name="tiny")
 
@@ -130,7 +130,7 @@ def test_bench_flop_count_and_dispatch():
 def test_cpu_attention_matches_dot_product_attention(dtype):
   """The CPU attention path computes what jax.nn.dot_product_attention does."""
   q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 37, 4, 16)).astype(dtype)
-  ours = dinov3.attention(q, k, v).astype(jnp.float32)
+  ours = vit.attention(q, k, v).astype(jnp.float32)
   ref = jax.nn.dot_product_attention(q, k, v).astype(jnp.float32)
   np.testing.assert_allclose(ours, ref, atol=1e-5 if dtype == jnp.float32 else 2e-2)
 
@@ -139,9 +139,9 @@ def test_cpu_attention_matches_dot_product_attention(dtype):
 def test_cpu_attention_loop_over_head_groups(monkeypatch, budget):
   """With a small logits budget the CPU path loops over groups of (image, head)
   pairs (one or two per step) and still computes the same attention."""
-  monkeypatch.setattr(dinov3, "CPU_ATTENTION_LOGITS_BYTES", budget)
+  monkeypatch.setattr(vit, "CPU_ATTENTION_LOGITS_BYTES", budget)
   q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 37, 4, 16))
-  ours = dinov3.attention(q, k, v)
+  ours = vit.attention(q, k, v)
   ref = jax.nn.dot_product_attention(q, k, v)
   np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -150,11 +150,11 @@ def test_cpu_attention_loop_over_head_groups(monkeypatch, budget):
 def test_cpu_attention_with_a_symbolic_batch(monkeypatch, budget):
   """jax.export with a dynamic batch (the exported model) takes the head-group
   path with the batch inside each step; it computes the same attention."""
-  monkeypatch.setattr(dinov3, "CPU_ATTENTION_LOGITS_BYTES", budget)
+  monkeypatch.setattr(vit, "CPU_ATTENTION_LOGITS_BYTES", budget)
   q, k, v = jax.random.normal(jax.random.key(2), (3, 3, 37, 4, 16))
   (b,) = jax.export.symbolic_shape("b")
   spec = jax.ShapeDtypeStruct((b, 37, 4, 16), jnp.float32)
-  exported = jax.export.export(jax.jit(dinov3.attention))(spec, spec, spec)
+  exported = jax.export.export(jax.jit(vit.attention))(spec, spec, spec)
   ours = exported.call(q, k, v)
   np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
 
