@@ -28,8 +28,9 @@ details, both recorded in the config:
 When the input grid is the native grid, the table is used as is (as both
 references do), whatever these settings.
 
-Layers (adjax.models.vit), layout and precision as in dinov3: blocks stacked on a leading `depth` axis
-and run by one `lax.scan` that stops after the deepest requested block;
+Layers (adjax.models.vit), layout and precision as in dinov3: blocks
+stacked on a leading `depth` axis and run by one `lax.scan` that stops
+after the deepest requested block;
 `dtype=jnp.bfloat16` runs the matmuls and attention in bfloat16 while the
 parameters, residual stream, norms, softmax and the position-embedding
 resize stay float32.
