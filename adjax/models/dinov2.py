@@ -233,11 +233,9 @@ class DinoV2(nnx.Module):
 def init_random(config_or_variant_name: DinoV2Config | str, *, seed: int = 0,
                 dtype=jnp.float32) -> DinoV2:
   """Random weights of a real architecture, for demos and benchmarks
-  (`vit.perturb_for_random_init`: small layer scales, no trivial norms or biases)."""
+  (see vit.init_random: small layer scales, no trivial norms or biases)."""
   config = vit.resolve(config_or_variant_name, DinoV2Config, VARIANTS, "DINOv2")
-  model = DinoV2(config, dtype=dtype, rngs=nnx.Rngs(params=seed))
-  vit.perturb_for_random_init(model, seed)
-  return model
+  return vit.init_random(DinoV2, config, seed=seed, dtype=dtype)
 
 
 def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV2:
@@ -247,8 +245,6 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV2
   jax.sharding.Sharding (see adjax.models.weights.assign).
   """
   from adjax.models import weights
-  params, meta = weights.load(path, KIND)
-  config = vit.config_from_meta(DinoV2Config, meta)
-  model = vit.abstract_model(DinoV2, config, dtype)
+  model, params = vit.abstract_from_checkpoint(path, KIND, DinoV2Config, DinoV2, dtype)
   weights.assign(model, params, sharding=sharding)
   return model

@@ -160,11 +160,9 @@ class DinoV3(nnx.Module):
 def init_random(config_or_variant_name: DinoV3Config | str, *, seed: int = 0,
                 dtype=jnp.float32) -> DinoV3:
   """Random weights of a real architecture, for demos and benchmarks
-  (`vit.perturb_for_random_init`: small layer scales, no trivial norms or biases)."""
+  (see vit.init_random: small layer scales, no trivial norms or biases)."""
   config = vit.resolve(config_or_variant_name, DinoV3Config, VARIANTS, "DINOv3")
-  model = DinoV3(config, dtype=dtype, rngs=nnx.Rngs(params=seed))
-  vit.perturb_for_random_init(model, seed)
-  return model
+  return vit.init_random(DinoV3, config, seed=seed, dtype=dtype)
 
 
 def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV3:
@@ -174,9 +172,8 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV3
   jax.sharding.Sharding (see adjax.models.weights.assign).
   """
   from adjax.models import weights
-  params, meta = weights.load(path, KIND)
-  config = vit.config_from_meta(DinoV3Config, meta)
-  model = vit.abstract_model(DinoV3, config, dtype)
+  model, params = vit.abstract_from_checkpoint(path, KIND, DinoV3Config, DinoV3, dtype)
+  config = model.config
   flat = dict(params)
   periods = flat.pop("rope_periods", None)
   if periods is None:

@@ -320,14 +320,15 @@ def resolve(config_or_name, config_cls: type, variants: dict, family: str):
   return variants[config_or_name]
 
 
-def perturb_for_random_init(model: nnx.Module, seed: int) -> None:
-  """Makes a freshly built model's parameters realistic, in place.
+def init_random(model_cls: type, config, *, seed: int, dtype) -> nnx.Module:
+  """A family's model with realistic random weights, deterministic in `seed`.
 
   Layer scales are drawn log-uniformly in [1e-5, 1e-1] per channel (trained
   models have small ones), and norm scales and every bias (the query and
   value biases included) are perturbed so that no parameter sits at a
-  trivial value. Deterministic in `seed`.
+  trivial value.
   """
+  model = model_cls(config, dtype=dtype, rngs=nnx.Rngs(params=seed))
   key = jax.random.key(seed + 1)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     key, sub = jax.random.split(key)
@@ -339,16 +340,17 @@ def perturb_for_random_init(model: nnx.Module, seed: int) -> None:
       var.set_value(1.0 + 0.1 * jax.random.normal(sub, shape))
     elif name in ("bias", "q_bias", "v_bias"):
       var.set_value(0.02 * jax.random.normal(sub, shape))
+  return model
 
 
-def config_from_meta(config_cls: type, meta: dict):
-  """The config stored in a converted checkpoint's config.json (other keys ignored)."""
+def abstract_from_checkpoint(path, kind: str, config_cls: type, model_cls: type,
+                             dtype) -> tuple[nnx.Module, dict]:
+  """(model, params) of a converted checkpoint: the model built abstractly from
+  the config in its config.json (no memory spent on random weights that get
+  replaced), the params not yet assigned."""
+  from adjax.models import weights
+  params, meta = weights.load(path, kind)
   fields = {f.name for f in dataclasses.fields(config_cls)}
-  return config_cls(**{k: v for k, v in meta.items() if k in fields})
-
-
-def abstract_model(model_cls: type, config, dtype):
-  """The model with ShapeDtypeStruct weights: no memory spent on random weights
-  that a checkpoint replaces."""
-  return nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
-
+  config = config_cls(**{k: v for k, v in meta.items() if k in fields})
+  model = nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  return model, params
