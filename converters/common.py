@@ -306,6 +306,39 @@ def stacked(depth: int, keys: Sequence[str], fn: Callable = lambda x: x) -> Rule
   return Rule(tuple(k for ks in per_block for k in ks), stack)
 
 
+def vit_rules(depth: int, layout, norms: Sequence[str],
+              ffn: Sequence[tuple[str, str, Callable]]) -> dict[str, Rule]:
+  """The rules every ViT backbone shares.
+
+  The patch embedding, cls token and final norm, and stacked over the
+  blocks the layer scales, the attention output projection, the two norms
+  (source names `norms`) and the feed-forward: `ffn` holds (our name, the
+  source name, a function picking our part of the source tensor) triples.
+  `layout` names the source (`patch`, `cls`, `norm`, `block`, `ls1`,
+  `ls2`, `proj`).
+  """
+  blk = layout.block
+  rules = {
+      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
+      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
+      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
+      "norm/scale": Rule((f"{layout.norm}.weight",)),
+      "norm/bias": Rule((f"{layout.norm}.bias",)),
+      "blocks/ls1": stacked(depth, [blk + layout.ls1]),
+      "blocks/ls2": stacked(depth, [blk + layout.ls2]),
+      "blocks/attn/proj/kernel": stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
+      "blocks/attn/proj/bias": stacked(depth, [f"{blk}{layout.proj}.bias"]),
+  }
+  for ours, theirs in zip(("norm1", "norm2"), norms):
+    rules[f"blocks/{ours}/scale"] = stacked(depth, [f"{blk}{theirs}.weight"])
+    rules[f"blocks/{ours}/bias"] = stacked(depth, [f"{blk}{theirs}.bias"])
+  for ours, theirs, pick in ffn:
+    rules[f"blocks/ffn/{ours}/kernel"] = stacked(
+        depth, [f"{blk}{theirs}.weight"], lambda w, pick=pick: linear_kernel(pick(w)))
+    rules[f"blocks/ffn/{ours}/bias"] = stacked(depth, [f"{blk}{theirs}.bias"], pick)
+  return rules
+
+
 def refuse_existing(dst, overwrite: bool) -> None:
   if Path(dst).exists() and not overwrite:
     raise ConversionError(f"--dst {dst}: already exists; pass --overwrite to replace it")

@@ -41,7 +41,7 @@ import numpy as np
 
 from converters import common
 from converters.common import (CLIP_KEY, ConversionError, Rule, Source, apply_rules,
-                               conv_kernel, linear_kernel, stacked)
+                               linear_kernel, stacked)
 
 _HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
@@ -206,28 +206,6 @@ def _half(part: int, fn: Callable = lambda x: x) -> Callable:
 def build_rules(config, layout: Layout) -> tuple[dict, list]:
   """Target path -> Rule, and the source keys deliberately ignored."""
   depth, blk = config.depth, layout.block
-  rules = {
-      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
-      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
-      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
-      "pos_embed": Rule((layout.pos,), lambda x: x.reshape(x.shape[-2:])),
-      "norm/scale": Rule((f"{layout.norm}.weight",)),
-      "norm/bias": Rule((f"{layout.norm}.bias",)),
-      "blocks/ls1": stacked(depth, [blk + layout.ls1]),
-      "blocks/ls2": stacked(depth, [blk + layout.ls2]),
-      "blocks/attn/proj/kernel": stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
-      "blocks/attn/proj/bias": stacked(depth, [f"{blk}{layout.proj}.bias"]),
-      "blocks/attn/qkv/kernel": stacked(
-          depth, [f"{blk}{n}.weight" for n in layout.qkv],
-          lambda *w: linear_kernel(np.concatenate(w))),
-      "blocks/attn/qkv/bias": stacked(
-          depth, [f"{blk}{n}.bias" for n in layout.qkv], lambda *b: np.concatenate(b)),
-  }
-  if config.num_registers:
-    rules["register_tokens"] = Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:]))
-  for n in ("norm1", "norm2"):
-    rules[f"blocks/{n}/scale"] = stacked(depth, [f"{blk}{n}.weight"])
-    rules[f"blocks/{n}/bias"] = stacked(depth, [f"{blk}{n}.bias"])
   if config.ffn == "mlp":
     pairs = [("fc1", layout.mlp[0], lambda x: x), ("fc2", layout.mlp[1], lambda x: x)]
   elif len(layout.swiglu) == 2:  # w1 = gate = first half, w2 = up = second half
@@ -236,10 +214,15 @@ def build_rules(config, layout: Layout) -> tuple[dict, list]:
   else:
     pairs = [(ours, theirs, lambda x: x) for ours, theirs in zip(("w1", "w2", "w3"),
                                                                    layout.swiglu)]
-  for ours, theirs, pick in pairs:
-    rules[f"blocks/ffn/{ours}/kernel"] = stacked(
-        depth, [f"{blk}{theirs}.weight"], lambda w, pick=pick: linear_kernel(pick(w)))
-    rules[f"blocks/ffn/{ours}/bias"] = stacked(depth, [f"{blk}{theirs}.bias"], pick)
+  rules = common.vit_rules(depth, layout, ("norm1", "norm2"), pairs)
+  rules["pos_embed"] = Rule((layout.pos,), lambda x: x.reshape(x.shape[-2:]))
+  rules["blocks/attn/qkv/kernel"] = stacked(
+      depth, [f"{blk}{n}.weight" for n in layout.qkv],
+      lambda *w: linear_kernel(np.concatenate(w)))
+  rules["blocks/attn/qkv/bias"] = stacked(
+      depth, [f"{blk}{n}.bias" for n in layout.qkv], lambda *b: np.concatenate(b))
+  if config.num_registers:
+    rules["register_tokens"] = Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:]))
   return rules, list(layout.ignore)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from converters import common
 from converters.common import (CLIP_KEY, ConversionError, Rule, Source, apply_rules,
-                               conv_kernel, linear_kernel, stacked)
+                               linear_kernel, stacked)
 
 _HF_MODEL_TYPES = ("dinov3_vit",)
 
@@ -175,26 +175,13 @@ def build_rules(config, layout: Layout, tensors: dict, origin: str) -> tuple[dic
   """Target path -> Rule, and the source keys deliberately ignored."""
   d, depth = config.dim, config.depth
   blk = layout.block
-  rules = {
-      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
-      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
-      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
-      "register_tokens": Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:])),
-      "norm/scale": Rule((f"{layout.norm}.weight",)),
-      "norm/bias": Rule((f"{layout.norm}.bias",)),
-      "blocks/ls1": stacked(depth, [blk + layout.ls1]),
-      "blocks/ls2": stacked(depth, [blk + layout.ls2]),
-      "blocks/attn/proj/kernel": stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
-      "blocks/attn/proj/bias": stacked(depth, [f"{blk}{layout.proj}.bias"]),
-  }
-  for n in ("norm1", "norm2"):
-    name = getattr(layout, n)
-    rules[f"blocks/{n}/scale"] = stacked(depth, [f"{blk}{name}.weight"])
-    rules[f"blocks/{n}/bias"] = stacked(depth, [f"{blk}{name}.bias"])
-  ffn_names = (("fc1", "fc2") if config.ffn == "mlp" else ("w1", "w2", "w3"))
-  for ours, theirs in zip(ffn_names, layout.mlp if config.ffn == "mlp" else layout.swiglu):
-    rules[f"blocks/ffn/{ours}/kernel"] = stacked(depth, [f"{blk}{theirs}.weight"], linear_kernel)
-    rules[f"blocks/ffn/{ours}/bias"] = stacked(depth, [f"{blk}{theirs}.bias"])
+  if config.ffn == "mlp":
+    ffn = zip(("fc1", "fc2"), layout.mlp)
+  else:
+    ffn = zip(("w1", "w2", "w3"), layout.swiglu)
+  rules = common.vit_rules(depth, layout, (layout.norm1, layout.norm2),
+                           [(ours, theirs, lambda x: x) for ours, theirs in ffn])
+  rules["register_tokens"] = Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:]))
   if layout.name == "meta":
     rules["blocks/attn/qkv/kernel"] = stacked(depth, [blk + "attn.qkv.weight"], linear_kernel)
     bias_keys = [blk + "attn.qkv.bias"]
