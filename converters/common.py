@@ -256,8 +256,8 @@ def download_hf_repo(repo_id: str, example: str) -> Path:
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Names only CLIP checkpoints (OpenAI, open_clip, HF CLIPModel/CLIPTextModel) have.
-CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
-                      r"text_projection|logit_scale)(\.|$)")
+_CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
+                       r"text_projection|logit_scale)(\.|$)")
 
 
 def read_source(src: str, model_types: Sequence[str], what: str, example: str) -> Source:
@@ -273,6 +273,20 @@ def read_source(src: str, model_types: Sequence[str], what: str, example: str) -
     return read_hf_dir(download_hf_repo(src, example), model_types, what)
   raise ConversionError(
       f"--src {src}: no such file or directory (and not a hub repo id like '{example}')")
+
+
+def unknown_layout(keys, origin: str, family: str, meta_keys: str,
+                   hf_keys: str) -> ConversionError:
+  """The error for keys in neither of a family's layouts: a CLIP checkpoint
+  is named as such; otherwise the expected keys and the first found."""
+  sample = sorted(keys)[:6]
+  if any(_CLIP_KEY.search(k) for k in keys):
+    return ConversionError(
+        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
+        f"not a {family} ViT; convert it with converters.clip_text instead")
+  return ConversionError(
+      f"{origin}: not a {family} checkpoint: found neither the Meta keys "
+      f"({meta_keys}) nor the Hugging Face keys ({hf_keys}); first keys: {sample}")
 
 
 def vit_blocks(src: Source, layout, keys: Sequence[str]) -> tuple[int, bool, str]:

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from converters import common
-from converters.common import (CLIP_KEY, ConversionError, Rule, Source, apply_rules,
+from converters.common import (ConversionError, Rule, Source, apply_rules,
                                linear_kernel, stacked)
 
 _HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -104,7 +104,6 @@ HF_MODULES = dataclasses.replace(
 
 def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
   keys = set(tensors)
-  sample = sorted(keys)[:6]
   if "storage_tokens" in keys or "rope_embed.periods" in keys or any(
       k.startswith("model.layer.") for k in keys):
     raise ConversionError(
@@ -116,14 +115,8 @@ def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
     return META
   if "embeddings.cls_token" in keys:
     return HF if "encoder.layer.0.attention.attention.query.weight" in keys else HF_MODULES
-  if any(CLIP_KEY.search(k) for k in keys):
-    raise ConversionError(
-        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
-        "not a DINOv2 ViT; convert it with converters.clip_text instead")
-  raise ConversionError(
-      f"{origin}: not a DINOv2 checkpoint: found neither the Meta keys "
-      "(cls_token, pos_embed, blocks.N.*) nor the Hugging Face keys "
-      f"(embeddings.cls_token, encoder.layer.N.*); first keys: {sample}")
+  raise common.unknown_layout(keys, origin, "DINOv2", "cls_token, pos_embed, blocks.N.*",
+                              "embeddings.cls_token, encoder.layer.N.*")
 
 
 # ---------------------------------------------------------- architecture

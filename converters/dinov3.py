@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from converters import common
-from converters.common import (CLIP_KEY, ConversionError, Rule, Source, apply_rules,
+from converters.common import (ConversionError, Rule, Source, apply_rules,
                                linear_kernel, stacked)
 
 _HF_MODEL_TYPES = ("dinov3_vit",)
@@ -94,15 +94,9 @@ def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
     if any(k.startswith("layer.") for k in keys):  # transformers 4.x names
       return dataclasses.replace(HF, block="layer.{i}.")
     return HF
-  sample = sorted(keys)[:6]
-  if any(CLIP_KEY.search(k) for k in keys):
-    raise ConversionError(
-        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
-        "not a DINOv3 ViT; convert it with converters.clip_text instead")
-  raise ConversionError(
-      f"{origin}: not a DINOv3 checkpoint: found neither the Meta keys "
-      "(cls_token, storage_tokens, blocks.N.attn.qkv.weight) nor the Hugging Face "
-      f"keys (embeddings.cls_token, model.layer.N.*); first keys: {sample}")
+  raise common.unknown_layout(
+      keys, origin, "DINOv3", "cls_token, storage_tokens, blocks.N.attn.qkv.weight",
+      "embeddings.cls_token, model.layer.N.*")
 
 
 # ---------------------------------------------------------- architecture
