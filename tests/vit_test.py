@@ -9,22 +9,25 @@ from flax import nnx
 
 from adjax.models import dinov2, dinov3, vit
 
-# family -> (module, model class, tiny config, an image shape, bad image shapes)
+# family -> (module, model class, tiny config, image shapes for the tap test and
+# the jit test, bad image shapes)
 FAMILIES = {
     "dinov3": (dinov3, dinov3.DinoV3, dinov3.DinoV3Config(64, 4, 4, "mlp", 128, name="tiny"),
-               (2, 48, 32, 3), [(1, 30, 32, 3), (1, 32, 40, 3), (1, 32, 32, 1)]),
+               ((2, 32, 64, 3), (2, 48, 32, 3)),
+               [(1, 30, 32, 3), (1, 32, 40, 3), (1, 32, 32, 1)]),
     "dinov2": (dinov2, dinov2.DinoV2,
                dinov2.DinoV2Config(64, 4, 4, "mlp", 128, num_registers=4, native_grid=4,
                                    interpolate_offset=0.0, interpolate_antialias=True,
                                    name="tiny"),
-               (2, 42, 28, 3), [(1, 30, 28, 3), (1, 28, 32, 3), (1, 28, 28, 1)]),
+               ((2, 28, 42, 3), (2, 42, 28, 3)),
+               [(1, 30, 28, 3), (1, 28, 32, 3), (1, 28, 28, 1)]),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
-  module, model_cls, config, images, bad = FAMILIES[request.param]
-  return model_cls, config, module.init_random(config, seed=3), images, bad
+  module, model_cls, config, shapes, bad = FAMILIES[request.param]
+  return model_cls, config, module.init_random(config, seed=3), shapes, bad
 
 
 def test_default_layers():
@@ -35,6 +38,22 @@ def test_default_layers():
   assert dinov3.default_layers is dinov2.default_layers is vit.default_layers
   with pytest.raises(ValueError, match="depth 3 < 4"):
     vit.default_layers(3)
+
+
+def test_shapes_order_and_dtype(family):
+  """The scanned runner taps the requested blocks, in the order asked."""
+  _, config, tiny, (shape, _), _ = family
+  images = jax.random.normal(jax.random.key(0), shape)
+  out = tiny.get_intermediate_layers(images, [3, 0, -1, 1])
+  p = config.patch_size
+  tokens = config.num_prefix_tokens + (shape[1] // p) * (shape[2] // p)
+  assert [o.shape for o in out] == [(2, tokens, 64)] * 4
+  assert all(o.dtype == jnp.float32 for o in out)
+  np.testing.assert_array_equal(out[0], out[2])  # 3 and -1 are the same block
+  assert not np.allclose(out[0], out[1])
+  # Requesting a block alone gives the same features as requesting it with others.
+  alone = tiny.get_intermediate_layers(images, [1])[0]
+  np.testing.assert_allclose(alone, out[3], atol=1e-6)
 
 
 def test_bad_image_shape(family):
@@ -54,7 +73,7 @@ def test_bad_layers(family, layers):
 
 def test_jit_split_merge_and_bf16(family):
   """The frozen-backbone pattern of the train step, in float32 and bfloat16."""
-  model_cls, config, tiny, shape, _ = family
+  model_cls, config, tiny, (_, shape), _ = family
   images = jax.random.normal(jax.random.key(1), shape)
   graphdef, state = nnx.split(tiny)
 
