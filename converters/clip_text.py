@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from adjax import atomic, errors
-from adjax.models import clip_text, weights
+from adjax.models import clip_text, clip_tokenizer, weights
 from converters import common
 from converters.common import ConversionError, Rule
 
@@ -225,7 +225,7 @@ def model_config(sd: dict, layout: str, hf_cfg, activation: str | None,
     raise ConversionError(f"{name}: no transformer layers found")
   if not 0 <= eos_token_id < vocab:
     raise ConversionError(
-        f"{name}: the tokenizer's {clip_text.EOT_TOKEN} id {eos_token_id} is outside "
+        f"{name}: the tokenizer's {clip_tokenizer.EOT_TOKEN} id {eos_token_id} is outside "
         f"the model's vocabulary of {vocab}")
   return clip_text.ClipTextConfig(
       vocab_size=int(vocab), context_length=int(context), width=int(width),
@@ -260,14 +260,15 @@ def read_tokenizer(tok: Path | None, src: Path) -> tuple[dict, list[tuple[str, s
   for c in candidates:
     if c.is_file() and c.name.endswith(".gz"):
       try:
-        merges = clip_text.read_openai_bpe(c)
+        merges = clip_tokenizer.read_merges(c, clip_tokenizer.OPENAI_NUM_MERGES,
+                                              openai_bpe=True)
       except ValueError as e:
         raise ConversionError(str(e)) from e
-      return clip_text.vocabulary(merges), merges, f"built from {c.name}"
+      return clip_tokenizer.vocabulary(merges), merges, f"built from {c.name}"
     if c.is_dir() and (c / "vocab.json").is_file() and (c / "merges.txt").is_file():
       vocab = json.loads((c / "vocab.json").read_text(encoding="utf-8"))
       try:
-        merges = clip_text.read_merges(c / "merges.txt")
+        merges = clip_tokenizer.read_merges(c / "merges.txt")
       except ValueError as e:
         raise ConversionError(str(e)) from e
       return vocab, merges, "vocab.json + merges.txt"
@@ -306,11 +307,11 @@ def convert(src, dst, *, tokenizer=None, activation: str | None = None,
   layout = detect_layout(sd, str(src))
   hf_cfg = _hf_text_config(src if src.is_dir() else src.parent, str(src)) if layout == "hf" else None
   vocab, merges, tok_desc = read_tokenizer(tok, src)
-  for special in (clip_text.SOT_TOKEN, clip_text.EOT_TOKEN):
+  for special in (clip_tokenizer.SOT_TOKEN, clip_tokenizer.EOT_TOKEN):
     if special not in vocab:
       raise ConversionError(f"tokenizer ({tok_desc}) has no {special} token")
   name = src.name
-  config = model_config(sd, layout, hf_cfg, activation, vocab[clip_text.EOT_TOKEN], name)
+  config = model_config(sd, layout, hf_cfg, activation, vocab[clip_tokenizer.EOT_TOKEN], name)
   tok_size = max(vocab.values()) + 1
   if tok_size != config.vocab_size:
     raise ConversionError(
@@ -321,7 +322,7 @@ def convert(src, dst, *, tokenizer=None, activation: str | None = None,
 
   source_sha256 = _source_sha256(files, src)
   with atomic.atomic_dir(dst, overwrite=overwrite) as tmp:
-    clip_text.write_vocab_merges(tmp, vocab, merges)
+    clip_tokenizer.write_vocab_merges(tmp, vocab, merges)
     tok_sha = {f: common.sha256_file(tmp / f) for f in ("vocab.json", "merges.txt")}
     meta = dict(config.to_dict(), kind=clip_text.KIND, source=str(src.absolute()),
                 source_name=src.name, source_layout=layout,
@@ -331,7 +332,7 @@ def convert(src, dst, *, tokenizer=None, activation: str | None = None,
     for item in ("params", "config.json"):
       (tmp / "w" / item).rename(tmp / item)
     (tmp / "w").rmdir()
-    clip_text.load_tokenizer(tmp)  # the written files must load
+    clip_tokenizer.load_tokenizer(tmp)  # the written files must load
   return dst
 
 

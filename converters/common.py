@@ -1,4 +1,6 @@
-"""What every converter shares: reading sources, strict name mapping, hashing.
+"""What every converter shares: reading sources, strict name mapping, hashing,
+and the ViT backbone converters' source reading, stacked-block rules and
+command line.
 
 A converter is a table from target parameter paths (the model's NNX state
 paths, '/'-joined) to a `Rule`: the source keys it reads and a transform that
@@ -10,8 +12,10 @@ offending names.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from adjax import errors
 from adjax.errors import UserError
 
 
@@ -209,7 +214,6 @@ def read_hf_dir(path: str | os.PathLike, model_types: Sequence[str], what: str) 
   A sharded checkpoint's digest is the sha256 of its shards' digests in
   name order.
   """
-  import json
   path = Path(path)
   present = [path / f for f in HF_WEIGHT_FILES if (path / f).is_file()]
   if not present:
@@ -246,3 +250,149 @@ def download_hf_repo(repo_id: str, example: str) -> Path:
         f"hub failed (hub unreachable, repo unknown or gated?): {type(e).__name__}: "
         f"{e}. Download the checkpoint yourself and pass the local file or "
         f"directory (config.json + model.safetensors), e.g. for {example}") from e
+
+
+# ------------------------------------------------ ViT backbone converters
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Names only CLIP checkpoints (OpenAI, open_clip, HF CLIPModel/CLIPTextModel) have.
+_CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
+                       r"text_projection|logit_scale)(\.|$)")
+
+
+def read_source(src: str, model_types: Sequence[str], what: str, example: str) -> Source:
+  """--src as a checkpoint file, a Hugging Face directory (`model_types`,
+  `what`: as for read_hf_dir) or a hub repo id such as `example`, fetched
+  when the hub is reachable."""
+  path = Path(src)
+  if path.is_file():
+    return read_file_source(path)
+  if path.is_dir():
+    return read_hf_dir(path, model_types, what)
+  if _HUB_ID.match(src) and not src.startswith((".", "/", "~")):
+    return read_hf_dir(download_hf_repo(src, example), model_types, what)
+  raise ConversionError(
+      f"--src {src}: no such file or directory (and not a hub repo id like '{example}')")
+
+
+def unknown_layout(keys, origin: str, family: str, meta_keys: str,
+                   hf_keys: str) -> ConversionError:
+  """The error for keys in neither of a family's layouts: a CLIP checkpoint
+  is named as such; otherwise the expected keys and the first found."""
+  sample = sorted(keys)[:6]
+  if any(_CLIP_KEY.search(k) for k in keys):
+    return ConversionError(
+        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
+        f"not a {family} ViT; convert it with converters.clip_text instead")
+  return ConversionError(
+      f"{origin}: not a {family} checkpoint: found neither the Meta keys "
+      f"({meta_keys}) nor the Hugging Face keys ({hf_keys}); first keys: {sample}")
+
+
+def vit_blocks(src: Source, layout, keys: Sequence[str]) -> tuple[int, bool, str]:
+  """(depth, swiglu, the first block's first FFN weight key) of a ViT checkpoint.
+
+  `layout` names the blocks (`block`, with `{i}` for the index) and the FFN
+  weights (`mlp`, `swiglu`); `keys` must be present too. Raises naming
+  what is missing.
+  """
+  t = src.tensors
+  block_re = re.compile(re.escape(layout.block).replace(r"\{i\}", r"(\d+)"))
+  indices = [int(m.group(1)) for k in t if (m := block_re.match(k))]
+  b0 = layout.block.format(i=0)
+  swiglu = f"{b0}{layout.swiglu[0]}.weight" in t
+  fc1 = f"{b0}{(layout.swiglu if swiglu else layout.mlp)[0]}.weight"
+  absent = [k for k in (*keys, fc1) if k not in t]
+  if absent or not indices:
+    raise ConversionError(
+        f"{src.origin}: cannot infer the architecture: missing source keys "
+        f"{absent or [b0 + '*']} ({layout.name} layout)")
+  return 1 + max(indices), swiglu, fc1
+
+
+def stacked(depth: int, keys: Sequence[str], fn: Callable = lambda x: x) -> Rule:
+  """Rule stacking fn(*block_i_tensors) over blocks; keys contain `{i}`."""
+  per_block = [tuple(k.format(i=i) for k in keys) for i in range(depth)]
+  n = len(keys)
+
+  def stack(*arrays):
+    return np.stack([fn(*arrays[i * n:(i + 1) * n]) for i in range(depth)])
+  return Rule(tuple(k for ks in per_block for k in ks), stack)
+
+
+def vit_rules(depth: int, layout, norms: Sequence[str],
+              ffn: Sequence[tuple[str, str, Callable]]) -> dict[str, Rule]:
+  """The rules every ViT backbone shares.
+
+  The patch embedding, cls token and final norm, and stacked over the
+  blocks the layer scales, the attention output projection, the two norms
+  (source names `norms`) and the feed-forward: `ffn` holds (our name, the
+  source name, a function picking our part of the source tensor) triples.
+  `layout` names the source (`patch`, `cls`, `norm`, `block`, `ls1`,
+  `ls2`, `proj`).
+  """
+  blk = layout.block
+  rules = {
+      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
+      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
+      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
+      "norm/scale": Rule((f"{layout.norm}.weight",)),
+      "norm/bias": Rule((f"{layout.norm}.bias",)),
+      "blocks/ls1": stacked(depth, [blk + layout.ls1]),
+      "blocks/ls2": stacked(depth, [blk + layout.ls2]),
+      "blocks/attn/proj/kernel": stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
+      "blocks/attn/proj/bias": stacked(depth, [f"{blk}{layout.proj}.bias"]),
+  }
+  for ours, theirs in zip(("norm1", "norm2"), norms):
+    rules[f"blocks/{ours}/scale"] = stacked(depth, [f"{blk}{theirs}.weight"])
+    rules[f"blocks/{ours}/bias"] = stacked(depth, [f"{blk}{theirs}.bias"])
+  for ours, theirs, pick in ffn:
+    rules[f"blocks/ffn/{ours}/kernel"] = stacked(
+        depth, [f"{blk}{theirs}.weight"], lambda w, pick=pick: linear_kernel(pick(w)))
+    rules[f"blocks/ffn/{ours}/bias"] = stacked(depth, [f"{blk}{theirs}.bias"], pick)
+  return rules
+
+
+def refuse_existing(dst, overwrite: bool) -> None:
+  if Path(dst).exists() and not overwrite:
+    raise ConversionError(f"--dst {dst}: already exists; pass --overwrite to replace it")
+
+
+def save_backbone(dst, flat: dict, config, kind: str, source: Source, source_format: str,
+                  overwrite: bool) -> Path:
+  """A converted backbone: its params and config.json (the architecture, the
+  variant, the source file name, its sha256 and format), written atomically."""
+  from adjax.models import weights
+  meta = dict(config.to_dict(), kind=kind, variant=config.name,
+              source=source.file_name, source_sha256=source.sha256,
+              source_format=source_format)
+  return weights.save(dst, flat, meta, overwrite=overwrite)
+
+
+def backbone_main(argv: Sequence[str] | None, *, module: str, description: str,
+                  src_help: str, variants: Sequence[str], convert: Callable,
+                  extra: Sequence[tuple[tuple[str, ...], dict]] = (),
+                  summary: Callable[[dict], str] = lambda cfg: "") -> int:
+  """The command line of a backbone converter.
+
+  Options --src, --dst, --variant, the converter's `extra` ((flags, kwargs)
+  pairs for add_argument), --overwrite; `convert(args)` returns the written
+  directory. A user error is one line (exit 2); success prints one line,
+  with `summary(config)` before the source.
+  """
+  parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+  parser.add_argument("--src", required=True, help=src_help)
+  parser.add_argument("--dst", required=True, help="output directory (created atomically)")
+  parser.add_argument("--variant", choices=sorted(variants),
+                      help="force a variant instead of inferring it from the shapes")
+  for flags, kwargs in extra:
+    parser.add_argument(*flags, **kwargs)
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+  args = parser.parse_args(argv)
+  rc, out = errors.run_command(lambda: convert(args))
+  if rc:
+    return rc
+  cfg = json.loads((out / "config.json").read_text())
+  print(f"wrote {out} (variant {cfg['variant']}, {cfg['depth']} blocks, dim {cfg['dim']}, "
+        f"{summary(cfg)}from {cfg['source_format']} {cfg['source']})")
+  return 0

@@ -30,9 +30,7 @@ atomically: a failed conversion leaves nothing at DIR.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -41,14 +39,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from adjax import errors
-from converters.common import (ConversionError, Rule, Source, apply_rules, conv_kernel,
-                               download_hf_repo, linear_kernel, read_file_source,
-                               read_hf_dir)
+from converters import common
+from converters.common import (ConversionError, Rule, Source, apply_rules,
+                               linear_kernel, stacked)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
-                       r"text_projection|logit_scale)(\.|$)")
 _HF_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
@@ -56,18 +50,9 @@ _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 # ----------------------------------------------------------------- reading
 
 def read_source(src: str) -> Source:
-  path = Path(src)
-  what = "a Hugging Face Dinov2Model or Dinov2WithRegistersModel"
-  if path.is_file():
-    source = read_file_source(path)
-  elif path.is_dir():
-    source = read_hf_dir(path, _HF_MODEL_TYPES, what)
-  elif _HUB_ID.match(src) and not src.startswith((".", "/", "~")):
-    source = read_hf_dir(download_hf_repo(src, "facebook/dinov2-small"), _HF_MODEL_TYPES, what)
-  else:
-    raise ConversionError(
-        f"--src {src}: no such file or directory (and not a hub repo id like "
-        "'facebook/dinov2-small')")
+  source = common.read_source(
+      src, _HF_MODEL_TYPES, "a Hugging Face Dinov2Model or Dinov2WithRegistersModel",
+      "facebook/dinov2-small")
   # Meta's block_chunks > 0 layout, blocks.C.N.*, with global block indices N.
   if any(_CHUNKED.match(k) for k in source.tensors):
     source.tensors = {_CHUNKED.sub(r"blocks.\1.", k): v for k, v in source.tensors.items()}
@@ -119,7 +104,6 @@ HF_MODULES = dataclasses.replace(
 
 def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
   keys = set(tensors)
-  sample = sorted(keys)[:6]
   if "storage_tokens" in keys or "rope_embed.periods" in keys or any(
       k.startswith("model.layer.") for k in keys):
     raise ConversionError(
@@ -131,14 +115,8 @@ def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
     return META
   if "embeddings.cls_token" in keys:
     return HF if "encoder.layer.0.attention.attention.query.weight" in keys else HF_MODULES
-  if any(_CLIP_KEY.search(k) for k in keys):
-    raise ConversionError(
-        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
-        "not a DINOv2 ViT; convert it with converters.clip_text instead")
-  raise ConversionError(
-      f"{origin}: not a DINOv2 checkpoint: found neither the Meta keys "
-      "(cls_token, pos_embed, blocks.N.*) nor the Hugging Face keys "
-      f"(embeddings.cls_token, encoder.layer.N.*); first keys: {sample}")
+  raise common.unknown_layout(keys, origin, "DINOv2", "cls_token, pos_embed, blocks.N.*",
+                              "embeddings.cls_token, encoder.layer.N.*")
 
 
 # ---------------------------------------------------------- architecture
@@ -162,17 +140,8 @@ def infer_config(src: Source, layout: Layout, variant: str | None,
   from adjax.models.dinov2 import VARIANTS, DinoV2Config
   t = src.tensors
   hc = src.hf_config or {}
-  block_re = re.compile(re.escape(layout.block).replace(r"\{i\}", r"(\d+)"))
-  indices = [int(m.group(1)) for k in t if (m := block_re.match(k))]
-  b0 = layout.block.format(i=0)
-  swiglu = f"{b0}{layout.swiglu[0]}.weight" in t
-  fc1 = f"{b0}{(layout.swiglu if swiglu else layout.mlp)[0]}.weight"
-  needed = [layout.cls, layout.pos, f"{layout.patch}.weight", fc1]
-  absent = [k for k in needed if k not in t]
-  if absent or not indices:
-    raise ConversionError(
-        f"{src.origin}: cannot infer the architecture: missing source keys "
-        f"{absent or [b0 + '*']} ({layout.name} layout)")
+  depth, swiglu, fc1 = common.vit_blocks(
+      src, layout, [layout.cls, layout.pos, f"{layout.patch}.weight"])
   positions = t[layout.pos].shape[-2] - 1
   grid = math.isqrt(positions)
   if grid * grid != positions:
@@ -180,7 +149,7 @@ def infer_config(src: Source, layout: Layout, variant: str | None,
         f"{src.origin}: {layout.pos} has {positions} patch positions, not a square grid")
   hidden = t[fc1].shape[0]
   fused = swiglu and len(layout.swiglu) == 2  # gate and up in one matrix
-  facts = dict(dim=t[layout.cls].shape[-1], depth=1 + max(indices),
+  facts = dict(dim=t[layout.cls].shape[-1], depth=depth,
                ffn="swiglu" if swiglu else "mlp",
                ffn_hidden=hidden // 2 if fused else hidden,
                patch_size=t[f"{layout.patch}.weight"].shape[-1],
@@ -219,16 +188,6 @@ def infer_config(src: Source, layout: Layout, variant: str | None,
 
 # ----------------------------------------------------------------- rules
 
-def _stacked(depth: int, keys: Sequence[str], fn: Callable = lambda x: x) -> Rule:
-  """Rule stacking fn(*block_i_tensors) over blocks; keys contain `{i}`."""
-  per_block = [tuple(k.format(i=i) for k in keys) for i in range(depth)]
-  n = len(keys)
-
-  def stack(*arrays):
-    return np.stack([fn(*arrays[i * n:(i + 1) * n]) for i in range(depth)])
-  return Rule(tuple(k for ks in per_block for k in ks), stack)
-
-
 def _half(part: int, fn: Callable = lambda x: x) -> Callable:
   """Half `part` (0: gate, 1: up) of a fused [2h, ...] gate|up tensor."""
   def take(x):
@@ -240,28 +199,6 @@ def _half(part: int, fn: Callable = lambda x: x) -> Callable:
 def build_rules(config, layout: Layout) -> tuple[dict, list]:
   """Target path -> Rule, and the source keys deliberately ignored."""
   depth, blk = config.depth, layout.block
-  rules = {
-      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
-      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
-      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
-      "pos_embed": Rule((layout.pos,), lambda x: x.reshape(x.shape[-2:])),
-      "norm/scale": Rule((f"{layout.norm}.weight",)),
-      "norm/bias": Rule((f"{layout.norm}.bias",)),
-      "blocks/ls1": _stacked(depth, [blk + layout.ls1]),
-      "blocks/ls2": _stacked(depth, [blk + layout.ls2]),
-      "blocks/attn/proj/kernel": _stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
-      "blocks/attn/proj/bias": _stacked(depth, [f"{blk}{layout.proj}.bias"]),
-      "blocks/attn/qkv/kernel": _stacked(
-          depth, [f"{blk}{n}.weight" for n in layout.qkv],
-          lambda *w: linear_kernel(np.concatenate(w))),
-      "blocks/attn/qkv/bias": _stacked(
-          depth, [f"{blk}{n}.bias" for n in layout.qkv], lambda *b: np.concatenate(b)),
-  }
-  if config.num_registers:
-    rules["register_tokens"] = Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:]))
-  for n in ("norm1", "norm2"):
-    rules[f"blocks/{n}/scale"] = _stacked(depth, [f"{blk}{n}.weight"])
-    rules[f"blocks/{n}/bias"] = _stacked(depth, [f"{blk}{n}.bias"])
   if config.ffn == "mlp":
     pairs = [("fc1", layout.mlp[0], lambda x: x), ("fc2", layout.mlp[1], lambda x: x)]
   elif len(layout.swiglu) == 2:  # w1 = gate = first half, w2 = up = second half
@@ -270,10 +207,15 @@ def build_rules(config, layout: Layout) -> tuple[dict, list]:
   else:
     pairs = [(ours, theirs, lambda x: x) for ours, theirs in zip(("w1", "w2", "w3"),
                                                                    layout.swiglu)]
-  for ours, theirs, pick in pairs:
-    rules[f"blocks/ffn/{ours}/kernel"] = _stacked(
-        depth, [f"{blk}{theirs}.weight"], lambda w, pick=pick: linear_kernel(pick(w)))
-    rules[f"blocks/ffn/{ours}/bias"] = _stacked(depth, [f"{blk}{theirs}.bias"], pick)
+  rules = common.vit_rules(depth, layout, ("norm1", "norm2"), pairs)
+  rules["pos_embed"] = Rule((layout.pos,), lambda x: x.reshape(x.shape[-2:]))
+  rules["blocks/attn/qkv/kernel"] = stacked(
+      depth, [f"{blk}{n}.weight" for n in layout.qkv],
+      lambda *w: linear_kernel(np.concatenate(w)))
+  rules["blocks/attn/qkv/bias"] = stacked(
+      depth, [f"{blk}{n}.bias" for n in layout.qkv], lambda *b: np.concatenate(b))
+  if config.num_registers:
+    rules["register_tokens"] = Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:]))
   return rules, list(layout.ignore)
 
 
@@ -285,8 +227,7 @@ def convert(src: str, dst: str, variant: str | None = None, overwrite: bool = Fa
   from flax import nnx
 
   from adjax.models import dinov2, weights
-  if Path(dst).exists() and not overwrite:
-    raise ConversionError(f"--dst {dst}: already exists; pass --overwrite to replace it")
+  common.refuse_existing(dst, overwrite)
   source = read_source(src)
   layout = detect_layout(source.tensors, source.origin)
   config = infer_config(source, layout, variant, num_heads, pos_interpolation)
@@ -294,37 +235,24 @@ def convert(src: str, dst: str, variant: str | None = None, overwrite: bool = Fa
   rules, ignore = build_rules(config, layout)
   flat = apply_rules(rules, source.tensors, weights.param_shapes(model), ignore=ignore,
                      origin=source.origin)
-  meta = dict(config.to_dict(), kind=dinov2.KIND, variant=config.name,
-              source=source.file_name, source_sha256=source.sha256,
-              source_format=layout.name)
-  return weights.save(dst, flat, meta, overwrite=overwrite)
+  return common.save_backbone(dst, flat, config, dinov2.KIND, source, layout.name, overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   from adjax.models.dinov2 import VARIANTS
-  parser = argparse.ArgumentParser(
-      prog="python -m converters.dinov2", description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True,
-                      help="Meta .pth file, HF Dinov2Model directory or hub repo id")
-  parser.add_argument("--dst", required=True, help="output directory (created atomically)")
-  parser.add_argument("--variant", choices=sorted(VARIANTS),
-                      help="force a variant instead of inferring it from the shapes")
-  parser.add_argument("--num-heads", type=int,
-                      help="head count of a non-released architecture in a Meta file")
-  parser.add_argument("--pos-interpolation", choices=("meta", "hf"),
-                      help="position-embedding resize of that reference (default: the "
-                      "source's own)")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-  args = parser.parse_args(argv)
-  rc, out = errors.run_command(
-      lambda: convert(args.src, args.dst, args.variant, args.overwrite, args.num_heads,
-                      args.pos_interpolation))
-  if rc:
-    return rc
-  cfg = json.loads((out / "config.json").read_text())
-  print(f"wrote {out} (variant {cfg['variant']}, {cfg['depth']} blocks, dim {cfg['dim']}, "
-        f"{cfg['num_registers']} registers, from {cfg['source_format']} {cfg['source']})")
-  return 0
+  extra = (
+      (("--num-heads",), dict(
+          type=int, help="head count of a non-released architecture in a Meta file")),
+      (("--pos-interpolation",), dict(
+          choices=("meta", "hf"),
+          help="position-embedding resize of that reference (default: the source's own)")))
+  return common.backbone_main(
+      argv, module="converters.dinov2", description=__doc__.split("\n")[0],
+      src_help="Meta .pth file, HF Dinov2Model directory or hub repo id",
+      variants=VARIANTS, extra=extra,
+      convert=lambda args: convert(args.src, args.dst, args.variant, args.overwrite,
+                                   args.num_heads, args.pos_interpolation),
+      summary=lambda cfg: f"{cfg['num_registers']} registers, ")
 
 
 if __name__ == "__main__":

@@ -20,43 +20,25 @@ is written atomically: a failed conversion leaves nothing at DIR.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import re
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from adjax import errors
-from converters.common import (ConversionError, Rule, Source, apply_rules, conv_kernel,
-                               download_hf_repo, linear_kernel, read_file_source,
-                               read_hf_dir)
+from converters import common
+from converters.common import (ConversionError, Rule, Source, apply_rules,
+                               linear_kernel, stacked)
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Names only CLIP checkpoints (OpenAI, open_clip, HF CLIPModel/CLIPTextModel) have.
-_CLIP_KEY = re.compile(r"(^|\.)(text_model|vision_model|resblocks|visual|token_embedding|"
-                       r"text_projection|logit_scale)(\.|$)")
 _HF_MODEL_TYPES = ("dinov3_vit",)
 
 
 # ----------------------------------------------------------------- reading
 
 def read_source(src: str) -> Source:
-  path = Path(src)
-  what = "a Hugging Face DINOv3ViTModel"
-  if path.is_file():
-    return read_file_source(path)
-  if path.is_dir():
-    return read_hf_dir(path, _HF_MODEL_TYPES, what)
-  if _HUB_ID.match(src) and not src.startswith((".", "/", "~")):
-    return read_hf_dir(download_hf_repo(src, "facebook/dinov3-vitl16-pretrain-lvd1689m"),
-                       _HF_MODEL_TYPES, what)
-  raise ConversionError(
-      f"--src {src}: no such file or directory (and not a hub repo id like "
-      "'facebook/dinov3-vitl16-pretrain-lvd1689m')")
+  return common.read_source(src, _HF_MODEL_TYPES, "a Hugging Face DINOv3ViTModel",
+                            "facebook/dinov3-vitl16-pretrain-lvd1689m")
 
 
 # ---------------------------------------------------------------- layouts
@@ -112,15 +94,9 @@ def detect_layout(tensors: dict[str, np.ndarray], origin: str) -> Layout:
     if any(k.startswith("layer.") for k in keys):  # transformers 4.x names
       return dataclasses.replace(HF, block="layer.{i}.")
     return HF
-  sample = sorted(keys)[:6]
-  if any(_CLIP_KEY.search(k) for k in keys):
-    raise ConversionError(
-        f"{origin}: this looks like a CLIP checkpoint (keys such as {sample}), "
-        "not a DINOv3 ViT; convert it with converters.clip_text instead")
-  raise ConversionError(
-      f"{origin}: not a DINOv3 checkpoint: found neither the Meta keys "
-      "(cls_token, storage_tokens, blocks.N.attn.qkv.weight) nor the Hugging Face "
-      f"keys (embeddings.cls_token, model.layer.N.*); first keys: {sample}")
+  raise common.unknown_layout(
+      keys, origin, "DINOv3", "cls_token, storage_tokens, blocks.N.attn.qkv.weight",
+      "embeddings.cls_token, model.layer.N.*")
 
 
 # ---------------------------------------------------------- architecture
@@ -133,20 +109,12 @@ def infer_config(src: Source, layout: Layout, variant: str | None):
     if variant not in VARIANTS:
       raise ConversionError(f"--variant {variant!r}: unknown; known: {sorted(VARIANTS)}")
     return VARIANTS[variant]
-  block_re = re.compile(re.escape(layout.block).replace(r"\{i\}", r"(\d+)"))
-  indices = [int(m.group(1)) for k in t if (m := block_re.match(k))]
+  depth, swiglu, fc1 = common.vit_blocks(
+      src, layout, [layout.cls, layout.registers, f"{layout.patch}.weight"])
   b0 = layout.block.format(i=0)
-  swiglu = f"{b0}{layout.swiglu[0]}.weight" in t
-  fc1 = f"{b0}{(layout.swiglu if swiglu else layout.mlp)[0]}.weight"
-  needed = [layout.cls, layout.registers, f"{layout.patch}.weight", fc1]
-  absent = [k for k in needed if k not in t]
-  if absent or not indices:
-    raise ConversionError(
-        f"{src.origin}: cannot infer the architecture: missing source keys "
-        f"{absent or [b0 + '*']} ({layout.name} layout)")
   qkv_bias = (f"{b0}attn.qkv.bias" if layout.name == "meta"
               else f"{b0}attention.q_proj.bias") in t
-  facts = dict(dim=t[layout.cls].shape[-1], depth=1 + max(indices),
+  facts = dict(dim=t[layout.cls].shape[-1], depth=depth,
                ffn="swiglu" if swiglu else "mlp", ffn_hidden=t[fc1].shape[0],
                qkv_bias=qkv_bias, patch_size=t[f"{layout.patch}.weight"].shape[-1],
                num_registers=t[layout.registers].shape[-2])
@@ -181,16 +149,6 @@ def infer_config(src: Source, layout: Layout, variant: str | None):
 
 # ----------------------------------------------------------------- rules
 
-def _stacked(depth: int, keys: Sequence[str], fn: Callable = lambda x: x) -> Rule:
-  """Rule stacking fn(*block_i_tensors) over blocks; keys contain `{i}`."""
-  per_block = [tuple(k.format(i=i) for k in keys) for i in range(depth)]
-  n = len(keys)
-
-  def stack(*arrays):
-    return np.stack([fn(*arrays[i * n:(i + 1) * n]) for i in range(depth)])
-  return Rule(tuple(k for ks in per_block for k in ks), stack)
-
-
 def _qkv_bias(part: int, origin: str, dim: int):
   """Bias of q (part 0) or v (part 2) after the bias mask; the key bias must vanish."""
   def fn(bias, mask=None):
@@ -211,28 +169,15 @@ def build_rules(config, layout: Layout, tensors: dict, origin: str) -> tuple[dic
   """Target path -> Rule, and the source keys deliberately ignored."""
   d, depth = config.dim, config.depth
   blk = layout.block
-  rules = {
-      "patch_embed/kernel": Rule((f"{layout.patch}.weight",), conv_kernel),
-      "patch_embed/bias": Rule((f"{layout.patch}.bias",)),
-      "cls_token": Rule((layout.cls,), lambda x: x.reshape(-1)),
-      "register_tokens": Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:])),
-      "norm/scale": Rule((f"{layout.norm}.weight",)),
-      "norm/bias": Rule((f"{layout.norm}.bias",)),
-      "blocks/ls1": _stacked(depth, [blk + layout.ls1]),
-      "blocks/ls2": _stacked(depth, [blk + layout.ls2]),
-      "blocks/attn/proj/kernel": _stacked(depth, [f"{blk}{layout.proj}.weight"], linear_kernel),
-      "blocks/attn/proj/bias": _stacked(depth, [f"{blk}{layout.proj}.bias"]),
-  }
-  for n in ("norm1", "norm2"):
-    name = getattr(layout, n)
-    rules[f"blocks/{n}/scale"] = _stacked(depth, [f"{blk}{name}.weight"])
-    rules[f"blocks/{n}/bias"] = _stacked(depth, [f"{blk}{name}.bias"])
-  ffn_names = (("fc1", "fc2") if config.ffn == "mlp" else ("w1", "w2", "w3"))
-  for ours, theirs in zip(ffn_names, layout.mlp if config.ffn == "mlp" else layout.swiglu):
-    rules[f"blocks/ffn/{ours}/kernel"] = _stacked(depth, [f"{blk}{theirs}.weight"], linear_kernel)
-    rules[f"blocks/ffn/{ours}/bias"] = _stacked(depth, [f"{blk}{theirs}.bias"])
+  if config.ffn == "mlp":
+    ffn = zip(("fc1", "fc2"), layout.mlp)
+  else:
+    ffn = zip(("w1", "w2", "w3"), layout.swiglu)
+  rules = common.vit_rules(depth, layout, (layout.norm1, layout.norm2),
+                           [(ours, theirs, lambda x: x) for ours, theirs in ffn])
+  rules["register_tokens"] = Rule((layout.registers,), lambda x: x.reshape(x.shape[-2:]))
   if layout.name == "meta":
-    rules["blocks/attn/qkv/kernel"] = _stacked(depth, [blk + "attn.qkv.weight"], linear_kernel)
+    rules["blocks/attn/qkv/kernel"] = stacked(depth, [blk + "attn.qkv.weight"], linear_kernel)
     bias_keys = [blk + "attn.qkv.bias"]
     if blk.format(i=0) + "attn.qkv.bias_mask" in tensors:
       bias_keys.append(blk + "attn.qkv.bias_mask")
@@ -240,7 +185,7 @@ def build_rules(config, layout: Layout, tensors: dict, origin: str) -> tuple[dic
       rules["rope_periods"] = Rule(("rope_embed.periods",))
   else:
     a = blk + "attention."
-    rules["blocks/attn/qkv/kernel"] = _stacked(
+    rules["blocks/attn/qkv/kernel"] = stacked(
         depth, [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"],
         lambda q, k, v: linear_kernel(np.concatenate([q, k, v])))
     if config.qkv_bias:
@@ -250,14 +195,14 @@ def build_rules(config, layout: Layout, tensors: dict, origin: str) -> tuple[dic
       bias_keys = [f"{a}{n}.bias" for n in names]
       for part, target in ((0, "q_bias"), (2, "v_bias")):
         pick = _qkv_bias(part, origin, d)
-        rules[f"blocks/attn/{target}"] = _stacked(
+        rules[f"blocks/attn/{target}"] = stacked(
             depth, bias_keys,
             lambda *x, pick=pick: pick(np.concatenate(
                 x if len(x) == 3 else (x[0], np.zeros_like(x[0]), x[1]))))
     return rules, list(layout.ignore)
   if config.qkv_bias:
-    rules["blocks/attn/q_bias"] = _stacked(depth, bias_keys, _qkv_bias(0, origin, d))
-    rules["blocks/attn/v_bias"] = _stacked(depth, bias_keys, _qkv_bias(2, origin, d))
+    rules["blocks/attn/q_bias"] = stacked(depth, bias_keys, _qkv_bias(0, origin, d))
+    rules["blocks/attn/v_bias"] = stacked(depth, bias_keys, _qkv_bias(2, origin, d))
   return rules, list(layout.ignore)
 
 
@@ -268,8 +213,7 @@ def convert(src: str, dst: str, variant: str | None = None, overwrite: bool = Fa
   from flax import nnx
 
   from adjax.models import dinov3, weights
-  if Path(dst).exists() and not overwrite:
-    raise ConversionError(f"--dst {dst}: already exists; pass --overwrite to replace it")
+  common.refuse_existing(dst, overwrite)
   source = read_source(src)
   layout = detect_layout(source.tensors, source.origin)
   config = infer_config(source, layout, variant)
@@ -280,31 +224,16 @@ def convert(src: str, dst: str, variant: str | None = None, overwrite: bool = Fa
     targets["rope_periods"] = (config.head_dim // 4,)
   flat = apply_rules(rules, source.tensors, targets, ignore=ignore, origin=source.origin)
   flat.setdefault("rope_periods", dinov3.rope_periods(config))
-  meta = dict(config.to_dict(), kind=dinov3.KIND, variant=config.name,
-              source=source.file_name, source_sha256=source.sha256,
-              source_format=layout.name)
-  return weights.save(dst, flat, meta, overwrite=overwrite)
+  return common.save_backbone(dst, flat, config, dinov3.KIND, source, layout.name, overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   from adjax.models.dinov3 import VARIANTS
-  parser = argparse.ArgumentParser(
-      prog="python -m converters.dinov3", description=__doc__.split("\n")[0])
-  parser.add_argument("--src", required=True,
-                      help="Meta .pth file, HF DINOv3ViTModel directory or hub repo id")
-  parser.add_argument("--dst", required=True, help="output directory (created atomically)")
-  parser.add_argument("--variant", choices=sorted(VARIANTS),
-                      help="force a variant instead of inferring it from the shapes")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-  args = parser.parse_args(argv)
-  rc, out = errors.run_command(
-      lambda: convert(args.src, args.dst, args.variant, args.overwrite))
-  if rc:
-    return rc
-  cfg = json.loads((out / "config.json").read_text())
-  print(f"wrote {out} (variant {cfg['variant']}, {cfg['depth']} blocks, dim {cfg['dim']}, "
-        f"from {cfg['source_format']} {cfg['source']})")
-  return 0
+  return common.backbone_main(
+      argv, module="converters.dinov3", description=__doc__.split("\n")[0],
+      src_help="Meta .pth file, HF DINOv3ViTModel directory or hub repo id",
+      variants=VARIANTS,
+      convert=lambda args: convert(args.src, args.dst, args.variant, args.overwrite))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import transformers
 from flax import nnx
 
 from adjax import prompts
-from adjax.models import clip_text, weights
+from adjax.models import clip_text, clip_tokenizer, weights
 from converters import clip_text as conv
 from converters.common import ConversionError
 
@@ -63,11 +63,11 @@ def _token_batch(vocab, eos, bos, length, eot_positions, seed):
 def tok_dirs(tmp_path_factory):
   """Tokenizer dirs: EOT the largest id ('max'), and EOT moved to id 300 ('mid')."""
   root = tmp_path_factory.mktemp("tok")
-  vocab_size = clip_text.write_byte_level_tokenizer(root / "max", _corpus(), num_merges=150)
+  vocab_size = clip_tokenizer.write_byte_level_tokenizer(root / "max", _corpus(), num_merges=150)
   (root / "mid").mkdir()
   vocab = json.loads((root / "max" / "vocab.json").read_text())
   displaced = next(t for t, i in vocab.items() if i == 300)
-  vocab[displaced], vocab[clip_text.EOT_TOKEN] = vocab[clip_text.EOT_TOKEN], 300
+  vocab[displaced], vocab[clip_tokenizer.EOT_TOKEN] = vocab[clip_tokenizer.EOT_TOKEN], 300
   (root / "mid" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
   (root / "mid" / "merges.txt").write_text((root / "max" / "merges.txt").read_text())
   return {"max": root / "max", "mid": root / "mid", "vocab_size": vocab_size}
@@ -129,11 +129,11 @@ def _reference_encode(text, merges):
 
 
 def test_tokenization_matches_openai_algorithm_over_prompt_set(tok_dirs):
-  tok = clip_text.load_tokenizer(tok_dirs["max"])
-  merges = clip_text.read_merges(tok_dirs["max"] / "merges.txt")
+  tok = clip_tokenizer.load_tokenizer(tok_dirs["max"])
+  merges = clip_tokenizer.read_merges(tok_dirs["max"] / "merges.txt")
   assert len(merges) == 150
   sentences = _corpus()
-  ids = clip_text.tokenize(tok, sentences, 77)
+  ids = clip_tokenizer.tokenize(tok, sentences, 77)
   assert ids.shape == (len(sentences), 77) and ids.dtype == np.int32
   for s, row in zip(sentences, ids):
     ref = _reference_encode(s, merges)
@@ -158,15 +158,15 @@ AWKWARD_NAMES = (
     ("  Metal\tNUT\n", "metal nut"), ("ΟΔΟΣ", "οδος"), ("it’s", "it's"),
     ("Ｐｉｌｌ", "pill"), ("screw 12", "screw 12")])
 def test_clean_text_examples(text, cleaned):
-  assert clip_text.clean_text(text) == cleaned
+  assert clip_tokenizer.clean_text(text) == cleaned
 
 
 def test_awkward_names_tokenised_as_openai(tok_dirs):
-  tok = clip_text.load_tokenizer(tok_dirs["max"])
-  merges = clip_text.read_merges(tok_dirs["max"] / "merges.txt")
+  tok = clip_tokenizer.load_tokenizer(tok_dirs["max"])
+  merges = clip_tokenizer.read_merges(tok_dirs["max"] / "merges.txt")
   texts = list(AWKWARD_NAMES) + [
       s for name in AWKWARD_NAMES[:6] for g in prompts.prompt_sentences(name) for s in g[:3]]
-  ids = clip_text.tokenize(tok, texts, 77)
+  ids = clip_tokenizer.tokenize(tok, texts, 77)
   for text, row in zip(texts, ids):
     ref = _reference_encode(text, merges)
     np.testing.assert_array_equal(row[: len(ref)], ref, err_msg=repr(text))
@@ -186,9 +186,9 @@ def test_text_cleaning_is_part_of_the_cache_key(monkeypatch):
 
 
 def test_tokenize_refuses_text_longer_than_context(tok_dirs):
-  tok = clip_text.load_tokenizer(tok_dirs["max"])
+  tok = clip_tokenizer.load_tokenizer(tok_dirs["max"])
   with pytest.raises(ValueError, match="context length 8"):
-    clip_text.tokenize(tok, ["a photo of a bottle with damage"], 8)
+    clip_tokenizer.tokenize(tok, ["a photo of a bottle with damage"], 8)
 
 
 def _write_bpe_gz(path, merges, header="\"bpe_simple_vocab_16e6.txt#version: 0.2"):
@@ -197,34 +197,56 @@ def _write_bpe_gz(path, merges, header="\"bpe_simple_vocab_16e6.txt#version: 0.2
 
 
 def test_tokenizer_from_openai_bpe_file(tmp_path):
-  merges = clip_text.learn_merges(_corpus(), 80)
+  merges = clip_tokenizer.learn_merges(_corpus(), 80)
   _write_bpe_gz(tmp_path / "bpe.txt.gz", merges)
-  size = clip_text.write_tokenizer_from_openai_bpe(tmp_path / "bpe.txt.gz", tmp_path / "tok")
+  size = clip_tokenizer.write_tokenizer_from_openai_bpe(tmp_path / "bpe.txt.gz", tmp_path / "tok")
   assert size == 512 + 80 + 2
   vocab = json.loads((tmp_path / "tok" / "vocab.json").read_text())
   table = list(_gpt2_bytes().values())
   expected = table + [t + "</w>" for t in table] + ["".join(m) for m in merges]
   assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][:-2] == expected
   assert vocab["<|startoftext|>"] == size - 2 and vocab["<|endoftext|>"] == size - 1
-  tok = clip_text.load_tokenizer(tmp_path / "tok")
+  tok = clip_tokenizer.load_tokenizer(tmp_path / "tok")
   sentences = prompts.prompt_sentences("metal_nut")[1][:40]
-  for s, row in zip(sentences, clip_text.tokenize(tok, sentences, 77)):
+  for s, row in zip(sentences, clip_tokenizer.tokenize(tok, sentences, 77)):
     ref = _reference_encode(s, merges)
     np.testing.assert_array_equal(row[: len(ref)], ref)
+
+
+def test_one_merges_reader_for_both_file_forms(tmp_path):
+  """merges.txt (optional #version line) and OpenAI's .gz (header always, count
+  limit, must hold merges) are read by one function; errors give the file's line."""
+  merges = [("a", "b"), ("ab", "c</w>"), ("d", "e")]
+  clip_tokenizer.write_tokenizer_files(tmp_path, merges)
+  assert clip_tokenizer.read_merges(tmp_path / "merges.txt") == merges
+  (tmp_path / "plain.txt").write_text("a b\n\nab c</w>\nd e\n")
+  assert clip_tokenizer.read_merges(tmp_path / "plain.txt") == merges
+  _write_bpe_gz(tmp_path / "bpe.txt.gz", merges)
+  assert clip_tokenizer.read_merges(tmp_path / "bpe.txt.gz") == merges
+  assert clip_tokenizer.read_merges(tmp_path / "bpe.txt.gz", 2) == merges[:2]
+  (tmp_path / "bad.txt").write_text("#version: 0.2\na b\nabc\n")
+  with pytest.raises(ValueError, match=r"bad.txt: line 3 is not a merge"):
+    clip_tokenizer.read_merges(tmp_path / "bad.txt")
+  _write_bpe_gz(tmp_path / "empty.txt.gz", [])
+  with pytest.raises(ValueError, match="holds no merges"):
+    clip_tokenizer.read_merges(tmp_path / "empty.txt.gz")
+  (tmp_path / "not.gz").write_text("a b\n")
+  with pytest.raises(ValueError, match="not a gzip-compressed BPE merges file"):
+    clip_tokenizer.read_merges(tmp_path / "not.gz")
 
 
 def _full_size_bpe(path):
   """A synthetic BPE file in OpenAI's format, longer than the 48894 merges kept."""
   sym = list(_gpt2_bytes().values())
-  merges = [(a, b) for a in sym for b in sym][: clip_text.OPENAI_NUM_MERGES + 500]
+  merges = [(a, b) for a in sym for b in sym][: clip_tokenizer.OPENAI_NUM_MERGES + 500]
   _write_bpe_gz(path, merges)
 
 
 def test_openai_bpe_file_keeps_openai_merge_count(tmp_path):
   _full_size_bpe(tmp_path / "bpe.txt.gz")
-  size = clip_text.write_tokenizer_from_openai_bpe(tmp_path / "bpe.txt.gz", tmp_path / "tok")
+  size = clip_tokenizer.write_tokenizer_from_openai_bpe(tmp_path / "bpe.txt.gz", tmp_path / "tok")
   assert size == 49408
-  tok = clip_text.load_tokenizer(tmp_path / "tok")
+  tok = clip_tokenizer.load_tokenizer(tmp_path / "tok")
   assert tok.convert_tokens_to_ids("<|endoftext|>") == 49407
   assert tok.convert_tokens_to_ids("<|startoftext|>") == 49406
 
@@ -412,7 +434,7 @@ def test_half_precision_is_upcast(openai_files, tok_dirs, tmp_path):
 def test_openai_bpe_gz_as_tokenizer(openai_files, tmp_path):
   root, sd = openai_files
   # A tokenizer of the wrong size is refused; one of the right size is accepted.
-  merges = clip_text.learn_merges(_corpus(), sd["token_embedding.weight"].shape[0] - 514)
+  merges = clip_tokenizer.learn_merges(_corpus(), sd["token_embedding.weight"].shape[0] - 514)
   _write_bpe_gz(tmp_path / "bpe_simple_vocab_16e6.txt.gz", merges)
   conv.convert(root / "sd.pt", tmp_path / "out", tokenizer=tmp_path / "bpe_simple_vocab_16e6.txt.gz")
   assert json.loads((tmp_path / "out" / "config.json").read_text())["tokenizer"].startswith("built")

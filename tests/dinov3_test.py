@@ -1,9 +1,8 @@
-"""DINOv3 model: the variant table, shapes, input checks, jit via split/merge."""
+"""DINOv3 model: the variant table, random init, RoPE tables, bench counts (the
+shared layers and checks: vit_test.py)."""
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -11,13 +10,6 @@ from flax import nnx
 from adjax.models import dinov3, weights
 
 TINY = dinov3.DinoV3Config(64, 4, 4, "mlp", 128, name="tiny")
-
-
-def test_default_layers():
-  assert dinov3.default_layers(24) == [5, 11, 17, 23]
-  assert dinov3.default_layers(12) == [2, 5, 8, 11]
-  assert dinov3.default_layers(40) == [9, 19, 29, 39]
-  assert dinov3.default_layers(32) == [7, 15, 23, 31]
 
 
 # Parameter counts published with the DINOv3 release (millions, rounded).
@@ -42,59 +34,10 @@ def tiny():
   return dinov3.init_random(TINY, seed=3)
 
 
-def test_shapes_order_and_dtype(tiny):
-  images = jax.random.normal(jax.random.key(0), (2, 32, 64, 3))
-  out = tiny.get_intermediate_layers(images, [3, 0, -1, 1])
-  assert [o.shape for o in out] == [(2, 5 + 2 * 4, 64)] * 4
-  assert all(o.dtype == jnp.float32 for o in out)
-  np.testing.assert_array_equal(out[0], out[2])  # 3 and -1 are the same block
-  assert not np.allclose(out[0], out[1])
-  # Requesting a block alone gives the same features as requesting it with others.
-  alone = tiny.get_intermediate_layers(images, [1])[0]
-  np.testing.assert_allclose(alone, out[3], atol=1e-6)
-
-
 def test_random_init_is_realistic(tiny):
   ls = np.asarray(tiny.blocks.ls1[...])
   assert ls.min() >= 1e-5 and ls.max() <= 1e-1 and ls.std() > 0
   assert "rope_periods" not in {p[0] for p, _ in nnx.to_flat_state(nnx.state(tiny, nnx.Param))}
-
-
-@pytest.mark.parametrize("shape", [(1, 30, 32, 3), (1, 32, 40, 3), (1, 32, 32, 1)])
-def test_bad_image_shape(tiny, shape):
-  with pytest.raises(ValueError, match="multiples of 16"):
-    tiny.get_intermediate_layers(jnp.zeros(shape), [0])
-
-
-@pytest.mark.parametrize("layers", [[4], [-5], []])
-def test_bad_layers(tiny, layers):
-  with pytest.raises(ValueError, match="block indices"):
-    tiny.get_intermediate_layers(jnp.zeros((1, 16, 16, 3)), layers)
-
-
-def test_jit_split_merge_and_bf16(tiny):
-  """The frozen-backbone pattern of the train step, in float32 and bfloat16."""
-  images = jax.random.normal(jax.random.key(1), (2, 48, 32, 3))
-  graphdef, state = nnx.split(tiny)
-
-  @jax.jit
-  def features(state, images):
-    return nnx.merge(graphdef, state).get_intermediate_layers(images, [1, 3])
-
-  f32 = features(state, images)
-  eager = tiny.get_intermediate_layers(images, [1, 3])
-  for a, b in zip(f32, eager):
-    np.testing.assert_allclose(a, b, atol=1e-5)
-
-  bf16_model = dinov3.DinoV3(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  nnx.update(bf16_model, nnx.state(tiny))
-  bf16 = bf16_model.get_intermediate_layers(images, [1, 3])
-  for a, b in zip(bf16, f32):
-    assert a.dtype == jnp.float32
-    a, b = np.asarray(a).reshape(-1, 64), np.asarray(b).reshape(-1, 64)
-    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-    assert cos.min() >= 0.999
-    assert not np.array_equal(a, b)  # bfloat16 really was used
 
 
 def test_rope_tables():
@@ -124,39 +67,6 @@ def test_bench_flop_count_and_dispatch():
   assert abs(macs / 61.6e9 - 201 / 197) < 0.02
   assert backbone.forward_flops(cfg, 224, 224, 12) < backbone.forward_flops(cfg, 224, 224)
   assert bench.main(["no-such-benchmark"]) == 2
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cpu_attention_matches_dot_product_attention(dtype):
-  """The CPU attention path computes what jax.nn.dot_product_attention does."""
-  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 37, 4, 16)).astype(dtype)
-  ours = dinov3.attention(q, k, v).astype(jnp.float32)
-  ref = jax.nn.dot_product_attention(q, k, v).astype(jnp.float32)
-  np.testing.assert_allclose(ours, ref, atol=1e-5 if dtype == jnp.float32 else 2e-2)
-
-
-@pytest.mark.parametrize("budget", [37 * 37 * 4, 2 * 37 * 37 * 4])
-def test_cpu_attention_loop_over_head_groups(monkeypatch, budget):
-  """With a small logits budget the CPU path loops over groups of (image, head)
-  pairs (one or two per step) and still computes the same attention."""
-  monkeypatch.setattr(dinov3, "CPU_ATTENTION_LOGITS_BYTES", budget)
-  q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 37, 4, 16))
-  ours = dinov3.attention(q, k, v)
-  ref = jax.nn.dot_product_attention(q, k, v)
-  np.testing.assert_allclose(ours, ref, atol=1e-5)
-
-
-@pytest.mark.parametrize("budget", [37 * 37 * 4, 1 << 30])
-def test_cpu_attention_with_a_symbolic_batch(monkeypatch, budget):
-  """jax.export with a dynamic batch (the exported model) takes the head-group
-  path with the batch inside each step; it computes the same attention."""
-  monkeypatch.setattr(dinov3, "CPU_ATTENTION_LOGITS_BYTES", budget)
-  q, k, v = jax.random.normal(jax.random.key(2), (3, 3, 37, 4, 16))
-  (b,) = jax.export.symbolic_shape("b")
-  spec = jax.ShapeDtypeStruct((b, 37, 4, 16), jnp.float32)
-  exported = jax.export.export(jax.jit(dinov3.attention))(spec, spec, spec)
-  ours = exported.call(q, k, v)
-  np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
 
 
 def test_bench_cached_step_flops():

@@ -13,7 +13,7 @@ A backbone family is a module in `adjax/models/` with:
 Everything outside the family modules reads those facts from a `Backbone`
 (patch grid, prefix tokens, normalisation, cache keys, config checks); no
 other module knows 16, 14 or ImageNet's statistics. Adding a family is one
-module plus one row in `FAMILIES`.
+module (built on the ViT layers of `adjax.models.vit`) plus one row in `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -127,44 +127,6 @@ def abstract_model(family: str, variant: str, dtype=None):
   module = family_module(family)
   config = variant_config(family, variant)
   return nnx.eval_shape(lambda: module.init_random(config, dtype=dtype or jnp.float32))
-
-
-def tapped_blocks(name: str, blocks, norm, embed_fn, layers, depth: int, *block_args):
-  """The normed outputs of the requested blocks of a stacked-block ViT, in order.
-
-  `blocks` is a module whose parameters are stacked on a leading `depth`
-  axis; the forward is one `lax.scan` that stops after the deepest requested
-  block. `embed_fn()` gives the input tokens (called after the layers are
-  checked); `block_args` go to every block. Negative indices count from the end.
-  """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  layers = [int(i) for i in layers]
-  if not layers or any(not -depth <= i < depth for i in layers):
-    raise ValueError(f"{name}: layers {layers} must be non-empty block indices "
-                     f"in [-{depth}, {depth})")
-  layers = [i % depth for i in layers]
-  wanted = sorted(set(layers))
-  x = embed_fn()
-  # Requested outputs land in `buf[slot]`; other blocks write to a spare
-  # last slot, so each scan step is one in-place dynamic update.
-  n = wanted[-1] + 1
-  slot_of = np.full((n,), len(wanted), np.int32)
-  slot_of[wanted] = np.arange(len(wanted))
-  graphdef, state = nnx.split(blocks)
-  state = jax.tree.map(lambda a: a[:n], state)
-
-  def step(carry, xs):
-    x, buf = carry
-    block_state, slot = xs
-    x = nnx.merge(graphdef, block_state)(x, *block_args)
-    return (x, jax.lax.dynamic_update_index_in_dim(buf, x, slot, 0)), None
-
-  buf = jnp.zeros((len(wanted) + 1,) + x.shape, jnp.float32)
-  (_, buf), _ = jax.lax.scan(step, (x, buf), (state, jnp.asarray(slot_of)))
-  normed = norm(buf[:-1])
-  return [normed[wanted.index(i)] for i in layers]
 
 
 def checkpoint_meta(path: str | os.PathLike) -> dict:

@@ -28,8 +28,9 @@ details, both recorded in the config:
 When the input grid is the native grid, the table is used as is (as both
 references do), whatever these settings.
 
-Layout and precision as in dinov3: blocks stacked on a leading `depth` axis
-and run by one `lax.scan` that stops after the deepest requested block;
+Layers (adjax.models.vit), layout and precision as in dinov3: blocks
+stacked on a leading `depth` axis and run by one `lax.scan` that stops
+after the deepest requested block;
 `dtype=jnp.bfloat16` runs the matmuls and attention in bfloat16 while the
 parameters, residual stream, norms, softmax and the position-embedding
 resize stay float32.
@@ -47,8 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Generic pieces shared with DINOv3 (they read only dim, ffn_hidden, patch_size).
-from adjax.models.dinov3 import Mlp, PatchEmbed, SwiGlu, attention, default_layers
+from adjax.models import vit
 
 KIND = "dinov2"
 PIXEL_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as the release normalises
@@ -59,7 +59,7 @@ __all__ = ["KIND", "PIXEL_MEAN", "PIXEL_STD", "DinoV2Config", "VARIANTS", "DinoV
 
 
 @dataclasses.dataclass(frozen=True)
-class DinoV2Config:
+class DinoV2Config(vit.ConfigMixin):
   """Architecture of a DINOv2 ViT; the released ones are in `VARIANTS`."""
   dim: int
   depth: int
@@ -75,8 +75,7 @@ class DinoV2Config:
   name: str = "custom"
 
   def __post_init__(self):
-    if self.ffn not in ("mlp", "swiglu"):
-      raise ValueError(f"DinoV2Config.ffn: {self.ffn!r}, expected 'mlp' or 'swiglu'")
+    self._check_ffn()
     if self.dim % self.num_heads:
       raise ValueError(f"DinoV2Config: dim {self.dim} is not divisible by "
                        f"num_heads {self.num_heads}")
@@ -85,22 +84,6 @@ class DinoV2Config:
           f"DinoV2Config: num_registers {self.num_registers} (>= 0), native_grid "
           f"{self.native_grid} (>= 1), interpolate_offset {self.interpolate_offset} "
           "(>= 0) out of range")
-
-  @property
-  def head_dim(self) -> int:
-    return self.dim // self.num_heads
-
-  @property
-  def num_prefix_tokens(self) -> int:
-    """cls + registers, the tokens before the patches."""
-    return 1 + self.num_registers
-
-  @property
-  def cls_index(self) -> int:
-    return 0
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
 
 
 def _variants() -> dict[str, DinoV2Config]:
@@ -118,6 +101,7 @@ def _variants() -> dict[str, DinoV2Config]:
 
 
 VARIANTS: dict[str, DinoV2Config] = _variants()
+default_layers = vit.default_layers  # (the family contract: adjax.models.backbones)
 
 
 # ------------------------------------------------------ bicubic resizing
@@ -182,45 +166,6 @@ def bicubic_matrix(n_in: int, n_out: int, scale_factor: float | None = None,
 
 # ------------------------------------------------------------- modules
 
-class Attention(nnx.Module):
-  """Fused-qkv multi-head attention with bias on q, k and v."""
-
-  def __init__(self, config: DinoV2Config, *, dtype, rngs: nnx.Rngs):
-    d = config.dim
-    self.num_heads = config.num_heads
-    kw = dict(dtype=dtype, param_dtype=jnp.float32,
-              kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
-    self.qkv = nnx.Linear(d, 3 * d, **kw)
-    self.proj = nnx.Linear(d, d, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, t, d = x.shape
-    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    return self.proj(out.reshape(b, t, d))
-
-
-class Block(nnx.Module):
-  """x += ls1 * attn(norm1 x); x += ls2 * ffn(norm2 x); x stays float32."""
-
-  def __init__(self, config: DinoV2Config, *, dtype, rngs: nnx.Rngs):
-    d = config.dim
-    # Exact variance (not E[x^2] - E[x]^2): parity is checked to 1e-4.
-    norm = dict(epsilon=config.layer_norm_eps, use_fast_variance=False,
-                dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
-    self.norm1 = nnx.LayerNorm(d, **norm)
-    self.attn = Attention(config, dtype=dtype, rngs=rngs)
-    self.ls1 = nnx.Param(jnp.full((d,), 1e-5, jnp.float32))
-    self.norm2 = nnx.LayerNorm(d, **norm)
-    ffn = Mlp if config.ffn == "mlp" else SwiGlu
-    self.ffn = ffn(config, dtype=dtype, rngs=rngs)
-    self.ls2 = nnx.Param(jnp.full((d,), 1e-5, jnp.float32))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.ls1[...] * self.attn(self.norm1(x)).astype(jnp.float32)
-    return x + self.ls2[...] * self.ffn(self.norm2(x)).astype(jnp.float32)
-
-
 class DinoV2(nnx.Module):
   """DINOv2 ViT. Params (NNX paths) follow Meta's names, blocks stacked."""
 
@@ -228,22 +173,15 @@ class DinoV2(nnx.Module):
     self.config = config
     self.dtype = dtype
     d, n = config.dim, config.native_grid
-    self.patch_embed = PatchEmbed(config, dtype=dtype, rngs=rngs)
+    self.patch_embed = vit.PatchEmbed(config, dtype=dtype, rngs=rngs)
     self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d,)))
     # Row 0 is the cls token's; rows 1.. the native grid, row-major.
     self.pos_embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1 + n * n, d)))
     self.register_tokens = (
         nnx.Param(0.02 * jax.random.normal(rngs.params(), (config.num_registers, d)))
         if config.num_registers else None)
-
-    @nnx.split_rngs(splits=config.depth)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_blocks(rngs):
-      return Block(config, dtype=dtype, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
-    self.norm = nnx.LayerNorm(d, epsilon=config.layer_norm_eps, use_fast_variance=False,
-                              dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+    self.blocks = vit.stacked_blocks(config, attn_bias="qkv", dtype=dtype, rngs=rngs)
+    self.norm = vit.layer_norm(config, rngs)
 
   def position_embeddings(self, gh: int, gw: int) -> jax.Array:
     """[1 + gh*gw, D] float32: the cls row, then the table resized to gh x gw."""
@@ -264,21 +202,16 @@ class DinoV2(nnx.Module):
 
   def embed(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> float32 tokens [B, 1 + R + HW/p^2, D]."""
-    b, h, w, c = images.shape
+    _, h, w, _ = images.shape
     p = self.config.patch_size
-    if c != 3 or h % p or w % p or h == 0 or w == 0:
-      raise ValueError(
-          f"DinoV2: images must be [B, H, W, 3] with H and W positive multiples of "
-          f"{p}; got shape {tuple(images.shape)}")
+    vit.check_images("DinoV2", images, p)
     patches = self.patch_embed(images.astype(jnp.float32))
     pos = self.position_embeddings(h // p, w // p)
     cls = self.cls_token[...] + pos[0]
     prefix = [cls[None]]
     if self.register_tokens is not None:  # after the position embeddings: none for them
       prefix.append(self.register_tokens[...])
-    prefix = jnp.concatenate(prefix)
-    prefix = jnp.broadcast_to(prefix[None], (b,) + prefix.shape)
-    return jnp.concatenate([prefix, patches + pos[1:]], axis=1)
+    return vit.with_prefix(jnp.concatenate(prefix), patches + pos[1:])
 
   def get_intermediate_layers(self, images: jax.Array,
                               layers: Sequence[int]) -> list[jax.Array]:
@@ -291,42 +224,18 @@ class DinoV2(nnx.Module):
     Returns:
       one float32 [B, 1 + R + (H/14)(W/14), D] array per entry of `layers`.
     """
-    from adjax.models import backbones
-    return backbones.tapped_blocks("DinoV2", self.blocks, self.norm,
-                                   lambda: self.embed(images), layers, self.config.depth)
+    return vit.tapped_blocks("DinoV2", self.blocks, self.norm,
+                             lambda: self.embed(images), layers, self.config.depth)
 
 
 # ------------------------------------------------------ construction
 
-def _resolve(config_or_name: DinoV2Config | str) -> DinoV2Config:
-  if isinstance(config_or_name, DinoV2Config):
-    return config_or_name
-  if config_or_name not in VARIANTS:
-    raise ValueError(f"unknown DINOv2 variant {config_or_name!r}; known: {sorted(VARIANTS)}")
-  return VARIANTS[config_or_name]
-
-
 def init_random(config_or_variant_name: DinoV2Config | str, *, seed: int = 0,
                 dtype=jnp.float32) -> DinoV2:
-  """Random weights of a real architecture, for demos and benchmarks.
-
-  Layer scales are drawn log-uniformly in [1e-5, 1e-1] per channel, and
-  norms and biases are perturbed so that no parameter sits at a trivial value.
-  """
-  config = _resolve(config_or_variant_name)
-  model = DinoV2(config, dtype=dtype, rngs=nnx.Rngs(params=seed))
-  key = jax.random.key(seed + 1)
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    key, sub = jax.random.split(key)
-    name = path[-1]
-    shape = var[...].shape
-    if name in ("ls1", "ls2"):
-      var.set_value(10.0 ** jax.random.uniform(sub, shape, minval=-5.0, maxval=-1.0))
-    elif name == "scale":
-      var.set_value(1.0 + 0.1 * jax.random.normal(sub, shape))
-    elif name == "bias":
-      var.set_value(0.02 * jax.random.normal(sub, shape))
-  return model
+  """Random weights of a real architecture, for demos and benchmarks
+  (see vit.init_random: small layer scales, no trivial norms or biases)."""
+  config = vit.resolve(config_or_variant_name, DinoV2Config, VARIANTS, "DINOv2")
+  return vit.init_random(DinoV2, config, seed=seed, dtype=dtype)
 
 
 def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV2:
@@ -336,10 +245,6 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV2
   jax.sharding.Sharding (see adjax.models.weights.assign).
   """
   from adjax.models import weights
-  params, meta = weights.load(path, KIND)
-  fields = {f.name for f in dataclasses.fields(DinoV2Config)}
-  config = DinoV2Config(**{k: v for k, v in meta.items() if k in fields})
-  # Built abstractly: no memory is spent on random weights that get replaced.
-  model = nnx.eval_shape(lambda: DinoV2(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  model, params = vit.abstract_from_checkpoint(path, KIND, DinoV2Config, DinoV2, dtype)
   weights.assign(model, params, sharding=sharding)
   return model
