@@ -12,8 +12,11 @@ the given object names (their prompt-ensemble embeddings), all as constants:
   happens inside;
 - outputs `anomaly_map` float32 [B, H, W] and `image_score` float32 [B], the
   numbers `mode=predict` writes, and `decision` bool [B] (image_score >= the
-  image threshold) when `<workdir>/thresholds.json` exists and was made for
-  this model and image-score mode.
+  object's image threshold, a per-object vector indexed by object_index,
+  chosen by `thresholds.resolve` as predict chooses it) when
+  `<workdir>/thresholds.json` exists and was made for this model and
+  image-score mode. The thresholds (image and pixel) and where each comes
+  from are in the metadata.
 An `object_index` outside [0, number of names) gives NaN outputs for that
 image. The batch dimension is dynamic.
 
@@ -58,7 +61,7 @@ class Exportable:
   fn: Callable            # (images uint8 [B,S,S,3], object_index int32 [B]) -> dict
   image_size: int
   object_names: list[str]
-  image_threshold: float | None
+  image_threshold: list[float | None] | None   # per object name; None: no decision
   metadata: dict
 
 
@@ -72,6 +75,13 @@ def _check_names(object_names: Sequence[str]) -> list[str]:
     raise ExportError(f"--object-names: {dupes} given more than once; each name is one "
                       "object_index")
   return names
+
+
+def _f32_at_least(t: float) -> np.float32:
+  """The smallest float32 >= t: for a float32 score s, `s >= it` exactly when
+  `s >= t` in float64 (what predict computes)."""
+  f = np.float32(t)
+  return f if float(f) >= t else np.nextafter(f, np.float32(np.inf))
 
 
 def load_config(workdir, config: str | None = None, overrides: Sequence[str] = ()):
@@ -131,16 +141,23 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
       backbone_id=towers.backbone_id, text_id=towers.text_embed.model_id,
       layers=model.layers, image_size=size, reference_quirks=cfg.reference_quirks,
       head_sha256=thresholds.params_sha256(params))
-  threshold = None
+  record = None
   if (workdir / thresholds.FILE_NAME).is_file():
     try:
       record = thresholds.read(workdir)
       thresholds.check(record, image_score=cfg.eval.image_score, model=identity)
     except thresholds.ThresholdError as e:
       raise ExportError(f"{e} (or remove it to export without a decision output)") from None
-    threshold = record["image_threshold"]
+  # Each object is decided with its own threshold, chosen by the rule predict
+  # uses (thresholds.resolve): the file decides as predict does.
+  chosen = [thresholds.resolve(record, n) for n in names]
+  image_thresholds = [c.image for c in chosen]
+  threshold = image_thresholds if any(t is not None for t in image_thresholds) else None
   backbone, kind = towers.backbone, model.image_score
   table_j = jnp.asarray(table)
+  # An object without an image threshold gets NaN: its decision is False.
+  limit_j = jnp.asarray([np.nan if t is None else _f32_at_least(t)
+                         for t in image_thresholds], jnp.float32)
   num_objects = len(names)
 
   def fn(images, object_index):
@@ -153,10 +170,15 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
     out = {"anomaly_map": jnp.where(valid[:, None, None], amap, nan).astype(jnp.float32),
            "image_score": jnp.where(valid, score, nan).astype(jnp.float32)}
     if threshold is not None:
-      out["decision"] = out["image_score"] >= jnp.float32(threshold)
+      out["decision"] = out["image_score"] >= limit_j[jnp.clip(idx, 0, num_objects - 1)]
     return out
 
-  metadata = {"object_names": names, "image_size": size, "image_threshold": threshold,
+  metadata = {"object_names": names, "image_size": size,
+              "image_thresholds": image_thresholds,
+              "pixel_thresholds": [c.pixel for c in chosen],
+              "threshold_sources": [c.source for c in chosen],
+              "thresholds_file": None if record is None else {
+                  k: record[k] for k in ("dataset", "method", "checkpoint_step")},
               "image_score": kind, "backbone_dtype": cfg.backbone.dtype,
               "checkpoint_step": step, "model": identity,
               "inputs": list(INPUT_NAMES),
@@ -273,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       platforms=args.platforms.split(",") if args.platforms else None))
   if rc:
     return rc
-  decision = " and decision" if meta["image_threshold"] is not None else ""
+  decision = " and decision" if any(
+      t is not None for t in meta["image_thresholds"]) else ""
   print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "
         f"{len(meta['object_names'])} objects, {meta['image_size']} px, outputs anomaly_map, "
         f"image_score{decision}")

@@ -43,7 +43,7 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   table = scorer.text_table([cfg.predict.object_name])
   limits = _thresholds(cfg, workdir, scorer, table)
   if not cfg.predict.input:          # calibration only
-    return {"scores": [], "unreadable": [], "thresholds": limits[:2]}
+    return {"scores": [], "unreadable": [], "thresholds": limits[:2], "threshold_source": limits[3]}
   paths, unreadable = data.read_image_folder(cfg.predict.input)
   root = cfg.predict.input if os.path.isdir(cfg.predict.input) else os.path.commonpath(
       [os.path.dirname(p) for p in paths]) if paths else ""
@@ -59,37 +59,35 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
       print(f"  {p}: {why}")
   print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}, {out_dir / 'index.html'}"
         f" (decision thresholds: {limits[2]})")
-  return {"scores": rows, "unreadable": unreadable, "thresholds": limits[:2]}
+  return {"scores": rows, "unreadable": unreadable, "thresholds": limits[:2], "threshold_source": limits[3]}
 
 
-def _thresholds(cfg, workdir: Path, scorer, table) -> tuple[float | None, float | None, str]:
-  """(image threshold, pixel threshold, where they come from) for this run.
+def _thresholds(cfg, workdir: Path, scorer, table):
+  """(image threshold, pixel threshold, where they come from, the image
+  threshold's source as `thresholds.resolve` names it) for this run.
 
   `predict.calibrate_normals` first sets them from normal images and writes
   thresholds.json; an existing thresholds.json must belong to this head,
   towers, size and image-score mode (else it is refused, saying why);
-  `predict.threshold >= 0` overrides the image threshold.
+  `predict.threshold >= 0` overrides the image threshold. The object's own
+  thresholds are chosen by `thresholds.resolve`, the rule export uses too.
   """
   if cfg.predict.calibrate_normals:
     _calibrate(cfg, workdir, scorer, table)
-  image = pixel = None
+  record = None
   origin = "none"
   path = workdir / thresholds.FILE_NAME
   if path.exists():
     record = thresholds.read(path)
     thresholds.check(record, image_score=scorer.model.image_score,
                      model=scorer.threshold_identity())
-    image, pixel = record["image_threshold"], record["pixel_threshold"]
-    # A category the evaluation saw has its own F1-max thresholds.
-    for cats in record.get("details", {}).get("per_category", {}).values():
-      own = cats.get(cfg.predict.object_name, {})
-      # A threshold of 0.0 is a threshold; only a missing one falls back.
-      image = own["image"] if own.get("image") is not None else image
-      pixel = own["pixel"] if own.get("pixel") is not None else pixel
     origin = f"{path} ({record['method']})"
-  if cfg.predict.threshold >= 0:
-    image, origin = float(cfg.predict.threshold), "predict.threshold"
-  return image, pixel, origin
+  chosen = thresholds.resolve(record, cfg.predict.object_name,
+                              cfg.predict.threshold if cfg.predict.threshold >= 0 else None)
+  if chosen.source == "predict.threshold":
+    origin = "predict.threshold"
+  return chosen.image, chosen.pixel, f"{origin}; image threshold from {chosen.source}", \
+      chosen.source
 
 
 def _calibrate(cfg, workdir: Path, scorer, table) -> None:
@@ -122,7 +120,7 @@ def _calibrate(cfg, workdir: Path, scorer, table) -> None:
 
 
 def _predict_into(cfg, out_dir: Path, scorer, table, paths, root, unreadable, limits):
-  image_t, pixel_t, origin = limits
+  image_t, pixel_t, origin, source = limits
   rows = []
   for batch in data.prediction_batches(paths, image_size=scorer.model.image_size,
                                        batch_size=cfg.predict.batch_size):
@@ -143,6 +141,7 @@ def _predict_into(cfg, out_dir: Path, scorer, table, paths, root, unreadable, li
       row = {"path": path, "score": f"{float(score[i]):.6f}", "heatmap": f"heatmaps/{name}"}
       if image_t is not None:
         row["decision"] = int(float(score[i]) >= image_t)
+        row["threshold_source"] = source
       if pixel_t is not None:
         mask = overlays.binary_mask(full, pixel_t)
         overlays.save_mask_png(out_dir / "masks" / name, mask)
@@ -150,7 +149,8 @@ def _predict_into(cfg, out_dir: Path, scorer, table, paths, root, unreadable, li
         row.update(mask=f"masks/{name}", overlay=f"overlays/{name}")
       rows.append(row)
   buf = io.StringIO()
-  fields = ["path", "score", "heatmap"] + (["decision"] if image_t is not None else []) + (
+  fields = ["path", "score", "heatmap"] + (
+      ["decision", "threshold_source"] if image_t is not None else []) + (
       ["mask", "overlay"] if pixel_t is not None else [])
   writer = csv.DictWriter(buf, fieldnames=fields)
   writer.writeheader()

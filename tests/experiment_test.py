@@ -227,7 +227,7 @@ def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
   rows = (workdir / "predictions" / "scores.csv").read_text().splitlines()
   # predict.threshold sets the image decision; the evaluation's thresholds.json
   # gives the pixel threshold (masks and overlays).
-  assert rows[0] == "path,score,heatmap,decision,mask,overlay"
+  assert rows[0] == "path,score,heatmap,decision,threshold_source,mask,overlay"
   assert len(rows) == 1 + 4
   assert out["thresholds"][0] == 0.5
   assert [p for p, _ in out["unreadable"]] == [str(src / "broken.png")]

@@ -177,7 +177,8 @@ def test_decision_output_from_thresholds_json(run_dir, exportable, tmp_path):
   thresholds.write(run_dir, **good)
   try:
     exp = export.build(run_dir, NAMES)
-    assert exp.image_threshold == cut and exp.metadata["outputs"][-1] == "decision"
+    assert exp.image_threshold == [cut, cut] and exp.metadata["outputs"][-1] == "decision"
+    assert exp.metadata["threshold_sources"] == ["top-level", "top-level"]
     out = jax.jit(exp.fn)(images, idx)
     np.testing.assert_array_equal(np.asarray(out["decision"]), scores >= cut)
     # Made for another image-score mode, or another head: refused, saying why.
@@ -227,3 +228,64 @@ def test_workdir_without_checkpoint_refused(run_dir, tmp_path, capsys):
                     "--format", "stablehlo", "--out", str(tmp_path / "m.onnx")])
   assert rc == 2 and "no such directory" in capsys.readouterr().err
   _nothing_written(tmp_path)
+
+
+def _cut_in_widest_gap(values):
+  """A threshold halfway across the widest gap between sorted values (robust to
+  the <= 1e-4 difference between onnxruntime and JAX scores)."""
+  v = np.sort(np.asarray(values, np.float64))
+  i = int(np.argmax(np.diff(v)))
+  return float((v[i] + v[i + 1]) / 2), float(v[i + 1] - v[i])
+
+
+@pytest.mark.slow
+def test_export_decides_as_predict(run_dir, exportable, tmp_path):
+  """An object whose category threshold differs from the top-level one: the
+  ONNX file (onnxruntime) and mode=predict give the same decisions on the
+  same images, and both name the threshold's source."""
+  pytest.importorskip("jax2onnx")
+  import csv
+  from adjax import experiment
+  images, _ = _inputs(8, seed=21)
+  src = tmp_path / "imgs"
+  src.mkdir()
+  for i, im in enumerate(images):
+    Image.fromarray(im).save(src / f"{i}.png")
+  scores = {n: np.asarray(jax.jit(exportable.fn)(images, np.full(8, k, np.int32))[
+      "image_score"]) for k, n in enumerate(NAMES)}
+  # bottle: its own threshold in the upper half; the top-level one in the lower
+  # half, so the two give different decisions for bottle.
+  b = np.sort(scores["bottle"])
+  own, gap_own = _cut_in_widest_gap(b[3:])
+  top, gap_top = _cut_in_widest_gap(b[:4])
+  assert min(gap_own, gap_top) > 1e-3
+  assert ((scores["bottle"] >= own) != (scores["bottle"] >= top)).any()
+  thresholds.write(run_dir, dataset="unit", image_score="mean", checkpoint_step=0,
+                   model=exportable.metadata["model"], image=top, pixel=0.5,
+                   details={"per_category": {"unit": {"bottle": {"image": own,
+                                                                 "pixel": 0.25}}}})
+  try:
+    out = tmp_path / "model.onnx"
+    meta = export.export(run_dir, NAMES, "onnx", out)
+    assert meta["threshold_sources"] == ["category:unit/bottle", "top-level"]
+    assert meta["pixel_thresholds"] == [0.25, 0.5]
+    sess = _ort_session(out)
+    assert sess.get_outputs()[-1].name == "decision"
+    cfg = export.load_config(run_dir)
+    cfg.mode = "predict"
+    cfg.predict.input = str(src)
+    for k, name in enumerate(NAMES):
+      _, onnx_score, onnx_decision = sess.run(
+          None, {"images": images, "object_index": np.full(8, k, np.int32)})
+      cfg.predict.object_name = name
+      experiment.run(cfg, str(run_dir))
+      with open(run_dir / "predictions" / "scores.csv") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+      predicted = np.array([int(rows[f"{i}.png"]["decision"]) for i in range(8)])
+      np.testing.assert_array_equal(predicted, onnx_decision.astype(int))
+      want = own if name == "bottle" else top
+      np.testing.assert_array_equal(predicted, scores[name] >= want)
+      assert {r["threshold_source"] for r in rows.values()} == {
+          meta["threshold_sources"][k]}
+  finally:
+    (run_dir / thresholds.FILE_NAME).unlink()
