@@ -32,7 +32,8 @@ def trained_params(cfg, workdir: Path, towers, mesh):
       abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
       keep=cfg.checkpoints_to_keep)
   identity.check_model(cfg, source)
-  logging.info("loaded the head from %s (step %d)", source, step)
+  if jax.process_index() == 0:
+    print(f"head: {source} checkpoint step {step}", flush=True)
   return params, source, step
 
 

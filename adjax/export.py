@@ -134,7 +134,8 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   except ValueError as e:
     raise ExportError(f"--image-size {size}: {e}") from None
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  params, _, _ = experiment.trained_params(cfg, workdir, towers, mesh)
+  # The newest intact step (a damaged newer one is reported and skipped).
+  params, _, step = experiment.trained_params(cfg, workdir, towers, mesh)
   params = jax.device_get(params)
   table = np.asarray(towers.text_embed(names), np.float32)
   identity = thresholds.model_identity(
