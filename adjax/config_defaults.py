@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.heatmaps_per_category = 4  # heatmap panels drawn per category
   c.eval.report_panels = 2          # highest- and lowest-scoring panels per category (HTML report)
   c.eval.force = False              # evaluate a finished run again
+  # True: this evaluation's F1-max thresholds replace the deployment
+  # <workdir>/thresholds.json (every evaluation writes its own beside its
+  # results; a training run's evaluation creates thresholds.json when none exists).
+  c.eval.set_thresholds = False
   # disk: each target's backbone features are stored once per (backbone,
   # image size, layers, data set) and every later evaluation of any head runs
   # the head only.

@@ -143,9 +143,10 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
       layers=model.layers, image_size=size, reference_quirks=cfg.reference_quirks,
       head_sha256=thresholds.params_sha256(params))
   record = None
-  if (workdir / thresholds.FILE_NAME).is_file():
+  deploy = thresholds.deployment_path(workdir, cfg.init_from)
+  if deploy is not None:
     try:
-      record = thresholds.read(workdir)
+      record = thresholds.read(deploy)
       thresholds.check(record, image_score=cfg.eval.image_score, model=identity)
     except thresholds.ThresholdError as e:
       raise ExportError(f"{e} (or remove it to export without a decision output)") from None

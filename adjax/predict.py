@@ -76,8 +76,8 @@ def _thresholds(cfg, workdir: Path, scorer, table):
     _calibrate(cfg, workdir, scorer, table)
   record = None
   origin = "none"
-  path = workdir / thresholds.FILE_NAME
-  if path.exists():
+  path = thresholds.deployment_path(workdir, cfg.init_from)
+  if path is not None:
     record = thresholds.read(path)
     thresholds.check(record, image_score=scorer.model.image_score,
                      model=scorer.threshold_identity())

@@ -230,6 +230,16 @@ def read(path: str | Path) -> dict[str, Any]:
   return record
 
 
+def deployment_path(workdir: str | Path, init_from: str | Path | None = None) -> Path | None:
+  """The deployment thresholds a run decides with: `<workdir>/thresholds.json`,
+  else (a run started with `init_from`) the trained run's own; None when
+  neither exists. The caller `check`s it against the model as any other."""
+  for d in (workdir, init_from):
+    if d and (Path(d) / FILE_NAME).is_file():
+      return Path(d) / FILE_NAME
+  return None
+
+
 class Resolved(NamedTuple):
   """The thresholds one object is decided with, and where the image one comes from."""
   image: float | None

@@ -321,6 +321,49 @@ def test_thresholds_calibration_decisions_and_gallery(trained, tmp_path):
   (workdir / thresholds.FILE_NAME).unlink()      # leave the fixture as evaluation left it
 
 
+def test_thresholds_stay_put_unless_chosen(trained, tmp_path):
+  """Every evaluation writes its thresholds beside its results; the deployment
+  thresholds.json changes only with eval.set_thresholds=True and records what
+  it was made from; a run started with init_from decides with the trained
+  run's thresholds."""
+  from adjax import thresholds
+  cfg, workdir, _ = trained
+  deploy = workdir / thresholds.FILE_NAME
+  own = thresholds.read(workdir / "results" / "family_b.thresholds.json")
+  assert sorted(own["details"]["per_category"]["family_b"]) == ["chip", "mesh", "nut", "tile"]
+  base = cfg.copy_and_resolve_references()
+  base.mode = "evaluate"
+  base.data.targets = base.data.targets.split(",")[0]
+  base.eval.set_thresholds = True
+  experiment.run(base, str(workdir))          # the deployment file, from family b
+  before = deploy.read_bytes()
+  record = thresholds.read(deploy)
+  assert record["dataset"] == "family_b" and record["details"]["made_from"] == [
+      str(workdir / "results" / "family_b.thresholds.json")]
+  # The README's evaluation on the training family: its own file, not the deployment one.
+  train_family = cfg.copy_and_resolve_references()
+  train_family.mode = "evaluate"
+  train_family.data.targets = cfg.data.train
+  experiment.run(train_family, str(workdir))
+  assert deploy.read_bytes() == before
+  assert thresholds.read(workdir / "results" / "family_a.thresholds.json")[
+      "dataset"] == "family_a"
+  # A new workdir started from the trained run decides with its thresholds.
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(3)
+  Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / "x.png")
+  pred = cfg.copy_and_resolve_references()
+  pred.mode = "predict"
+  pred.init_from = str(workdir)
+  pred.predict.input = str(images)
+  pred.predict.object_name = "chip"
+  out = experiment.run(pred, str(tmp_path / "fresh"))
+  assert out["threshold_source"] == "category:family_b/chip"
+  assert out["thresholds"][0] == record["details"]["per_category"]["family_b"]["chip"]["image"]
+  assert "decision" in out["scores"][0]
+
+
 def test_finished_run_is_not_retrained(trained, capsys):
   cfg, workdir, _ = trained
   before = _final_params(workdir)
