@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""              # folder or glob of images
-  c.predict.object_name = "object"  # the prompt's object name for these images
+  c.predict.object_name = ""        # required: the prompt's object name for these images
   c.predict.threshold = -1.0        # >= 0: the image threshold (else thresholds.json's, if any)
   c.predict.calibrate_normals = ""  # folder or glob of normal images: set thresholds from them
   c.predict.calibrate_quantile = 0.99   # their scores' quantile that becomes the threshold

@@ -34,6 +34,17 @@ class _DropTfdsConfigNotice(std_logging.Filter):
     return "Using custom data configuration" not in record.getMessage()
 
 
+def interrupted_message(mode: str) -> str:
+  """What Ctrl-C left behind, for the mode that was running."""
+  if mode == "train":
+    return "interrupted; run the same command again to resume from the last checkpoint"
+  if mode == "predict":
+    return ("interrupted; predictions/ is left as it was before this run (nothing "
+            "partial is kept); run the same command again to predict")
+  return ("interrupted; results already written are kept; run the same command again "
+          "to evaluate")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -58,8 +69,7 @@ def main(argv) -> None:
     sys.exit(errors.EXIT_USER_ERROR)
   except KeyboardInterrupt:
     # Ctrl-C: the lock and temporaries are already released; say how to go on.
-    print("interrupted; run the same command again to resume from the last checkpoint",
-          file=sys.stderr, flush=True)
+    print(interrupted_message(_CONFIG.value.mode), file=sys.stderr, flush=True)
     sys.exit(130)
 
 

@@ -1,11 +1,14 @@
 """Prediction on a folder or glob of images with a trained head.
 
-Writes `<workdir>/predictions/scores.csv` (path, image score and, when
-`predict.threshold >= 0`, a 0/1 label) and one heatmap panel per image
+Writes `<workdir>/predictions/scores.csv` (path, image score, heatmap and,
+with a threshold, `decision` 0/1 and `threshold_source`) and one heatmap panel per image
 (image | map overlaid, at the image's own resolution) under
 `<workdir>/predictions/heatmaps/`. Any size or mode is accepted (converted to
 RGB); unreadable files are listed in `unreadable.txt` and on the console, and
-every other image is still processed.
+every other image is still processed; when none can be read the run fails
+in one line and the previous predictions stay. Files under the workdir are
+never inputs; symlinked folders are followed (each real folder once); EXIF
+orientation is applied.
 """
 
 from __future__ import annotations
@@ -19,8 +22,16 @@ import jax
 import numpy as np
 from PIL import Image
 
-from adjax import atomic, data, heatmaps, html_report, overlays, thresholds
+from adjax import atomic, data, heatmaps, html_report, overlays, run_log, thresholds
+from adjax.errors import UserError
 from adjax.scorer import Scorer
+
+
+class PredictError(UserError, ValueError):
+  """Nothing could be predicted; the message says why."""
+
+
+SHOWN_UNREADABLE = 3
 
 
 def _map_at(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -44,7 +55,21 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   limits = _thresholds(cfg, workdir, scorer, table)
   if not cfg.predict.input:          # calibration only
     return {"scores": [], "unreadable": [], "thresholds": limits[:2], "threshold_source": limits[3]}
-  paths, unreadable = data.read_image_folder(cfg.predict.input)
+  # The workdir (its predictions, heatmaps, checkpoints) is never an input.
+  excluded: list[str] = []
+  paths, unreadable = data.read_image_folder(cfg.predict.input, exclude=[workdir],
+                                             excluded=excluded)
+  if excluded:
+    print(f"skipped {len(excluded)} files under the workdir {workdir} (its own outputs "
+          "are never inputs)", flush=True)
+  if not paths:
+    # Nothing readable: the previous predictions stay as they are.
+    listing = workdir / "unreadable.txt"
+    atomic.write_text(listing, "".join(f"{p}\t{why}\n" for p, why in unreadable))
+    raise PredictError(
+        f"predict.input={cfg.predict.input!r}: none of its {len(unreadable)} image files "
+        f"could be read ({_first_few(unreadable)}; all listed in {listing}); "
+        "predictions/ is left as it was")
   root = cfg.predict.input if os.path.isdir(cfg.predict.input) else os.path.commonpath(
       [os.path.dirname(p) for p in paths]) if paths else ""
   out_dir = workdir / "predictions"
@@ -54,12 +79,17 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   with atomic.atomic_dir(out_dir, overwrite=True) as work_dir:
     rows = _predict_into(cfg, work_dir, scorer, table, paths, root, unreadable, limits)
   if unreadable:
-    print(f"{len(unreadable)} unreadable files (listed in {out_dir / 'unreadable.txt'}):")
-    for p, why in unreadable:
-      print(f"  {p}: {why}")
+    print(f"{len(unreadable)} unreadable files ({_first_few(unreadable)}; all listed in "
+          f"{out_dir / 'unreadable.txt'})")
   print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}, {out_dir / 'index.html'}"
         f" (decision thresholds: {limits[2]})")
   return {"scores": rows, "unreadable": unreadable, "thresholds": limits[:2], "threshold_source": limits[3]}
+
+
+def _first_few(unreadable) -> str:
+  shown = "; ".join(f"{p}: {why}" for p, why in unreadable[:SHOWN_UNREADABLE])
+  return shown + (f"; and {len(unreadable) - SHOWN_UNREADABLE} more"
+                  if len(unreadable) > SHOWN_UNREADABLE else "")
 
 
 def _thresholds(cfg, workdir: Path, scorer, table):
@@ -86,6 +116,12 @@ def _thresholds(cfg, workdir: Path, scorer, table):
                               cfg.predict.threshold if cfg.predict.threshold >= 0 else None)
   if chosen.source == "predict.threshold":
     origin = "predict.threshold"
+  elif record is not None and not chosen.source.startswith("category:"):
+    seen = sorted({n for cats in record.get("details", {}).get("per_category", {}).values()
+                   for n in cats})
+    print(f"predict.object_name={cfg.predict.object_name!r} has no calibrated threshold of "
+          f"its own in {path} (its categories: {', '.join(seen) or 'none'}); using the "
+          "top-level threshold", flush=True)
   return chosen.image, chosen.pixel, f"{origin}; image threshold from {chosen.source}", \
       chosen.source
 
@@ -122,10 +158,12 @@ def _calibrate(cfg, workdir: Path, scorer, table) -> None:
 def _predict_into(cfg, out_dir: Path, scorer, table, paths, root, unreadable, limits):
   image_t, pixel_t, origin, source = limits
   rows = []
+  progress = run_log.Progress("predict", len(paths))
   for batch in data.prediction_batches(paths, image_size=scorer.model.image_size,
                                        batch_size=cfg.predict.batch_size):
     amap, score = scorer.maps(batch["image"], np.zeros(len(batch["image"]), np.int32),
                               table)
+    progress.update(int(np.asarray(batch["valid"]).sum()))
     for i in range(len(batch["image"])):
       path = str(batch["path"][i])
       if not batch["valid"][i]:
@@ -133,8 +171,8 @@ def _predict_into(cfg, out_dir: Path, scorer, table, paths, root, unreadable, li
           unreadable.append((path, str(batch["error"][i])))
         continue
       h, w = (int(v) for v in batch["orig_size"][i])
-      with Image.open(path) as img:   # to_rgb: any mode -> 8-bit RGB
-        rgb = np.asarray(data.images.to_rgb(img))
+      with Image.open(path) as img:   # upright (EXIF), any mode -> 8-bit RGB
+        rgb = np.asarray(data.images.to_rgb(data.images.upright(img)))
       full = _map_at(amap[i], (h, w))
       name = _output_name(path, root)
       heatmaps.save_png(out_dir / "heatmaps" / name, heatmaps.panel(rgb, full))
@@ -148,6 +186,7 @@ def _predict_into(cfg, out_dir: Path, scorer, table, paths, root, unreadable, li
         overlays.save_overlay_png(out_dir / "overlays" / name, rgb, mask)
         row.update(mask=f"masks/{name}", overlay=f"overlays/{name}")
       rows.append(row)
+  progress.close()
   buf = io.StringIO()
   fields = ["path", "score", "heatmap"] + (
       ["decision", "threshold_source"] if image_t is not None else []) + (

@@ -222,6 +222,7 @@ def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
   cfg = cfg.copy_and_resolve_references()
   cfg.mode = "predict"
   cfg.predict.input = str(src)
+  cfg.predict.object_name = "chip"
   cfg.predict.threshold = 0.5
   out = experiment.run(cfg, str(workdir))
   rows = (workdir / "predictions" / "scores.csv").read_text().splitlines()
