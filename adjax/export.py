@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -44,6 +45,9 @@ import numpy as np
 
 from adjax import errors
 from adjax.errors import UserError
+
+# transformers announces at import that PyTorch is absent (it is optional).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 FORMATS = ("onnx", "stablehlo")
 EXTRA_HINT = "pip install 'adjax[export]'"
@@ -96,7 +100,7 @@ def load_config(workdir, config: str | None = None, overrides: Sequence[str] = (
 
 def build(workdir, object_names: Sequence[str], *, config: str | None = None,
           overrides: Sequence[str] = (), image_size: int | None = None,
-          dtype: str | None = None) -> Exportable:
+          dtype: str | None = None, allow_new_objects: bool = False) -> Exportable:
   """Loads the run in `workdir` and closes the forward pass over its weights."""
   import jax
   import jax.numpy as jnp
@@ -152,6 +156,15 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
       raise ExportError(f"{e} (or remove it to export without a decision output)") from None
   # Each object is decided with its own threshold, chosen by the rule predict
   # uses (thresholds.resolve): the file decides as predict does.
+  if record is not None and not allow_new_objects:
+    known = sorted({n for cats in record.get("details", {}).get("per_category", {}).values()
+                    for n in cats})
+    unknown = [n for n in names if n not in known]
+    if known and unknown:
+      raise ExportError(
+          f"--object-names: {unknown} not among the categories of {record['_path']} "
+          f"({', '.join(known)}); a misspelt name gets another prompt and the top-level "
+          "threshold. Pass --allow-new-objects to export them anyway")
   chosen = [thresholds.resolve(record, n) for n in names]
   image_thresholds = [c.image for c in chosen]
   threshold = image_thresholds if any(t is not None for t in image_thresholds) else None
@@ -221,6 +234,7 @@ def to_onnx(exp: Exportable) -> bytes:
     model = jax2onnx.to_onnx(positional, _input_specs(exp.image_size, "B"),
                              model_name="adjax_anomaly", input_names=list(INPUT_NAMES),
                              output_names=list(outputs))
+  drop_unused_initializers(model)
   for key, value in exp.metadata.items():
     entry = model.metadata_props.add()
     entry.key, entry.value = key, json.dumps(value)
@@ -232,20 +246,80 @@ def to_onnx(exp: Exportable) -> bytes:
 
 
 class _quiet_jax2onnx:
-  """jax2onnx imports its example plugins eagerly and logs their missing extras."""
+  """Silences the converters' chatter: jax2onnx logs its example plugins'
+  missing extras at import, onnx_ir warns about each value it renames or
+  folds. Warnings and log records below ERROR are dropped while exporting."""
+
+  LOGGERS = ("jax2onnx", "onnx_ir", "onnxscript", "onnx")
 
   def __enter__(self):
     import logging
-    self._logger = logging.getLogger("jax2onnx")
-    self._level = self._logger.level
-    self._logger.setLevel(logging.ERROR)
+    import warnings
+    self._levels = {}
+    for name in self.LOGGERS:
+      logger = logging.getLogger(name)
+      self._levels[name] = logger.level
+      logger.setLevel(logging.ERROR)
+    self._warnings = warnings.catch_warnings()
+    self._warnings.__enter__()
+    warnings.simplefilter("ignore")
 
   def __exit__(self, *exc):
-    self._logger.setLevel(self._level)
+    import logging
+    self._warnings.__exit__(*exc)
+    for name, level in self._levels.items():
+      logging.getLogger(name).setLevel(level)
 
 
-def export(workdir, object_names: Sequence[str], fmt: str, out, **kwargs) -> dict:
-  """Builds and writes the file `out` (atomically); returns its metadata."""
+def drop_unused_initializers(model) -> int:
+  """Removes initializers no node reads, in the graph and in every subgraph
+  (a Scan's body has its own), so onnxruntime does not warn "Removing
+  initializer" on every session. Returns how many were removed."""
+
+  def subgraphs(graph):
+    for node in graph.node:
+      for attr in node.attribute:
+        if attr.HasField("g"):
+          yield attr.g
+        yield from attr.graphs
+
+  def clean(graph) -> tuple[set, int]:
+    """(names read in `graph` or below, initializers removed in and below)."""
+    used = {o.name for o in graph.output}
+    removed = 0
+    for node in graph.node:
+      used.update(node.input)
+    for sub in subgraphs(graph):
+      inner, n = clean(sub)
+      used |= inner
+      removed += n
+    keep = [t for t in graph.initializer if t.name in used]
+    gone = {t.name for t in graph.initializer} - {t.name for t in keep}
+    if gone:
+      del graph.initializer[:]
+      graph.initializer.extend(keep)
+      inputs = [i for i in graph.input if i.name not in gone]
+      del graph.input[:]
+      graph.input.extend(inputs)
+    return used, removed + len(gone)
+
+  return clean(model.graph)[1]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+  if out.is_dir():
+    raise ExportError(f"--out {out}: is a directory; give a file name, e.g. "
+                      f"{out / 'model.onnx'}")
+  if not out.parent.is_dir():
+    raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
+  if out.exists() and not overwrite:
+    raise ExportError(f"--out {out}: exists; pass --overwrite to replace it")
+
+
+def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool = False,
+           **kwargs) -> dict:
+  """Builds and writes the file `out` (atomically; an existing one only with
+  `overwrite`); returns its metadata."""
   from adjax import atomic
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
@@ -256,14 +330,16 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, **kwargs) -> dic
   needed = ("jax2onnx", "onnx") if fmt == "onnx" else ("flatbuffers",)
   for module in needed:
     try:
-      __import__(module)
+      with _quiet_jax2onnx():
+        __import__(module)
     except ImportError:
       raise ExportError(f"--format {fmt} needs {' and '.join(needed)} ({module} is not "
                         f"installed): {EXTRA_HINT}") from None
+  out = Path(out)
+  _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
   exp = build(workdir, object_names, **kwargs)
   data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
-  out = Path(out)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
   if fmt == "stablehlo":
     atomic.write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
@@ -290,11 +366,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--platforms", default=None,
                       help="stablehlo: comma-separated platforms to lower for, e.g. "
                            "cpu,cuda (default: this machine's)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out file")
+  parser.add_argument("--allow-new-objects", action="store_true",
+                      help="export object names thresholds.json has no category for "
+                           "(they get the top-level threshold)")
   args = parser.parse_args(argv)
   rc, meta = errors.run_command(lambda: export(
       args.workdir, args.object_names.split(","), args.format, args.out,
       config=args.config, overrides=args.set, image_size=args.image_size, dtype=args.dtype,
-      platforms=args.platforms.split(",") if args.platforms else None))
+      platforms=args.platforms.split(",") if args.platforms else None,
+      overwrite=args.overwrite, allow_new_objects=args.allow_new_objects))
   if rc:
     return rc
   decision = " and decision" if any(

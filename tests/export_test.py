@@ -140,10 +140,17 @@ def _ort_session(path):
 
 
 @pytest.mark.slow
-def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path):
+def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path, capfd):
   pytest.importorskip("jax2onnx")
+  import onnx
   out = tmp_path / "model.onnx"
+  capfd.readouterr()
   export.export(run_dir, NAMES, "onnx", out)
+  noise = capfd.readouterr()
+  # No library chatter (onnx_ir warnings, jax2onnx plugin notices) while exporting.
+  assert noise.err.strip() == "" and "onnx_ir" not in noise.out, noise
+  # No initializer that no node reads (onnxruntime would warn about each).
+  assert export.drop_unused_initializers(onnx.load(str(out))) == 0
   sess = _ort_session(out)
   assert [i.name for i in sess.get_inputs()] == ["images", "object_index"]
   assert [o.name for o in sess.get_outputs()] == ["anomaly_map", "image_score"]
@@ -164,6 +171,7 @@ def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path):
   done = subprocess.run([sys.executable, "snippet.py", "model.onnx", "photo.png", "heat.png"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
+  assert "Removing initializer" not in done.stderr, done.stderr[:500]
   assert Image.open(tmp_path / "heat.png").size == (SIZE, SIZE)
   assert "bottle: image score" in done.stdout
 
@@ -266,7 +274,8 @@ def test_export_decides_as_predict(run_dir, exportable, tmp_path):
                                                                  "pixel": 0.25}}}})
   try:
     out = tmp_path / "model.onnx"
-    meta = export.export(run_dir, NAMES, "onnx", out)
+    # screw has no category of its own: the top-level threshold, by choice.
+    meta = export.export(run_dir, NAMES, "onnx", out, allow_new_objects=True)
     assert meta["threshold_sources"] == ["category:unit/bottle", "top-level"]
     assert meta["pixel_thresholds"] == [0.25, 0.5]
     sess = _ort_session(out)
@@ -287,5 +296,34 @@ def test_export_decides_as_predict(run_dir, exportable, tmp_path):
       np.testing.assert_array_equal(predicted, scores[name] >= want)
       assert {r["threshold_source"] for r in rows.values()} == {
           meta["threshold_sources"][k]}
+  finally:
+    (run_dir / thresholds.FILE_NAME).unlink()
+
+
+def test_out_refused_unless_new_or_overwrite(run_dir, tmp_path, capsys):
+  """An existing --out needs --overwrite; a directory or a missing folder is one
+  line; nothing is built or written."""
+  existing = tmp_path / "m.shlo"
+  existing.write_bytes(b"keep me")
+  cases = [(existing, "exists; pass --overwrite"), (tmp_path, "is a directory"),
+           (tmp_path / "nowhere" / "m.shlo", "does not exist")]
+  for out, said in cases:
+    rc = export.main(["--workdir", str(run_dir), "--object-names", "bottle",
+                      "--format", "stablehlo", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err and err.count("\n") == 1, err
+  assert existing.read_bytes() == b"keep me"
+
+
+def test_unknown_object_names_refused_unless_allowed(run_dir, exportable):
+  thresholds.write(run_dir, dataset="unit", image_score="mean", checkpoint_step=0,
+                   model=exportable.metadata["model"], image=0.5,
+                   details={"per_category": {"unit": {"bottle": {"image": 0.4,
+                                                                 "pixel": None}}}})
+  try:
+    with pytest.raises(export.ExportError, match=r"\['botle'\] not among the categories"):
+      export.build(run_dir, ["botle"])
+    exp = export.build(run_dir, ["bottle", "screw"], allow_new_objects=True)
+    assert exp.metadata["threshold_sources"] == ["category:unit/bottle", "top-level"]
   finally:
     (run_dir / thresholds.FILE_NAME).unlink()
