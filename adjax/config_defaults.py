@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoints_to_keep = 2         # newest checkpoints kept
   c.log_every_steps = 10            # metrics.jsonl / TensorBoard / progress line cadence
 
+  c.train = ml_collections.ConfigDict()
+  # True: train on a set without anomalous images (the losses then only push
+  # every image and pixel toward "normal"; no defect is learned).
+  c.train.allow_no_anomalies = False
+
   c.eval = ml_collections.ConfigDict()
   c.eval.enabled = True             # evaluate after training
   c.eval.batch_size = 16            # global evaluation batch
