@@ -209,8 +209,10 @@ class Evaluator(Scorer):
     curves = {name: {"image": d["image_curve"], "pixel": d["pixel_curve"]}
               for name, d in details.items()}
     summary = reports.summarize(results)
+    note = summary.get("mean_note")
     page = html_report.evaluation_html(
-        f"{handle.display_name}: zero-shot results",
+        f"{handle.display_name}: zero-shot results" + (f" ({reports.MEAN}: {note})"
+                                                        if note else ""),
         {**summary["categories"], "mean": summary["mean"]}, curves, panels, ident,
         list(summary["mean"]))
     atomic.write_text(self.workdir / "results" / f"{stem}.html", page)

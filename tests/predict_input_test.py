@@ -124,3 +124,49 @@ def test_error_text_has_no_object_reprs():
   except Exception as e:    # noqa: BLE001
     text = data_images.describe_error(e)
   assert "object at 0x" not in text and text.startswith("UnidentifiedImageError")
+
+
+def test_ctrl_c_in_predict_says_what_fits(home, tmp_path):
+  """Ctrl-C during predict: exit 130, a message about predictions (not about
+  resuming from a checkpoint), and the previous predictions left as they were."""
+  import signal
+  import subprocess
+  import textwrap
+  _predict(home / "run", home / "photos")
+  before = (home / "run" / "predictions" / "scores.csv").read_bytes()
+  (tmp_path / "cfg.py").write_text(textwrap.dedent(f"""
+      from adjax import run_config
+      def get_config(arg=None):
+        return run_config.from_workdir({str(home / 'run')!r})
+      """))
+  code = textwrap.dedent("""
+      import runpy, sys, time
+      from adjax.models import dinov3
+      from adjax import predict
+      dinov3.VARIANTS["export-test-tiny"] = dinov3.DinoV3Config(
+          64, 4, 2, "mlp", 128, name="export-test-tiny")
+      def paused(*a, **k):
+        print("READY", flush=True)
+        while True:
+          time.sleep(3600)
+      predict._predict_into = paused
+      sys.argv = ["adjax.main"] + sys.argv[1:]
+      runpy.run_module("adjax.main", run_name="__main__", alter_sys=True)
+      """)
+  root = Path(__file__).resolve().parent.parent
+  env = dict(os.environ, PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  p = subprocess.Popen(
+      [sys.executable, "-c", code, f"--config={tmp_path / 'cfg.py'}",
+       f"--workdir={home / 'run'}", "--config.mode=predict",
+       f"--config.predict.input={home / 'photos'}", "--config.predict.object_name=bottle"],
+      cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in p.stdout:
+    if line.strip() == "READY":
+      break
+  p.send_signal(signal.SIGINT)
+  _, err = p.communicate(timeout=900)
+  assert p.returncode == 130, err[-2000:]
+  assert "resume from the last checkpoint" not in err
+  assert "predictions/ is left as it was" in err and "Traceback" not in err
+  assert (home / "run" / "predictions" / "scores.csv").read_bytes() == before
