@@ -463,6 +463,14 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   for run in ("one", "two"):   # the last step (epoch 2) ran from the feature cache
     last = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 6 and last["from_cache"] == 1.0
+  # The same losses, step by step (two JAX processes over localhost, CPU
+  # collectives, one device each, against one process with two devices).
+  logs = [[json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+          for run in ("one", "two")]
+  assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
+  for a, b in zip(*logs):
+    for key in ("loss", "focal_cross", "dice_cross", "ce_global"):
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
   heat = [sorted(p.relative_to(tmp_path / run).as_posix()
                  for p in (tmp_path / run / "heatmaps").rglob("*.png")) for run in ("one", "two")]
   assert len(heat[0]) == 4 * 2 and heat[0] == heat[1]
