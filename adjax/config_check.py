@@ -130,6 +130,10 @@ def problems(cfg, *, device_count: int | None = None,
   if cfg.mode == "predict" and not (cfg.predict.input or cfg.predict.calibrate_normals):
     out.append("predict.input is empty: expected a folder or a glob of images "
                "(or predict.calibrate_normals to set thresholds only)")
+  if cfg.mode == "predict" and not str(cfg.predict.object_name).strip():
+    out.append("predict.object_name is empty: expected the name of the object in the "
+               "images (the prompt's object, e.g. bottle), one of the evaluated categories "
+               "to use its own threshold")
   if not 0 < cfg.predict.calibrate_quantile <= 1:
     out.append(f"predict.calibrate_quantile={cfg.predict.calibrate_quantile!r}: expected "
                "a value in (0, 1]")

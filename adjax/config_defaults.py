@@ -89,6 +89,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoints_to_keep = 2         # newest checkpoints kept
   c.log_every_steps = 10            # metrics.jsonl / TensorBoard / progress line cadence
 
+  c.train = ml_collections.ConfigDict()
+  # True: train on a set without anomalous images (the losses then only push
+  # every image and pixel toward "normal"; no defect is learned).
+  c.train.allow_no_anomalies = False
+
   c.eval = ml_collections.ConfigDict()
   c.eval.enabled = True             # evaluate after training
   c.eval.batch_size = 16            # global evaluation batch
@@ -98,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.heatmaps_per_category = 4  # heatmap panels drawn per category
   c.eval.report_panels = 2          # highest- and lowest-scoring panels per category (HTML report)
   c.eval.force = False              # evaluate a finished run again
+  # True: this evaluation's F1-max thresholds replace the deployment
+  # <workdir>/thresholds.json (every evaluation writes its own beside its
+  # results; a training run's evaluation creates thresholds.json when none exists).
+  c.eval.set_thresholds = False
   # disk: each target's backbone features are stored once per (backbone,
   # image size, layers, data set) and every later evaluation of any head runs
   # the head only.
@@ -107,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""              # folder or glob of images
-  c.predict.object_name = "object"  # the prompt's object name for these images
+  c.predict.object_name = ""        # required: the prompt's object name for these images
   c.predict.threshold = -1.0        # >= 0: the image threshold (else thresholds.json's, if any)
   c.predict.calibrate_normals = ""  # folder or glob of normal images: set thresholds from them
   c.predict.calibrate_quantile = 0.99   # their scores' quantile that becomes the threshold

@@ -2,8 +2,11 @@
 
 For every category: image AUROC / AP / F1-max and pixel AUROC / AP / F1-max /
 AUPRO through the streaming accumulator, written to
-`<workdir>/results/<dataset>.{json,md,csv}` and printed as a table; plus a few
-heatmap panels per category under `<workdir>/heatmaps/<dataset>/<category>/`.
+`<workdir>/results/<dataset>.{json,md,csv}` and printed as a table, its
+F1-max thresholds to `results/<dataset>.thresholds.json`; plus a few heatmap
+panels per category under `<workdir>/heatmaps/<dataset>/<category>/`. The
+deployment `<workdir>/thresholds.json` is written only when chosen
+(`eval.set_thresholds=True`) or when a training run's evaluation finds none.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class Evaluator(Scorer):
     # data set -> category -> {"image", "pixel"}: the F1-max thresholds.
     self.category_thresholds: dict[str, dict] = {}
     self._image_scores: list[tuple[np.ndarray, np.ndarray]] = []
+    # data set -> (its image scores and labels, its results/<stem>.thresholds.json).
+    self._per_target: dict[str, tuple[list, Path | None]] = {}
     self.eval_identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
@@ -87,30 +92,40 @@ class Evaluator(Scorer):
         "image_size": int(cfg.image_size),
     }
 
-  def write_thresholds(self) -> Path | None:
-    """<workdir>/thresholds.json from the evaluated targets (process 0).
-
-    Per target and category the F1-max image and pixel thresholds (in
-    `details`); at the top, the F1-optimal image threshold over every
-    evaluated image and the median of the categories' pixel thresholds (what
-    `predict` uses for an object name the evaluation did not see).
-    """
-    if not self._image_scores:
+  def _threshold_record(self, scored, found) -> dict | None:
+    """thresholds.write's arguments for image scores `scored` [(scores, labels)]
+    and per-data-set category thresholds `found`: the F1-optimal image
+    threshold over every image and the median of the categories' pixel
+    thresholds at the top (what `predict` uses for an object name the
+    evaluation did not see), the categories' own in `details.per_category`."""
+    if not scored:
       return None
-    scores = np.concatenate([s for s, _ in self._image_scores])
-    labels = np.concatenate([l for _, l in self._image_scores])
+    scores = np.concatenate([s for s, _ in scored])
+    labels = np.concatenate([l for _, l in scored])
     image = (thresholds.f1_optimal(scores, labels).threshold
              if 0 < labels.sum() < labels.size else None)
-    found = self.category_thresholds
     pixels = [t["pixel"] for cats in found.values() for t in cats.values()
               if t["pixel"] is not None]
     pixel = float(np.median(pixels)) if pixels else None
     if image is None and pixel is None:
       return None
-    return thresholds.write(
-        self.workdir, dataset=",".join(found), image_score=self.model.image_score,
-        checkpoint_step=self.eval_identity["head"]["step"], model=self.threshold_identity(), image=image,
-        pixel=pixel, method="f1", details={"per_category": found})
+    return dict(dataset=",".join(found), image_score=self.model.image_score,
+                checkpoint_step=self.eval_identity["head"]["step"],
+                model=self.threshold_identity(), image=image, pixel=pixel, method="f1",
+                details={"per_category": dict(found)})
+
+  def write_thresholds(self) -> Path | None:
+    """The deployment <workdir>/thresholds.json from every evaluated target
+    (process 0); called only when the user chose it (eval.set_thresholds) or
+    for a training run's first evaluation. Records the per-evaluation files
+    it was made from."""
+    record = self._threshold_record(
+        [x for scored, _ in self._per_target.values() for x in scored],
+        self.category_thresholds)
+    if record is None:
+      return None
+    record["details"]["made_from"] = [str(p) for _, p in self._per_target.values() if p]
+    return thresholds.write(self.workdir, **record)
 
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
@@ -119,6 +134,7 @@ class Evaluator(Scorer):
                             train=False)
     accs: dict[str, CategoryMetrics] = {}
     to_draw = self._heatmap_indices(handle)
+    self._image_scores = []
     main = jax.process_index() == 0
     ident = dict(self.eval_identity, data={
         "name": handle.name, "examples": handle.num_examples, "prepared": str(handle.data_dir)})
@@ -166,6 +182,13 @@ class Evaluator(Scorer):
     self.category_thresholds[handle.display_name] = {
         name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
         for name, d in details.items()}
+    # This evaluation's thresholds, beside its results (never the deployment file).
+    record = self._threshold_record(
+        self._image_scores, {handle.display_name: self.category_thresholds[handle.display_name]})
+    own = None
+    if record is not None:
+      own = thresholds.write(self.workdir / "results" / f"{stem}.thresholds.json", **record)
+    self._per_target[handle.display_name] = (list(self._image_scores), own)
     if stem != handle.display_name:
       print(f"\nresults/{handle.display_name}.json holds another evaluation's results; "
             f"these go to results/{stem}.*", flush=True)
@@ -186,8 +209,10 @@ class Evaluator(Scorer):
     curves = {name: {"image": d["image_curve"], "pixel": d["pixel_curve"]}
               for name, d in details.items()}
     summary = reports.summarize(results)
+    note = summary.get("mean_note")
     page = html_report.evaluation_html(
-        f"{handle.display_name}: zero-shot results",
+        f"{handle.display_name}: zero-shot results" + (f" ({reports.MEAN}: {note})"
+                                                        if note else ""),
         {**summary["categories"], "mean": summary["mean"]}, curves, panels, ident,
         list(summary["mean"]))
     atomic.write_text(self.workdir / "results" / f"{stem}.html", page)
@@ -283,10 +308,18 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
       absent.append((target, str(e).splitlines()[0]))
       continue
     all_results[handle.display_name] = evaluator.evaluate(handle)
-  if jax.process_index() == 0:
-    written = evaluator.write_thresholds()
-    if written:
-      print(f"decision thresholds (F1-max) -> {written}", flush=True)
+  if jax.process_index() == 0 and all_results:
+    deploy = workdir / thresholds.FILE_NAME
+    first = cfg.mode == "train" and not deploy.exists()
+    if cfg.eval.set_thresholds or first:
+      written = evaluator.write_thresholds()
+      if written:
+        why = "eval.set_thresholds" if cfg.eval.set_thresholds else "the run had none"
+        print(f"decision thresholds (F1-max) -> {written} ({why})", flush=True)
+    elif deploy.exists():
+      print(f"{deploy} kept (this evaluation's thresholds are in results/*.thresholds.json;"
+            " --config.eval.set_thresholds=True makes them the deployment thresholds)",
+            flush=True)
   if absent and jax.process_index() == 0:
     print("\nTargets not evaluated (data not present):")
     for target, why in absent:

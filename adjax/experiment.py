@@ -32,7 +32,8 @@ def trained_params(cfg, workdir: Path, towers, mesh):
       abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
       keep=cfg.checkpoints_to_keep)
   identity.check_model(cfg, source)
-  logging.info("loaded the head from %s (step %d)", source, step)
+  if jax.process_index() == 0:
+    print(f"head: {source} checkpoint step {step}", flush=True)
   return params, source, step
 
 
@@ -57,6 +58,10 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   config_check.check(cfg, device_count=jax.device_count(),
                      process_count=jax.process_count())
   workdir = resolve_workdir(cfg, workdir_flag)
+  if workdir.exists() and not workdir.is_dir():
+    raise config_check.ConfigError(
+        f"--workdir {workdir}: is a file, not a folder; pass a folder (it is created "
+        "when missing)")
   if cfg.mode != "train" and not cfg.init_from and not _has_checkpoints(workdir):
     raise config_check.ConfigError(
         f"mode={cfg.mode}: {workdir} holds no trained checkpoint; pass the trained "
@@ -90,6 +95,7 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
   from adjax import evaluate
   if cfg.mode == "train":
     handle = targets.prepare(cfg, cfg.data.train)
+    _check_anomalies(cfg, handle, main_process)
     from adjax import train
     state, steps_run = train.train(cfg, workdir, towers, mesh, handle)
     if not cfg.eval.enabled:
@@ -108,6 +114,23 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
   results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, params,
                                               source=(source, step))
   return {"results": results, "absent": absent}
+
+
+def _check_anomalies(cfg, handle, main_process: bool) -> None:
+  """A training set without anomalous images teaches no defect: refused
+  unless train.allow_no_anomalies=True."""
+  import numpy as np
+  if int(np.sum(np.asarray(handle.example_label) > 0)):
+    return
+  what = (f"data.train={cfg.data.train!r}: none of its {handle.num_examples} images is "
+          "anomalous, so the adapters and the global head see only \"normal\" (the losses "
+          "push every image and pixel toward it; no defect is learned)")
+  if not cfg.train.allow_no_anomalies:
+    raise config_check.ConfigError(
+        f"{what}; add anomalous images with masks, or pass "
+        "--config.train.allow_no_anomalies=True to train anyway")
+  if main_process:
+    print(f"warning: {what}; training anyway (train.allow_no_anomalies=True)", flush=True)
 
 
 def _ensure_demo_data(demo) -> None:

@@ -12,8 +12,11 @@ the given object names (their prompt-ensemble embeddings), all as constants:
   happens inside;
 - outputs `anomaly_map` float32 [B, H, W] and `image_score` float32 [B], the
   numbers `mode=predict` writes, and `decision` bool [B] (image_score >= the
-  image threshold) when `<workdir>/thresholds.json` exists and was made for
-  this model and image-score mode.
+  object's image threshold, a per-object vector indexed by object_index,
+  chosen by `thresholds.resolve` as predict chooses it) when
+  `<workdir>/thresholds.json` exists and was made for this model and
+  image-score mode. The thresholds (image and pixel) and where each comes
+  from are in the metadata.
 An `object_index` outside [0, number of names) gives NaN outputs for that
 image. The batch dimension is dynamic.
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,6 +45,9 @@ import numpy as np
 
 from adjax import errors
 from adjax.errors import UserError
+
+# transformers announces at import that PyTorch is absent (it is optional).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 FORMATS = ("onnx", "stablehlo")
 EXTRA_HINT = "pip install 'adjax[export]'"
@@ -58,7 +65,7 @@ class Exportable:
   fn: Callable            # (images uint8 [B,S,S,3], object_index int32 [B]) -> dict
   image_size: int
   object_names: list[str]
-  image_threshold: float | None
+  image_threshold: list[float | None] | None   # per object name; None: no decision
   metadata: dict
 
 
@@ -74,6 +81,13 @@ def _check_names(object_names: Sequence[str]) -> list[str]:
   return names
 
 
+def _f32_at_least(t: float) -> np.float32:
+  """The smallest float32 >= t: for a float32 score s, `s >= it` exactly when
+  `s >= t` in float64 (what predict computes)."""
+  f = np.float32(t)
+  return f if float(f) >= t else np.nextafter(f, np.float32(np.inf))
+
+
 def load_config(workdir, config: str | None = None, overrides: Sequence[str] = ()):
   from adjax import run_config
   try:
@@ -86,7 +100,7 @@ def load_config(workdir, config: str | None = None, overrides: Sequence[str] = (
 
 def build(workdir, object_names: Sequence[str], *, config: str | None = None,
           overrides: Sequence[str] = (), image_size: int | None = None,
-          dtype: str | None = None) -> Exportable:
+          dtype: str | None = None, allow_new_objects: bool = False) -> Exportable:
   """Loads the run in `workdir` and closes the forward pass over its weights."""
   import jax
   import jax.numpy as jnp
@@ -124,23 +138,41 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   except ValueError as e:
     raise ExportError(f"--image-size {size}: {e}") from None
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  params, _, _ = experiment.trained_params(cfg, workdir, towers, mesh)
+  # The newest intact step (a damaged newer one is reported and skipped).
+  params, _, step = experiment.trained_params(cfg, workdir, towers, mesh)
   params = jax.device_get(params)
   table = np.asarray(towers.text_embed(names), np.float32)
   identity = thresholds.model_identity(
       backbone_id=towers.backbone_id, text_id=towers.text_embed.model_id,
       layers=model.layers, image_size=size, reference_quirks=cfg.reference_quirks,
       head_sha256=thresholds.params_sha256(params))
-  threshold = None
-  if (workdir / thresholds.FILE_NAME).is_file():
+  record = None
+  deploy = thresholds.deployment_path(workdir, cfg.init_from)
+  if deploy is not None:
     try:
-      record = thresholds.read(workdir)
+      record = thresholds.read(deploy)
       thresholds.check(record, image_score=cfg.eval.image_score, model=identity)
     except thresholds.ThresholdError as e:
       raise ExportError(f"{e} (or remove it to export without a decision output)") from None
-    threshold = record["image_threshold"]
+  # Each object is decided with its own threshold, chosen by the rule predict
+  # uses (thresholds.resolve): the file decides as predict does.
+  if record is not None and not allow_new_objects:
+    known = sorted({n for cats in record.get("details", {}).get("per_category", {}).values()
+                    for n in cats})
+    unknown = [n for n in names if n not in known]
+    if known and unknown:
+      raise ExportError(
+          f"--object-names: {unknown} not among the categories of {record['_path']} "
+          f"({', '.join(known)}); a misspelt name gets another prompt and the top-level "
+          "threshold. Pass --allow-new-objects to export them anyway")
+  chosen = [thresholds.resolve(record, n) for n in names]
+  image_thresholds = [c.image for c in chosen]
+  threshold = image_thresholds if any(t is not None for t in image_thresholds) else None
   backbone, kind = towers.backbone, model.image_score
   table_j = jnp.asarray(table)
+  # An object without an image threshold gets NaN: its decision is False.
+  limit_j = jnp.asarray([np.nan if t is None else _f32_at_least(t)
+                         for t in image_thresholds], jnp.float32)
   num_objects = len(names)
 
   def fn(images, object_index):
@@ -153,10 +185,15 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
     out = {"anomaly_map": jnp.where(valid[:, None, None], amap, nan).astype(jnp.float32),
            "image_score": jnp.where(valid, score, nan).astype(jnp.float32)}
     if threshold is not None:
-      out["decision"] = out["image_score"] >= jnp.float32(threshold)
+      out["decision"] = out["image_score"] >= limit_j[jnp.clip(idx, 0, num_objects - 1)]
     return out
 
-  metadata = {"object_names": names, "image_size": size, "image_threshold": threshold,
+  metadata = {"object_names": names, "image_size": size,
+              "image_thresholds": image_thresholds,
+              "pixel_thresholds": [c.pixel for c in chosen],
+              "threshold_sources": [c.source for c in chosen],
+              "thresholds_file": None if record is None else {
+                  k: record[k] for k in ("dataset", "method", "checkpoint_step")},
               "image_score": kind, "backbone_dtype": cfg.backbone.dtype,
               "checkpoint_step": step, "model": identity,
               "inputs": list(INPUT_NAMES),
@@ -197,6 +234,7 @@ def to_onnx(exp: Exportable) -> bytes:
     model = jax2onnx.to_onnx(positional, _input_specs(exp.image_size, "B"),
                              model_name="adjax_anomaly", input_names=list(INPUT_NAMES),
                              output_names=list(outputs))
+  drop_unused_initializers(model)
   for key, value in exp.metadata.items():
     entry = model.metadata_props.add()
     entry.key, entry.value = key, json.dumps(value)
@@ -208,20 +246,80 @@ def to_onnx(exp: Exportable) -> bytes:
 
 
 class _quiet_jax2onnx:
-  """jax2onnx imports its example plugins eagerly and logs their missing extras."""
+  """Silences the converters' chatter: jax2onnx logs its example plugins'
+  missing extras at import, onnx_ir warns about each value it renames or
+  folds. Warnings and log records below ERROR are dropped while exporting."""
+
+  LOGGERS = ("jax2onnx", "onnx_ir", "onnxscript", "onnx")
 
   def __enter__(self):
     import logging
-    self._logger = logging.getLogger("jax2onnx")
-    self._level = self._logger.level
-    self._logger.setLevel(logging.ERROR)
+    import warnings
+    self._levels = {}
+    for name in self.LOGGERS:
+      logger = logging.getLogger(name)
+      self._levels[name] = logger.level
+      logger.setLevel(logging.ERROR)
+    self._warnings = warnings.catch_warnings()
+    self._warnings.__enter__()
+    warnings.simplefilter("ignore")
 
   def __exit__(self, *exc):
-    self._logger.setLevel(self._level)
+    import logging
+    self._warnings.__exit__(*exc)
+    for name, level in self._levels.items():
+      logging.getLogger(name).setLevel(level)
 
 
-def export(workdir, object_names: Sequence[str], fmt: str, out, **kwargs) -> dict:
-  """Builds and writes the file `out` (atomically); returns its metadata."""
+def drop_unused_initializers(model) -> int:
+  """Removes initializers no node reads, in the graph and in every subgraph
+  (a Scan's body has its own), so onnxruntime does not warn "Removing
+  initializer" on every session. Returns how many were removed."""
+
+  def subgraphs(graph):
+    for node in graph.node:
+      for attr in node.attribute:
+        if attr.HasField("g"):
+          yield attr.g
+        yield from attr.graphs
+
+  def clean(graph) -> tuple[set, int]:
+    """(names read in `graph` or below, initializers removed in and below)."""
+    used = {o.name for o in graph.output}
+    removed = 0
+    for node in graph.node:
+      used.update(node.input)
+    for sub in subgraphs(graph):
+      inner, n = clean(sub)
+      used |= inner
+      removed += n
+    keep = [t for t in graph.initializer if t.name in used]
+    gone = {t.name for t in graph.initializer} - {t.name for t in keep}
+    if gone:
+      del graph.initializer[:]
+      graph.initializer.extend(keep)
+      inputs = [i for i in graph.input if i.name not in gone]
+      del graph.input[:]
+      graph.input.extend(inputs)
+    return used, removed + len(gone)
+
+  return clean(model.graph)[1]
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+  if out.is_dir():
+    raise ExportError(f"--out {out}: is a directory; give a file name, e.g. "
+                      f"{out / 'model.onnx'}")
+  if not out.parent.is_dir():
+    raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
+  if out.exists() and not overwrite:
+    raise ExportError(f"--out {out}: exists; pass --overwrite to replace it")
+
+
+def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool = False,
+           **kwargs) -> dict:
+  """Builds and writes the file `out` (atomically; an existing one only with
+  `overwrite`); returns its metadata."""
   from adjax import atomic
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
@@ -232,14 +330,16 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, **kwargs) -> dic
   needed = ("jax2onnx", "onnx") if fmt == "onnx" else ("flatbuffers",)
   for module in needed:
     try:
-      __import__(module)
+      with _quiet_jax2onnx():
+        __import__(module)
     except ImportError:
       raise ExportError(f"--format {fmt} needs {' and '.join(needed)} ({module} is not "
                         f"installed): {EXTRA_HINT}") from None
+  out = Path(out)
+  _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
   exp = build(workdir, object_names, **kwargs)
   data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
-  out = Path(out)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
   if fmt == "stablehlo":
     atomic.write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
@@ -266,14 +366,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--platforms", default=None,
                       help="stablehlo: comma-separated platforms to lower for, e.g. "
                            "cpu,cuda (default: this machine's)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing --out file")
+  parser.add_argument("--allow-new-objects", action="store_true",
+                      help="export object names thresholds.json has no category for "
+                           "(they get the top-level threshold)")
   args = parser.parse_args(argv)
   rc, meta = errors.run_command(lambda: export(
       args.workdir, args.object_names.split(","), args.format, args.out,
       config=args.config, overrides=args.set, image_size=args.image_size, dtype=args.dtype,
-      platforms=args.platforms.split(",") if args.platforms else None))
+      platforms=args.platforms.split(",") if args.platforms else None,
+      overwrite=args.overwrite, allow_new_objects=args.allow_new_objects))
   if rc:
     return rc
-  decision = " and decision" if meta["image_threshold"] is not None else ""
+  decision = " and decision" if any(
+      t is not None for t in meta["image_thresholds"]) else ""
   print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "
         f"{len(meta['object_names'])} objects, {meta['image_size']} px, outputs anomaly_map, "
         f"image_score{decision}")

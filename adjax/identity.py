@@ -32,7 +32,7 @@ NOT_TRAINING = (
     "data.manual_dirs.", "log_every_steps", "checkpoint_every_steps",
     "checkpoints_to_keep", "mesh.", "distributed", "coordinator_address",
     "num_processes", "process_id", "text.cache_dir", "feature_cache_dir",
-    "backbone.dtype",
+    "backbone.dtype", "train.allow_no_anomalies",
 )
 # Fields that make the model a trained head belongs to.
 MODEL_FIELDS = ("backbone.", "text.", "reference_quirks", "seed")

@@ -6,8 +6,10 @@ Parses the (locked) config, sets up logging and, when configured,
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 import os
+import re
 import sys
 
 # transformers announces at import that PyTorch is absent (it is optional).
@@ -34,6 +36,93 @@ class _DropTfdsConfigNotice(std_logging.Filter):
     return "Using custom data configuration" not in record.getMessage()
 
 
+def _config_spec(argv) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def flag_error(argv, e: BaseException) -> str:
+  """One line for a command line that cannot be parsed (the config file and
+  its `--config.*` overrides are read while flags parse, before main)."""
+  spec = _config_spec(argv)
+  path = spec.partition(":")[0] if spec else None
+  if path is not None and not os.path.isfile(path):
+    return (f"--config={spec}: no such config file (a relative path is taken from the "
+            f"current folder, {os.getcwd()})")
+  if isinstance(e, SyntaxError) or isinstance(e.__cause__, SyntaxError):
+    err = e if isinstance(e, SyntaxError) else e.__cause__
+    return f"--config={spec}: {err.filename or path}, line {err.lineno}: {err.msg}"
+  text = str(e)
+  if "has no attribute 'get_config'" in text:
+    return f"--config={spec}: {path} defines no get_config(arg=None) function"
+  guess = re.search(r'Did you mean \\?"([^"\\]+)\\?" instead of \\?"([^"\\]+)\\?"', text)
+  if guess:
+    good, bad = guess.groups()
+    given = [a for a in argv if a.startswith("--config.") and bad in a.split("=")[0]]
+    return (f"{given[0].split('=')[0] if given else bad}: the config has no field "
+            f"{bad!r}; did you mean {good!r}? (--config_help lists every field)")
+  if isinstance(e, (KeyError, AttributeError)) and e.args:
+    bad = str(e.args[0]).strip("'\"").splitlines()[0].strip("'\"")
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.")
+             and bad in a.split("=")[0].split(".")]
+    if given:
+      return (f"{given[0]}: the config has no field or section {bad!r} (--config_help "
+              "lists every field)")
+  if not isinstance(e, flags.Error) and spec and not guess:
+    return f"--config={spec}: loading it raised {type(e).__name__}: " + " ".join(
+        text.split())[:300]
+  text = " ".join(text.replace("\\n", " ").split())
+  if "invalid literal for int()" in text or "could not convert string to float" in text:
+    text += " (expected a number)"
+  return text or type(e).__name__
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with one `error:` line (exit 2) instead of a
+  traceback or a FATAL block for a bad flag, override or config file."""
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    raise
+  except Exception as e:      # noqa: BLE001  (flags.Error, and the config file's own errors)
+    if os.environ.get("ADJAX_TRACEBACK"):
+      raise
+    from adjax import errors
+    print(f"error: {flag_error(argv, e)}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
+
+
+def environment_error(e: BaseException) -> str | None:
+  """One line for a file-system problem the user can fix, else None."""
+  if isinstance(e, PermissionError):
+    return (f"{e.filename or e}: permission denied; the workdir and its files must be "
+            "writable by this user (or pass another --workdir)")
+  if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    return f"{e.filename or 'a file'}: no space left on the device; free some and rerun"
+  if isinstance(e, NotADirectoryError):
+    return f"{e.filename}: a file where a folder is expected"
+  text = str(e)
+  if "RESOURCE_EXHAUSTED" in text or "No space left on device" in text:
+    first = " ".join(text.split())[:300]
+    return f"no space left on the device ({first}); free some and rerun"
+  return None
+
+
+def interrupted_message(mode: str) -> str:
+  """What Ctrl-C left behind, for the mode that was running."""
+  if mode == "train":
+    return "interrupted; run the same command again to resume from the last checkpoint"
+  if mode == "predict":
+    return ("interrupted; predictions/ is left as it was before this run (nothing "
+            "partial is kept); run the same command again to predict")
+  return ("interrupted; results already written are kept; run the same command again "
+          "to evaluate")
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -42,13 +131,22 @@ def main(argv) -> None:
     # result tables are printed anyway. Pass --verbosity=0 to see them.
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_DropTfdsConfigNotice())
+  from adjax import errors
+  try:
+    cfg = _CONFIG.value       # the config file is loaded here when no override forced it
+    cfg.mode                  # (lazily: touching a field loads it)  # noqa: B018
+  except Exception as e:      # noqa: BLE001  (a missing file or one that does not run)
+    if flags.FLAGS.verbosity >= 1 or os.environ.get("ADJAX_TRACEBACK"):
+      raise
+    print(f"error: {flag_error(sys.argv, e)}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
   if _CONFIG_HELP.value:
     from adjax import config_doc
-    print(config_doc.text_table(_CONFIG.value))
+    print(config_doc.text_table(cfg))
     return
-  from adjax import errors, experiment
+  from adjax import experiment
   try:
-    experiment.run(_CONFIG.value, _WORKDIR.value)
+    experiment.run(cfg, _WORKDIR.value)
   except errors.user_errors() as e:
     # A user mistake: one clear message, no traceback (a traceback means a
     # bug). --verbosity=1 or ADJAX_TRACEBACK=1 shows it anyway.
@@ -56,12 +154,17 @@ def main(argv) -> None:
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_USER_ERROR)
+  except Exception as e:      # noqa: BLE001  (a full disk or a read-only folder is not a bug)
+    message = environment_error(e)
+    if message is None or flags.FLAGS.verbosity >= 1 or os.environ.get("ADJAX_TRACEBACK"):
+      raise
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
   except KeyboardInterrupt:
     # Ctrl-C: the lock and temporaries are already released; say how to go on.
-    print("interrupted; run the same command again to resume from the last checkpoint",
-          file=sys.stderr, flush=True)
+    print(interrupted_message(cfg.mode), file=sys.stderr, flush=True)
     sys.exit(130)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -64,7 +64,31 @@ def summarize(results: Results) -> dict:
   for k in names:
     vals = [row[k] for row in categories.values() if row[k] is not None]
     mean[k] = sum(vals) / len(vals) if vals else None
-  return {"categories": categories, MEAN: mean}
+  out = {"categories": categories, MEAN: mean}
+  note = mean_note(categories, names)
+  if note:
+    out["mean_note"] = note
+  return out
+
+
+def mean_note(categories: dict, names: list[str]) -> str:
+  """Says when the mean row averages fewer than all categories, and why:
+  "pixel metrics: mean over 3 of 4 categories (chip has no defect masks)";
+  "" when every metric averages every category."""
+  parts = []
+  for kind, why in (("pixel", "no defect masks"),
+                    ("image", "no anomalous or no normal images")):
+    # A metric missing everywhere (not computed) shows as n/a and needs no note.
+    keys = [k for k in names if k.startswith(kind + "_")
+            and any(row[k] is not None for row in categories.values())]
+    missing = sorted({cat for cat, row in categories.items() for k in keys
+                      if row[k] is None})
+    if keys and missing:
+      n = len(categories)
+      verb = "has" if len(missing) == 1 else "have"
+      parts.append(f"{kind} metrics: mean over {n - len(missing)} of {n} categories "
+                   f"({', '.join(missing)} {verb} {why})")
+  return "; ".join(parts)
 
 
 def _rows(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -91,8 +115,9 @@ def console_table(results: Results) -> str:
     return "  ".join([first] + rest).rstrip()
 
   rule = "-" * len(line(header))
+  note = summarize(results).get("mean_note")
   return "\n".join([line(header), rule] + [line(r) for r in rows[:-1]]
-                   + [rule, line(rows[-1])]) + "\n"
+                   + [rule, line(rows[-1])] + ([note] if note else [])) + "\n"
 
 
 def markdown_table(results: Results) -> str:
@@ -102,7 +127,8 @@ def markdown_table(results: Results) -> str:
   out = ["| " + " | ".join(header) + " |",
          "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
   out += ["| " + " | ".join(r) + " |" for r in rows]
-  return "\n".join(out) + "\n"
+  note = summarize(results).get("mean_note")
+  return "\n".join(out + ([f"\n{MEAN}: {note}"] if note else [])) + "\n"
 
 
 def csv_text(results: Results) -> str:

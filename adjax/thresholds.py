@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -228,6 +228,63 @@ def read(path: str | Path) -> dict[str, Any]:
                          f"{FORMAT_VERSION}")
   record["_path"] = str(path)
   return record
+
+
+def deployment_path(workdir: str | Path, init_from: str | Path | None = None) -> Path | None:
+  """The deployment thresholds a run decides with: `<workdir>/thresholds.json`,
+  else (a run started with `init_from`) the trained run's own; None when
+  neither exists. The caller `check`s it against the model as any other."""
+  for d in (workdir, init_from):
+    if d and (Path(d) / FILE_NAME).is_file():
+      return Path(d) / FILE_NAME
+  return None
+
+
+class Resolved(NamedTuple):
+  """The thresholds one object is decided with, and where the image one comes from."""
+  image: float | None
+  pixel: float | None
+  source: str         # "category:<data set>/<name>", "top-level", "predict.threshold", "none"
+
+
+def resolve(record: Mapping[str, Any] | None, object_name: str,
+            cli_override: float | None = None) -> Resolved:
+  """The one rule that turns a thresholds record into an object's thresholds.
+
+  `predict`, `adjax.export` and any other decision path call this, so they
+  decide alike. `record` is what `read` returns (already `check`ed), or
+  None when there is no thresholds file.
+  - A category the record's evaluation saw (`details.per_category[<data
+    set>][object_name]`) has its own F1-max image and pixel thresholds; the
+    first data set (in the record's order) that has a value wins, and a
+    threshold of 0.0 is a threshold (only a missing one falls back).
+  - Otherwise the record's top-level `image_threshold` / `pixel_threshold`.
+  - `cli_override` (`predict.threshold`), when not None and >= 0, replaces
+    the image threshold (the pixel one is kept).
+  `source` names where the image threshold comes from: "category:<data
+  set>/<name>", "top-level", "predict.threshold" or "none" (no image
+  threshold: no decision).
+  """
+  image = pixel = None
+  source = "none"
+  if record is not None:
+    image, pixel = record.get("image_threshold"), record.get("pixel_threshold")
+    source = "top-level" if image is not None else "none"
+    own_image = own_pixel = None
+    for dataset, cats in (record.get("details") or {}).get("per_category", {}).items():
+      own = (cats or {}).get(object_name) or {}
+      if own_image is None and own.get("image") is not None:
+        own_image = (float(own["image"]), f"category:{dataset}/{object_name}")
+      if own_pixel is None and own.get("pixel") is not None:
+        own_pixel = float(own["pixel"])
+    if own_image is not None:
+      image, source = own_image
+    if own_pixel is not None:
+      pixel = own_pixel
+  if cli_override is not None and cli_override >= 0:
+    image, source = float(cli_override), "predict.threshold"
+  return Resolved(None if image is None else float(image),
+                  None if pixel is None else float(pixel), source)
 
 
 def check(record: Mapping[str, Any], *, image_score: str, model: Mapping[str, Any],

@@ -48,10 +48,11 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
 
   ckpts = checkpointing.RunCheckpoints(workdir, cfg.checkpoints_to_keep)
-  start = ckpts.latest_step()
-  data_state = None
+  # The newest intact step (a damaged one is reported and skipped).
+  start, restored, data_state = ckpts.restore_newest(checkpointing.abstract_like(state))
   if start is not None:
-    state, data_state = ckpts.restore(start, checkpointing.abstract_like(state))
+    state = restored
+    ckpts.discard_damaged()
     if jax.process_index() == 0:
       print(f"resuming from step {start} of {total_steps}", flush=True)
   else:

@@ -223,10 +223,17 @@ def test_unreadable_image_error_then_skip(tmp_path, caplog):
   truth = write_mvtec(tmp_path / "raw")
   bad = tmp_path / "raw/grid/test/good/001.png"
   bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-  # fails while writing (after tfds started): nothing trusted is left
-  with pytest.raises(data.DataError, match=r"unreadable image .*grid/test/good/001.png"):
+  bad2 = tmp_path / "raw/grid/test/good/000.png"
+  original = bad2.read_bytes()
+  bad2.write_bytes(b"junk")
+  # fails while writing (after tfds started): nothing trusted is left; every
+  # unreadable file is named (not only the first), with no object reprs.
+  with pytest.raises(data.DataError, match=r"2 unreadable files") as e:
     data.prepare("mvtec_ad", manual_dir=tmp_path / "raw", data_dir=tmp_path / "dd")
+  assert "grid/test/good/001.png" in str(e.value) and "grid/test/good/000.png" in str(e.value)
+  assert "object at 0x" not in str(e.value)
   assert _no_prepared_data(tmp_path / "dd")
+  bad2.write_bytes(original)
   with caplog.at_level(logging.WARNING):
     h = data.prepare("mvtec_ad", manual_dir=tmp_path / "raw", data_dir=tmp_path / "dd",
                      skip_bad_files=True)

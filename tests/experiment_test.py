@@ -222,12 +222,13 @@ def test_predict_any_image_and_lists_unreadable(trained, tmp_path):
   cfg = cfg.copy_and_resolve_references()
   cfg.mode = "predict"
   cfg.predict.input = str(src)
+  cfg.predict.object_name = "chip"
   cfg.predict.threshold = 0.5
   out = experiment.run(cfg, str(workdir))
   rows = (workdir / "predictions" / "scores.csv").read_text().splitlines()
   # predict.threshold sets the image decision; the evaluation's thresholds.json
   # gives the pixel threshold (masks and overlays).
-  assert rows[0] == "path,score,heatmap,decision,mask,overlay"
+  assert rows[0] == "path,score,heatmap,decision,threshold_source,mask,overlay"
   assert len(rows) == 1 + 4
   assert out["thresholds"][0] == 0.5
   assert [p for p, _ in out["unreadable"]] == [str(src / "broken.png")]
@@ -319,6 +320,49 @@ def test_thresholds_calibration_decisions_and_gallery(trained, tmp_path):
   with pytest.raises(thresholds.ThresholdError, match="eval.image_score"):
     experiment.run(other, str(workdir))
   (workdir / thresholds.FILE_NAME).unlink()      # leave the fixture as evaluation left it
+
+
+def test_thresholds_stay_put_unless_chosen(trained, tmp_path):
+  """Every evaluation writes its thresholds beside its results; the deployment
+  thresholds.json changes only with eval.set_thresholds=True and records what
+  it was made from; a run started with init_from decides with the trained
+  run's thresholds."""
+  from adjax import thresholds
+  cfg, workdir, _ = trained
+  deploy = workdir / thresholds.FILE_NAME
+  own = thresholds.read(workdir / "results" / "family_b.thresholds.json")
+  assert sorted(own["details"]["per_category"]["family_b"]) == ["chip", "mesh", "nut", "tile"]
+  base = cfg.copy_and_resolve_references()
+  base.mode = "evaluate"
+  base.data.targets = base.data.targets.split(",")[0]
+  base.eval.set_thresholds = True
+  experiment.run(base, str(workdir))          # the deployment file, from family b
+  before = deploy.read_bytes()
+  record = thresholds.read(deploy)
+  assert record["dataset"] == "family_b" and record["details"]["made_from"] == [
+      str(workdir / "results" / "family_b.thresholds.json")]
+  # The README's evaluation on the training family: its own file, not the deployment one.
+  train_family = cfg.copy_and_resolve_references()
+  train_family.mode = "evaluate"
+  train_family.data.targets = cfg.data.train
+  experiment.run(train_family, str(workdir))
+  assert deploy.read_bytes() == before
+  assert thresholds.read(workdir / "results" / "family_a.thresholds.json")[
+      "dataset"] == "family_a"
+  # A new workdir started from the trained run decides with its thresholds.
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(3)
+  Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / "x.png")
+  pred = cfg.copy_and_resolve_references()
+  pred.mode = "predict"
+  pred.init_from = str(workdir)
+  pred.predict.input = str(images)
+  pred.predict.object_name = "chip"
+  out = experiment.run(pred, str(tmp_path / "fresh"))
+  assert out["threshold_source"] == "category:family_b/chip"
+  assert out["thresholds"][0] == record["details"]["per_category"]["family_b"]["chip"]["image"]
+  assert "decision" in out["scores"][0]
 
 
 def test_finished_run_is_not_retrained(trained, capsys):
@@ -419,6 +463,14 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   for run in ("one", "two"):   # the last step (epoch 2) ran from the feature cache
     last = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 6 and last["from_cache"] == 1.0
+  # The same losses, step by step (two JAX processes over localhost, CPU
+  # collectives, one device each, against one process with two devices).
+  logs = [[json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+          for run in ("one", "two")]
+  assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
+  for a, b in zip(*logs):
+    for key in ("loss", "focal_cross", "dice_cross", "ce_global"):
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
   heat = [sorted(p.relative_to(tmp_path / run).as_posix()
                  for p in (tmp_path / run / "heatmaps").rglob("*.png")) for run in ("one", "two")]
   assert len(heat[0]) == 4 * 2 and heat[0] == heat[1]

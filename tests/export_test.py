@@ -140,10 +140,17 @@ def _ort_session(path):
 
 
 @pytest.mark.slow
-def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path):
+def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path, capfd):
   pytest.importorskip("jax2onnx")
+  import onnx
   out = tmp_path / "model.onnx"
+  capfd.readouterr()
   export.export(run_dir, NAMES, "onnx", out)
+  noise = capfd.readouterr()
+  # No library chatter (onnx_ir warnings, jax2onnx plugin notices) while exporting.
+  assert noise.err.strip() == "" and "onnx_ir" not in noise.out, noise
+  # No initializer that no node reads (onnxruntime would warn about each).
+  assert export.drop_unused_initializers(onnx.load(str(out))) == 0
   sess = _ort_session(out)
   assert [i.name for i in sess.get_inputs()] == ["images", "object_index"]
   assert [o.name for o in sess.get_outputs()] == ["anomaly_map", "image_score"]
@@ -164,6 +171,7 @@ def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path):
   done = subprocess.run([sys.executable, "snippet.py", "model.onnx", "photo.png", "heat.png"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
+  assert "Removing initializer" not in done.stderr, done.stderr[:500]
   assert Image.open(tmp_path / "heat.png").size == (SIZE, SIZE)
   assert "bottle: image score" in done.stdout
 
@@ -177,7 +185,8 @@ def test_decision_output_from_thresholds_json(run_dir, exportable, tmp_path):
   thresholds.write(run_dir, **good)
   try:
     exp = export.build(run_dir, NAMES)
-    assert exp.image_threshold == cut and exp.metadata["outputs"][-1] == "decision"
+    assert exp.image_threshold == [cut, cut] and exp.metadata["outputs"][-1] == "decision"
+    assert exp.metadata["threshold_sources"] == ["top-level", "top-level"]
     out = jax.jit(exp.fn)(images, idx)
     np.testing.assert_array_equal(np.asarray(out["decision"]), scores >= cut)
     # Made for another image-score mode, or another head: refused, saying why.
@@ -227,3 +236,94 @@ def test_workdir_without_checkpoint_refused(run_dir, tmp_path, capsys):
                     "--format", "stablehlo", "--out", str(tmp_path / "m.onnx")])
   assert rc == 2 and "no such directory" in capsys.readouterr().err
   _nothing_written(tmp_path)
+
+
+def _cut_in_widest_gap(values):
+  """A threshold halfway across the widest gap between sorted values (robust to
+  the <= 1e-4 difference between onnxruntime and JAX scores)."""
+  v = np.sort(np.asarray(values, np.float64))
+  i = int(np.argmax(np.diff(v)))
+  return float((v[i] + v[i + 1]) / 2), float(v[i + 1] - v[i])
+
+
+@pytest.mark.slow
+def test_export_decides_as_predict(run_dir, exportable, tmp_path):
+  """An object whose category threshold differs from the top-level one: the
+  ONNX file (onnxruntime) and mode=predict give the same decisions on the
+  same images, and both name the threshold's source."""
+  pytest.importorskip("jax2onnx")
+  import csv
+  from adjax import experiment
+  images, _ = _inputs(8, seed=21)
+  src = tmp_path / "imgs"
+  src.mkdir()
+  for i, im in enumerate(images):
+    Image.fromarray(im).save(src / f"{i}.png")
+  scores = {n: np.asarray(jax.jit(exportable.fn)(images, np.full(8, k, np.int32))[
+      "image_score"]) for k, n in enumerate(NAMES)}
+  # bottle: its own threshold in the upper half; the top-level one in the lower
+  # half, so the two give different decisions for bottle.
+  b = np.sort(scores["bottle"])
+  own, gap_own = _cut_in_widest_gap(b[3:])
+  top, gap_top = _cut_in_widest_gap(b[:4])
+  assert min(gap_own, gap_top) > 1e-3
+  assert ((scores["bottle"] >= own) != (scores["bottle"] >= top)).any()
+  thresholds.write(run_dir, dataset="unit", image_score="mean", checkpoint_step=0,
+                   model=exportable.metadata["model"], image=top, pixel=0.5,
+                   details={"per_category": {"unit": {"bottle": {"image": own,
+                                                                 "pixel": 0.25}}}})
+  try:
+    out = tmp_path / "model.onnx"
+    # screw has no category of its own: the top-level threshold, by choice.
+    meta = export.export(run_dir, NAMES, "onnx", out, allow_new_objects=True)
+    assert meta["threshold_sources"] == ["category:unit/bottle", "top-level"]
+    assert meta["pixel_thresholds"] == [0.25, 0.5]
+    sess = _ort_session(out)
+    assert sess.get_outputs()[-1].name == "decision"
+    cfg = export.load_config(run_dir)
+    cfg.mode = "predict"
+    cfg.predict.input = str(src)
+    for k, name in enumerate(NAMES):
+      _, onnx_score, onnx_decision = sess.run(
+          None, {"images": images, "object_index": np.full(8, k, np.int32)})
+      cfg.predict.object_name = name
+      experiment.run(cfg, str(run_dir))
+      with open(run_dir / "predictions" / "scores.csv") as f:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+      predicted = np.array([int(rows[f"{i}.png"]["decision"]) for i in range(8)])
+      np.testing.assert_array_equal(predicted, onnx_decision.astype(int))
+      want = own if name == "bottle" else top
+      np.testing.assert_array_equal(predicted, scores[name] >= want)
+      assert {r["threshold_source"] for r in rows.values()} == {
+          meta["threshold_sources"][k]}
+  finally:
+    (run_dir / thresholds.FILE_NAME).unlink()
+
+
+def test_out_refused_unless_new_or_overwrite(run_dir, tmp_path, capsys):
+  """An existing --out needs --overwrite; a directory or a missing folder is one
+  line; nothing is built or written."""
+  existing = tmp_path / "m.shlo"
+  existing.write_bytes(b"keep me")
+  cases = [(existing, "exists; pass --overwrite"), (tmp_path, "is a directory"),
+           (tmp_path / "nowhere" / "m.shlo", "does not exist")]
+  for out, said in cases:
+    rc = export.main(["--workdir", str(run_dir), "--object-names", "bottle",
+                      "--format", "stablehlo", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err and err.count("\n") == 1, err
+  assert existing.read_bytes() == b"keep me"
+
+
+def test_unknown_object_names_refused_unless_allowed(run_dir, exportable):
+  thresholds.write(run_dir, dataset="unit", image_score="mean", checkpoint_step=0,
+                   model=exportable.metadata["model"], image=0.5,
+                   details={"per_category": {"unit": {"bottle": {"image": 0.4,
+                                                                 "pixel": None}}}})
+  try:
+    with pytest.raises(export.ExportError, match=r"\['botle'\] not among the categories"):
+      export.build(run_dir, ["botle"])
+    exp = export.build(run_dir, ["bottle", "screw"], allow_new_objects=True)
+    assert exp.metadata["threshold_sources"] == ["category:unit/bottle", "top-level"]
+  finally:
+    (run_dir / thresholds.FILE_NAME).unlink()

@@ -28,7 +28,8 @@ from converters import dinov3
 
 def paused(self, *a, **k):
   print("READY", flush=True)
-  time.sleep(120)
+  while True:           # until the test's signal, however loaded the machine
+    time.sleep(3600)
 ocp.StandardCheckpointer.save = paused
 sys.exit(dinov3.main(["--src", sys.argv[1], "--dst", sys.argv[2]]))
 """
@@ -43,27 +44,40 @@ def paused(record):
   seen.append(record)
   if len(seen) == 2:  # TFDS's incomplete.* folder exists by now
     print("READY", flush=True)
-    time.sleep(120)
+    while True:         # until the test's signal, however loaded the machine
+      time.sleep(3600)
   return real(record)
 builders._encode_record = paused
 data.prepare("folder", manual_dir=sys.argv[1], data_dir=sys.argv[2])
 """
 
 
+# Only a hung child hits these; a loaded machine (imports of JAX and torch
+# taking minutes) does not: the test waits for the child's READY marker, not
+# for a fixed start-up time, and the child waits for the signal.
+HUNG_S = 900
+
+
 def _run_until_paused(code, *args):
+  import threading
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  for line in p.stdout:
-    if line.strip() == "READY":
-      return p
+  watchdog = threading.Timer(HUNG_S, p.kill)
+  watchdog.start()
+  try:
+    for line in p.stdout:
+      if line.strip() == "READY":
+        return p
+  finally:
+    watchdog.cancel()
   p.wait()
   raise AssertionError(f"child ended before pausing: {p.stderr.read()[-2000:]}")
 
 
 def _end(p, sig):
   p.send_signal(sig)
-  _, err = p.communicate(timeout=60)
+  _, err = p.communicate(timeout=HUNG_S)
   expected = {signal.SIGINT: -signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM,
               signal.SIGKILL: -signal.SIGKILL}[sig]
   assert p.returncode in (expected, 130), err[-2000:]

@@ -138,8 +138,12 @@ def test_another_evaluation_writes_beside_earlier_results(trained):
   again.eval.image_score = "max"            # another evaluation setting
   experiment.run(again, str(work))
   assert json.loads((work / "results" / "family_b.json").read_text()) == first
-  beside = [p for p in (work / "results").glob("family_b@*.json")]
+  beside = [p for p in (work / "results").glob("family_b@*.json")
+            if not p.name.endswith(".thresholds.json")]
   assert len(beside) == 1
+  # Its thresholds go beside its results too (image_score=max thresholds).
+  own = json.loads(beside[0].with_suffix(".thresholds.json").read_text())
+  assert own["image_score"] == "max"
   stored = json.loads(beside[0].read_text())["identity"]
   assert stored["eval"]["image_score"] == "max"
   assert stored["head"] == first["identity"]["head"]

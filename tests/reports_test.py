@@ -32,7 +32,10 @@ def test_summary_mean_ignores_missing():
 
 def test_console_table_is_aligned_percentages():
   table = reports.console_table(RESULTS)
-  lines = [l for l in table.splitlines() if not set(l) <= {"-"}]
+  # The mean row says over how many categories it averages, and why.
+  assert table.splitlines()[-1] == (
+      "pixel metrics: mean over 2 of 3 categories (cable has no defect masks)")
+  lines = [l for l in table.splitlines()[:-1] if not set(l) <= {"-"}]
   assert lines[0].split() == ["category", "I-AUROC", "P-AUROC", "AUPRO",
                               "AUPRO-zsad"]
   assert lines[1].split() == ["bottle", "91.2", "80.0", "n/a", "50.0"]
@@ -45,7 +48,11 @@ def test_markdown_table():
   assert md[0] == "| category | I-AUROC | P-AUROC | AUPRO | AUPRO-zsad |"
   assert md[1] == "|:---|---:|---:|---:|---:|"
   assert md[3] == "| cable | 70.0 | n/a | n/a | 25.0 |"
-  assert md[-1] == "| **mean** | **64.9** | **70.0** | **n/a** | **29.2** |"
+  assert md[-3] == "| **mean** | **64.9** | **70.0** | **n/a** | **29.2** |"
+  assert md[-1] == "mean: pixel metrics: mean over 2 of 3 categories (cable has no defect masks)"
+  full = {k: dict(v, pixel_auroc=0.5) for k, v in RESULTS.items()}
+  assert "mean_note" not in reports.summarize(full)
+  assert reports.markdown_table(full).splitlines()[-1].startswith("| **mean**")
 
 
 def test_write_reports_round_trips(tmp_path):
@@ -55,6 +62,8 @@ def test_write_reports_round_trips(tmp_path):
       "mvtec.csv", "mvtec.json", "mvtec.md"]
   want = reports.summarize(RESULTS)
   assert reports.read_json(tmp_path / "out" / "mvtec.json") == want
+  assert want["mean_note"].startswith("pixel metrics: mean over 2 of 3")
+  del want["mean_note"]          # the CSV holds the numbers only
   assert reports.read_csv(tmp_path / "out" / "mvtec.csv") == want
   with open(tmp_path / "out" / "mvtec.csv", newline="") as f:
     rows = list(csv.reader(f))

@@ -163,3 +163,20 @@ def test_contour_and_overlay_match_brute_force(tmp_path):
   # A mask at map resolution is drawn on a larger image.
   big = np.zeros((40, 48, 3), np.uint8)
   assert overlays.draw_contour(big, mask).shape == (40, 48, 3)
+
+
+def test_resolve_one_rule_for_every_decision_path():
+  rec = {"image_threshold": 0.3, "pixel_threshold": 0.6,
+         "details": {"per_category": {"a": {"chip": {"image": 0.0, "pixel": None},
+                                            "nut": {"image": None, "pixel": 0.2}},
+                                      "b": {"chip": {"image": 0.9, "pixel": 0.7}}}}}
+  # A category's own threshold (0.0 is a threshold); the first data set that has
+  # a value wins, per threshold.
+  assert thresholds.resolve(rec, "chip") == (0.0, 0.7, "category:a/chip")
+  assert thresholds.resolve(rec, "nut") == (0.3, 0.2, "top-level")
+  assert thresholds.resolve(rec, "bracket") == (0.3, 0.6, "top-level")
+  assert thresholds.resolve(rec, "chip", 0.5) == (0.5, 0.7, "predict.threshold")
+  assert thresholds.resolve(rec, "chip", -1.0).source == "category:a/chip"
+  assert thresholds.resolve(None, "chip") == (None, None, "none")
+  assert thresholds.resolve(None, "chip", 0.4) == (0.4, None, "predict.threshold")
+  assert thresholds.resolve(dict(rec, image_threshold=None), "bracket").source == "none"

@@ -112,22 +112,26 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self, records):
     categories = sorted({r.category for r in records})
     cat_index = {c: i for i, c in enumerate(categories)}
-    ex_cat, ex_label, skipped = [], [], []
+    ex_cat, ex_label, skipped, bad = [], [], [], []
     for r in records:
       try:
         ex = _encode_record(r)
       except _Unreadable as e:
         if not self._skip_bad_files:
-          raise layouts.DataError(
-              f"{e} (pass skip_bad_files to skip unreadable files with a "
-              "warning)") from e.__cause__
+          bad.append(str(e))        # every one is named, not only the first
+          continue
         skipped.append([r.path, str(e)])
         log.warning("skipping %s", e)
         continue
+      if bad:
+        continue                    # failing anyway: only look for more bad files
       key = len(ex_cat)
       ex_cat.append(cat_index[r.category])
       ex_label.append(r.label)
       yield key, ex
+    if bad:
+      raise layouts.DataError(unreadable_message(self.name, bad) +
+                              " (pass skip_bad_files to skip them with a warning)")
     if skipped:
       log.warning("%s: skipped %d unreadable file(s) of %d", self.name,
                   len(skipped), len(records))
@@ -139,6 +143,18 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     })
 
 
+def unreadable_message(name: str, bad: list[str], shown: int = 3) -> str:
+  """`N unreadable files: first; second; third; ... (all N in FILE)` - the
+  full list goes to a file in the temporary folder."""
+  import tempfile
+  fd, listing = tempfile.mkstemp(prefix=f"adjax-unreadable-{name}-", suffix=".txt")
+  with os.fdopen(fd, "w") as f:
+    f.write("".join(line + "\n" for line in bad))
+  more = f"; ... (all {len(bad)} listed in {listing})" if len(bad) > shown else (
+      f" (listed in {listing})")
+  return f"{name}: {len(bad)} unreadable files: {'; '.join(bad[:shown])}{more}"
+
+
 class _Unreadable(Exception):
   pass
 
@@ -148,10 +164,12 @@ def _encode_record(r: layouts.Record) -> dict:
   try:
     data = r.image.read_bytes()
     img = images.open_image(data)
+    turned = images.upright(img)      # EXIF orientation: stored as seen
   except Exception as e:
-    raise _Unreadable(f"unreadable image {r.image}: {type(e).__name__}: {e}") from e
-  w, h = img.size
-  if img.format not in _KEEP_FORMATS:
+    raise _Unreadable(f"unreadable image {r.image}: {images.describe_error(e)}") from e
+  w, h = turned.size
+  if img.format not in _KEEP_FORMATS or turned is not img:
+    img = turned
     if img.mode not in ("1", "L", "P", "RGB", "RGBA", "I", "I;16", "LA"):
       img = img.convert("RGB")
     buf = io.BytesIO()
@@ -163,7 +181,7 @@ def _encode_record(r: layouts.Record) -> dict:
     try:
       m = images.mask_to_l(images.open_image(r.mask))
     except Exception as e:
-      raise _Unreadable(f"unreadable mask {r.mask}: {type(e).__name__}: {e}") from e
+      raise _Unreadable(f"unreadable mask {r.mask}: {images.describe_error(e)}") from e
     if m.size != (w, h):
       raise layouts.DataError(
           f"mask {r.mask} is {m.size[0]}x{m.size[1]} but its image {r.image} "

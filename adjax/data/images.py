@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -37,6 +38,21 @@ def open_image(data: bytes | str | os.PathLike) -> Image.Image:
   img = Image.open(f)
   img.load()
   return img
+
+
+def upright(img: Image.Image) -> Image.Image:
+  """The image as it is meant to be seen: its EXIF orientation applied (a
+  portrait photo stored landscape with an orientation tag comes out
+  portrait). Returns `img` itself when there is nothing to turn."""
+  from PIL import ImageOps
+  try:
+    orientation = img.getexif().get(0x0112, 1)
+  except Exception:   # a broken EXIF block: the pixels as stored
+    return img
+  if orientation in (None, 1):
+    return img
+  turned = ImageOps.exif_transpose(img)
+  return img if turned is None else turned
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -124,13 +140,34 @@ def zero_mask_png(width: int, height: int) -> bytes:
 # Prediction: a plain folder or glob of images.
 
 
-def read_image_folder(
-    folder_or_glob: str | os.PathLike,
-) -> tuple[list[str], list[tuple[str, str]]]:
-  """Lists the images of a folder (recursively) or a glob pattern.
+def _walk_images(root: str) -> list[str]:
+  """Image files below `root`, following symlinked folders; a folder reached
+  twice (a link loop or two links to one place) is read once."""
+  seen: set[str] = set()
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    dirnames.sort()
+    found += [os.path.join(dirpath, f) for f in filenames
+              if is_image_file(f) and os.path.isfile(os.path.join(dirpath, f))]
+  return found
 
-  Every candidate is opened and decoded once, so a file that cannot be used
-  is known before prediction starts.
+
+def read_image_folder(
+    folder_or_glob: str | os.PathLike, *, exclude: Sequence[str | os.PathLike] = (),
+    excluded: list[str] | None = None,
+) -> tuple[list[str], list[tuple[str, str]]]:
+  """Lists the images of a folder (recursively, following symlinked folders
+  with a guard against loops) or a glob pattern.
+
+  Files under a folder of `exclude` (e.g. the run's workdir, where its own
+  outputs are) are left out, and appended to `excluded` when given. Every
+  candidate is opened and decoded once, so a file that cannot be used is
+  known before prediction starts.
 
   Returns:
     (paths, unreadable): sorted readable image paths, and (path, reason) for
@@ -141,17 +178,27 @@ def read_image_folder(
   """
   spec = os.fspath(folder_or_glob)
   if os.path.isdir(spec):
-    candidates = [str(p) for p in Path(spec).rglob("*")
-                  if p.is_file() and is_image_file(p)]
+    candidates = _walk_images(spec)
   elif os.path.isfile(spec):
     candidates = [spec]
   else:
     candidates = [p for p in glob.glob(spec, recursive=True)
                   if os.path.isfile(p) and is_image_file(p)]
+  roots = [os.path.realpath(e) for e in exclude if e]
+  inside: list[str] = []
+  if roots:
+    inside = [p for p in candidates
+              if any(os.path.commonpath([os.path.realpath(p), r]) == r for r in roots)]
+    if inside:
+      candidates = [p for p in candidates if p not in set(inside)]
+      if excluded is not None:
+        excluded.extend(sorted(inside))
   if not candidates:
     raise FileNotFoundError(
         f"no images found at {spec!r} (a folder is searched recursively for "
-        f"{', '.join(IMAGE_EXTENSIONS)}; a glob pattern is matched as given)")
+        f"{', '.join(IMAGE_EXTENSIONS)}; a glob pattern is matched as given"
+        + (f"; {len(inside)} files under the workdir are never inputs"
+           if inside else "") + ")")
   ok, bad = [], []
   for p in sorted(candidates):
     try:
@@ -159,8 +206,16 @@ def read_image_folder(
         img.load()
       ok.append(p)
     except Exception as e:  # PIL raises many kinds; every one means unusable.
-      bad.append((p, f"{type(e).__name__}: {e}"))
+      bad.append((p, describe_error(e)))
   return ok, bad
+
+
+def describe_error(e: BaseException) -> str:
+  """`Kind: message` without object reprs (PIL names the BytesIO it was given:
+  `cannot identify image file <_io.BytesIO object at 0x...>`)."""
+  text = re.sub(r"\s*<[_\w.]+ object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+  text = text.replace("cannot identify image file", "not a known image format")
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def load_for_prediction(path: str, size: int) -> dict:
@@ -168,13 +223,14 @@ def load_for_prediction(path: str, size: int) -> dict:
   try:
     with Image.open(path) as img:
       img.load()
+      img = upright(img)
       w, h = img.size
       image = preprocess_image(img, size)
     error = ""
   except Exception as e:
     image = np.zeros((size, size, 3), np.uint8)
     w = h = 0
-    error = f"{type(e).__name__}: {e}"
+    error = describe_error(e)
   return {"image": image, "orig_size": np.array([h, w], np.int32),
           "valid": np.bool_(not error), "path": path, "error": error}
 

@@ -1,0 +1,111 @@
+"""Checkpoints are checked on restore: a damaged newest step is reported in
+one line and the newest intact one is used; none intact is one line naming
+the folder."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from adjax import checkpointing
+
+
+def _state(seed):
+  rng = np.random.default_rng(seed)
+  return {"params": {"a": {"kernel": rng.normal(size=(64, 32)).astype(np.float32)},
+                     "b": {"bias": rng.normal(size=(32,)).astype(np.float32)}},
+          "opt_state": {"mu": rng.normal(size=(64, 32)).astype(np.float32)},
+          "step": np.asarray(seed, np.int32)}
+
+
+def _abstract(state):
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), state)
+
+
+def _save(workdir, steps=(1, 2)):
+  ck = checkpointing.RunCheckpoints(workdir, keep=5)
+  for s in steps:
+    ck.save(s, _state(s), {"epoch": s}, {"k": s})
+  ck.close()
+
+
+def _data_files(workdir, step):
+  """The checkpoint's array files (largest first), not its metadata."""
+  root = workdir / "checkpoints" / str(step) / "state"
+  files = [p for p in root.rglob("*") if p.is_file() and "metadata" not in p.name
+           and not p.name.startswith("_")]
+  return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def _truncate(workdir, step):
+  for f in _data_files(workdir, step)[:1]:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip_bit(workdir, step, which):
+  f = _data_files(workdir, step)[0]
+  data = bytearray(f.read_bytes())
+  pos = (len(data) * which) // 7 + 13
+  data[pos] ^= 1 << (which % 8)
+  f.write_bytes(bytes(data))
+
+
+def _restore(workdir):
+  ck = checkpointing.RunCheckpoints(workdir, keep=5)
+  try:
+    return ck.restore_newest(_abstract(_state(0)))
+  finally:
+    ck.close()
+
+
+def _head(workdir):
+  ck = checkpointing.RunCheckpoints(workdir, keep=5)
+  try:
+    return ck.restore_head(_abstract(_state(0)["params"]))
+  finally:
+    ck.close()
+
+
+def _same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_intact_restores_and_digest_recorded(tmp_path):
+  _save(tmp_path)
+  step, state, data = _restore(tmp_path)
+  assert step == 2 and data == {"epoch": 2}
+  _same(state, _state(2))
+  digest = (tmp_path / "data_state" / "step_2" / checkpointing.DIGEST_FILE).read_text()
+  assert checkpointing.state_digests(_state(2))["params"] in digest
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip0", "flip3", "flip5"])
+def test_damaged_newest_falls_back_to_previous(tmp_path, capsys, damage):
+  _save(tmp_path)
+  if damage == "truncate":
+    _truncate(tmp_path, 2)
+  else:
+    _flip_bit(tmp_path, 2, int(damage[-1]))
+  step, state, _ = _restore(tmp_path)
+  err = capsys.readouterr().err
+  assert step == 1, err
+  _same(state, _state(1))
+  assert "checkpoint step 2" in err and "damaged" in err and "using checkpoint step 1" in err
+  assert all(len(line) < 600 for line in err.splitlines())
+  params, step = _head(tmp_path)
+  assert step == 1
+  _same(params, _state(1)["params"])
+
+
+def test_all_damaged_is_one_line_naming_the_folder(tmp_path):
+  _save(tmp_path)
+  _truncate(tmp_path, 1)
+  _flip_bit(tmp_path, 2, 2)
+  with pytest.raises(checkpointing.CheckpointDamagedError) as e:
+    _restore(tmp_path)
+  assert "\n" not in str(e.value) and str(tmp_path / "checkpoints") in str(e.value)
+  with pytest.raises(checkpointing.CheckpointDamagedError):
+    _head(tmp_path)
