@@ -216,7 +216,7 @@ class RunCheckpoints:
 
   def _load_head(self, step: int, abstract_params):
     whole = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(self._local_target(step))))["state"]
     recorded = self._recorded(step)
     if recorded is not None:
       # The whole step is checked: a step with damaged optimiser state is
@@ -245,6 +245,21 @@ class RunCheckpoints:
       leaves.append(jax.device_put(jax.numpy.asarray(node, want.dtype),
                                    getattr(want, "sharding", None)))
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def _local_target(self, step: int):
+    """A restore target for every saved array on this process's first device.
+
+    Orbax restores without a target only onto the device layout it saved
+    with; a head trained on 8 devices (or processes) must load in a process
+    with 1, so each array is read whole onto one local device and placed
+    afterwards.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = self.manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta)
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 
   def close(self) -> None:
     self.manager.close()
