@@ -255,7 +255,8 @@ class RunCheckpoints:
     afterwards.
     """
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    meta = self.manager.item_metadata(step)["state"]
+    meta = ocp.StandardCheckpointer().metadata(self.dir / str(step) / "state")
+    meta = getattr(meta, "item_metadata", meta)
     tree = getattr(meta, "tree", meta)
     return jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree,

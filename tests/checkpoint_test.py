@@ -111,7 +111,7 @@ def test_all_damaged_is_one_line_naming_the_folder(tmp_path):
     _head(tmp_path)
 
 
-_SAVE_ON_TWO_DEVICES = """
+_SAVE_ON_16_DEVICES = """
 import sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -123,24 +123,24 @@ state = {"params": {"a": {"kernel": put(rng.normal(size=(64, 32)).astype(np.floa
                     "b": {"bias": put(rng.normal(size=(32,)).astype(np.float32))}},
          "opt_state": {"mu": put(rng.normal(size=(64, 32)).astype(np.float32))},
          "step": np.asarray(3, np.int32)}
-assert len(jax.devices()) == 2
+assert len(jax.devices()) == 16
 ck = checkpointing.RunCheckpoints(__import__("pathlib").Path(sys.argv[1]), keep=5)
 ck.save(3, state, {"epoch": 3}, {"k": 3})
 ck.close()
 """
 
 
-def test_head_trained_on_two_devices_loads_on_one(tmp_path):
-  """A head saved from a 2-device run loads in a process with another device
+def test_head_trained_on_more_devices_loads_here(tmp_path):
+  """A head saved from a 16-device run loads in a process with another device
   count (Orbax alone refuses a target-less restore on another layout)."""
   import os
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16",
              JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", _SAVE_ON_TWO_DEVICES, str(tmp_path)], env=env,
+  subprocess.run([sys.executable, "-c", _SAVE_ON_16_DEVICES, str(tmp_path)], env=env,
                  check=True, cwd=Path(__file__).resolve().parents[1])
-  assert len(jax.devices()) != 2      # the tests run on 8 fake devices
+  assert len(jax.devices()) < 16      # the tests run on 8 fake devices
   params, step = _head(tmp_path)
   assert step == 3
   want = _state(3)["params"]
