@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from adjax import atomic
 from adjax.errors import UserError
+from adjax.workdir import Workdir
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -85,9 +86,10 @@ def _say(message: str) -> None:
 
 class RunCheckpoints:
 
-  def __init__(self, workdir: Path, keep: int = 2):
-    self.dir = (workdir / "checkpoints").absolute()
-    self.data_dir = (workdir / "data_state").absolute()
+  def __init__(self, workdir: Path | Workdir, keep: int = 2):
+    run = Workdir(workdir)
+    self.dir = run.checkpoints.absolute()
+    self.data_dir = run.data_state.absolute()
     self.damaged: list[int] = []     # newer steps the last restore skipped
     self.manager = ocp.CheckpointManager(
         self.dir, options=ocp.CheckpointManagerOptions(
@@ -289,7 +291,7 @@ def restore_head_params(abstract_params, *sources: Path | None, keep: int = 2):
       continue
     source = Path(source)
     tried.append(str(source))
-    if not (source / "checkpoints").is_dir():
+    if not Workdir(source).checkpoints.is_dir():
       continue
     ckpts = RunCheckpoints(source, keep)
     try:

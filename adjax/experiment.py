@@ -13,6 +13,7 @@ import jax
 
 from adjax import atomic, checkpointing, config_check, identity, sharding, targets
 from adjax import towers as towers_lib
+from adjax.workdir import Workdir
 from adjax.workdir_lock import WorkdirLock
 
 def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
@@ -38,13 +39,9 @@ def trained_params(cfg, workdir: Path, towers, mesh):
 
 
 def _has_checkpoints(workdir: Path) -> bool:
-  ckpt = workdir / "checkpoints"
-  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
-
-
-def _results_complete(workdir: Path) -> bool:
-  results = workdir / "results"
-  return results.is_dir() and any(results.glob("*.json"))
+  # Transitional: adjax.detector still calls this; it goes once that module
+  # asks Workdir(workdir).has_checkpoints() itself.
+  return Workdir(workdir).has_checkpoints()
 
 
 def run(cfg, workdir_flag: str | None = None) -> dict:
@@ -62,7 +59,7 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
     raise config_check.ConfigError(
         f"--workdir {workdir}: is a file, not a folder; pass a folder (it is created "
         "when missing)")
-  if cfg.mode != "train" and not cfg.init_from and not _has_checkpoints(workdir):
+  if cfg.mode != "train" and not cfg.init_from and not Workdir(workdir).has_checkpoints():
     raise config_check.ConfigError(
         f"mode={cfg.mode}: {workdir} holds no trained checkpoint; pass the trained "
         "run's --workdir, or --config.init_from=<trained workdir>")
@@ -75,13 +72,13 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
 
 
 def _run(cfg, workdir: Path, main_process: bool) -> dict:
+  wd = Workdir(workdir)
   if main_process:
     print(f"workdir: {workdir}", flush=True)
     if cfg.mode == "train":
-      identity.check_training(cfg, workdir, resuming=_has_checkpoints(workdir))
+      identity.check_training(cfg, workdir, resuming=wd.has_checkpoints())
     # The training config stays in config.json; other modes keep their own.
-    name = "config.json" if cfg.mode == "train" else f"config_{cfg.mode}.json"
-    atomic.write_text(workdir / name, cfg.to_json_best_effort(indent=2))
+    atomic.write_text(wd.mode_config(cfg.mode), cfg.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   if cfg.data.demo.root:
     _ensure_demo_data(cfg.data.demo)
@@ -100,7 +97,7 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
     state, steps_run = train.train(cfg, workdir, towers, mesh, handle)
     if not cfg.eval.enabled:
       return {"state": state}
-    if steps_run == 0 and _results_complete(workdir) and not cfg.eval.force:
+    if steps_run == 0 and wd.results_complete() and not cfg.eval.force:
       if main_process:
         print(f"{workdir} is already trained and evaluated (results/); pass "
               "--config.eval.force=True to evaluate it again")

@@ -45,6 +45,7 @@ import numpy as np
 
 from adjax import errors
 from adjax.errors import UserError
+from adjax.workdir import Workdir
 
 # transformers announces at import that PyTorch is absent (it is optional).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -117,8 +118,8 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
       raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
     cfg.backbone.dtype = dtype
   size = int(image_size or cfg.image_size)
-  source = workdir if (workdir / "checkpoints").is_dir() else (
-      Path(cfg.init_from) if cfg.init_from and (Path(cfg.init_from) / "checkpoints").is_dir()
+  source = workdir if Workdir(workdir).checkpoints.is_dir() else (
+      Path(cfg.init_from) if cfg.init_from and Workdir(cfg.init_from).checkpoints.is_dir()
       else None)
   step = None
   if source is not None:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from adjax import atomic
 from adjax.errors import UserError
-
-IDENTITY_FILE = "run_identity.json"
+from adjax.workdir import Workdir
 
 # Fields that cannot change what training computes: logging and checkpoint
 # cadence, evaluation and prediction settings, where data and caches live,
@@ -80,7 +79,7 @@ def _differences(stored: dict, now: dict) -> list[str]:
 
 
 def read(workdir: Path) -> dict | None:
-  path = Path(workdir) / IDENTITY_FILE
+  path = Workdir(workdir).identity
   if not path.exists():
     return None
   try:
@@ -96,7 +95,7 @@ def check_training(cfg, workdir: Path, *, resuming: bool) -> None:
   now = training_fields(cfg)
   stored = read(workdir)
   if stored is None or not resuming:
-    atomic.write_text(Path(workdir) / IDENTITY_FILE,
+    atomic.write_text(Workdir(workdir).identity,
                       json.dumps({"training": now}, indent=2, sort_keys=True))
     return
   diffs = _differences(stored.get("training", {}), now)

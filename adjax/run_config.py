@@ -21,6 +21,7 @@ import ml_collections
 
 from adjax import config_defaults
 from adjax.errors import UserError
+from adjax.workdir import Workdir
 
 
 class RunConfigError(UserError, ValueError):
@@ -41,7 +42,7 @@ def from_file(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Config
 
 def from_workdir(workdir: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The training config a run stored in `<workdir>/config.json`, over the defaults."""
-  path = Path(workdir) / "config.json"
+  path = Workdir(workdir).config
   if not path.is_file():
     raise RunConfigError(
         f"{path}: no such file; pass the training config with --config "

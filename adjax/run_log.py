@@ -18,8 +18,7 @@ from pathlib import Path
 import jax
 
 from adjax import atomic
-
-METRICS_FILE = "metrics.jsonl"
+from adjax.workdir import Workdir
 
 
 def truncate_metrics(path: str | Path, step: int) -> int:
@@ -62,12 +61,13 @@ class RunLog:
     self._jsonl = self._tb = self._bar = None
     if not self.enabled:
       return
-    workdir.mkdir(parents=True, exist_ok=True)
-    truncate_metrics(workdir / METRICS_FILE, initial_step)
-    self._jsonl = open(workdir / METRICS_FILE, "a")
+    run = Workdir(workdir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    truncate_metrics(run.metrics, initial_step)
+    self._jsonl = open(run.metrics, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = SummaryWriter(str(run.tensorboard))
     except ImportError:  # optional: metrics.jsonl still has everything
       self._tb = None
     self.total_steps = total_steps

@@ -27,9 +27,12 @@ import numpy as np
 
 from adjax import atomic
 from adjax.errors import UserError
+from adjax.workdir import THRESHOLDS_FILE, Workdir
 
 FORMAT_VERSION = 1
-FILE_NAME = "thresholds.json"
+# Transitional alias: adjax.evaluate and adjax.detector still join it to a
+# workdir; it goes once they ask Workdir(workdir).thresholds.
+FILE_NAME = THRESHOLDS_FILE
 
 
 class ThresholdError(UserError, ValueError):
@@ -190,10 +193,11 @@ def model_identity(*, backbone_id: str, text_id: str, layers, image_size: int,
 def write(path: str | Path, *, dataset: str, image_score: str, checkpoint_step: int,
           model: Mapping[str, Any], image: float | None = None, pixel: float | None = None,
           method: str = "f1", details: Mapping[str, Any] | None = None) -> Path:
-  """Writes `thresholds.json` atomically (a directory gets FILE_NAME inside)."""
+  """Writes `thresholds.json` atomically (a workdir gets its deployment
+  thresholds, `Workdir.thresholds`)."""
   path = Path(path)
   if path.is_dir():
-    path = path / FILE_NAME
+    path = Workdir(path).thresholds
   if image is None and pixel is None:
     raise ValueError("nothing to write: give an image and/or a pixel threshold")
   record = {"format_version": FORMAT_VERSION, "dataset": str(dataset),
@@ -213,7 +217,7 @@ _REQUIRED = ("format_version", "dataset", "image_score", "checkpoint_step", "mod
 def read(path: str | Path) -> dict[str, Any]:
   path = Path(path)
   if path.is_dir():
-    path = path / FILE_NAME
+    path = Workdir(path).thresholds
   try:
     record = json.loads(path.read_text())
   except FileNotFoundError:
@@ -235,8 +239,8 @@ def deployment_path(workdir: str | Path, init_from: str | Path | None = None) ->
   else (a run started with `init_from`) the trained run's own; None when
   neither exists. The caller `check`s it against the model as any other."""
   for d in (workdir, init_from):
-    if d and (Path(d) / FILE_NAME).is_file():
-      return Path(d) / FILE_NAME
+    if d and Workdir(d).thresholds.is_file():
+      return Workdir(d).thresholds
   return None
 
 
@@ -290,7 +294,7 @@ def resolve(record: Mapping[str, Any] | None, object_name: str,
 def check(record: Mapping[str, Any], *, image_score: str, model: Mapping[str, Any],
           checkpoint_step: int | None = None) -> None:
   """Refuses thresholds made for another model, image-score mode or checkpoint."""
-  where = record.get("_path", FILE_NAME)
+  where = record.get("_path", THRESHOLDS_FILE)
   if record["image_score"] != image_score:
     raise ThresholdError(
         f"{where}: its thresholds were chosen for eval.image_score={record['image_score']!r}"

@@ -19,6 +19,7 @@ from flax import nnx
 from adjax import prompts
 from adjax.model import ADModel, Behaviour
 from adjax.models import backbones, clip_text
+from adjax.workdir import Workdir
 
 
 @dataclasses.dataclass
@@ -102,7 +103,7 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
     if activation:
       config = dataclasses.replace(config, activation=activation)
     model = clip_text.init_random(config, seed=cfg.seed)
-    tok_dir = workdir / "tokenizer"
+    tok_dir = Workdir(workdir).tokenizer
     if not (tok_dir / "vocab.json").exists():
       clip_text.write_byte_level_tokenizer(tok_dir)
     tokenizer = clip_text.load_tokenizer(tok_dir)
@@ -110,7 +111,7 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
     path = _converted(cfg.text.checkpoint, "text", "clip_text", "<CLIP checkpoint>")
     model = clip_text.load(path, activation=activation or None)
     tokenizer = clip_text.load_tokenizer(path)
-  cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else workdir / "text_cache"
+  cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else Workdir(workdir).text_cache
   # model_id: the checkpoint's source and tokenizer hashes, or the random
   # init's config and seed (the text cache's key).
   return TextEmbedder(model, tokenizer, model.model_id, cache_dir,

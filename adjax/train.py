@@ -19,6 +19,7 @@ from flax import nnx
 
 from adjax import checkpointing, features, run_log, sharding, steps, targets
 from adjax.errors import UserError
+from adjax.workdir import Workdir
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -143,7 +144,8 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
 def _make_cache(cfg, workdir: Path, towers, model, handle):
   if cfg.feature_cache == "none":
     return None
-  directory = Path(cfg.feature_cache_dir) if cfg.feature_cache_dir else workdir / "feature_cache"
+  directory = (Path(cfg.feature_cache_dir) if cfg.feature_cache_dir
+               else Workdir(workdir).feature_cache)
   return features.open_cache(cfg.feature_cache, directory, towers.backbone_id, model, handle,
                              dtype=cfg.feature_cache_dtype,
                              backbone_dtype=cfg.backbone.dtype)

@@ -30,8 +30,7 @@ from pathlib import Path
 
 from adjax import processes
 from adjax.errors import UserError
-
-LOCK_NAME = ".adjax.lock"
+from adjax.workdir import Workdir
 
 
 class WorkdirBusyError(UserError):
@@ -48,7 +47,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str | os.PathLike, *, is_primary: bool = True,
                log=print):
-    self.path = Path(workdir) / LOCK_NAME
+    self.path = Workdir(workdir).lock
     self.is_primary = is_primary
     self._log = log
     self._info: dict | None = None
@@ -136,7 +135,7 @@ class WorkdirLock:
     # Rename first, then check that what was moved is the stale lock: a
     # racing run may have taken over and written its own lock in between,
     # which is then put back (link fails if yet another lock appeared).
-    claimed = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+    claimed = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
     try:
       os.replace(self.path, claimed)
     except FileNotFoundError:

@@ -38,6 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from adjax import errors
+from adjax.workdir import Workdir
 from converters.common import (ConversionError, Rule, apply_rules, linear_kernel,
                                sha256_file)
 
@@ -158,10 +159,11 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
       ckpts.save(IMPORT_STEP, jax.device_get(state), {}, config_json)
     finally:
       ckpts.close()
-    (tmp / "config.json").write_text(cfg.to_json_best_effort(indent=2))
-    (tmp / "imported_from.json").write_text(json.dumps(summary, indent=2))
+    run = Workdir(tmp)        # the workdir, built under a temporary name
+    run.config.write_text(cfg.to_json_best_effort(indent=2))
+    run.imported_from.write_text(json.dumps(summary, indent=2))
     # The model the head belongs to: evaluating it under another is refused.
-    (tmp / identity.IDENTITY_FILE).write_text(
+    run.identity.write_text(
         json.dumps({"training": identity.training_fields(cfg)}, indent=2, sort_keys=True))
   return summary
 

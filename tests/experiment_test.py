@@ -25,6 +25,7 @@ from PIL import Image
 
 from adjax import config_check, experiment
 from adjax.data import synthetic
+from adjax.workdir import THRESHOLDS_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -319,7 +320,7 @@ def test_thresholds_calibration_decisions_and_gallery(trained, tmp_path):
   other.eval.image_score = "max" if cfg.eval.image_score != "max" else "global"
   with pytest.raises(thresholds.ThresholdError, match="eval.image_score"):
     experiment.run(other, str(workdir))
-  (workdir / thresholds.FILE_NAME).unlink()      # leave the fixture as evaluation left it
+  (workdir / THRESHOLDS_FILE).unlink()      # leave the fixture as evaluation left it
 
 
 def test_thresholds_stay_put_unless_chosen(trained, tmp_path):
@@ -329,7 +330,7 @@ def test_thresholds_stay_put_unless_chosen(trained, tmp_path):
   run's thresholds."""
   from adjax import thresholds
   cfg, workdir, _ = trained
-  deploy = workdir / thresholds.FILE_NAME
+  deploy = workdir / THRESHOLDS_FILE
   own = thresholds.read(workdir / "results" / "family_b.thresholds.json")
   assert sorted(own["details"]["per_category"]["family_b"]) == ["chip", "mesh", "nut", "tile"]
   base = cfg.copy_and_resolve_references()

@@ -27,6 +27,7 @@ from adjax import export, steps, thresholds
 from adjax import towers as towers_lib
 from adjax.data import images as data_images
 from adjax.models import dinov3
+from adjax.workdir import THRESHOLDS_FILE
 from converters import head as head_converter
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -197,7 +198,7 @@ def test_decision_output_from_thresholds_json(run_dir, exportable, tmp_path):
     with pytest.raises(export.ExportError, match="another model .*head_sha256"):
       export.build(run_dir, NAMES)
   finally:
-    (run_dir / thresholds.FILE_NAME).unlink()
+    (run_dir / THRESHOLDS_FILE).unlink()
 
 
 def _nothing_written(tmp_path):
@@ -297,7 +298,7 @@ def test_export_decides_as_predict(run_dir, exportable, tmp_path):
       assert {r["threshold_source"] for r in rows.values()} == {
           meta["threshold_sources"][k]}
   finally:
-    (run_dir / thresholds.FILE_NAME).unlink()
+    (run_dir / THRESHOLDS_FILE).unlink()
 
 
 def test_out_refused_unless_new_or_overwrite(run_dir, tmp_path, capsys):
@@ -326,4 +327,4 @@ def test_unknown_object_names_refused_unless_allowed(run_dir, exportable):
     exp = export.build(run_dir, ["bottle", "screw"], allow_new_objects=True)
     assert exp.metadata["threshold_sources"] == ["category:unit/bottle", "top-level"]
   finally:
-    (run_dir / thresholds.FILE_NAME).unlink()
+    (run_dir / THRESHOLDS_FILE).unlink()

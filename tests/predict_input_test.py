@@ -13,6 +13,7 @@ from PIL import Image
 from adjax import config_check, experiment, export, thresholds
 from adjax import predict as predict_lib
 from adjax.data import images as data_images
+from adjax.workdir import THRESHOLDS_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from export_test import run_dir  # noqa: E402,F401  (the fixture: a tiny imported head)
@@ -114,7 +115,7 @@ def test_object_name_required_and_unknown_name_said(home, capsys):
   said = capsys.readouterr().out
   assert out["threshold_source"] == "top-level"
   assert "'chpi' has no calibrated threshold of its own" in said and "chip" in said
-  (home / "run" / thresholds.FILE_NAME).unlink()
+  (home / "run" / THRESHOLDS_FILE).unlink()
 
 
 def test_error_text_has_no_object_reprs():

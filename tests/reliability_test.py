@@ -18,7 +18,8 @@ from PIL import Image
 
 from adjax import config_check, experiment, identity, processes
 from adjax.data import synthetic
-from adjax.workdir_lock import LOCK_NAME, WorkdirBusyError
+from adjax.workdir import LOCK_FILE
+from adjax.workdir_lock import WorkdirBusyError
 
 from experiment_test import ROOT, small_config
 
@@ -153,7 +154,7 @@ def test_another_evaluation_writes_beside_earlier_results(trained):
 def test_a_busy_workdir_is_refused(trained):
   cfg, tmp = trained
   work = tmp / "work"
-  (work / LOCK_NAME).write_text(json.dumps(
+  (work / LOCK_FILE).write_text(json.dumps(
       {"host": processes.this_host(), "pid": os.getppid(),
        "started": "now", "token": "x"}))
   try:
@@ -162,7 +163,7 @@ def test_a_busy_workdir_is_refused(trained):
     with pytest.raises(WorkdirBusyError, match=f"process {os.getppid()}"):
       experiment.run(again, str(work))
   finally:
-    (work / LOCK_NAME).unlink()
+    (work / LOCK_FILE).unlink()
 
 
 def test_changed_source_is_prepared_again(small_data, tmp_path, capsys):

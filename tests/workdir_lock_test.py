@@ -11,7 +11,8 @@ import pytest
 
 from adjax import processes
 from adjax.errors import UserError
-from adjax.workdir_lock import LOCK_NAME, WorkdirBusyError, WorkdirLock
+from adjax.workdir import LOCK_FILE
+from adjax.workdir_lock import WorkdirBusyError, WorkdirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def _dead_pid():
 
 def _write_lock(workdir, **info):
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / LOCK_NAME).write_text(json.dumps(
+  (workdir / LOCK_FILE).write_text(json.dumps(
       {"started": "2025-01-01T00:00:00+00:00", "token": "t", **info}))
 
 
@@ -64,7 +65,7 @@ def test_concurrent_runs_one_holds_other_refused(tmp_path):
   h.send_signal(signal.SIGTERM)
   h.communicate(timeout=30)
   assert h.returncode == 128 + signal.SIGTERM
-  assert not (tmp_path / LOCK_NAME).exists()
+  assert not (tmp_path / LOCK_FILE).exists()
   with WorkdirLock(tmp_path) as lock:
     assert lock.held
 
@@ -73,7 +74,7 @@ def test_stale_lock_taken_over_with_message(tmp_path, capsys):
   dead = _dead_pid()
   _write_lock(tmp_path, host=processes.this_host(), pid=dead)
   with WorkdirLock(tmp_path):
-    info = json.loads((tmp_path / LOCK_NAME).read_text())
+    info = json.loads((tmp_path / LOCK_FILE).read_text())
     assert info["pid"] == os.getpid()
   out = capsys.readouterr().out
   assert f"process {dead}" in out and "no longer runs" in out
@@ -87,8 +88,8 @@ def test_lock_from_another_host_refused_with_removal_command(tmp_path):
       pass
   assert isinstance(e.value, UserError)
   msg = str(e.value)
-  assert "elsewhere-7" in msg and f"rm '{tmp_path / LOCK_NAME}'" in msg
-  assert (tmp_path / LOCK_NAME).exists()  # not ours to remove
+  assert "elsewhere-7" in msg and f"rm '{tmp_path / LOCK_FILE}'" in msg
+  assert (tmp_path / LOCK_FILE).exists()  # not ours to remove
 
 
 def test_live_lock_on_this_host_refused(tmp_path):
@@ -102,7 +103,7 @@ def test_released_on_exception_and_sigterm_handler_restored(tmp_path):
     with WorkdirLock(tmp_path):
       assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
       raise RuntimeError("boom")
-  assert not (tmp_path / LOCK_NAME).exists()
+  assert not (tmp_path / LOCK_FILE).exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
   with WorkdirLock(tmp_path):  # and can be taken again
     pass
@@ -110,10 +111,10 @@ def test_released_on_exception_and_sigterm_handler_restored(tmp_path):
 
 def test_only_the_primary_process_locks(tmp_path):
   with WorkdirLock(tmp_path, is_primary=False) as lock:
-    assert not lock.held and not (tmp_path / LOCK_NAME).exists()
+    assert not lock.held and not (tmp_path / LOCK_FILE).exists()
 
 
 def test_unreadable_lock_refused(tmp_path):
-  (tmp_path / LOCK_NAME).write_text("not json")
+  (tmp_path / LOCK_FILE).write_text("not json")
   with pytest.raises(WorkdirBusyError, match="unreadable"):
     WorkdirLock(tmp_path).__enter__()
