@@ -152,9 +152,11 @@ class Detector:
         cfg, "copy_and_resolve_references") else cfg
     cfg.mode = "predict"
     workdir = Path(workdir) if workdir is not None else experiment.resolve_workdir(cfg, None)
-    # mode=predict's checks; the images come per call, not from predict.input.
+    # mode=predict's checks; the images and object names come per call.
     checked = cfg.copy_and_resolve_references()
     checked.predict.input = checked.predict.input or "<images given to predict()>"
+    checked.predict.object_name = (checked.predict.object_name
+                                   or "<object_name given to predict()>")
     config_check.check(checked, device_count=jax.device_count(),
                        process_count=jax.process_count())
     if jax.process_count() > 1:
