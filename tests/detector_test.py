@@ -250,6 +250,30 @@ def test_from_config_and_light_import(demo_workdir, detector, images):
   assert done.returncode == 0, done.stderr
 
 
+def test_init_from_run_decides_with_the_trained_runs_thresholds(demo_workdir, tmp_path):
+  """As mode=predict: a workdir started with init_from and no thresholds.json
+  of its own decides with the trained run's (checked against the head)."""
+  cfg, workdir, _ = demo_workdir
+  cfg = cfg.copy_and_resolve_references()
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  cfg.workdir = str(fresh)
+  cfg.init_from = str(workdir)
+  det = Detector.from_config(cfg)
+  assert det.thresholds_path == workdir / thresholds.FILE_NAME
+  want = thresholds.resolve(thresholds.read(workdir), "tile")
+  assert det.thresholds_for("tile") == want and want.source == "category:family_b/tile"
+  pred = det.predict(np.zeros((20, 30, 3), np.uint8), object_name="tile")
+  assert pred.thresholds[0] == (want.image, want.pixel)
+  # Its own thresholds.json, once there, comes first.
+  record = thresholds.read(workdir)
+  thresholds.write(fresh, dataset="own", image_score=record["image_score"],
+                   checkpoint_step=0, model=record["model"], image=0.123)
+  det = Detector.from_config(cfg)
+  assert det.thresholds_path == fresh / thresholds.FILE_NAME
+  assert det.thresholds_for("tile") == (0.123, None, "top-level")
+
+
 def test_overrides_and_missing_checkpoint(demo_workdir, tmp_path):
   _, workdir, _ = demo_workdir
   det = Detector.from_workdir(workdir, predict__threshold=0.25)
