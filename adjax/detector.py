@@ -5,9 +5,12 @@
     pred = det.predict(["a.png", "b.png"], object_name="tile")
     pred.scores, pred.maps[0].shape, pred.decisions
 
-It builds what `--config.mode=predict` builds (the config checks, the towers,
-the head of the latest checkpoint with its identity check, the compiled eval
-step of `adjax.scorer.Scorer`, the checked `thresholds.json`) once, and then
+`--config.mode=predict` itself scores through this class (adjax/predict.py
+only chooses the files and writes the outputs), so both give the same numbers
+and decisions. It builds the config checks, the towers, the head of the
+latest checkpoint with its identity check, the compiled eval step of
+`adjax.scorer.Scorer` and the checked `thresholds.json` (the workdir's, else
+the `init_from` run's; `adjax.thresholds.resolve` per object) once, and then
 scores any number of images: paths, folders, globs, PIL images and uint8
 arrays, of any size. Images are preprocessed as the prediction reader does
 (`adjax.data.images`), batched at `predict.batch_size` (the last batch padded,
@@ -40,33 +43,6 @@ def map_at(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   return np.asarray(img.resize((hw[1], hw[0]), Image.BILINEAR), np.float32)
 
 
-def _resolve_threshold(record: dict | None, object_name: str
-                       ) -> tuple[float | None, float | None, str]:
-  """(image threshold, pixel threshold, source) for one object name.
-
-  `record` is a checked `thresholds.json` (or None: no thresholds). A category
-  an evaluation saw under this name has its own F1-max thresholds in
-  `details.per_category[<data set>][<name>]` (the last data set listing it
-  wins, as in predict); each of its two values is used when present (0.0 is
-  a threshold), else the file's top-level value. The source names the file,
-  its method and, for a per-category value, the data set and category.
-  """
-  if record is None:
-    return None, None, "none"
-  image, pixel = record["image_threshold"], record["pixel_threshold"]
-  where = f"{record.get('_path', 'thresholds.json')} ({record.get('method', '?')})"
-  own_from = None
-  for dataset, cats in record.get("details", {}).get("per_category", {}).items():
-    own = cats.get(object_name, {})
-    if own.get("image") is not None or own.get("pixel") is not None:
-      own_from = dataset
-    image = own["image"] if own.get("image") is not None else image
-    pixel = own["pixel"] if own.get("pixel") is not None else pixel
-  if own_from is not None:
-    where += f" per category {own_from}/{object_name}"
-  return image, pixel, where
-
-
 @dataclasses.dataclass
 class Prediction:
   """What `Detector.predict` returns, one entry per readable image, in input order.
@@ -93,6 +69,27 @@ class Prediction:
     return len(self.scores)
 
 
+@dataclasses.dataclass
+class ImageResult:
+  """One readable image, as `Detector.predict(each=...)` hands it over.
+
+  rgb: the upright full-size uint8 [H, W, 3] image the score was computed
+  from (decoded once). map: float32 [H, W]. mask: bool [H, W] or None.
+  decision: bool or None. source: where the image threshold comes from.
+  """
+  index: int
+  path: str | None
+  object_name: str
+  rgb: np.ndarray
+  map: np.ndarray
+  score: float
+  decision: bool | None
+  mask: np.ndarray | None
+  threshold: float | None
+  pixel_threshold: float | None
+  source: str
+
+
 def _override_strings(overrides: dict[str, Any]) -> list[str]:
   """`predict__batch_size=4` or `**{"predict.batch_size": 4}` -> "predict.batch_size=4"."""
   return [f"{key.replace('__', '.')}={value!r}" if not isinstance(value, str)
@@ -104,7 +101,10 @@ class Detector:
 
   scoring_modes = SCORING_MODES
 
-  def __init__(self, cfg, workdir: Path, towers, mesh, params, step: int | None = None):
+  def __init__(self, cfg, workdir: Path, towers, mesh, params, step: int | None = None,
+               load_thresholds: bool = True):
+    """`load_thresholds=False` starts without decision thresholds (e.g. to
+    `calibrate` new ones over a file that belongs to another head)."""
     from adjax import thresholds
     from adjax.scorer import Scorer
     self.cfg, self.workdir, self.step = cfg, Path(workdir), step
@@ -113,9 +113,12 @@ class Detector:
     self.batch_size = int(cfg.predict.batch_size)
     self._tables: dict[tuple[str, ...], Any] = {}
     self.record = None
-    path = self.workdir / thresholds.FILE_NAME
-    if path.exists():
-      self.record = thresholds.read(path)
+    # The workdir's thresholds.json, else (init_from) the trained run's, as
+    # mode=predict decides; checked against this head before any use.
+    self.thresholds_path = thresholds.deployment_path(
+        self.workdir, cfg.init_from or None) if load_thresholds else None
+    if self.thresholds_path is not None:
+      self.record = thresholds.read(self.thresholds_path)
       thresholds.check(self.record, image_score=self.scorer.model.image_score,
                        model=self.scorer.threshold_identity())
     self._pending: dict | None = None   # calibrated, not yet saved
@@ -149,9 +152,11 @@ class Detector:
         cfg, "copy_and_resolve_references") else cfg
     cfg.mode = "predict"
     workdir = Path(workdir) if workdir is not None else experiment.resolve_workdir(cfg, None)
-    # mode=predict's checks; the images come per call, not from predict.input.
+    # mode=predict's checks; the images and object names come per call.
     checked = cfg.copy_and_resolve_references()
     checked.predict.input = checked.predict.input or "<images given to predict()>"
+    checked.predict.object_name = (checked.predict.object_name
+                                   or "<object_name given to predict()>")
     config_check.check(checked, device_count=jax.device_count(),
                        process_count=jax.process_count())
     if jax.process_count() > 1:
@@ -174,7 +179,9 @@ class Detector:
     items, unreadable = [], []
 
     def add(x):
-      if isinstance(x, (str, os.PathLike)):
+      if isinstance(x, (str, os.PathLike)) and os.path.isfile(x):
+        items.append((os.fspath(x), None))      # decoded (once) when scored
+      elif isinstance(x, (str, os.PathLike)):
         paths, bad = data.read_image_folder(x)
         items.extend((p, None) for p in paths)
         unreadable.extend(bad)
@@ -197,46 +204,53 @@ class Detector:
 
     add(images)
     if not items:
-      raise DetectorError("no readable images given" + (
-          f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})"
-          if unreadable else ""))
+      _none_readable(unreadable)
     return items, unreadable
 
-  def _load(self, item) -> tuple[np.ndarray, tuple[int, int], str]:
-    """(uint8 [S, S, 3], (H, W), error): exactly the prediction reader's preprocessing."""
+  def _load(self, item, keep_rgb: bool = False
+            ) -> tuple[np.ndarray, tuple[int, int], str, np.ndarray | None]:
+    """(uint8 [S, S, 3], (H, W), error, full-size RGB or None): exactly the
+    prediction reader's preprocessing, from one decode of the file."""
     from adjax.data import images as data_images
     path, img = item
     if path is not None:
-      loaded = data_images.load_for_prediction(path, self.image_size)
+      loaded = data_images.load_for_prediction(path, self.image_size, keep_rgb=keep_rgb)
       h, w = (int(v) for v in loaded["orig_size"])
-      return loaded["image"], (h, w), loaded["error"]
+      return loaded["image"], (h, w), loaded["error"], loaded.get("rgb")
     w, h = img.size
-    return data_images.preprocess_image(img, self.image_size), (h, w), ""
+    rgb = data_images.to_rgb(img) if keep_rgb else img
+    return (data_images.preprocess_image(rgb, self.image_size), (h, w), "",
+            np.asarray(rgb, np.uint8) if keep_rgb else None)
 
   def _table(self, names: tuple[str, ...]):
     if names not in self._tables:
       self._tables[names] = self.scorer.text_table(list(names))
     return self._tables[names]
 
-  def _raw(self, items, names: list[str]):
-    """Yields (item index, model-size map, score, (H, W)) batch by batch."""
+  def _raw(self, items, names: list[str], keep_rgb: bool = False, progress=None):
+    """Yields (item index, model-size map, score, (H, W), error, RGB or None)
+    batch by batch; `progress(n)` after each batch with its readable images."""
+    from concurrent.futures import ThreadPoolExecutor
     distinct = tuple(sorted(set(names)))
     table = self._table(distinct)
     index = np.array([distinct.index(n) for n in names], np.int32)
     b, s = self.batch_size, self.image_size
-    for start in range(0, len(items), b):
-      chunk = list(range(start, min(start + b, len(items))))
-      batch = np.zeros((b, s, s, 3), np.uint8)     # padded: one compiled shape
-      cats = np.zeros(b, np.int32)
-      loaded = []
-      for j, i in enumerate(chunk):
-        batch[j], hw, error = self._load(items[i])
-        cats[j] = index[i]
-        loaded.append((hw, error))
-      amap, score = self.scorer.maps(batch, cats, table)
-      amap, score = np.asarray(amap), np.asarray(score)
-      for j, i in enumerate(chunk):
-        yield i, amap[j], float(score[j]), loaded[j][0], loaded[j][1]
+    with ThreadPoolExecutor(4) as pool:     # decoding overlaps across files
+      for start in range(0, len(items), b):
+        chunk = list(range(start, min(start + b, len(items))))
+        batch = np.zeros((b, s, s, 3), np.uint8)     # padded: one compiled shape
+        cats = np.zeros(b, np.int32)
+        loaded = list(pool.map(lambda i: self._load(items[i], keep_rgb), chunk))
+        for j, i in enumerate(chunk):
+          batch[j] = loaded[j][0]
+          cats[j] = index[i]
+        amap, score = self.scorer.maps(batch, cats, table)
+        amap, score = np.asarray(amap), np.asarray(score)
+        for j, i in enumerate(chunk):
+          _, hw, error, rgb = loaded[j]
+          yield i, amap[j], float(score[j]), hw, error, rgb
+        if progress is not None:
+          progress(sum(1 for x in loaded if not x[2]))
 
   def _names(self, n: int, object_name, object_names) -> list[str]:
     if object_names is not None:
@@ -255,39 +269,61 @@ class Detector:
 
   # ---------------------------------------------------------------- API
 
-  def thresholds_for(self, object_name: str) -> tuple[float | None, float | None, str]:
-    """(image threshold, pixel threshold, source) used for `object_name`.
-
-    `predict.threshold >= 0` overrides the image threshold, as in predict.
-    """
-    image, pixel, source = _resolve_threshold(self.record, object_name)
-    if self.cfg.predict.threshold >= 0:
-      image, source = float(self.cfg.predict.threshold), "predict.threshold"
-    return image, pixel, source
+  def thresholds_for(self, object_name: str):
+    """`thresholds.Resolved` (image threshold, pixel threshold, source) for
+    `object_name`: `thresholds.resolve`, the rule mode=predict and the export
+    decide with, `predict.threshold >= 0` overriding the image threshold."""
+    from adjax import thresholds
+    override = float(self.cfg.predict.threshold)
+    return thresholds.resolve(self.record, object_name, override if override >= 0 else None)
 
   def predict(self, images, object_name: str | None = None,
               object_names: Sequence[str] | None = None,
-              mode: str = "zero_shot") -> Prediction:
+              mode: str = "zero_shot", *, progress=None, each=None,
+              keep_maps: bool = True) -> Prediction:
     """Scores `images` (see the module doc) for `object_name` (default:
-    `predict.object_name`), or one name per image with `object_names`."""
+    `predict.object_name`), or one name per image with `object_names`.
+
+    `progress(n)` is called after each batch with its number of readable
+    images. `each(result)` is called per readable image, in order, with an
+    `ImageResult` (its full-size RGB, map, mask and decision) as soon as its
+    batch is scored; with `keep_maps=False` the returned Prediction then
+    holds no maps or masks (`maps == []`, `masks is None`), so a long
+    folder is never held in memory. Raises DetectorError when no image
+    could be read.
+    """
     if mode not in SCORING_MODES:
       raise DetectorError(f"mode={mode!r}: expected one of {', '.join(SCORING_MODES)}")
     items, unreadable = self._items(images)
     names = self._names(len(items), object_name, object_names)
-    scores, maps, paths, kept = [], [], [], []
-    for i, amap, score, hw, error in self._raw(items, names):
+    limit_of = {n: self.thresholds_for(n) for n in set(names)}
+    scores, maps, masks, paths, kept = [], [], [], [], []
+    for i, amap, score, hw, error, rgb in self._raw(items, names, keep_rgb=each is not None,
+                                                   progress=progress):
       if error:                       # a file that changed since it was listed
         unreadable.append((items[i][0], error))
         continue
+      full = map_at(amap, hw)
+      image_t, pixel_t, source = limit_of[names[i]]
+      mask = None if pixel_t is None else full >= pixel_t
       scores.append(score)
-      maps.append(map_at(amap, hw))
       paths.append(items[i][0])
       kept.append(names[i])
-    limits = [self.thresholds_for(n) for n in kept]
-    masks = decisions = None
-    if limits and all(p is not None for _, p, _ in limits):
-      masks = [m >= p for m, (_, p, _) in zip(maps, limits)]
-    if limits and all(t is not None for t, _, _ in limits):
+      if keep_maps:
+        maps.append(full)
+        masks.append(mask)
+      if each is not None:
+        each(ImageResult(
+            index=len(scores) - 1, path=items[i][0], object_name=names[i], rgb=rgb,
+            map=full, score=score, decision=None if image_t is None else score >= image_t,
+            mask=mask, threshold=image_t, pixel_threshold=pixel_t, source=source))
+    if not scores:
+      _none_readable(unreadable)
+    limits = [limit_of[n] for n in kept]
+    decisions = None
+    if not keep_maps or not all(p is not None for _, p, _ in limits):
+      masks = None
+    if all(t is not None for t, _, _ in limits):
       decisions = np.array([s >= t for s, (t, _, _) in zip(scores, limits)], bool)
     return Prediction(
         scores=np.asarray(scores, np.float32), maps=maps, masks=masks, decisions=decisions,
@@ -307,7 +343,7 @@ class Detector:
     items, unreadable = self._items(normal_images)
     names = self._names(len(items), object_name, None)
     scores, pixels = [], []
-    for _, amap, score, _, error in self._raw(items, names):
+    for _, amap, score, _, error, _ in self._raw(items, names):
       if not error:
         scores.append(score)
         pixels.append(amap.ravel())
@@ -330,7 +366,8 @@ class Detector:
                        "image_score"], "checkpoint_step": -1,
                    "model": self._pending["model"], "method": self._pending["method"],
                    "image_threshold": image, "pixel_threshold": pixel,
-                   "details": self._pending["details"], "_path": "calibrated (not saved)"}
+                   "details": self._pending["details"]}
+    self.thresholds_path = None
     return image, pixel
 
   def save_thresholds(self, path: str | os.PathLike | None = None) -> Path:
@@ -341,6 +378,7 @@ class Detector:
       raise DetectorError("save_thresholds: nothing calibrated; call calibrate() first")
     written = thresholds.write(path or self.workdir, **self._pending)
     self.record = thresholds.read(written)
+    self.thresholds_path = Path(written)
     self._pending = None
     return written
 
@@ -352,3 +390,9 @@ class Detector:
       for cats in self.record.get("details", {}).get("per_category", {}).values():
         found.update(cats)
     return sorted(found)
+
+
+def _none_readable(unreadable) -> None:
+  raise DetectorError("no readable images given" + (
+      f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})"
+      if unreadable else ""))

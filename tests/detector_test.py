@@ -16,7 +16,7 @@ from PIL import Image
 
 from adjax import experiment, thresholds
 from adjax import Detector
-from adjax.detector import DetectorError, _resolve_threshold
+from adjax.detector import DetectorError
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -61,13 +61,25 @@ def _sizes(paths):
 
 
 def test_same_scores_decisions_and_masks_as_predict_mode(demo_workdir, images,
-                                                          folder_prediction):
+                                                          folder_prediction, monkeypatch):
   cfg, workdir, _ = demo_workdir
   cfg = cfg.copy_and_resolve_references()
   cfg.mode = "predict"
   cfg.predict.input = str(images)
   cfg.predict.object_name = "tile"
+  # mode=predict scores through Detector.predict (one call for the folder)
+  # and writes what it returns: no second scoring path.
+  calls = []
+  original = Detector.predict
+
+  def counted(self, images, *args, **kwargs):
+    calls.append(list(images))
+    return original(self, images, *args, **kwargs)
+
+  monkeypatch.setattr(Detector, "predict", counted)
   experiment.run(cfg, str(workdir))
+  monkeypatch.undo()
+  assert len(calls) == 1 and sorted(calls[0]) == sorted(folder_prediction.paths)
   with open(workdir / "predictions" / "scores.csv") as f:
     rows = {r["path"]: r for r in csv.DictReader(f)}
   pred = folder_prediction
@@ -81,7 +93,8 @@ def test_same_scores_decisions_and_masks_as_predict_mode(demo_workdir, images,
   record = thresholds.read(workdir)
   own = record["details"]["per_category"]["family_b"]["tile"]
   assert pred.thresholds[0] == (own["image"], own["pixel"])
-  assert "per category family_b/tile" in pred.threshold_source[0]
+  assert pred.threshold_source[0] == "category:family_b/tile"
+  assert {r["threshold_source"] for r in rows.values()} == {"category:family_b/tile"}
 
 
 def test_maps_have_each_images_size(folder_prediction):
@@ -138,15 +151,16 @@ def test_object_names_per_image_and_threshold_rule(detector, images, demo_workdi
   assert pred.thresholds[1] == (cats["nut"]["image"], cats["nut"]["pixel"])
   # A name the evaluation did not see: the file's top-level thresholds.
   assert pred.thresholds[2] == (record["image_threshold"], record["pixel_threshold"])
-  assert "per category" not in pred.threshold_source[2]
+  assert pred.threshold_source == ["category:family_b/tile", "category:family_b/nut",
+                                   "top-level"]
   np.testing.assert_array_equal(
       pred.decisions, [s >= t for s, (t, _) in zip(pred.scores, pred.thresholds)])
   # 0.0 is a threshold; a missing value falls back field by field.
   rec = {"image_threshold": 0.5, "pixel_threshold": 0.4, "method": "f1",
          "details": {"per_category": {"d": {"x": {"image": 0.0, "pixel": None}}}}}
-  assert _resolve_threshold(rec, "x")[:2] == (0.0, 0.4)
-  assert _resolve_threshold(rec, "y")[:2] == (0.5, 0.4)
-  assert _resolve_threshold(None, "x") == (None, None, "none")
+  assert thresholds.resolve(rec, "x") == (0.0, 0.4, "category:d/x")
+  assert thresholds.resolve(rec, "y") == (0.5, 0.4, "top-level")
+  assert thresholds.resolve(None, "x") == (None, None, "none")
   assert detector.object_names == ["chip", "mesh", "nut", "tile"]
 
 
@@ -236,6 +250,30 @@ def test_from_config_and_light_import(demo_workdir, detector, images):
   assert done.returncode == 0, done.stderr
 
 
+def test_init_from_run_decides_with_the_trained_runs_thresholds(demo_workdir, tmp_path):
+  """As mode=predict: a workdir started with init_from and no thresholds.json
+  of its own decides with the trained run's (checked against the head)."""
+  cfg, workdir, _ = demo_workdir
+  cfg = cfg.copy_and_resolve_references()
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  cfg.workdir = str(fresh)
+  cfg.init_from = str(workdir)
+  det = Detector.from_config(cfg)
+  assert det.thresholds_path == workdir / thresholds.FILE_NAME
+  want = thresholds.resolve(thresholds.read(workdir), "tile")
+  assert det.thresholds_for("tile") == want and want.source == "category:family_b/tile"
+  pred = det.predict(np.zeros((20, 30, 3), np.uint8), object_name="tile")
+  assert pred.thresholds[0] == (want.image, want.pixel)
+  # Its own thresholds.json, once there, comes first.
+  record = thresholds.read(workdir)
+  thresholds.write(fresh, dataset="own", image_score=record["image_score"],
+                   checkpoint_step=0, model=record["model"], image=0.123)
+  det = Detector.from_config(cfg)
+  assert det.thresholds_path == fresh / thresholds.FILE_NAME
+  assert det.thresholds_for("tile") == (0.123, None, "top-level")
+
+
 def test_overrides_and_missing_checkpoint(demo_workdir, tmp_path):
   _, workdir, _ = demo_workdir
   det = Detector.from_workdir(workdir, predict__threshold=0.25)
@@ -287,3 +325,14 @@ def test_readme_python_example_runs(demo_workdir, tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "tile" in done.stdout and "score" in done.stdout
+
+
+def test_predict_module_has_no_scoring_of_its_own():
+  """mode=predict's scoring, batching, map resizing and threshold choice are
+  the Detector's: adjax/predict.py calls none of the lower layers itself."""
+  source = (ROOT / "adjax" / "predict.py").read_text()
+  for name in ("Scorer", "scorer.", "prediction_batches", "load_for_prediction",
+               ".maps(", "text_table", "resize(", "thresholds.resolve", "thresholds.read",
+               "quantile_threshold", "Image.open"):
+    assert name not in source, name
+  assert "det.predict(" in source and "det.calibrate(" in source

@@ -171,3 +171,27 @@ def test_ctrl_c_in_predict_says_what_fits(home, tmp_path):
   assert "resume from the last checkpoint" not in err
   assert "predictions/ is left as it was" in err and "Traceback" not in err
   assert (home / "run" / "predictions" / "scores.csv").read_bytes() == before
+
+
+def test_each_image_decoded_once_for_its_score_and_panel(home, tmp_path, monkeypatch):
+  """After the listing (which checks every file), each image is decoded once:
+  the same decode gives the model's input and the full-size panel."""
+  src = tmp_path / "once"
+  for i in range(3):
+    _img(src / f"{i}.png", size=(30 + i, 20), seed=i)
+  opened = []
+  real_open = Image.open
+
+  def counting_open(fp, *args, **kwargs):
+    opened.append(os.path.basename(str(fp)))
+    return real_open(fp, *args, **kwargs)
+
+  monkeypatch.setattr(Image, "open", counting_open)
+  out = _predict(home / "run", src)
+  monkeypatch.undo()
+  assert len(out["scores"]) == 3
+  for i in range(3):          # one open to list it, one to score and draw it
+    assert opened.count(f"{i}.png") == 2, opened
+  for i in range(3):
+    with Image.open(home / "run" / "predictions" / "heatmaps" / f"{i}.png.png") as panel:
+      assert panel.size[1] == 20

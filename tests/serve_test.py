@@ -239,8 +239,11 @@ def test_command_line(demo_workdir, tmp_path):
   proc = subprocess.Popen([sys.executable, "-m", "adjax.serve", "--workdir", str(demo_workdir[1]),
                            "--port", str(port)], stdout=subprocess.PIPE, text=True, env=env)
   try:
-    line = proc.stdout.readline()
-    assert f"http://127.0.0.1:{port}/" in line, line
+    # Lines before it say which head was loaded; the address line follows.
+    lines = [proc.stdout.readline()]
+    while lines[-1] and "http://" not in lines[-1] and len(lines) < 20:
+      lines.append(proc.stdout.readline())
+    assert any(f"http://127.0.0.1:{port}/" in line for line in lines), lines
     status, info = call(f"http://127.0.0.1:{port}/info")
     assert status == 200 and info["image_size"] == 64
   finally:

@@ -218,21 +218,33 @@ def describe_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def load_for_prediction(path: str, size: int) -> dict:
-  """One preprocessed image for prediction, with its original size."""
+def load_for_prediction(path: str, size: int, keep_rgb: bool = False) -> dict:
+  """One preprocessed image for prediction, with its original size.
+
+  `keep_rgb=True` also returns the upright full-size 8-bit RGB image as
+  `rgb` (the same decode, e.g. for a heatmap panel), None when unreadable.
+  """
+  rgb = None
   try:
     with Image.open(path) as img:
       img.load()
       img = upright(img)
       w, h = img.size
-      image = preprocess_image(img, size)
+      if keep_rgb:
+        img = to_rgb(img)
+        rgb = np.asarray(img, np.uint8)
+      image = preprocess_image(img, size)   # to_rgb of RGB is the image itself
     error = ""
   except Exception as e:
     image = np.zeros((size, size, 3), np.uint8)
     w = h = 0
+    rgb = None
     error = describe_error(e)
-  return {"image": image, "orig_size": np.array([h, w], np.int32),
-          "valid": np.bool_(not error), "path": path, "error": error}
+  out = {"image": image, "orig_size": np.array([h, w], np.int32),
+         "valid": np.bool_(not error), "path": path, "error": error}
+  if keep_rgb:
+    out["rgb"] = rgb
+  return out
 
 
 def prediction_batches(paths: Sequence[str], *, image_size: int,
