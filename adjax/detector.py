@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from adjax.errors import UserError
+from adjax.workdir import Workdir
 
 # Scoring modes `Detector.predict` supports (the page's mode selector lists them).
 SCORING_MODES = ("zero_shot",)
@@ -162,7 +163,7 @@ class Detector:
     if jax.process_count() > 1:
       raise DetectorError("the Detector runs on one process; start it without "
                           "distributed=True")
-    if not cfg.init_from and not experiment._has_checkpoints(workdir):  # pylint: disable=protected-access
+    if not cfg.init_from and not Workdir(workdir).has_checkpoints():
       raise config_check.ConfigError(
           f"{workdir} holds no trained checkpoint; pass a trained or imported workdir "
           "(or set init_from to one)")

@@ -38,12 +38,6 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   return params, source, step
 
 
-def _has_checkpoints(workdir: Path) -> bool:
-  # Transitional: adjax.detector still calls this; it goes once that module
-  # asks Workdir(workdir).has_checkpoints() itself.
-  return Workdir(workdir).has_checkpoints()
-
-
 def run(cfg, workdir_flag: str | None = None) -> dict:
   config_check.check(cfg)          # before jax.distributed and the devices
   if cfg.distributed:

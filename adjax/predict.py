@@ -27,6 +27,7 @@ import jax
 from adjax import atomic, data, heatmaps, html_report, overlays, run_log
 from adjax.detector import Detector
 from adjax.errors import UserError
+from adjax.workdir import Predictions, Workdir
 
 
 class PredictError(UserError, ValueError):
@@ -69,7 +70,7 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
           "are never inputs)", flush=True)
   if not paths:
     # Nothing readable: the previous predictions stay as they are.
-    listing = workdir / "unreadable.txt"
+    listing = Workdir(workdir).unreadable
     atomic.write_text(listing, "".join(f"{p}\t{why}\n" for p, why in unreadable))
     raise PredictError(
         f"predict.input={cfg.predict.input!r}: none of its {len(unreadable)} image files "
@@ -77,7 +78,7 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
         "predictions/ is left as it was")
   root = cfg.predict.input if os.path.isdir(cfg.predict.input) else os.path.commonpath(
       [os.path.dirname(p) for p in paths]) if paths else ""
-  out_dir = workdir / "predictions"
+  out_dir = Workdir(workdir).predictions
   # Everything is written to a fresh folder that replaces predictions/ at the
   # end: a rerun leaves no output of an earlier one, a failed or interrupted
   # run leaves the earlier outputs as they were (and no temporary folder).
@@ -85,8 +86,9 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
     rows = _predict_into(cfg, work_dir, det, paths, root, unreadable, limits, origin)
   if unreadable:
     print(f"{len(unreadable)} unreadable files ({_first_few(unreadable)}; all listed in "
-          f"{out_dir / 'unreadable.txt'})")
-  print(f"predicted {len(rows)} images -> {out_dir / 'scores.csv'}, {out_dir / 'index.html'}"
+          f"{Predictions(out_dir).unreadable})")
+  print(f"predicted {len(rows)} images -> {Predictions(out_dir).scores}, "
+        f"{Predictions(out_dir).index}"
         f" (decision thresholds: {origin})")
   return dict(result, scores=rows, unreadable=unreadable)
 
@@ -131,20 +133,22 @@ def _calibrate(cfg, det: Detector) -> None:
 def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, limits,
                   origin):
   rows = []
+  out = Predictions(out_dir)
   progress = run_log.Progress("predict", len(paths))
 
   def write(r) -> None:            # one scored image: its panel, mask, overlay, row
     name = _output_name(r.path, root)
-    heatmaps.save_png(out_dir / "heatmaps" / name, heatmaps.panel(r.rgb, r.map))
-    row = {"path": r.path, "score": f"{r.score:.6f}", "heatmap": f"heatmaps/{name}"}
+    heatmaps.save_png(out.picture("heatmaps", name), heatmaps.panel(r.rgb, r.map))
+    row = {"path": r.path, "score": f"{r.score:.6f}",
+           "heatmap": out.relative("heatmaps", name)}
     if r.threshold is not None:
       row["decision"] = int(r.decision)
       row["threshold_source"] = r.source
     if r.mask is not None:
       mask = overlays.binary_mask(r.map, r.pixel_threshold)
-      overlays.save_mask_png(out_dir / "masks" / name, mask)
-      overlays.save_overlay_png(out_dir / "overlays" / name, r.rgb, mask)
-      row.update(mask=f"masks/{name}", overlay=f"overlays/{name}")
+      overlays.save_mask_png(out.picture("masks", name), mask)
+      overlays.save_overlay_png(out.picture("overlays", name), r.rgb, mask)
+      row.update(mask=out.relative("masks", name), overlay=out.relative("overlays", name))
     rows.append(row)
 
   pred = det.predict(paths, object_name=cfg.predict.object_name, progress=progress.update,
@@ -158,10 +162,10 @@ def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, li
   writer = csv.DictWriter(buf, fieldnames=fields)
   writer.writeheader()
   writer.writerows(rows)
-  atomic.write_text(out_dir / "scores.csv", buf.getvalue())
-  atomic.write_text(out_dir / "index.html", html_report.gallery_html(
+  atomic.write_text(out.scores, buf.getvalue())
+  atomic.write_text(out.index, html_report.gallery_html(
       f"predictions for {cfg.predict.object_name!r} (thresholds: {origin})", rows))
   if unreadable:
-    atomic.write_text(out_dir / "unreadable.txt",
+    atomic.write_text(out.unreadable,
                       "".join(f"{p}\t{why}\n" for p, why in unreadable))
   return rows

@@ -164,3 +164,41 @@ class Workdir:
   def results_complete(self) -> bool:
     """Some evaluation wrote its results."""
     return self.results.is_dir() and any(self.results.glob("*.json"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+  """predict's output folder: `Workdir.predictions`, built under a temporary
+  name and then put in place whole.
+
+    scores.csv, index.html, unreadable.txt
+    heatmaps/<input path>.png, masks/..., overlays/...   (one per image)
+  """
+
+  root: Path
+
+  def __post_init__(self):
+    object.__setattr__(self, "root", Path(self.root))
+
+  @property
+  def scores(self) -> Path:
+    return self.root / "scores.csv"
+
+  @property
+  def index(self) -> Path:
+    return self.root / "index.html"
+
+  @property
+  def unreadable(self) -> Path:
+    return self.root / UNREADABLE_FILE
+
+  @staticmethod
+  def relative(kind: str, name: str) -> str:
+    """An image's file of one kind ("heatmaps", "masks", "overlays") as
+    scores.csv and index.html name it, relative to the folder."""
+    if kind not in ("heatmaps", "masks", "overlays"):
+      raise ValueError(f"no prediction picture kind {kind!r}")
+    return f"{kind}/{name}"
+
+  def picture(self, kind: str, name: str) -> Path:
+    return self.root / self.relative(kind, name)
