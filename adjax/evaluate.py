@@ -67,6 +67,8 @@ class CategoryMetrics:
 
 class Evaluator(Scorer):
   """Evaluates one data set at a time."""
+  # Where write_thresholds puts its file (other scoring modes write beside it).
+  thresholds_file = thresholds.FILE_NAME
 
   def __init__(self, cfg, workdir: Path, towers, mesh, params, source: tuple[Path, int]):
     super().__init__(cfg, towers, mesh, params)
@@ -78,7 +80,8 @@ class Evaluator(Scorer):
     self.eval_identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
-        "towers": {"backbone": towers.backbone_id, "text": towers.text_embed.model_id},
+        "towers": {"backbone": towers.backbone_id,
+                   "text": getattr(towers.text_embed, "model_id", None)},
         "eval": dict({k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
                      backbone_dtype=cfg.backbone.dtype,
                      feature_precision=("bfloat16" if cfg.eval.feature_cache == "disk" and
@@ -108,9 +111,17 @@ class Evaluator(Scorer):
     if image is None and pixel is None:
       return None
     return thresholds.write(
-        self.workdir, dataset=",".join(found), image_score=self.model.image_score,
-        checkpoint_step=self.eval_identity["head"]["step"], model=self.threshold_identity(), image=image,
+        self.workdir / self.thresholds_file, dataset=",".join(found),
+        image_score=self.threshold_image_score(),
+        checkpoint_step=(self.eval_identity["head"] or {"step": -1})["step"], model=self.threshold_identity(), image=image,
         pixel=pixel, method="f1", details={"per_category": found})
+
+  def threshold_image_score(self) -> str:
+    """The image-score rule recorded with the thresholds."""
+    return self.model.image_score
+
+  def report_title(self, handle) -> str:
+    return f"{handle.display_name}: zero-shot results"
 
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
@@ -187,7 +198,7 @@ class Evaluator(Scorer):
               for name, d in details.items()}
     summary = reports.summarize(results)
     page = html_report.evaluation_html(
-        f"{handle.display_name}: zero-shot results",
+        self.report_title(handle),
         {**summary["categories"], "mean": summary["mean"]}, curves, panels, ident,
         list(summary["mean"]))
     atomic.write_text(self.workdir / "results" / f"{stem}.html", page)
@@ -274,7 +285,11 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   `source` is (the workdir the head comes from, its step): part of the
   results' identity. Returns (results by data set, [(absent target, why)]).
   """
-  evaluator = Evaluator(cfg, workdir, towers, mesh, params, source)
+  if cfg.eval.scoring == "zero_shot":
+    evaluator = Evaluator(cfg, workdir, towers, mesh, params, source)
+  else:
+    from adjax import scoring_modes
+    evaluator = scoring_modes.ModeEvaluator(cfg, workdir, towers, mesh, params, source)
   all_results, absent = {}, []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:

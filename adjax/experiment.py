@@ -36,6 +36,12 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   return params, source, step
 
 
+def _head_free(cfg) -> bool:
+  """Evaluation in a mode that needs neither the head nor the text tower."""
+  from adjax import scoring_modes
+  return cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring)
+
+
 def _has_checkpoints(workdir: Path) -> bool:
   ckpt = workdir / "checkpoints"
   return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
@@ -57,7 +63,8 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   config_check.check(cfg, device_count=jax.device_count(),
                      process_count=jax.process_count())
   workdir = resolve_workdir(cfg, workdir_flag)
-  if cfg.mode != "train" and not cfg.init_from and not _has_checkpoints(workdir):
+  if (cfg.mode != "train" and not cfg.init_from and not _has_checkpoints(workdir)
+      and not _head_free(cfg)):
     raise config_check.ConfigError(
         f"mode={cfg.mode}: {workdir} holds no trained checkpoint; pass the trained "
         "run's --workdir, or --config.init_from=<trained workdir>")
@@ -80,7 +87,7 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   if cfg.data.demo.root:
     _ensure_demo_data(cfg.data.demo)
-  towers = towers_lib.build(cfg, workdir)
+  towers = towers_lib.build(cfg, workdir, text=not _head_free(cfg))
 
   if cfg.mode == "predict":
     from adjax import predict
@@ -104,6 +111,10 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
         source=(workdir, int(jax.device_get(state["step"]))))
     return {"state": state, "results": results, "absent": absent}
 
+  if _head_free(cfg):
+    results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, None,
+                                                source=None)
+    return {"results": results, "absent": absent}
   params, source, step = trained_params(cfg, workdir, towers, mesh)
   results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, params,
                                               source=(source, step))

@@ -147,42 +147,43 @@ def _min_images(interval) -> int:
   return n
 
 
-def _features(layer, r, block, sharding):
-  """LNAMD features of one layer, [N, P, D] float32 on device (read block-wise)."""
+def _features(layer, r, block, sharding, multiple: int = 1):
+  """LNAMD features of one layer, [N', P, D] float32 on device (read block-wise);
+  N' is N rounded up to `multiple` (zero rows), so that no padded copy is needed."""
   n, h, w, d = layer.shape
-  out = np.empty((n, h * w, d), np.float32)
+  out = np.zeros((-(-n // multiple) * multiple, h * w, d), np.float32)
   for s in range(0, n, block):
     x = np.asarray(layer[s:s + block], np.float32)
     out[s:s + len(x)] = np.asarray(_lnamd_jit(jnp.asarray(x), r)).reshape(len(x), h * w, d)
   return jax.device_put(out, sharding) if sharding is not None else jnp.asarray(out)
 
 
-def _pad_blocks(z: jax.Array, block: int):
-  """[N, P, D] -> ([nb, block, P, D], ids [nb, block]) with -1 ids for padding."""
-  n = z.shape[0]
-  nb = -(-n // block)
-  pad = nb * block - n
-  ids = np.concatenate([np.arange(n), -np.ones(pad, int)]).astype(np.int32)
-  if pad:
-    z = jnp.concatenate([z, jnp.zeros((pad,) + z.shape[1:], z.dtype)])
+def _key_blocks(z: jax.Array, n: int, block: int):
+  """[N', P, D] (N' a multiple of block) -> ([nb, block, P, D], ids [nb, block]),
+  ids -1 past the n real images."""
+  nb = z.shape[0] // block
+  ids = np.arange(nb * block, dtype=np.int32)
+  ids[n:] = -1
   return z.reshape((nb, block) + z.shape[1:]), jnp.asarray(ids.reshape(nb, block))
 
 
-def _score_layer(zq, zk, kind, lo, hi, query_block, key_block, precision, mesh,
-                 same: bool) -> np.ndarray:
-  """[Nq, P] scores of the query features against the key features."""
-  n = zq.shape[0]
+def _score_layer(zq, nq, zk, nk, kind, lo, hi, query_block, key_block, precision, mesh,
+                 same: bool, max_blocks: int | None = None) -> np.ndarray:
+  """[nq, P] scores of the (padded) query features against the key features.
+  `max_blocks` stops after that many query steps (benchmarks time a few)."""
   devices = 1 if mesh is None else mesh.shape[DATA]
   step = query_block * devices
-  keys, kid = _pad_blocks(zk, key_block)
+  keys, kid = _key_blocks(zk, nk, key_block)
   fn = _scorer(kind, lo, hi, precision, mesh if devices > 1 else None)
-  out = np.empty(zq.shape[:2], np.float32)
-  for s in range(0, n, step):
+  out = np.zeros((nq,) + zq.shape[1:2], np.float32)
+  for b, s in enumerate(range(0, nq, step)):
+    if max_blocks is not None and b >= max_blocks:
+      break
     q = zq[s:s + step]
-    m = q.shape[0]
+    m = min(step, nq - s)
     qid = np.arange(s, s + step, dtype=np.int32) if same else np.full(step, -2, np.int32)
-    if m < step:
-      q = jnp.concatenate([q, jnp.zeros((step - m,) + q.shape[1:], q.dtype)])
+    if q.shape[0] < step:
+      q = jnp.concatenate([q, jnp.zeros((step - q.shape[0],) + q.shape[1:], q.dtype)])
     if devices > 1:
       spec = NamedSharding(mesh, P(DATA))
       q, qid = jax.device_put(q, spec), jax.device_put(qid, spec)
@@ -216,9 +217,9 @@ def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
   for r in r_list:
     per_r = np.zeros((n, h * w), np.float64)
     for l in range(len(layers)):
-      z = _features(layers[l], r, token_block, rep)
-      per_r += _score_layer(z, z, "mutual", lo, hi, query_block, key_block, precision,
-                            mesh, same=True)
+      z = _features(layers[l], r, token_block, rep, key_block)
+      per_r += _score_layer(z, n, z, n, "mutual", lo, hi, query_block, key_block,
+                            precision, mesh, same=True)
       del z
     total += per_r / len(layers)
   return (total / len(r_list)).reshape(n, h, w).astype(np.float32)
@@ -249,9 +250,9 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
     per_r = np.zeros((n, h * w), np.float64)
     for l in range(len(layers)):
       z = _features(layers[l], r, token_block, rep)
-      bank = _features(refs[l], r, token_block, rep)
-      per_r += _score_layer(z, bank, "reference", 0, 1, query_block, key_block, precision,
-                            mesh, same=False)
+      bank = _features(refs[l], r, token_block, rep, key_block)
+      per_r += _score_layer(z, n, bank, m, "reference", 0, 1, query_block, key_block,
+                            precision, mesh, same=False)
     total += per_r / len(layers)
   return (total / len(r_list)).reshape(n, h, w).astype(np.float32)
 
