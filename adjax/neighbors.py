@@ -59,10 +59,15 @@ def lnamd(x: jax.Array, r: int) -> jax.Array:
 def _block_min_sq(zq, zk, precision):
   """zq [bq, P, D], zk [bk, Q, D] -> [bq, P, bk]: squared distance of each query
   patch to the nearest patch of each key image."""
-  ab = jnp.einsum("ipd,jqd->ipjq", zq, zk, precision=precision)
-  b2 = jnp.sum(jnp.square(zk), axis=-1)                      # [bk, Q]
+  (bq, p, d), (bk, q, _) = zq.shape, zk.shape
+  ab = jnp.dot(zq.reshape(bq * p, d), zk.reshape(bk * q, d).T, precision=precision)
+  # The barrier keeps the matmul a plain dot (XLA:CPU's fast path) instead of
+  # a fusion with the reduction below (measured 20-30% faster at ViT-L sizes).
+  ab = lax.optimization_barrier(ab)
+  b2 = jnp.sum(jnp.square(zk), axis=-1).reshape(bk * q)       # [bk * Q]
   a2 = jnp.sum(jnp.square(zq), axis=-1)                      # [bq, P]
-  return jnp.min(b2[None, None] - 2.0 * ab, axis=-1) + a2[:, :, None]
+  near = jnp.min((b2[None] - 2.0 * ab).reshape(bq, p, bk, q), axis=-1)
+  return near + a2[:, :, None]
 
 
 def _query_block(zq, qid, zkeys, kid, *, kind, lo, hi, precision):
