@@ -298,6 +298,9 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
       absent.append((target, str(e).splitlines()[0]))
       continue
     all_results[handle.display_name] = evaluator.evaluate(handle)
+    if jax.process_index() == 0:
+      from adjax import scoring_modes
+      scoring_modes.write_comparison(workdir / "results", handle.display_name)
   if jax.process_index() == 0:
     written = evaluator.write_thresholds()
     if written:

@@ -124,6 +124,17 @@ def _shape(layers, name) -> tuple[int, int, int, int]:
   return next(iter(shapes))
 
 
+def block_sizes(patches: int, query_block: int | None = None,
+                key_block: int | None = None) -> tuple[int, int]:
+  """Images per query and key block: by default about 8192 query patches and
+  1024 key patches per distance block. Measured on a 2-core AVX-512 CPU at
+  ViT-L/16 512 (1024 patches): 8 x 8 images ran at 30% of the matmul ceiling,
+  8 x 2 at 90%, 16 x 1 at 100% (the block's result then stays in cache)."""
+  q = query_block or max(1, 8192 // patches)
+  k = key_block or max(1, 1024 // patches)
+  return int(q), int(k)
+
+
 def _check_r(r_list) -> tuple[int, ...]:
   r_list = tuple(int(r) for r in r_list)
   if not r_list or any(r < 1 or r % 2 == 0 for r in r_list):
@@ -198,7 +209,8 @@ def _score_layer(zq, nq, zk, nk, kind, lo, hi, query_block, key_block, precision
 
 # ---- the scoring functions ------------------------------------------------
 def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
-                query_block: int = 8, key_block: int = 8, token_block: int = 32,
+                query_block: int | None = None, key_block: int | None = None,
+                token_block: int = 32,
                 precision=lax.Precision.HIGHEST) -> np.ndarray:
   """MuSc's mutual scoring of a batch of images -> maps [N, h, w] (patch grid).
 
@@ -209,14 +221,17 @@ def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
       images are sorted ascending and ranks [int((N-1)lo), int((N-1)hi))
       averaged. N too small to leave a rank is refused (ValueError).
     mesh: optional device mesh; query blocks are split over its "data" axis.
-    query_block, key_block: images per distance block (per device);
-      the largest temporary is query_block * P * key_block * P floats.
+    query_block, key_block: images per distance block (per device; default
+      `block_sizes`); the largest temporary is query_block * P * key_block * P
+      floats.
     token_block: images per LNAMD call when reading raw tokens.
   """
   layers = _layers(tokens)
   n, h, w, _ = _shape(layers, "mutual_maps: tokens")
   r_list = _check_r(r_list)
   lo, hi = rank_window(n, interval)
+  query_block, key_block = block_sizes(h * w, query_block, key_block)
+  query_block = min(query_block, n)
   rep = None if mesh is None else NamedSharding(mesh, P())
   total = np.zeros((n, h * w), np.float64)
   for r in r_list:
@@ -231,7 +246,8 @@ def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
 
 
 def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
-                   query_block: int = 8, key_block: int = 8, token_block: int = 32,
+                   query_block: int | None = None, key_block: int | None = None,
+                token_block: int = 32,
                    precision=lax.Precision.HIGHEST) -> np.ndarray:
   """Few-shot scoring -> maps [N, h, w]: each patch's distance to its nearest
   patch among the reference images' patches (the memory bank), with the same
@@ -249,6 +265,8 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
   if m < 1:
     raise ValueError("reference_maps: no reference images")
   r_list = _check_r(r_list)
+  query_block, key_block = block_sizes(h * w, query_block, key_block)
+  query_block = min(query_block, n)
   rep = None if mesh is None else NamedSharding(mesh, P())
   total = np.zeros((n, h * w), np.float64)
   for r in r_list:

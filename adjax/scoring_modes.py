@@ -295,5 +295,43 @@ class ModeEvaluator(Evaluator):
     return f"{handle.display_name}: {self.scoring} results"
 
 
+COMPARED = (("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("pixel_aupro", "AUPRO"))
+
+
+def write_comparison(results_dir: Path, name: str) -> Path | None:
+  """`<name>.modes.md`: every scoring mode evaluated on data set `name` side by
+  side per category (image AUROC, pixel AUROC, AUPRO), from `<name>.json` and
+  `<name>.<mode>.json`; None when fewer than two modes were evaluated."""
+  import json
+  from adjax import atomic
+  found = {}
+  for mode in SCORINGS:
+    path = Path(results_dir) / (f"{name}.json" if mode == "zero_shot" else f"{name}.{mode}.json")
+    if path.exists():
+      found[mode] = json.loads(path.read_text())
+  if len(found) < 2:
+    return None
+  cats = sorted({c for r in found.values() for c in r["categories"]}) + [reports.MEAN]
+
+  def cell(res, cat, key):
+    row = res[reports.MEAN] if cat == reports.MEAN else res["categories"].get(cat, {})
+    v = row.get(key)
+    return reports.MISSING if v is None else f"{100 * v:.1f}"
+
+  head = ["category"] + [f"{mode} {short}" for mode in found for _, short in COMPARED]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for cat in cats:
+    lines.append("| " + " | ".join([cat] + [cell(res, cat, key) for res in found.values()
+                                            for key, _ in COMPARED]) + " |")
+  notes = [f"- {mode}: {name}{'' if mode == 'zero_shot' else '.' + mode}.json"
+           + (f", {res['identity']['eval'].get('references')} references per category "
+              "left out of the metrics" if "few_shot" in mode else "")
+           for mode, res in found.items()]
+  out = Path(results_dir) / f"{name}.modes.md"
+  atomic.write_text(out, f"# {name}: scoring modes side by side\n\n" + "\n".join(lines)
+                    + "\n\n" + "\n".join(notes) + "\n")
+  return out
+
+
 def _as_str(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)

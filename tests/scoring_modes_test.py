@@ -126,3 +126,17 @@ def test_demo_neighbour_modes_reach_their_floors(tmp_path, scoring):
       assert len(paths) == 4 and all(p.startswith(f"{cat}/test/good/") for p in paths)
   html = (tmp_path / "work" / "results" / f"family_b.{scoring}.html").read_text()
   assert f"<title>family_b: {scoring} results" in html
+
+
+def test_comparison_puts_the_modes_side_by_side(tmp_path):
+  from adjax import reports
+  zero = {"a": {"image_auroc": 0.5, "pixel_auroc": 0.6, "pixel_aupro": 0.3}}
+  batch = {"a": {"image_auroc": 0.8, "pixel_auroc": 0.9, "pixel_aupro": None}}
+  reports.write_reports(zero, tmp_path, "target", {"eval": {}})
+  assert scoring_modes.write_comparison(tmp_path, "target") is None   # one mode only
+  reports.write_reports(batch, tmp_path, "target.batch", {"eval": {"scoring": "batch"}})
+  text = scoring_modes.write_comparison(tmp_path, "target").read_text()
+  assert "| category | zero_shot I-AUROC | zero_shot P-AUROC | zero_shot AUPRO | " \
+         "batch I-AUROC | batch P-AUROC | batch AUPRO |" in text
+  assert "| a | 50.0 | 60.0 | 30.0 | 80.0 | 90.0 | n/a |" in text
+  assert "| mean | 50.0 | 60.0 | 30.0 | 80.0 | 90.0 | n/a |" in text

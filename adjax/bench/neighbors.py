@@ -10,7 +10,8 @@ read back through `np.load(mmap_mode="r")`, as a disk cache would give them.
 Each (case, N) runs in its own process, so its peak memory (ru_maxrss) is
 its own. Mutual scoring computes, per layer and r, N x N' distance blocks as
 matmuls of 2 * N * N' * P^2 * D FLOPs (N' = N rounded up to the key block;
-the self-pairs are computed and discarded).
+the self-pairs are computed and discarded), in blocks of
+`neighbors.block_sizes(P)` query x key images.
 
 When the whole run (L * len(r) layers of N query images) is estimated to
 take longer than `--budget` seconds, only `--blocks` query blocks of one
@@ -23,8 +24,8 @@ one layer and counted len(r) * L times.
 
 The ceiling is `adjax.bench.backbone.matmul_gflops`: the fastest of two
 square float32 matmuls, measured in the same process right before and after
-the timed blocks (the larger of the two), so that load from other programs
-affects both alike.
+the timed blocks (their mean), so that load from other programs affects
+both alike.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 
-QUERY_BLOCK = KEY_BLOCK = 8
 CEILING_SIZES = (1024, 2048)
 
 
@@ -84,37 +84,37 @@ def run_one(spec: str, n: int, layers: int, r_list: tuple[int, ...], blocks: int
       paths.append(path)
     tokens = [np.load(path, mmap_mode="r") for path in paths]
     lo, hi = neighbors.rank_window(n, (0.0, 0.3))
-    n_pad = -(-n // KEY_BLOCK) * KEY_BLOCK
-    q_blocks = -(-n // QUERY_BLOCK)
-    flops_block = 2.0 * QUERY_BLOCK * n_pad * p * p * dim
+    qb, kb = neighbors.block_sizes(p)
+    n_pad = -(-n // kb) * kb
+    q_blocks = -(-n // qb)
+    flops_block = 2.0 * qb * n_pad * p * p * dim
 
     start = time.perf_counter()
-    z = neighbors._features(tokens[0], r_list[-1], 32, None, KEY_BLOCK)
+    z = neighbors._features(tokens[0], r_list[-1], 32, None, kb)
     jax.block_until_ready(z)
     lnamd_s = time.perf_counter() - start
     # The query-block function compiled ahead (no block run untimed), then
     # `blocks` query blocks timed, with the matmul ceiling measured right
     # before and after them (the machine may be shared).
-    keys, kid = neighbors._key_blocks(z, n, KEY_BLOCK)
+    keys, kid = neighbors._key_blocks(z, n, kb)
     fn = neighbors._scorer("mutual", lo, hi, jax.lax.Precision.HIGHEST, None)
     timed = min(blocks, q_blocks)
-    queries = [(z[s:s + QUERY_BLOCK], jnp.arange(s, s + QUERY_BLOCK, dtype=jnp.int32))
-               for s in range(0, timed * QUERY_BLOCK, QUERY_BLOCK)]
+    queries = [(z[s:s + qb], jnp.arange(s, s + qb, dtype=jnp.int32))
+               for s in range(0, timed * qb, qb)]
     compiled = fn.lower(*queries[0], keys, kid).compile()
     ceiling = ceiling_gflops()
     start = time.perf_counter()
     for q, qid in queries:
       jax.block_until_ready(compiled(q, qid, keys, kid))
     block_s = (time.perf_counter() - start) / timed
-    ceiling = max(ceiling, ceiling_gflops())
+    ceiling = 0.5 * (ceiling + ceiling_gflops())
     del z, keys, queries
     runs = layers * len(r_list)
     estimate = runs * (lnamd_s + q_blocks * block_s)
     measured = estimate <= budget
     if measured:
       start = time.perf_counter()
-      maps = neighbors.mutual_maps(tokens, r_list, query_block=QUERY_BLOCK,
-                                   key_block=KEY_BLOCK)
+      maps = neighbors.mutual_maps(tokens, r_list)
       total_s = time.perf_counter() - start
       assert np.all(np.isfinite(maps)) and maps.shape == (n, side, side)
     else:
@@ -124,7 +124,8 @@ def run_one(spec: str, n: int, layers: int, r_list: tuple[int, ...], blocks: int
               images_per_s=n / total_s, block_gflops=flops_block / block_s / 1e9,
               lnamd_s=lnamd_s, blocks_timed=timed, query_blocks=q_blocks, ceiling=ceiling,
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              device=str(jax.devices()[0].device_kind), devices=jax.device_count())
+              device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
+              blocks=[qb, kb])
 
 
 def main(argv=None) -> int:
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
             f"{r['block_gflops']:.1f} GFLOP/s in the distance blocks, "
             f"peak {r['peak_rss_gb']:.2f} GB", flush=True)
   print(f"\ndevice: {jax.devices()[0].platform} x{jax.device_count()}; ceiling: float32 "
-        f"matmul (fastest of {CEILING_SIZES} square) right before and after the timed blocks")
+        f"matmul (fastest of {CEILING_SIZES} square), the mean of right before and "
+        "after the timed blocks")
   print(f"{'case':12s} {'N':>4s} {'L':>2s} {'r':>6s} {'images/s':>9s} {'total s':>9s} "
         f"{'GFLOP/s':>8s} {'ceiling':>8s} {'of ceiling':>10s} {'peak GB':>8s}  how")
   for r in rows:
