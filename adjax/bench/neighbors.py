@@ -85,6 +85,7 @@ def run_one(spec: str, n: int, layers: int, r_list: tuple[int, ...], blocks: int
     tokens = [np.load(path, mmap_mode="r") for path in paths]
     lo, hi = neighbors.rank_window(n, (0.0, 0.3))
     qb, kb = neighbors.block_sizes(p)
+    qb = min(qb, n)
     n_pad = -(-n // kb) * kb
     q_blocks = -(-n // qb)
     flops_block = 2.0 * qb * n_pad * p * p * dim
@@ -98,7 +99,7 @@ def run_one(spec: str, n: int, layers: int, r_list: tuple[int, ...], blocks: int
     # before and after them (the machine may be shared).
     keys, kid = neighbors._key_blocks(z, n, kb)
     fn = neighbors._scorer("mutual", lo, hi, jax.lax.Precision.HIGHEST, None)
-    timed = min(blocks, q_blocks)
+    timed = max(1, min(blocks, n // qb))         # whole blocks only
     queries = [(z[s:s + qb], jnp.arange(s, s + qb, dtype=jnp.int32))
                for s in range(0, timed * qb, qb)]
     compiled = fn.lower(*queries[0], keys, kid).compile()
