@@ -70,22 +70,26 @@ def choose_references(handle, category_index: int, k: int) -> np.ndarray:
 def problems(cfg, handle) -> list[str]:
   """What stops `handle` being scored in `cfg.eval.scoring`, per category."""
   kind = neighbour_kind(cfg.eval.scoring)
-  out = []
   need = neighbors._min_images((0.0, 0.3))
+  k = int(cfg.eval.references)
+  small, short = [], []
   for ci, name in enumerate(handle.categories):
     in_cat = handle.example_category == ci
     n = int(in_cat.sum())
+    good = int((in_cat & (np.asarray(handle.example_label) == 0)).sum())
     if kind == "batch" and n < need:
-      out.append(f"{handle.display_name}/{name} has {n} images; eval.scoring="
-                 f"{cfg.eval.scoring} scores a category against its other images and "
-                 f"needs at least {need}")
-    if kind == "few_shot":
-      good = int((in_cat & (np.asarray(handle.example_label) == 0)).sum())
-      k = int(cfg.eval.references)
-      if good < k + 1:
-        out.append(f"{handle.display_name}/{name} has {good} good images; "
-                   f"eval.references={k} needs at least {k + 1} (k references and an "
-                   "image left to score)")
+      small.append(f"{name} ({n})")
+    if kind == "few_shot" and good < k + 1:
+      short.append(f"{name} ({good})")
+  out = []
+  if small:
+    out.append(f"eval.scoring={cfg.eval.scoring} scores each image against the other "
+               f"images of its category and needs at least {need} per category; "
+               f"{handle.display_name} has fewer in {', '.join(small)}")
+  if short:
+    out.append(f"eval.references={k} needs at least {k + 1} good images per category "
+               f"(k references and one left to score); {handle.display_name} has "
+               f"fewer in {', '.join(short)}")
   return out
 
 

@@ -67,12 +67,15 @@ def test_problems_refuse_small_categories_and_too_many_references():
   handle = _handle({"ok": (3, 3), "small": (2, 2)})
   cfg.eval.scoring = "batch"
   found = scoring_modes.problems(cfg, handle)
-  assert found == ["target/small has 4 images; eval.scoring=batch scores a category "
-                   "against its other images and needs at least 5"]
+  assert found == ["eval.scoring=batch scores each image against the other images of "
+                   "its category and needs at least 5 per category; target has fewer in "
+                   "small (4)"]
   cfg.eval.scoring = "zero_shot+few_shot"
   cfg.eval.references = 3
   found = scoring_modes.problems(cfg, handle)
-  assert len(found) == 2 and all("eval.references=3 needs at least 4" in p for p in found)
+  assert found == ["eval.references=3 needs at least 4 good images per category (k "
+                   "references and one left to score); target has fewer in ok (3), "
+                   "small (2)"]
   cfg.eval.references = 1
   assert scoring_modes.problems(cfg, handle) == []
 
