@@ -115,7 +115,8 @@ def problems(cfg, *, device_count: int | None = None,
   if info is not None:
     layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else info.default_layers()
     out += model_problems(info, layers, int(cfg.image_size), cfg.eval.image_score)
-  head_free = cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring)
+  head_free = ((cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring))
+               or (cfg.mode == "predict" and cfg.predict.scoring != "zero_shot"))
   if head_free:
     pass                          # the text tower is not built
   elif cfg.text.random_init:
@@ -143,6 +144,13 @@ def problems(cfg, *, device_count: int | None = None,
   if cfg.mode == "predict" and not (cfg.predict.input or cfg.predict.calibrate_normals):
     out.append("predict.input is empty: expected a folder or a glob of images "
                "(or predict.calibrate_normals to set thresholds only)")
+  _enum(out, "predict.scoring", cfg.predict.scoring, ("zero_shot", "few_shot", "batch"))
+  if cfg.predict.scoring == "few_shot" and not cfg.predict.references:
+    out.append("predict.scoring=few_shot needs predict.references: a folder or glob of "
+               "normal images")
+  if cfg.predict.references and cfg.predict.scoring != "few_shot":
+    out.append(f"predict.references is set but predict.scoring={cfg.predict.scoring!r}; "
+               "set predict.scoring=few_shot to score against them")
   if not 0 < cfg.predict.calibrate_quantile <= 1:
     out.append(f"predict.calibrate_quantile={cfg.predict.calibrate_quantile!r}: expected "
                "a value in (0, 1]")

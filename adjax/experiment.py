@@ -37,8 +37,10 @@ def trained_params(cfg, workdir: Path, towers, mesh):
 
 
 def _head_free(cfg) -> bool:
-  """Evaluation in a mode that needs neither the head nor the text tower."""
+  """Evaluation or prediction in a mode that needs neither the head nor the text tower."""
   from adjax import scoring_modes
+  if cfg.mode == "predict":
+    return cfg.predict.scoring != "zero_shot"
   return cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring)
 
 
@@ -89,6 +91,9 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
     _ensure_demo_data(cfg.data.demo)
   towers = towers_lib.build(cfg, workdir, text=not _head_free(cfg))
 
+  if cfg.mode == "predict" and _head_free(cfg):
+    from adjax import predict_neighbors
+    return predict_neighbors.run(cfg, workdir, towers, mesh)
   if cfg.mode == "predict":
     from adjax import predict
     params, _, _ = trained_params(cfg, workdir, towers, mesh)

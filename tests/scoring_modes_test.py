@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from adjax import config_check, scoring_modes
+from adjax.errors import UserError as UserErrorTypes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,3 +144,52 @@ def test_comparison_puts_the_modes_side_by_side(tmp_path):
          "batch I-AUROC | batch P-AUROC | batch AUPRO |" in text
   assert "| a | 50.0 | 60.0 | 30.0 | 80.0 | 90.0 | n/a |" in text
   assert "| mean | 50.0 | 60.0 | 30.0 | 80.0 | 90.0 | n/a |" in text
+
+
+@pytest.mark.slow
+def test_predict_few_shot_and_batch_without_a_head(tmp_path):
+  """predict.scoring=few_shot: a reference given as input scores 0 (r = 1: every
+  patch is in the bank); batch scores every input; both with no head and no
+  text weights; a batch of fewer than 5 images is refused in one line."""
+  import csv
+  from PIL import Image
+  from adjax import experiment
+  from adjax.data import synthetic
+  synthetic.generate(tmp_path / "gen", image_size=64, per_category=6, seed=1,
+                     families=["b"])
+  cat = sorted((tmp_path / "gen" / "family_b").iterdir())[0] / "test"
+  goods = sorted((cat / "good").glob("*.png"))
+  refs = tmp_path / "refs"
+  refs.mkdir()
+  for p in goods[:2]:
+    Image.open(p).save(refs / p.name)
+
+  def config(**kw):
+    c = demo_config()
+    c.mode = "predict"
+    c.data.demo.root = ""
+    c.image_size = 64
+    c.eval.r_list = (1,)
+    c.text.random_init = False
+    c.text.checkpoint = "/nonexistent/text"
+    c.predict.batch_size = 8
+    for k, v in kw.items():
+      c.predict[k] = v
+    return c
+
+  out = experiment.run(config(scoring="few_shot", references=str(refs), input=str(cat)),
+                       str(tmp_path / "fs"))
+  scores = {Path(r["path"]).name + Path(r["path"]).parent.name: float(r["score"])
+            for r in out["scores"]}
+  assert len(scores) == len(list(cat.rglob("*.png")))
+  for p in goods[:2]:
+    assert scores[p.name + "good"] < 2e-3, scores
+  assert min(v for k, v in scores.items() if k not in
+             {p.name + "good" for p in goods[:2]}) > 1e-2
+  with open(tmp_path / "fs" / "predictions" / "scores.csv") as f:
+    assert len(list(csv.DictReader(f))) == len(scores)
+
+  out = experiment.run(config(scoring="batch", input=str(cat)), str(tmp_path / "batch"))
+  assert len(out["scores"]) == len(scores)
+  with pytest.raises(UserErrorTypes, match="needs at least 5"):
+    experiment.run(config(scoring="batch", input=str(refs)), str(tmp_path / "small"))
