@@ -85,6 +85,16 @@ def problems(cfg, *, device_count: int | None = None,
   if not 0 <= cfg.optimizer.warmup_fraction < 1:
     out.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction!r}: expected "
                "a fraction in [0, 1)")
+  from adjax import scoring_modes
+  _enum(out, "eval.scoring", cfg.eval.scoring, scoring_modes.SCORINGS)
+  _enum(out, "eval.combine", cfg.eval.combine, scoring_modes.COMBINES)
+  _at_least(out, "eval.references", cfg.eval.references, 1)
+  r_list = tuple(cfg.eval.r_list)
+  if not r_list or any(not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
+    out.append(f"eval.r_list={r_list!r}: expected odd neighbourhood sizes >= 1, e.g. (1, 3, 5)")
+  k_list = tuple(cfg.eval.rscin_k)
+  if not k_list or any(not isinstance(k, int) or k < 0 for k in k_list):
+    out.append(f"eval.rscin_k={k_list!r}: expected integers >= 1, or (0,) to turn RsCIN off")
   if not 0 < cfg.eval.fpr_limit <= 1:
     out.append(f"eval.fpr_limit={cfg.eval.fpr_limit!r}: expected a value in (0, 1]")
 
@@ -105,7 +115,11 @@ def problems(cfg, *, device_count: int | None = None,
   if info is not None:
     layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else info.default_layers()
     out += model_problems(info, layers, int(cfg.image_size), cfg.eval.image_score)
-  if cfg.text.random_init:
+  head_free = ((cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring))
+               or (cfg.mode == "predict" and cfg.predict.scoring != "zero_shot"))
+  if head_free:
+    pass                          # the text tower is not built
+  elif cfg.text.random_init:
     from adjax.models import clip_text
     _enum(out, "text.variant", cfg.text.variant, tuple(sorted(clip_text.VARIANTS)))
   elif not Path(cfg.text.checkpoint).is_dir():
@@ -130,10 +144,17 @@ def problems(cfg, *, device_count: int | None = None,
   if cfg.mode == "predict" and not (cfg.predict.input or cfg.predict.calibrate_normals):
     out.append("predict.input is empty: expected a folder or a glob of images "
                "(or predict.calibrate_normals to set thresholds only)")
-  if cfg.mode == "predict" and not str(cfg.predict.object_name).strip():
+  if cfg.mode == "predict" and cfg.predict.scoring == "zero_shot" and not str(cfg.predict.object_name).strip():
     out.append("predict.object_name is empty: expected the name of the object in the "
                "images (the prompt's object, e.g. bottle), one of the evaluated categories "
                "to use its own threshold")
+  _enum(out, "predict.scoring", cfg.predict.scoring, ("zero_shot", "few_shot", "batch"))
+  if cfg.predict.scoring == "few_shot" and not cfg.predict.references:
+    out.append("predict.scoring=few_shot needs predict.references: a folder or glob of "
+               "normal images")
+  if cfg.predict.references and cfg.predict.scoring != "few_shot":
+    out.append(f"predict.references is set but predict.scoring={cfg.predict.scoring!r}; "
+               "set predict.scoring=few_shot to score against them")
   if not 0 < cfg.predict.calibrate_quantile <= 1:
     out.append(f"predict.calibrate_quantile={cfg.predict.calibrate_quantile!r}: expected "
                "a value in (0, 1]")

@@ -113,6 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.feature_cache = "none"     # none | disk
   c.eval.feature_cache_dtype = "float32"   # float32: cached results equal uncached ones
   c.eval.feature_cache_dir = ""     # default: <data.data_dir>/feature_cache
+  # Scoring against neighbours (adjax.scoring_modes, SPEC section 11):
+  # few_shot and batch need neither a trained head nor the text tower.
+  c.eval.scoring = "zero_shot"      # zero_shot | few_shot | batch | zero_shot+few_shot | zero_shot+batch
+  c.eval.references = 4             # few_shot: normal reference images per category (left out of the metrics)
+  c.eval.r_list = (1, 3, 5)         # neighbour modes: LNAMD neighbourhood sizes (odd), maps averaged over them
+  c.eval.rscin_k = (1, 2, 3)        # batch: RsCIN k_list refining image scores ((1, 8, 9) for VisA in MuSc)
+  c.eval.combine = "zscore"         # zero_shot+...: each map normalised over its category (zscore | minmax), then averaged
 
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""              # folder or glob of images
@@ -121,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict.calibrate_normals = ""  # folder or glob of normal images: set thresholds from them
   c.predict.calibrate_quantile = 0.99   # their scores' quantile that becomes the threshold
   c.predict.batch_size = 8          # images per prediction batch
+  # few_shot and batch need neither a trained head nor the text tower (adjax.predict_neighbors).
+  c.predict.scoring = "zero_shot"   # zero_shot | few_shot (against predict.references) | batch (the inputs together)
+  c.predict.references = ""         # few_shot: folder or glob of normal images of the object
 
   # Devices: a mesh ("data", "model"). The batch is split on "data"; the
   # trainable head is replicated; the frozen backbone's weights are either

@@ -24,6 +24,7 @@ from PIL import Image
 from adjax import atomic, data, features, heatmaps, html_report, identity, metrics, reports
 from adjax import run_log, sharding, targets, thresholds
 from adjax.scorer import Scorer
+from adjax.workdir import Workdir
 
 
 class CategoryMetrics:
@@ -83,7 +84,8 @@ class Evaluator(Scorer):
     self.eval_identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
-        "towers": {"backbone": towers.backbone_id, "text": towers.text_embed.model_id},
+        "towers": {"backbone": towers.backbone_id,
+                   "text": getattr(towers.text_embed, "model_id", None)},
         "eval": dict({k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
                      backbone_dtype=cfg.backbone.dtype,
                      feature_precision=("bfloat16" if cfg.eval.feature_cache == "disk" and
@@ -109,8 +111,8 @@ class Evaluator(Scorer):
     pixel = float(np.median(pixels)) if pixels else None
     if image is None and pixel is None:
       return None
-    return dict(dataset=",".join(found), image_score=self.model.image_score,
-                checkpoint_step=self.eval_identity["head"]["step"],
+    return dict(dataset=",".join(found), image_score=self.threshold_image_score(),
+                checkpoint_step=(self.eval_identity["head"] or {"step": -1})["step"],
                 model=self.threshold_identity(), image=image, pixel=pixel, method="f1",
                 details={"per_category": dict(found)})
 
@@ -125,7 +127,23 @@ class Evaluator(Scorer):
     if record is None:
       return None
     record["details"]["made_from"] = [str(p) for _, p in self._per_target.values() if p]
-    return thresholds.write(self.workdir, **record)
+    return thresholds.write(Workdir(self.workdir).thresholds, **record)
+
+  def _write_own_thresholds(self, handle, stem: str) -> None:
+    """This evaluation's thresholds, beside its results (never the deployment file)."""
+    record = self._threshold_record(
+        self._image_scores, {handle.display_name: self.category_thresholds[handle.display_name]})
+    own = None
+    if record is not None:
+      own = thresholds.write(Workdir(self.workdir).evaluation_thresholds(stem), **record)
+    self._per_target[handle.display_name] = (list(self._image_scores), own)
+
+  def threshold_image_score(self) -> str:
+    """The image-score rule recorded with the thresholds."""
+    return self.model.image_score
+
+  def report_title(self, handle) -> str:
+    return f"{handle.display_name}: zero-shot results"
 
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
@@ -140,8 +158,8 @@ class Evaluator(Scorer):
         "name": handle.name, "examples": handle.num_examples, "prepared": str(handle.data_dir)})
     # Results of another evaluation (another head, step, model or setting)
     # are never overwritten: this one then goes beside them, as name@digest.
-    stem = identity.results_name(self.workdir / "results", handle.display_name, ident)
-    heat_dir = self.workdir / "heatmaps" / stem
+    stem = identity.results_name(Workdir(self.workdir).results, handle.display_name, ident)
+    heat_dir = Workdir(self.workdir).evaluation_heatmaps(stem)
     if main and heat_dir.exists():
       # Panels of an earlier evaluation would mislead. The other processes
       # draw only after the first eval step, which waits for this process.
@@ -177,18 +195,12 @@ class Evaluator(Scorer):
     outcome = {name: accs[name].result() for name in sorted(accs)}
     results = {name: res for name, (res, _) in outcome.items()}
     details = {name: d for name, (_, d) in outcome.items()}
-    table_text = reports.write_reports(results, self.workdir / "results", stem, ident)
+    table_text = reports.write_reports(results, Workdir(self.workdir).results, stem, ident)
     self._write_html(handle, stem, ident, results, details, accs)
     self.category_thresholds[handle.display_name] = {
         name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
         for name, d in details.items()}
-    # This evaluation's thresholds, beside its results (never the deployment file).
-    record = self._threshold_record(
-        self._image_scores, {handle.display_name: self.category_thresholds[handle.display_name]})
-    own = None
-    if record is not None:
-      own = thresholds.write(self.workdir / "results" / f"{stem}.thresholds.json", **record)
-    self._per_target[handle.display_name] = (list(self._image_scores), own)
+    self._write_own_thresholds(handle, stem)
     if stem != handle.display_name:
       print(f"\nresults/{handle.display_name}.json holds another evaluation's results; "
             f"these go to results/{stem}.*", flush=True)
@@ -211,11 +223,10 @@ class Evaluator(Scorer):
     summary = reports.summarize(results)
     note = summary.get("mean_note")
     page = html_report.evaluation_html(
-        f"{handle.display_name}: zero-shot results" + (f" ({reports.MEAN}: {note})"
-                                                        if note else ""),
+        self.report_title(handle) + (f" ({reports.MEAN}: {note})" if note else ""),
         {**summary["categories"], "mean": summary["mean"]}, curves, panels, ident,
         list(summary["mean"]))
-    atomic.write_text(self.workdir / "results" / f"{stem}.html", page)
+    atomic.write_text(Workdir(self.workdir).evaluation_page(stem), page)
 
   def _image_at(self, handle, index: int) -> np.ndarray:
     with Image.open(io.BytesIO(handle.source[index]["image"])) as img:
@@ -299,7 +310,11 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   `source` is (the workdir the head comes from, its step): part of the
   results' identity. Returns (results by data set, [(absent target, why)]).
   """
-  evaluator = Evaluator(cfg, workdir, towers, mesh, params, source)
+  if cfg.eval.scoring == "zero_shot":
+    evaluator = Evaluator(cfg, workdir, towers, mesh, params, source)
+  else:
+    from adjax import scoring_modes
+    evaluator = scoring_modes.ModeEvaluator(cfg, workdir, towers, mesh, params, source)
   all_results, absent = {}, []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:
@@ -308,8 +323,13 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
       absent.append((target, str(e).splitlines()[0]))
       continue
     all_results[handle.display_name] = evaluator.evaluate(handle)
-  if jax.process_index() == 0 and all_results:
-    deploy = workdir / thresholds.FILE_NAME
+    if jax.process_index() == 0:
+      from adjax import scoring_modes
+      scoring_modes.write_comparison(Workdir(workdir).results, handle.display_name)
+  # The deployment thresholds.json belongs to the zero-shot head that predict
+  # runs; the neighbour modes' thresholds stay beside their results.
+  if jax.process_index() == 0 and all_results and cfg.eval.scoring == "zero_shot":
+    deploy = Workdir(workdir).thresholds
     first = cfg.mode == "train" and not deploy.exists()
     if cfg.eval.set_thresholds or first:
       written = evaluator.write_thresholds()

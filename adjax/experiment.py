@@ -38,6 +38,14 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   return params, source, step
 
 
+def _head_free(cfg) -> bool:
+  """Evaluation or prediction in a mode that needs neither the head nor the text tower."""
+  from adjax import scoring_modes
+  if cfg.mode == "predict":
+    return cfg.predict.scoring != "zero_shot"
+  return cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring)
+
+
 def run(cfg, workdir_flag: str | None = None) -> dict:
   config_check.check(cfg)          # before jax.distributed and the devices
   if cfg.distributed:
@@ -53,7 +61,8 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
     raise config_check.ConfigError(
         f"--workdir {workdir}: is a file, not a folder; pass a folder (it is created "
         "when missing)")
-  if cfg.mode != "train" and not cfg.init_from and not Workdir(workdir).has_checkpoints():
+  if (cfg.mode != "train" and not cfg.init_from and not Workdir(workdir).has_checkpoints()
+      and not _head_free(cfg)):
     raise config_check.ConfigError(
         f"mode={cfg.mode}: {workdir} holds no trained checkpoint; pass the trained "
         "run's --workdir, or --config.init_from=<trained workdir>")
@@ -76,8 +85,11 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   if cfg.data.demo.root:
     _ensure_demo_data(cfg.data.demo)
-  towers = towers_lib.build(cfg, workdir)
+  towers = towers_lib.build(cfg, workdir, text=not _head_free(cfg))
 
+  if cfg.mode == "predict" and _head_free(cfg):
+    from adjax import predict_neighbors
+    return predict_neighbors.run(cfg, workdir, towers, mesh)
   if cfg.mode == "predict":
     from adjax import predict
     params, _, _ = trained_params(cfg, workdir, towers, mesh)
@@ -101,6 +113,10 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
         source=(workdir, int(jax.device_get(state["step"]))))
     return {"state": state, "results": results, "absent": absent}
 
+  if _head_free(cfg):
+    results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, None,
+                                                source=None)
+    return {"results": results, "absent": absent}
   params, source, step = trained_params(cfg, workdir, towers, mesh)
   results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, params,
                                               source=(source, step))

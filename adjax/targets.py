@@ -7,8 +7,9 @@ from pathlib import Path
 from adjax import data
 
 
-def loader(cfg, handle, model, *, batch_size: int, train: bool):
-  """`data.make_loader` with the config's settings, for this process's share.
+def loader(cfg, handle, model, *, batch_size: int, train: bool, categories=None):
+  """`data.make_loader` with the config's settings, for this process's share
+  (of `categories` only, when given).
 
   `batch_size` is the global batch; the VisA mask quirk (SPEC section 9)
   follows `model.behaviour`.
@@ -20,7 +21,8 @@ def loader(cfg, handle, model, *, batch_size: int, train: bool):
       mask_threshold_strict_zero=(model.behaviour.visa_mask_strict_zero
                                   and handle.name == "visa"),
       process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch)
+      worker_count=cfg.data.worker_count, prefetch=cfg.data.prefetch,
+      categories=categories)
 
 
 def prepare(cfg, target: str) -> "data.DatasetHandle":

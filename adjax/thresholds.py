@@ -30,9 +30,6 @@ from adjax.errors import UserError
 from adjax.workdir import THRESHOLDS_FILE, Workdir
 
 FORMAT_VERSION = 1
-# Transitional alias: adjax.evaluate and adjax.detector still join it to a
-# workdir; it goes once they ask Workdir(workdir).thresholds.
-FILE_NAME = THRESHOLDS_FILE
 
 
 class ThresholdError(UserError, ValueError):

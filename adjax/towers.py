@@ -28,7 +28,7 @@ class Towers:
   backbone_id: str             # what determines the backbone's features (cache keys)
   info: backbones.Backbone     # the backbone's contract (patch, prefix, normalisation)
   text_dim: int
-  text_embed: "TextEmbedder"
+  text_embed: "TextEmbedder | None"   # None: built without the text tower (neighbour modes)
 
   def model(self, cfg) -> ADModel:
     """The configured detector over these towers."""
@@ -118,10 +118,12 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
                       cfg.text.display_names.to_dict())
 
 
-def build(cfg, workdir: Path) -> Towers:
+def build(cfg, workdir: Path, *, text: bool = True) -> Towers:
+  """The backbone and (unless `text=False`: scoring modes without the head) the
+  text tower."""
   backbone, backbone_id = build_backbone(cfg)
   info = backbones.describe(cfg.backbone.family, backbone.config)
-  text = build_text(cfg, workdir)
+  embed = build_text(cfg, workdir) if text else None
   logging.info("backbone %s %s (%s); text tower %s", info.family, info.variant,
-               backbone_id, text.model_id)
-  return Towers(backbone, backbone_id, info, text.dim, text)
+               backbone_id, embed.model_id if embed else "not built")
+  return Towers(backbone, backbone_id, info, embed.dim if embed else 0, embed)

@@ -17,6 +17,7 @@ from PIL import Image
 from adjax import experiment, thresholds
 from adjax import Detector
 from adjax.detector import DetectorError
+from adjax.workdir import Workdir
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -260,7 +261,7 @@ def test_init_from_run_decides_with_the_trained_runs_thresholds(demo_workdir, tm
   cfg.workdir = str(fresh)
   cfg.init_from = str(workdir)
   det = Detector.from_config(cfg)
-  assert det.thresholds_path == workdir / thresholds.FILE_NAME
+  assert det.thresholds_path == Workdir(workdir).thresholds
   want = thresholds.resolve(thresholds.read(workdir), "tile")
   assert det.thresholds_for("tile") == want and want.source == "category:family_b/tile"
   pred = det.predict(np.zeros((20, 30, 3), np.uint8), object_name="tile")
@@ -270,7 +271,7 @@ def test_init_from_run_decides_with_the_trained_runs_thresholds(demo_workdir, tm
   thresholds.write(fresh, dataset="own", image_score=record["image_score"],
                    checkpoint_step=0, model=record["model"], image=0.123)
   det = Detector.from_config(cfg)
-  assert det.thresholds_path == fresh / thresholds.FILE_NAME
+  assert det.thresholds_path == Workdir(fresh).thresholds
   assert det.thresholds_for("tile") == (0.123, None, "top-level")
 
 

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "metrics": "evaluation metrics",
     "train": "train step",
     "heads": "evaluating N heads on one target, with and without the feature cache",
+    "neighbors": "MuSc mutual scoring: images/s, GFLOP/s vs a matmul ceiling, peak memory",
 }
 
 

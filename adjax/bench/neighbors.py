@@ -1,0 +1,179 @@
+"""Benchmark: MuSc mutual scoring (`adjax.neighbors.mutual_maps`).
+
+  python -m adjax.bench neighbors [--cases vits16@224,vitl16@512] [--n 100,500]
+                                  [--layers 4] [--r 1,3,5] [--blocks 3]
+                                  [--budget 120]
+
+For each case (a variant's patch grid and width at a size) and batch size N:
+random tokens of L layers are written to per-layer float16 `.npy` files and
+read back through `np.load(mmap_mode="r")`, as a disk cache would give them.
+Each (case, N) runs in its own process, so its peak memory (ru_maxrss) is
+its own. Mutual scoring computes, per layer and r, N x N' distance blocks as
+matmuls of 2 * N * N' * P^2 * D FLOPs (N' = N rounded up to the key block;
+the self-pairs are computed and discarded), in blocks of
+`neighbors.block_sizes(P)` query x key images.
+
+When the whole run (L * len(r) layers of N query images) is estimated to
+take longer than `--budget` seconds, only `--blocks` query blocks of one
+layer and one r are timed (after a compile call) at the full N (so the
+memory is that of the full run: every key image's features are held) and
+the time is extrapolated linearly to all blocks, layers and r (the work per
+block does not depend on which block it is); the table says "extrapolated".
+The LNAMD step (reading the layer and normalising it) is timed in full for
+one layer and counted len(r) * L times.
+
+The ceiling is `adjax.bench.backbone.matmul_gflops`: the fastest of two
+square float32 matmuls, measured in the same process right before and after
+the timed blocks (their mean), so that load from other programs affects
+both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CEILING_SIZES = (1024, 2048)
+
+
+def ceiling_gflops() -> float:
+  """The float32 matmul ceiling now: the fastest of CEILING_SIZES square matmuls."""
+  import jax.numpy as jnp
+  from adjax.bench import backbone as backbone_bench
+  return max(backbone_bench.matmul_gflops(s, jnp.float32, 5) for s in CEILING_SIZES)
+
+
+def _case(spec: str) -> tuple[str, int, int, int]:
+  """"vitl16@512" -> (variant, size, patches per side, width)."""
+  from adjax.models import backbones
+  variant, size = spec.split("@")
+  family, _ = backbones.find_variant(variant)
+  info = backbones.describe(family, backbones.variant_config(family, variant))
+  side = int(size) // info.patch_size
+  return variant, int(size), side, info.dim
+
+
+def run_one(spec: str, n: int, layers: int, r_list: tuple[int, ...], blocks: int,
+            budget: float) -> dict:
+  """One (case, N) in this process -> a result row."""
+  import jax
+  import jax.numpy as jnp
+  from adjax import neighbors
+  variant, size, side, dim = _case(spec)
+  p = side * side
+  rng = np.random.default_rng(0)
+  with tempfile.TemporaryDirectory(prefix="adjax_bench_neighbors_") as tmp:
+    paths = []
+    for l in range(layers):
+      path = Path(tmp) / f"layer{l}.npy"
+      arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
+                                      shape=(n, side, side, dim))
+      for s in range(0, n, 16):
+        arr[s:s + 16] = rng.standard_normal((min(16, n - s), side, side, dim), np.float32)
+      arr.flush()
+      del arr
+      paths.append(path)
+    tokens = [np.load(path, mmap_mode="r") for path in paths]
+    lo, hi = neighbors.rank_window(n, (0.0, 0.3))
+    qb, kb = neighbors.block_sizes(p)
+    qb = min(qb, n)
+    n_pad = -(-n // kb) * kb
+    q_blocks = -(-n // qb)
+    flops_block = 2.0 * qb * n_pad * p * p * dim
+
+    start = time.perf_counter()
+    z = neighbors._features(tokens[0], r_list[-1], 32, None, kb)
+    jax.block_until_ready(z)
+    lnamd_s = time.perf_counter() - start
+    # The query-block function compiled ahead (no block run untimed), then
+    # `blocks` query blocks timed, with the matmul ceiling measured right
+    # before and after them (the machine may be shared).
+    keys, kid = neighbors._key_blocks(z, n, kb)
+    fn = neighbors._scorer("mutual", lo, hi, jax.lax.Precision.HIGHEST, None)
+    timed = max(1, min(blocks, n // qb))         # whole blocks only
+    queries = [(z[s:s + qb], jnp.arange(s, s + qb, dtype=jnp.int32))
+               for s in range(0, timed * qb, qb)]
+    compiled = fn.lower(*queries[0], keys, kid).compile()
+    ceiling = ceiling_gflops()
+    start = time.perf_counter()
+    for q, qid in queries:
+      jax.block_until_ready(compiled(q, qid, keys, kid))
+    block_s = (time.perf_counter() - start) / timed
+    ceiling = 0.5 * (ceiling + ceiling_gflops())
+    del z, keys, queries
+    runs = layers * len(r_list)
+    estimate = runs * (lnamd_s + q_blocks * block_s)
+    measured = estimate <= budget
+    if measured:
+      start = time.perf_counter()
+      maps = neighbors.mutual_maps(tokens, r_list)
+      total_s = time.perf_counter() - start
+      assert np.all(np.isfinite(maps)) and maps.shape == (n, side, side)
+    else:
+      total_s = estimate
+  return dict(case=spec, variant=variant, size=size, patches=p, dim=dim, n=n,
+              layers=layers, r=list(r_list), measured=measured, total_s=total_s,
+              images_per_s=n / total_s, block_gflops=flops_block / block_s / 1e9,
+              lnamd_s=lnamd_s, blocks_timed=timed, query_blocks=q_blocks, ceiling=ceiling,
+              peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              device=str(jax.devices()[0].device_kind), devices=jax.device_count(),
+              blocks=[qb, kb])
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m adjax.bench neighbors",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--cases", default="vits16@224,vitl16@512")
+  p.add_argument("--n", default="100,500", help="batch sizes (images scored together)")
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--r", default="1,3,5", help="LNAMD neighbourhood sizes")
+  p.add_argument("--blocks", type=int, default=3,
+                 help="query blocks timed when the full run is extrapolated")
+  p.add_argument("--budget", type=float, default=120.0,
+                 help="run the whole mutual_maps when estimated below this many seconds")
+  p.add_argument("--one", default="", help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  r_list = tuple(int(r) for r in a.r.split(",") if r)
+  if a.one:
+    spec, n = a.one.split(":")
+    print(json.dumps(run_one(spec, int(n), a.layers, r_list, a.blocks, a.budget)))
+    return 0
+  import jax
+  rows = []
+  for spec in [c for c in a.cases.split(",") if c]:
+    for n in [int(x) for x in a.n.split(",") if x]:
+      cmd = [sys.executable, "-m", "adjax.bench", "neighbors", "--one", f"{spec}:{n}",
+             "--layers", str(a.layers), "--r", a.r, "--blocks", str(a.blocks),
+             "--budget", str(a.budget)]
+      proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+      if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return proc.returncode
+      rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+      r = rows[-1]
+      print(f"{spec} N={n}: {r['images_per_s']:.2f} images/s "
+            f"({'measured' if r['measured'] else 'extrapolated'}), "
+            f"{r['block_gflops']:.1f} GFLOP/s in the distance blocks, "
+            f"peak {r['peak_rss_gb']:.2f} GB", flush=True)
+  print(f"\ndevice: {jax.devices()[0].platform} x{jax.device_count()}; ceiling: float32 "
+        f"matmul (fastest of {CEILING_SIZES} square), the mean of right before and "
+        "after the timed blocks")
+  print(f"{'case':12s} {'N':>4s} {'L':>2s} {'r':>6s} {'images/s':>9s} {'total s':>9s} "
+        f"{'GFLOP/s':>8s} {'ceiling':>8s} {'of ceiling':>10s} {'peak GB':>8s}  how")
+  for r in rows:
+    print(f"{r['case']:12s} {r['n']:4d} {r['layers']:2d} {','.join(map(str, r['r'])):>6s} "
+          f"{r['images_per_s']:9.3f} {r['total_s']:9.1f} {r['block_gflops']:8.1f} "
+          f"{r['ceiling']:8.1f} {r['block_gflops'] / r['ceiling']:10.1%} "
+          f"{r['peak_rss_gb']:8.2f}  "
+          + ("measured" if r["measured"] else
+             f"extrapolated from {r['blocks_timed']} of {r['query_blocks']} query blocks"))
+  return 0

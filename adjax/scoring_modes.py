@@ -1,0 +1,343 @@
+"""Evaluation beyond zero-shot: scoring against neighbours (`eval.scoring`).
+
+- `zero_shot`: the trained head alone (`adjax.evaluate.Evaluator`).
+- `few_shot`: each image against a memory bank of `eval.references` normal
+  images of its own category: the first k `good` images of the category in a
+  fixed-seed shuffle of the target's split; they are left out of the metrics
+  and listed in the results' identity (`references`).
+- `batch`: MuSc: each image against the other unlabeled images of its
+  category (`neighbors.mutual_maps`), image scores refined over the category
+  (`neighbors.refine_scores`, k_list `eval.rscin_k`).
+- `zero_shot+few_shot`, `zero_shot+batch`: the head's map and the neighbour
+  map, each normalised over the category (`eval.combine`), averaged; the
+  image score is the combined map's maximum (then RsCIN for `+batch`).
+
+One backbone pass per category feeds the head and the neighbours. The
+neighbour modes use the tapped blocks' patch tokens as the backbone returns
+them (prefix tokens removed), not the head's standardised patches (which
+the feature cache stores), so they always run the backbone; the global
+token of RsCIN is the cls token of the deepest tapped block through the
+final norm. A category's raw tokens are held in host memory while it is
+scored (`L * n * P * D * 4` bytes: ViT-L/16 at 512, 200 images, 3.4 GB).
+`few_shot` and `batch` need neither the head nor the text tower.
+Neighbour maps are on the patch grid and upsampled to the image size
+bilinearly with align_corners=True, like the head's maps.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from adjax import data, heatmaps, identity, neighbors, reports, run_log, sharding, targets
+from adjax.errors import UserError
+from adjax.evaluate import CategoryMetrics, Evaluator
+from adjax.models import head as head_lib
+from adjax.workdir import Workdir
+
+SCORINGS = ("zero_shot", "few_shot", "batch", "zero_shot+few_shot", "zero_shot+batch")
+COMBINES = ("zscore", "minmax")
+REFERENCE_SEED = 0   # the fixed shuffle that picks few-shot references
+
+
+class ScoringError(UserError, ValueError):
+  """A data set cannot be scored in the chosen mode (too few images)."""
+
+
+def needs_head(scoring: str) -> bool:
+  """Modes that use the trained head (and so the text tower)."""
+  return scoring.startswith("zero_shot")
+
+
+def neighbour_kind(scoring: str) -> str | None:
+  """"batch", "few_shot" or None (zero-shot only)."""
+  return scoring.split("+")[-1] if scoring != "zero_shot" else None
+
+
+def choose_references(handle, category_index: int, k: int) -> np.ndarray:
+  """Example indices of the k reference images of a category: its `good`
+  (label 0) images in a fixed-seed shuffle, the first k."""
+  good = np.flatnonzero((handle.example_category == category_index)
+                        & (np.asarray(handle.example_label) == 0))
+  order = np.random.default_rng(REFERENCE_SEED).permutation(len(good))
+  return np.sort(good[order[:k]])
+
+
+def problems(cfg, handle) -> list[str]:
+  """What stops `handle` being scored in `cfg.eval.scoring`, per category."""
+  kind = neighbour_kind(cfg.eval.scoring)
+  need = neighbors._min_images((0.0, 0.3))
+  k = int(cfg.eval.references)
+  small, short = [], []
+  for ci, name in enumerate(handle.categories):
+    in_cat = handle.example_category == ci
+    n = int(in_cat.sum())
+    good = int((in_cat & (np.asarray(handle.example_label) == 0)).sum())
+    if kind == "batch" and n < need:
+      small.append(f"{name} ({n})")
+    if kind == "few_shot" and good < k + 1:
+      short.append(f"{name} ({good})")
+  out = []
+  if small:
+    out.append(f"eval.scoring={cfg.eval.scoring} scores each image against the other "
+               f"images of its category and needs at least {need} per category; "
+               f"{handle.display_name} has fewer in {', '.join(small)}")
+  if short:
+    out.append(f"eval.references={k} needs at least {k + 1} good images per category "
+               f"(k references and one left to score); {handle.display_name} has "
+               f"fewer in {', '.join(short)}")
+  return out
+
+
+def normalise(values: np.ndarray, how: str) -> np.ndarray:
+  """Maps of one category on a common scale: z-scored or min-max over all its pixels."""
+  values = np.asarray(values, np.float32)
+  if how == "zscore":
+    return (values - values.mean()) / max(float(values.std()), 1e-12)
+  lo, hi = float(values.min()), float(values.max())
+  return (values - lo) / max(hi - lo, 1e-12)
+
+
+_upsample = jax.jit(lambda m, hw: head_lib.upsample_align_corners(m[..., None], hw)[..., 0],
+                    static_argnums=1)
+
+
+def upsample(maps: np.ndarray, hw: tuple[int, int], block: int = 32) -> np.ndarray:
+  """[n, h, w] patch-grid maps -> [n, H, W], bilinear, align_corners=True."""
+  return np.concatenate([np.asarray(_upsample(jnp.asarray(maps[s:s + block]), hw))
+                         for s in range(0, len(maps), block)])
+
+
+class ModeEvaluator(Evaluator):
+  """Evaluates one data set at a time in a neighbour mode (see the module doc)."""
+
+  def __init__(self, cfg, workdir: Path, towers, mesh, params, source):
+    self.scoring = cfg.eval.scoring
+    self.kind = neighbour_kind(self.scoring)
+    self.with_head = needs_head(self.scoring)
+    super().__init__(cfg, workdir, towers, mesh, params,
+                     source if source is not None else (workdir, 0))
+    ev = dict(self.eval_identity["eval"], scoring=self.scoring)
+    if self.kind == "few_shot":
+      ev["references"] = int(cfg.eval.references)
+    ev["r_list"] = [int(r) for r in cfg.eval.r_list]
+    if self.kind == "batch":
+      ev["rscin_k"] = [int(k) for k in cfg.eval.rscin_k]
+    if self.with_head:
+      ev["combine"] = cfg.eval.combine
+    else:
+      ev.pop("image_score")
+      self.eval_identity["head"] = None
+      self.eval_identity["towers"]["text"] = None
+    self.eval_identity["eval"] = ev
+    self._features_step = self._build_step()
+
+  # ---- identities of thresholds ------------------------------------------
+  def threshold_identity(self) -> dict:
+    if self.with_head:
+      ident = super().threshold_identity()
+    else:
+      from adjax import thresholds
+      ident = thresholds.model_identity(
+          backbone_id=self.towers.backbone_id, text_id="none", layers=self.model.layers,
+          image_size=self.model.image_size, reference_quirks=self.reference_quirks,
+          head_sha256="none")
+    return dict(ident, scoring=self.scoring)
+
+  def threshold_image_score(self) -> str:
+    return f"{self.scoring}:max"
+
+  # ---- the backbone (and head) pass --------------------------------------
+  def _build_step(self):
+    model, with_head = self.model, self.with_head
+    backbone_def = self.builder.backbone_def
+    prefix, cls_index = model.backbone.num_prefix_tokens, model.backbone.cls_index
+
+    def step(params, backbone_state, text_table, images, category_index):
+      backbone = nnx.merge(backbone_def, backbone_state)
+      outs = backbone.get_intermediate_layers(model.normalize(images), list(model.layers))
+      tokens = jnp.stack(outs).astype(jnp.float32)          # [L, B, T, D]
+      raw, glob = tokens[:, :, prefix:], tokens[-1, :, cls_index]
+      if not with_head:
+        return raw, glob
+      from adjax.model import Features
+      feats = Features(head_lib.standardize_patches(raw), tokens[:, :, cls_index])
+      return (raw, glob) + tuple(model.maps(params, feats, text_table, category_index))
+
+    rep = sharding.replicated(self.mesh)
+    b, b1 = sharding.batch_sharding(self.mesh), sharding.batch_sharding(self.mesh, 1)
+    out = (b1, b) + ((b, b) if with_head else ())
+    return jax.jit(step, in_shardings=(rep, self.builder.backbone_sharding, rep, b, b),
+                   out_shardings=out)
+
+  def _category_pass(self, handle, name: str, table, to_draw: set, progress) -> dict:
+    """One pass over a category: raw tokens, global tokens, targets (and head maps)."""
+    cfg = self.cfg
+    loader = targets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
+                            train=False, categories=[name])
+    parts: dict[str, list] = {}
+    drawn = {}
+    for local in loader:
+      batch = sharding.global_batch({"image": local["image"],
+                                     "category_index": local["category_index"]}, self.mesh)
+      outs = self._features_step(self.params, self.backbone_state, table,
+                                 batch["image"], batch["category_index"])
+      rows = {"tokens": sharding.all_rows(outs[0], 1), "glob": sharding.all_rows(outs[1])}
+      if self.with_head:
+        rows["head_map"] = sharding.all_rows(outs[2])
+        rows["head_score"] = sharding.all_rows(outs[3])
+      for k in ("mask", "label", "valid", "has_mask", "index"):
+        rows[k] = sharding.all_rows(local[k])
+      valid = rows.pop("valid")
+      for k, v in rows.items():
+        parts.setdefault(k, []).append(v[:, valid] if k == "tokens" else v[valid])
+      for i in np.flatnonzero(local["valid"]):
+        if int(local["index"][i]) in to_draw:
+          drawn[int(local["index"][i])] = (local["image"][i], str(local["path"][i]))
+      progress.update(int(valid.sum()))
+    got = {k: np.concatenate(v, axis=1 if k == "tokens" else 0) for k, v in parts.items()}
+    got["drawn"] = drawn
+    return got
+
+  # ---- scoring ----------------------------------------------------------
+  def _neighbour_maps(self, got: dict, keep: np.ndarray) -> np.ndarray:
+    """Patch-grid maps [n_keep, h, w] of the kept images (the others: references)."""
+    h, w = self.model.grid
+    tok = got["tokens"]
+    l, n, _, d = tok.shape
+    tok = tok.reshape(l, n, h, w, d)
+    mesh = self.mesh if self.mesh.shape[sharding.DATA] > 1 else None
+    r_list = tuple(int(r) for r in self.cfg.eval.r_list)
+    if self.kind == "batch":
+      return neighbors.mutual_maps(tok, r_list, mesh=mesh)[keep]
+    return neighbors.reference_maps(tok[:, keep], tok[:, ~keep], r_list, mesh=mesh)
+
+  def _score_category(self, got: dict, refs: np.ndarray) -> dict:
+    """-> rows (score, label, map, mask, has_mask, index) of the scored images."""
+    keep = ~np.isin(got["index"], refs)
+    maps = upsample(self._neighbour_maps(got, keep), self.model.out_hw)
+    glob = got["glob"][keep]
+    if self.with_head:
+      how = self.cfg.eval.combine
+      maps = 0.5 * (normalise(got["head_map"][keep], how) + normalise(maps, how))
+    scores = maps.reshape(len(maps), -1).max(-1)
+    if self.kind == "batch":
+      scores = neighbors.refine_scores(scores, glob, tuple(self.cfg.eval.rscin_k))
+    rows = {k: got[k][keep] for k in ("label", "mask", "has_mask", "index")}
+    rows.update(map=maps.astype(np.float32), score=np.asarray(scores, np.float32))
+    return rows
+
+  def evaluate(self, handle) -> dict[str, dict[str, float]]:
+    cfg = self.cfg
+    found = problems(cfg, handle)
+    if found:
+      raise ScoringError("; ".join(found))
+    table = self.text_table(handle.categories) if self.with_head else None
+    to_draw = self._heatmap_indices(handle)
+    self._image_scores = []
+    main = jax.process_index() == 0
+    refs = {}
+    if self.kind == "few_shot":
+      refs = {name: choose_references(handle, ci, int(cfg.eval.references))
+              for ci, name in enumerate(handle.categories)}
+    ident = dict(self.eval_identity, data={
+        "name": handle.name, "examples": handle.num_examples, "prepared": str(handle.data_dir)})
+    if refs:
+      ident["references"] = {
+          name: [_as_str(handle.source[int(i)]["path"]) for i in idx]
+          for name, idx in refs.items()}
+    display = f"{handle.display_name}.{self.scoring}"
+    stem = identity.results_name(Workdir(self.workdir).results, display, ident)
+    heat_dir = Workdir(self.workdir).evaluation_heatmaps(stem)
+    if main and heat_dir.exists():
+      shutil.rmtree(heat_dir)
+    progress = run_log.Progress(f"evaluate {handle.display_name} ({self.scoring})",
+                                handle.num_examples, enabled=main)
+    accs: dict[str, CategoryMetrics] = {}
+    for ci, name in enumerate(handle.categories):
+      if not (handle.example_category == ci).any():
+        continue
+      got = self._category_pass(handle, name, table, to_draw, progress)
+      rows = self._score_category(got, refs.get(name, np.zeros(0, int)))
+      for index, (image, path) in got["drawn"].items():
+        at = np.flatnonzero(rows["index"] == index)
+        if len(at):
+          i = int(at[0])
+          out = heat_dir / name / (Path(path).with_suffix("").as_posix()
+                                   .replace("/", "__") + ".png")
+          heatmaps.save_png(out, heatmaps.panel(image, rows["map"][i], rows["mask"][i]))
+      acc = accs[name] = CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad,
+                                         cfg.eval.report_panels)
+      for s in range(0, len(rows["score"]), 16):   # the accumulator's batch size
+        part = {k: v[s:s + 16] for k, v in rows.items()}
+        acc.update(part, np.ones(len(part["score"]), bool))
+      self._image_scores.append((rows["score"], rows["label"]))
+    progress.close()
+    if not main:
+      return {}
+    outcome = {name: accs[name].result() for name in sorted(accs)}
+    results = {name: res for name, (res, _) in outcome.items()}
+    details = {name: d for name, (_, d) in outcome.items()}
+    table_text = reports.write_reports(results, Workdir(self.workdir).results, stem, ident)
+    self._write_html(handle, stem, ident, results, details, accs)
+    self.category_thresholds[handle.display_name] = {
+        name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
+        for name, d in details.items()}
+    self._write_own_thresholds(handle, stem)
+    note = ""
+    if refs:
+      note = (f"; {cfg.eval.references} reference image(s) per category left out of the "
+              f"metrics (listed in results/{stem}.json)")
+    print(f"\n{handle.display_name}: {self.scoring} results ({len(results)} categories"
+          f"{note}) -> results/{stem}.*\n{table_text}", flush=True)
+    return results
+
+  def report_title(self, handle) -> str:
+    return f"{handle.display_name}: {self.scoring} results"
+
+
+COMPARED = (("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("pixel_aupro", "AUPRO"))
+
+
+def write_comparison(results_dir: Path, name: str) -> Path | None:
+  """`<name>.modes.md`: every scoring mode evaluated on data set `name` side by
+  side per category (image AUROC, pixel AUROC, AUPRO), from `<name>.json` and
+  `<name>.<mode>.json`; None when fewer than two modes were evaluated."""
+  import json
+  from adjax import atomic
+  found = {}
+  for mode in SCORINGS:
+    path = Path(results_dir) / (f"{name}.json" if mode == "zero_shot" else f"{name}.{mode}.json")
+    if path.exists():
+      found[mode] = json.loads(path.read_text())
+  if len(found) < 2:
+    return None
+  cats = sorted({c for r in found.values() for c in r["categories"]}) + [reports.MEAN]
+
+  def cell(res, cat, key):
+    row = res[reports.MEAN] if cat == reports.MEAN else res["categories"].get(cat, {})
+    v = row.get(key)
+    return reports.MISSING if v is None else f"{100 * v:.1f}"
+
+  head = ["category"] + [f"{mode} {short}" for mode in found for _, short in COMPARED]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for cat in cats:
+    lines.append("| " + " | ".join([cat] + [cell(res, cat, key) for res in found.values()
+                                            for key, _ in COMPARED]) + " |")
+  notes = [f"- {mode}: {name}{'' if mode == 'zero_shot' else '.' + mode}.json"
+           + (f", {res['identity']['eval'].get('references')} references per category "
+              "left out of the metrics" if "few_shot" in mode else "")
+           for mode, res in found.items()]
+  out = Path(results_dir) / f"{name}.modes.md"
+  atomic.write_text(out, f"# {name}: scoring modes side by side\n\n" + "\n".join(lines)
+                    + "\n\n" + "\n".join(notes) + "\n")
+  return out
+
+
+def _as_str(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)

@@ -1,0 +1,242 @@
+"""adjax.neighbors against a PyTorch re-statement of MuSc's code and brute force.
+
+The torch functions below re-state, step by step, MuSc's (github xrli-U/MuSc)
+`models/modules/_LNAMD.py` (LNAMD._embed with PatchMaker / MeanMapper),
+`models/modules/_MSM.py` (compute_scores_fast / MSM), the per-r / per-layer
+averaging of `models/musc.py` (MuSc.make_category_data) and
+`models/modules/_RsCIN.py` (RsCIN / MMO), on square grids as that code
+assumes. Non-square grids and the memory bank are checked against a direct
+numpy computation.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jax
+from adjax import neighbors, sharding
+
+RTOL = 1e-4
+
+
+# ---- PyTorch re-statement of MuSc ----------------------------------------
+def musc_lnamd(layer_tokens: list[torch.Tensor], r: int) -> torch.Tensor:
+  """Mirrors _LNAMD.py LNAMD._embed + musc.py's L2 normalisation.
+  layer_tokens: per layer [B, 1 + P, D] (a cls token first, as MuSc's input).
+  Returns [B, P, L, D]."""
+  b = layer_tokens[0].shape[0]
+  layers = []
+  for feature in layer_tokens:
+    feature = feature[:, 1:, :]
+    side = int(math.sqrt(feature.shape[1]))
+    feature = feature.reshape(feature.shape[0], side, side, feature.shape[2])
+    feature = feature.permute(0, 3, 1, 2)
+    feature = torch.nn.LayerNorm(list(feature.shape[1:]))(feature)
+    layers.append(feature)
+  if r != 1:
+    padding = int((r - 1) / 2)
+    unfolder = torch.nn.Unfold(kernel_size=r, stride=1, padding=padding, dilation=1)
+    out = []
+    for x in layers:
+      u = unfolder(x)
+      u = u.reshape(*x.shape[:2], r, r, -1).permute(0, 4, 1, 2, 3)
+      out.append(u)
+    layers = out
+  else:
+    layers = [f.reshape(f.shape[0], f.shape[1], -1, 1, 1).permute(0, 2, 1, 3, 4)
+              for f in layers]
+  layers = [x.reshape(-1, *x.shape[-3:]) for x in layers]
+  dim = layer_tokens[0].shape[-1]
+  pooled = [F.adaptive_avg_pool1d(x.reshape(len(x), 1, -1), dim).squeeze(1) for x in layers]
+  feats = torch.stack(pooled, dim=1).reshape(b, -1, len(layer_tokens), dim).detach()
+  feats = feats / feats.norm(dim=-1, keepdim=True)
+  return feats
+
+
+def musc_msm(z: torch.Tensor, lo=0.0, hi=0.3) -> torch.Tensor:
+  """Mirrors _MSM.py MSM with compute_scores_fast. z [N, P, C] -> [N, P]."""
+  n, p, c = z.shape
+  rows = []
+  for i in range(n):
+    ref = torch.cat((z[:i], z[i + 1:]), dim=0)
+    d = torch.cdist(z[i:i + 1], ref.reshape(-1, c)).reshape(p, n - 1, p)
+    d = torch.min(d, -1)[0]
+    k_max, k_min = int(d.shape[1] * hi), int(d.shape[1] * lo)
+    vals, _ = torch.topk(d.float(), k_max, largest=False, sorted=True)
+    vals, _ = torch.topk(vals.float(), k_max - k_min, largest=True, sorted=True)
+    rows.append(torch.mean(vals, dim=1).double())
+  return torch.stack(rows)
+
+
+def musc_maps(tokens: np.ndarray, r_list, lo=0.0, hi=0.3) -> np.ndarray:
+  """Mirrors musc.py make_category_data: per r, per layer MSM, mean over layers,
+  then over r. tokens [L, N, P, D] (no cls) -> [N, P]."""
+  layer_tokens = [torch.cat([torch.zeros_like(t[:, :1]), t], dim=1)
+                  for t in torch.from_numpy(tokens)]
+  per_r = []
+  for r in r_list:
+    feats = musc_lnamd(layer_tokens, r)
+    per_l = [musc_msm(feats[:, :, l, :], lo, hi) for l in range(len(layer_tokens))]
+    per_r.append(torch.stack(per_l).mean(0))
+  return torch.stack(per_r).mean(0).numpy()
+
+
+def musc_rscin(scores: np.ndarray, cls_tokens: np.ndarray, k_list) -> np.ndarray:
+  """Mirrors _RsCIN.py RsCIN and MMO."""
+  s = (scores - scores.min()) / (scores.max() - scores.min())
+  w = torch.tensor(cls_tokens @ cls_tokens.T).float()
+  s = torch.tensor(s).float()
+  out = []
+  for k in k_list:
+    _, small = torch.topk(w, w.shape[0] - k, largest=False, sorted=True)
+    wm = w.clone()
+    for i in range(w.shape[0]):
+      wm[i, small[i]] = 0
+    d = torch.zeros_like(w)
+    for i in range(w.shape[0]):
+      d[i, i] = 1 / wm[i, :].sum()
+    out.append((d @ wm) @ s.unsqueeze(-1))
+  return torch.concat(out, -1).mean(-1).numpy()
+
+
+# ---- direct numpy versions (any grid) ------------------------------------
+def np_features(x: np.ndarray, r: int) -> np.ndarray:
+  """x [N, h, w, D] -> [N, h*w, D]: LayerNorm, zero-padded r x r mean, L2."""
+  x = x.astype(np.float64)
+  mu = x.mean(axis=(1, 2, 3), keepdims=True)
+  x = (x - mu) / np.sqrt(((x - mu) ** 2).mean(axis=(1, 2, 3), keepdims=True) + 1e-5)
+  n, h, w, d = x.shape
+  p = r // 2
+  xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  y = sum(xp[:, i:i + h, j:j + w] for i in range(r) for j in range(r)) / (r * r)
+  y = y / np.linalg.norm(y, axis=-1, keepdims=True)
+  return y.reshape(n, h * w, d)
+
+
+def np_nearest(za: np.ndarray, zb: np.ndarray) -> np.ndarray:
+  """[P, D], [Q, D] -> [P]: each row's distance to the nearest row of zb."""
+  return np.sqrt(((za[:, None] - zb[None]) ** 2).sum(-1)).min(-1)
+
+
+def np_mutual(tokens, r_list, lo=0.0, hi=0.3):
+  _, n, h, w, _ = tokens.shape
+  k_lo, k_hi = int((n - 1) * lo), int((n - 1) * hi)
+  out = []
+  for r in r_list:
+    layers = []
+    for t in tokens:
+      z = np_features(t, r)
+      maps = []
+      for i in range(n):
+        d = np.stack([np_nearest(z[i], z[j]) for j in range(n) if j != i], -1)
+        maps.append(np.sort(d, -1)[:, k_lo:k_hi].mean(-1))
+      layers.append(np.stack(maps))
+    out.append(np.mean(layers, 0))
+  return np.mean(out, 0).reshape(n, h, w)
+
+
+def np_reference(tokens, refs, r_list):
+  _, n, h, w, _ = tokens.shape
+  out = []
+  for r in r_list:
+    layers = []
+    for t, rt in zip(tokens, refs):
+      z, bank = np_features(t, r), np_features(rt, r)
+      bank = bank.reshape(-1, bank.shape[-1])
+      layers.append(np.stack([np_nearest(z[i], bank) for i in range(n)]))
+    out.append(np.mean(layers, 0))
+  return np.mean(out, 0).reshape(n, h, w)
+
+
+def _tokens(seed, l, n, h, w, d):
+  rng = np.random.default_rng(seed)
+  # A shared pattern plus noise, so nearest neighbours are not all alike.
+  base = rng.normal(size=(l, 1, h, w, d))
+  return (base + rng.normal(size=(l, n, h, w, d)) * rng.uniform(0.3, 1.5, (1, n, 1, 1, 1))
+          ).astype(np.float32)
+
+
+def _close(got, want, rtol=RTOL):
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
+
+
+# ---- tests ---------------------------------------------------------------
+@pytest.mark.parametrize("n,r_list,side", [(5, (1,), 4), (7, (1, 3), 5), (12, (1, 3, 5), 6)])
+def test_mutual_maps_match_musc(n, r_list, side):
+  tokens = _tokens(n, 3, n, side, side, 16)
+  got = neighbors.mutual_maps(tokens, r_list, query_block=3, key_block=4)
+  want = musc_maps(tokens.reshape(3, n, side * side, 16), r_list)
+  _close(got.reshape(n, -1), want)
+
+
+def test_mutual_maps_interval_matches_musc():
+  tokens = _tokens(1, 2, 11, 4, 4, 8)
+  got = neighbors.mutual_maps(tokens, (3,), interval=(0.2, 0.7), query_block=4, key_block=3)
+  _close(got.reshape(11, -1), musc_maps(tokens.reshape(2, 11, 16, 8), (3,), 0.2, 0.7))
+
+
+def test_mutual_maps_non_square_brute_force():
+  tokens = _tokens(2, 2, 6, 3, 5, 12)
+  got = neighbors.mutual_maps(tokens, (1, 3), query_block=4, key_block=5)
+  _close(got, np_mutual(tokens, (1, 3)))
+
+
+def test_mutual_maps_per_layer_sequence_equals_array(tmp_path):
+  tokens = _tokens(3, 2, 6, 4, 4, 8)
+  paths = []
+  for l in range(2):
+    path = tmp_path / f"layer{l}.npy"
+    np.save(path, tokens[l])
+    paths.append(path)
+  lazy = [np.load(p, mmap_mode="r") for p in paths]
+  a = neighbors.mutual_maps(tokens, (1, 3))
+  b = neighbors.mutual_maps(lazy, (1, 3), token_block=4, query_block=5, key_block=2)
+  _close(b, a, rtol=1e-6)
+
+
+def test_mutual_maps_refuse_too_few_images():
+  with pytest.raises(ValueError, match="at least 5 images"):
+    neighbors.mutual_maps(_tokens(0, 1, 4, 3, 3, 4))
+  with pytest.raises(ValueError, match="odd"):
+    neighbors.mutual_maps(_tokens(0, 1, 6, 3, 3, 4), r_list=(2,))
+
+
+def test_mutual_maps_sharded_equal_single_device():
+  assert jax.device_count() >= 4
+  tokens = _tokens(4, 2, 9, 4, 4, 8)
+  mesh = sharding.make_mesh(4, 1, jax.devices()[:4])
+  one = neighbors.mutual_maps(tokens, (1, 3), query_block=2, key_block=3)
+  many = neighbors.mutual_maps(tokens, (1, 3), mesh=mesh, query_block=2, key_block=3)
+  _close(many, one, rtol=1e-6)
+  refs = _tokens(5, 2, 3, 4, 4, 8)
+  _close(neighbors.reference_maps(tokens, refs, (1, 3), mesh=mesh, query_block=1),
+         neighbors.reference_maps(tokens, refs, (1, 3)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("h,w", [(4, 4), (3, 5)])
+def test_reference_maps_brute_force(h, w):
+  tokens, refs = _tokens(6, 3, 5, h, w, 12), _tokens(7, 3, 4, h, w, 12)
+  got = neighbors.reference_maps(tokens, refs, (1, 3, 5), query_block=2, key_block=3)
+  _close(got, np_reference(tokens, refs, (1, 3, 5)))
+
+
+def test_reference_maps_of_a_reference_are_zero():
+  refs = _tokens(8, 2, 3, 4, 4, 8)
+  got = neighbors.reference_maps(refs[:, :1], refs, (1, 3))
+  np.testing.assert_allclose(got, 0.0, atol=2e-3)  # float32 |a|^2+|b|^2-2ab near 0
+
+
+@pytest.mark.parametrize("n,k_list", [(9, (1, 2, 3)), (20, (1, 8, 9))])
+def test_refine_scores_match_musc(n, k_list):
+  rng = np.random.default_rng(n)
+  scores = rng.uniform(0.2, 0.9, n)
+  cls = rng.normal(size=(n, 32)).astype(np.float32) + 1.0  # positive similarities mostly
+  _close(neighbors.refine_scores(scores, cls, k_list), musc_rscin(scores, cls, k_list))
+  np.testing.assert_array_equal(neighbors.refine_scores(scores, cls, (0,)),
+                                scores.astype(np.float32))
