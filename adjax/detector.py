@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from adjax.errors import UserError
+from adjax.common.errors import UserError
 from adjax.workdir import Workdir
 
 # Scoring modes `Detector.predict` supports (the page's mode selector lists them).
@@ -135,7 +135,7 @@ class Detector:
     identity (`identity.check_model`) and `thresholds.json` are checked as
     `--config.mode=predict` checks them.
     """
-    from adjax import run_config
+    from adjax.config import load as run_config
     workdir = Path(path)
     cfg = run_config.from_workdir(workdir, _override_strings(overrides))
     if not cfg.workdir:
@@ -147,8 +147,9 @@ class Detector:
     """A Detector from a resolved run config (its `workdir` or `init_from` holds the head)."""
     import jax
 
-    from adjax import config_check, experiment, sharding
+    from adjax import experiment, sharding
     from adjax import towers as towers_lib
+    from adjax.config import check as config_check
     cfg = cfg.copy_and_resolve_references() if hasattr(
         cfg, "copy_and_resolve_references") else cfg
     cfg.mode = "predict"

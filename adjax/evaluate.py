@@ -21,9 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from adjax import atomic, data, features, heatmaps, html_report, identity, metrics, reports
-from adjax import run_log, sharding, targets, thresholds
+from adjax import data, metrics, sharding, targets, thresholds
+from adjax.common import atomic
+from adjax.report import heatmaps, tables
+from adjax.report import html as html_report
 from adjax.scorer import Scorer
+from adjax.workdir import feature_cache, identity, run_log
 from adjax.workdir import Workdir
 
 
@@ -195,7 +198,7 @@ class Evaluator(Scorer):
     outcome = {name: accs[name].result() for name in sorted(accs)}
     results = {name: res for name, (res, _) in outcome.items()}
     details = {name: d for name, (_, d) in outcome.items()}
-    table_text = reports.write_reports(results, Workdir(self.workdir).results, stem, ident)
+    table_text = tables.write_reports(results, Workdir(self.workdir).results, stem, ident)
     self._write_html(handle, stem, ident, results, details, accs)
     self.category_thresholds[handle.display_name] = {
         name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
@@ -220,10 +223,10 @@ class Evaluator(Scorer):
           for score, index, amap, mask in items]
     curves = {name: {"image": d["image_curve"], "pixel": d["pixel_curve"]}
               for name, d in details.items()}
-    summary = reports.summarize(results)
+    summary = tables.summarize(results)
     note = summary.get("mean_note")
     page = html_report.evaluation_html(
-        self.report_title(handle) + (f" ({reports.MEAN}: {note})" if note else ""),
+        self.report_title(handle) + (f" ({tables.MEAN}: {note})" if note else ""),
         {**summary["categories"], "mean": summary["mean"]}, curves, panels, ident,
         list(summary["mean"]))
     atomic.write_text(Workdir(self.workdir).evaluation_page(stem), page)
@@ -240,9 +243,9 @@ class Evaluator(Scorer):
       return None
     directory = (Path(cfg.eval.feature_cache_dir) if cfg.eval.feature_cache_dir
                  else Path(cfg.data.data_dir) / "feature_cache")
-    cache = features.open_cache("disk", directory, self.towers.backbone_id, self.model,
-                                handle, dtype=cfg.eval.feature_cache_dtype,
-                                backbone_dtype=cfg.backbone.dtype)
+    cache = feature_cache.open_cache("disk", directory, self.towers.backbone_id, self.model,
+                                     handle, dtype=cfg.eval.feature_cache_dtype,
+                                     backbone_dtype=cfg.backbone.dtype)
     if jax.process_index() == 0:
       state = ("complete: the backbone is not run" if cache.complete
                else "filled by this evaluation")

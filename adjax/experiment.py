@@ -11,10 +11,13 @@ from pathlib import Path
 
 import jax
 
-from adjax import atomic, checkpointing, config_check, identity, sharding, targets
+from adjax import sharding, targets
 from adjax import towers as towers_lib
+from adjax.common import atomic
+from adjax.config import check as config_check
+from adjax.workdir import checkpoints, identity
 from adjax.workdir import Workdir
-from adjax.workdir_lock import WorkdirLock
+from adjax.workdir.lock import WorkdirLock
 
 def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
   return Path(workdir_flag or cfg.workdir or Path("runs") / cfg.name)
@@ -29,7 +32,7 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
       towers.model(cfg).abstract_params())
-  params, source, step = checkpointing.restore_head_params(
+  params, source, step = checkpoints.restore_head_params(
       abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
       keep=cfg.checkpoints_to_keep)
   identity.check_model(cfg, source)

@@ -43,8 +43,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from adjax import errors
-from adjax.errors import UserError
+from adjax.common import errors
+from adjax.common.errors import UserError
 from adjax.workdir import Workdir
 
 # transformers announces at import that PyTorch is absent (it is optional).
@@ -90,7 +90,7 @@ def _f32_at_least(t: float) -> np.float32:
 
 
 def load_config(workdir, config: str | None = None, overrides: Sequence[str] = ()):
-  from adjax import run_config
+  from adjax.config import load as run_config
   try:
     if config:
       return run_config.from_file(config, overrides)
@@ -105,8 +105,9 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   """Loads the run in `workdir` and closes the forward pass over its weights."""
   import jax
   import jax.numpy as jnp
-  from adjax import checkpointing, experiment, sharding, thresholds
+  from adjax import experiment, sharding, thresholds
   from adjax import towers as towers_lib
+  from adjax.workdir import checkpoints
 
   workdir = Path(workdir)
   names = _check_names(object_names)
@@ -123,7 +124,7 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
       else None)
   step = None
   if source is not None:
-    ckpts = checkpointing.RunCheckpoints(source, cfg.checkpoints_to_keep)
+    ckpts = checkpoints.RunCheckpoints(source, cfg.checkpoints_to_keep)
     try:
       step = ckpts.latest_step()
     finally:
@@ -321,7 +322,7 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
            **kwargs) -> dict:
   """Builds and writes the file `out` (atomically; an existing one only with
   `overwrite`); returns its metadata."""
-  from adjax import atomic
+  from adjax.common import atomic
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
   _check_names(object_names)

@@ -91,7 +91,7 @@ def _parse_flags(argv):
   except Exception as e:      # noqa: BLE001  (flags.Error, and the config file's own errors)
     if os.environ.get("ADJAX_TRACEBACK"):
       raise
-    from adjax import errors
+    from adjax.common import errors
     print(f"error: {flag_error(argv, e)}", file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_USER_ERROR)
 
@@ -131,7 +131,7 @@ def main(argv) -> None:
     # result tables are printed anyway. Pass --verbosity=0 to see them.
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_DropTfdsConfigNotice())
-  from adjax import errors
+  from adjax.common import errors
   try:
     cfg = _CONFIG.value       # the config file is loaded here when no override forced it
     cfg.mode                  # (lazily: touching a field loads it)  # noqa: B018
@@ -141,7 +141,7 @@ def main(argv) -> None:
     print(f"error: {flag_error(sys.argv, e)}", file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_USER_ERROR)
   if _CONFIG_HELP.value:
-    from adjax import config_doc
+    from adjax.config import doc as config_doc
     print(config_doc.text_table(cfg))
     return
   from adjax import experiment

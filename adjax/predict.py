@@ -24,9 +24,13 @@ from pathlib import Path
 
 import jax
 
-from adjax import atomic, data, heatmaps, html_report, overlays, run_log
+from adjax import data
+from adjax.common import atomic
+from adjax.common.errors import UserError
 from adjax.detector import Detector
-from adjax.errors import UserError
+from adjax.report import heatmaps, overlays
+from adjax.report import html as html_report
+from adjax.workdir import run_log
 from adjax.workdir import Predictions, Workdir
 
 

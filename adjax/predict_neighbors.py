@@ -26,9 +26,12 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from adjax import atomic, data, heatmaps, html_report, neighbors, scoring_modes
-from adjax.errors import UserError
+from adjax import data, neighbors, scoring_modes
+from adjax.common import atomic
+from adjax.common.errors import UserError
 from adjax.predict import _map_at, _output_name
+from adjax.report import heatmaps
+from adjax.report import html as html_report
 
 PREDICT_SCORINGS = ("zero_shot", "few_shot", "batch")
 

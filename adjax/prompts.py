@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import atomic
+from adjax.common import atomic
 from adjax.models import clip_text
 
 NORMAL_STATES = (

@@ -34,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import data, heatmaps, identity, neighbors, reports, run_log, sharding, targets
-from adjax.errors import UserError
+from adjax import data, neighbors, sharding, targets
+from adjax.common.errors import UserError
 from adjax.evaluate import CategoryMetrics, Evaluator
 from adjax.models import head as head_lib
+from adjax.report import heatmaps, tables
+from adjax.workdir import identity, run_log
 from adjax.workdir import Workdir
 
 SCORINGS = ("zero_shot", "few_shot", "batch", "zero_shot+few_shot", "zero_shot+batch")
@@ -283,7 +285,7 @@ class ModeEvaluator(Evaluator):
     outcome = {name: accs[name].result() for name in sorted(accs)}
     results = {name: res for name, (res, _) in outcome.items()}
     details = {name: d for name, (_, d) in outcome.items()}
-    table_text = reports.write_reports(results, Workdir(self.workdir).results, stem, ident)
+    table_text = tables.write_reports(results, Workdir(self.workdir).results, stem, ident)
     self._write_html(handle, stem, ident, results, details, accs)
     self.category_thresholds[handle.display_name] = {
         name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
@@ -309,7 +311,7 @@ def write_comparison(results_dir: Path, name: str) -> Path | None:
   side per category (image AUROC, pixel AUROC, AUPRO), from `<name>.json` and
   `<name>.<mode>.json`; None when fewer than two modes were evaluated."""
   import json
-  from adjax import atomic
+  from adjax.common import atomic
   found = {}
   for mode in SCORINGS:
     path = Path(results_dir) / (f"{name}.json" if mode == "zero_shot" else f"{name}.{mode}.json")
@@ -317,12 +319,12 @@ def write_comparison(results_dir: Path, name: str) -> Path | None:
       found[mode] = json.loads(path.read_text())
   if len(found) < 2:
     return None
-  cats = sorted({c for r in found.values() for c in r["categories"]}) + [reports.MEAN]
+  cats = sorted({c for r in found.values() for c in r["categories"]}) + [tables.MEAN]
 
   def cell(res, cat, key):
-    row = res[reports.MEAN] if cat == reports.MEAN else res["categories"].get(cat, {})
+    row = res[tables.MEAN] if cat == tables.MEAN else res["categories"].get(cat, {})
     v = row.get(key)
-    return reports.MISSING if v is None else f"{100 * v:.1f}"
+    return tables.MISSING if v is None else f"{100 * v:.1f}"
 
   head = ["category"] + [f"{mode} {short}" for mode in found for _, short in COMPARED]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -317,11 +317,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  from adjax import errors
+  from adjax.common import errors
 
   def serve():
+    from adjax.config.load import RunConfigError
     from adjax.detector import Detector, DetectorError
-    from adjax.run_config import RunConfigError
     for d in args.allow_dir:
       if not Path(d).expanduser().is_dir():
         raise DetectorError(f"--allow-dir {d}: no such folder")

@@ -25,8 +25,8 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from adjax import atomic
-from adjax.errors import UserError
+from adjax.common import atomic
+from adjax.common.errors import UserError
 from adjax.workdir import THRESHOLDS_FILE, Workdir
 
 FORMAT_VERSION = 1

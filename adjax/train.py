@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adjax import checkpointing, features, run_log, sharding, steps, targets
-from adjax.errors import UserError
+from adjax import sharding, steps, targets
+from adjax.common.errors import UserError
+from adjax.workdir import checkpoints, feature_cache, run_log
 from adjax.workdir import Workdir
 
 
@@ -48,9 +49,9 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   state = jax.device_put(steps.init_state(params, tx), rep)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
 
-  ckpts = checkpointing.RunCheckpoints(workdir, cfg.checkpoints_to_keep)
+  ckpts = checkpoints.RunCheckpoints(workdir, cfg.checkpoints_to_keep)
   # The newest intact step (a damaged one is reported and skipped).
-  start, restored, data_state = ckpts.restore_newest(checkpointing.abstract_like(state))
+  start, restored, data_state = ckpts.restore_newest(checkpoints.abstract_like(state))
   if start is not None:
     state = restored
     ckpts.discard_damaged()
@@ -60,8 +61,8 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
     start = 0
     if cfg.init_from:
       # Starts from another run's trained head; the optimiser state starts fresh.
-      params, source, from_step = checkpointing.restore_head_params(
-          checkpointing.abstract_like(state["params"]), Path(cfg.init_from),
+      params, source, from_step = checkpoints.restore_head_params(
+          checkpoints.abstract_like(state["params"]), Path(cfg.init_from),
           keep=cfg.checkpoints_to_keep)
       state = dict(state, params=params)
       logging.info("initialised the head from %s (step %d)", source, from_step)
@@ -146,6 +147,6 @@ def _make_cache(cfg, workdir: Path, towers, model, handle):
     return None
   directory = (Path(cfg.feature_cache_dir) if cfg.feature_cache_dir
                else Workdir(workdir).feature_cache)
-  return features.open_cache(cfg.feature_cache, directory, towers.backbone_id, model, handle,
-                             dtype=cfg.feature_cache_dtype,
-                             backbone_dtype=cfg.backbone.dtype)
+  return feature_cache.open_cache(cfg.feature_cache, directory, towers.backbone_id, model, handle,
+                                  dtype=cfg.feature_cache_dtype,
+                                  backbone_dtype=cfg.backbone.dtype)

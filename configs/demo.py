@@ -16,7 +16,7 @@ above chance (0.5); the README lists the figure reached. Results, heatmaps
 and checkpoints go to runs/demo/.
 """
 
-from adjax import config_defaults
+from adjax.config import defaults as config_defaults
 
 
 def get_config(arg: str | None = None):

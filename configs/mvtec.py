@@ -23,7 +23,7 @@ Published figures for comparison (SPEC section 7): AnomalyCLIP on VisA
 img-AUROC 82.1, px-AUROC 95.5, AUPRO 87.0; AVA-DINO (DINOv3) VisA 87.2 / 95.9.
 """
 
-from adjax import config_defaults
+from adjax.config import defaults as config_defaults
 
 
 def get_config(arg: str | None = None):

@@ -11,7 +11,7 @@ Published figures for comparison (SPEC section 7): AnomalyCLIP on MVTec AD
 img-AUROC 91.5, px-AUROC 91.1, AUPRO 81.4; AVA-DINO (DINOv3) 93.5 / 92.1.
 """
 
-from adjax import config_defaults
+from adjax.config import defaults as config_defaults
 
 
 def get_config(arg: str | None = None):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adjax import atomic, errors
+from adjax.common import atomic, errors
 from adjax.models import clip_text, clip_tokenizer, weights
 from converters import common
 from converters.common import ConversionError, Rule

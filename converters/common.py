@@ -23,8 +23,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from adjax import errors
-from adjax.errors import UserError
+from adjax.common import errors
+from adjax.common.errors import UserError
 
 
 class ConversionError(UserError, ValueError):

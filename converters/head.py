@@ -21,7 +21,7 @@ imply (feature width D from the backbone, text width E from the text tower,
 one adapter pair per tapped layer); every source key must be used or be an
 `fc2` weight (ignored, and reported). DST becomes a workdir holding a step-0
 checkpoint (head parameters with fresh optimiser state, the layout
-`adjax.checkpointing` writes) and the config, usable as
+`adjax.workdir.checkpoints` writes) and the config, usable as
 `--workdir=DST --config.mode=evaluate|predict` or `--config.init_from=DST`.
 It is written atomically: a failure leaves nothing at DST.
 """
@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from adjax import errors
+from adjax.common import errors
 from adjax.workdir import Workdir
 from converters.common import (ConversionError, Rule, apply_rules, linear_kernel,
                                sha256_file)
@@ -129,9 +129,12 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
   import jax
   from flax import nnx
 
-  from adjax import atomic, checkpointing, identity, run_config, steps
+  from adjax import steps
+  from adjax.common import atomic
+  from adjax.config import load as run_config
   from adjax.models import head as head_lib
   from adjax.models import weights
+  from adjax.workdir import checkpoints, identity
 
   if Path(dst).exists() and not overwrite:
     raise ConversionError(f"--dst {dst}: already exists; pass --overwrite to replace it")
@@ -154,7 +157,7 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
              "num_layers": num_layers, "ignored_keys": ignored,
              "parameters": {k: list(v.shape) for k, v in sorted(flat.items())}}
   with atomic.atomic_dir(dst, overwrite=overwrite) as tmp:
-    ckpts = checkpointing.RunCheckpoints(tmp, keep=1)
+    ckpts = checkpoints.RunCheckpoints(tmp, keep=1)
     try:
       ckpts.save(IMPORT_STEP, jax.device_get(state), {}, config_json)
     finally:
@@ -179,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="config override, e.g. backbone.checkpoint=ckpts/vitl16")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
   args = parser.parse_args(argv)
-  from adjax import run_config
+  from adjax.config import load as run_config
   rc, summary = errors.run_command(
       lambda: convert(args.src, args.dst, run_config.from_file(args.config, args.set),
                       args.overwrite))

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from adjax import atomic, heatmaps, processes, reports
+from adjax.common import atomic, processes
+from adjax.report import heatmaps, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,8 +39,8 @@ def test_written_files_follow_the_umask(tmp_path, umask, mask, file_mode, dir_mo
   with atomic.atomic_dir(tmp_path / "ckpt") as d:
     (d / "inside.txt").write_text("x")
   # What the project writes through these helpers: result tables, heatmaps.
-  reports.write_reports({"cat": {"pixel_auroc": 0.5, "image_auroc": 0.5}},
-                        tmp_path / "results", "set")
+  tables.write_reports({"cat": {"pixel_auroc": 0.5, "image_auroc": 0.5}},
+                       tmp_path / "results", "set")
   hm = tmp_path / "heatmaps" / "cat" / "0.png"
   heatmaps.save_png(hm, np.zeros((8, 8, 3), np.uint8))
   files = [tmp_path / "config.json", tmp_path / "x.bin", tmp_path / "cache.npy",
@@ -89,7 +90,7 @@ def test_stale_temporaries_removed_live_and_foreign_ones_kept(tmp_path, caplog):
   (stale_dir / "partial").write_text("x")
   for p in (stale_file, live, foreign, unrelated):
     p.write_text("x")
-  with caplog.at_level(logging.WARNING, logger="adjax.atomic"):
+  with caplog.at_level(logging.WARNING, logger="adjax.common.atomic"):
     with atomic.atomic_dir(tmp_path / "out") as d:
       (d / "a").write_text("a")
   assert not stale_dir.exists()
@@ -113,7 +114,7 @@ def test_old_copy_restored_when_killed_between_renames(tmp_path):
 
 _HOLD = """
 import sys, time
-from adjax import atomic
+from adjax.common import atomic
 with atomic.atomic_file(sys.argv[1]) as f:
   print("READY", flush=True)
   time.sleep(60)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from adjax import checkpointing
+from adjax.workdir import checkpoints
 
 
 def _state(seed):
@@ -25,7 +25,7 @@ def _abstract(state):
 
 
 def _save(workdir, steps=(1, 2)):
-  ck = checkpointing.RunCheckpoints(workdir, keep=5)
+  ck = checkpoints.RunCheckpoints(workdir, keep=5)
   for s in steps:
     ck.save(s, _state(s), {"epoch": s}, {"k": s})
   ck.close()
@@ -53,7 +53,7 @@ def _flip_bit(workdir, step, which):
 
 
 def _restore(workdir):
-  ck = checkpointing.RunCheckpoints(workdir, keep=5)
+  ck = checkpoints.RunCheckpoints(workdir, keep=5)
   try:
     return ck.restore_newest(_abstract(_state(0)))
   finally:
@@ -61,7 +61,7 @@ def _restore(workdir):
 
 
 def _head(workdir):
-  ck = checkpointing.RunCheckpoints(workdir, keep=5)
+  ck = checkpoints.RunCheckpoints(workdir, keep=5)
   try:
     return ck.restore_head(_abstract(_state(0)["params"]))
   finally:
@@ -78,8 +78,8 @@ def test_intact_restores_and_digest_recorded(tmp_path):
   step, state, data = _restore(tmp_path)
   assert step == 2 and data == {"epoch": 2}
   _same(state, _state(2))
-  digest = (tmp_path / "data_state" / "step_2" / checkpointing.DIGEST_FILE).read_text()
-  assert checkpointing.state_digests(_state(2))["params"] in digest
+  digest = (tmp_path / "data_state" / "step_2" / checkpoints.DIGEST_FILE).read_text()
+  assert checkpoints.state_digests(_state(2))["params"] in digest
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip0", "flip3", "flip5"])
@@ -104,10 +104,10 @@ def test_all_damaged_is_one_line_naming_the_folder(tmp_path):
   _save(tmp_path)
   _truncate(tmp_path, 1)
   _flip_bit(tmp_path, 2, 2)
-  with pytest.raises(checkpointing.CheckpointDamagedError) as e:
+  with pytest.raises(checkpoints.CheckpointDamagedError) as e:
     _restore(tmp_path)
   assert "\n" not in str(e.value) and str(tmp_path / "checkpoints") in str(e.value)
-  with pytest.raises(checkpointing.CheckpointDamagedError):
+  with pytest.raises(checkpoints.CheckpointDamagedError):
     _head(tmp_path)
 
 
@@ -115,7 +115,7 @@ _SAVE_ON_16_DEVICES = """
 import sys
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from adjax import checkpointing
+from adjax.workdir import checkpoints
 mesh = Mesh(np.array(jax.devices()), ("data",))
 rng = np.random.default_rng(3)
 put = lambda x: jax.device_put(x, NamedSharding(mesh, P()))
@@ -124,7 +124,7 @@ state = {"params": {"a": {"kernel": put(rng.normal(size=(64, 32)).astype(np.floa
          "opt_state": {"mu": put(rng.normal(size=(64, 32)).astype(np.float32))},
          "step": np.asarray(3, np.int32)}
 assert len(jax.devices()) == 16
-ck = checkpointing.RunCheckpoints(__import__("pathlib").Path(sys.argv[1]), keep=5)
+ck = checkpoints.RunCheckpoints(__import__("pathlib").Path(sys.argv[1]), keep=5)
 ck.save(3, state, {"epoch": 3}, {"k": 3})
 ck.close()
 """

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from adjax import config_check, experiment
+from adjax import experiment
+from adjax.config import check as config_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +79,7 @@ def test_read_only_workdir_and_full_disk(tmp_path, raised, said):
   """The lock's first write fails as it does on a read-only folder or a full
   disk (simulated: the tests may run as root, whom permissions do not stop)."""
   prelude = f"""
-      from adjax import workdir_lock
+      from adjax.workdir import lock as workdir_lock
       def refuse(self, *a, **k):
         path = str(self.path) if hasattr(self, "path") else "lock"
         raise {raised}

@@ -5,14 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adjax import config_defaults, config_doc
+from adjax.config import defaults as config_defaults
+from adjax.config import doc as config_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_field_is_documented():
   missing = [n for n, _, d in config_doc.rows(config_defaults.base_config()) if not d]
-  assert not missing, f"config fields without a comment in config_defaults.py: {missing}"
+  assert not missing, f"config fields without a comment in adjax/config/defaults.py: {missing}"
 
 
 def test_readme_reference_table_is_generated():
@@ -22,7 +23,7 @@ def test_readme_reference_table_is_generated():
   assert block, "README.md lacks the config reference markers"
   assert block.group(1) == config_doc.markdown_table(), (
       "README's configuration reference is stale: regenerate it with "
-      "python -m adjax.config_doc")
+      "python -m adjax.config.doc")
 
 
 def test_config_help_flag_prints_the_configs_values():

@@ -280,7 +280,8 @@ def test_overrides_and_missing_checkpoint(demo_workdir, tmp_path):
   det = Detector.from_workdir(workdir, predict__threshold=0.25)
   pred = det.predict(np.zeros((20, 30, 3), np.uint8), object_name="tile")
   assert pred.thresholds[0][0] == 0.25 and pred.threshold_source == ["predict.threshold"]
-  from adjax import config_check, run_config
+  from adjax.config import check as config_check
+  from adjax.config import load as run_config
   with pytest.raises(run_config.RunConfigError, match="no field 'predict.nope'"):
     Detector.from_workdir(workdir, **{"predict.nope": 1})
   (tmp_path / "config.json").write_text((workdir / "config.json").read_text())

@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from adjax import config_check, experiment
+from adjax import experiment
+from adjax.config import check as config_check
 from adjax.data import synthetic
 from adjax.workdir import THRESHOLDS_FILE
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 from flax import nnx
 
-from adjax import config_defaults, experiment, sharding
+from adjax import experiment, sharding
+from adjax.config import defaults as config_defaults
 from adjax.model import ADModel
 from adjax.models import backbones, dinov3
 from adjax.models import head as head_lib

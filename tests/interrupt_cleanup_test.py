@@ -118,7 +118,7 @@ def test_converter_killed_leftovers_removed_by_next_run(dinov3_source, tmp_path,
   _end(_run_until_paused(_CONVERT, dinov3_source, out / "converted"), signal.SIGKILL)
   (leftover,) = os.listdir(out)
   assert leftover.startswith(".converted.tmp-")
-  with caplog.at_level(logging.WARNING, logger="adjax.atomic"):
+  with caplog.at_level(logging.WARNING, logger="adjax.common.atomic"):
     assert dinov3.main(["--src", str(dinov3_source), "--dst", str(out / "converted")]) == 0
   assert os.listdir(out) == ["converted"]
   assert [r for r in caplog.records if leftover in r.getMessage()

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import config_check, experiment, export, thresholds
+from adjax import experiment, export, thresholds
 from adjax import predict as predict_lib
+from adjax.config import check as config_check
 from adjax.data import images as data_images
 from adjax.workdir import THRESHOLDS_FILE
 
@@ -136,7 +137,7 @@ def test_ctrl_c_in_predict_says_what_fits(home, tmp_path):
   _predict(home / "run", home / "photos")
   before = (home / "run" / "predictions" / "scores.csv").read_bytes()
   (tmp_path / "cfg.py").write_text(textwrap.dedent(f"""
-      from adjax import run_config
+      from adjax.config import load as run_config
       def get_config(arg=None):
         return run_config.from_workdir({str(home / 'run')!r})
       """))

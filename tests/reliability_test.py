@@ -16,10 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import config_check, experiment, identity, processes
+from adjax import experiment
+from adjax.common import processes
+from adjax.config import check as config_check
 from adjax.data import synthetic
+from adjax.workdir import identity
 from adjax.workdir import LOCK_FILE
-from adjax.workdir_lock import WorkdirBusyError
+from adjax.workdir.lock import WorkdirBusyError
 
 from experiment_test import ROOT, small_config
 

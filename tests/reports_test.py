@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from adjax import reports
+from adjax.report import tables
 
 RESULTS = {
     "bottle": {"image_auroc": 0.91234, "pixel_auroc": 0.8, "pixel_aupro": None,
@@ -19,7 +19,7 @@ RESULTS = {
 
 
 def test_summary_mean_ignores_missing():
-  s = reports.summarize(RESULTS)
+  s = tables.summarize(RESULTS)
   assert list(s["categories"]) == ["bottle", "cable", "zipper"]
   assert s["mean"]["image_auroc"] == pytest.approx((0.91234 + 0.7 + 1 / 3) / 3)
   assert s["mean"]["pixel_auroc"] == pytest.approx(0.7)  # NaN is missing
@@ -31,7 +31,7 @@ def test_summary_mean_ignores_missing():
 
 
 def test_console_table_is_aligned_percentages():
-  table = reports.console_table(RESULTS)
+  table = tables.console_table(RESULTS)
   # The mean row says over how many categories it averages, and why.
   assert table.splitlines()[-1] == (
       "pixel metrics: mean over 2 of 3 categories (cable has no defect masks)")
@@ -44,27 +44,27 @@ def test_console_table_is_aligned_percentages():
 
 
 def test_markdown_table():
-  md = reports.markdown_table(RESULTS).splitlines()
+  md = tables.markdown_table(RESULTS).splitlines()
   assert md[0] == "| category | I-AUROC | P-AUROC | AUPRO | AUPRO-zsad |"
   assert md[1] == "|:---|---:|---:|---:|---:|"
   assert md[3] == "| cable | 70.0 | n/a | n/a | 25.0 |"
   assert md[-3] == "| **mean** | **64.9** | **70.0** | **n/a** | **29.2** |"
   assert md[-1] == "mean: pixel metrics: mean over 2 of 3 categories (cable has no defect masks)"
   full = {k: dict(v, pixel_auroc=0.5) for k, v in RESULTS.items()}
-  assert "mean_note" not in reports.summarize(full)
-  assert reports.markdown_table(full).splitlines()[-1].startswith("| **mean**")
+  assert "mean_note" not in tables.summarize(full)
+  assert tables.markdown_table(full).splitlines()[-1].startswith("| **mean**")
 
 
 def test_write_reports_round_trips(tmp_path):
-  table = reports.write_reports(RESULTS, tmp_path / "out", "mvtec")
-  assert table == reports.console_table(RESULTS)
+  table = tables.write_reports(RESULTS, tmp_path / "out", "mvtec")
+  assert table == tables.console_table(RESULTS)
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
       "mvtec.csv", "mvtec.json", "mvtec.md"]
-  want = reports.summarize(RESULTS)
-  assert reports.read_json(tmp_path / "out" / "mvtec.json") == want
+  want = tables.summarize(RESULTS)
+  assert tables.read_json(tmp_path / "out" / "mvtec.json") == want
   assert want["mean_note"].startswith("pixel metrics: mean over 2 of 3")
   del want["mean_note"]          # the CSV holds the numbers only
-  assert reports.read_csv(tmp_path / "out" / "mvtec.csv") == want
+  assert tables.read_csv(tmp_path / "out" / "mvtec.csv") == want
   with open(tmp_path / "out" / "mvtec.csv", newline="") as f:
     rows = list(csv.reader(f))
   assert rows[0][0] == "category" and rows[-1][0] == "mean"
@@ -75,15 +75,15 @@ def test_write_reports_round_trips(tmp_path):
 
 def test_bad_input_writes_nothing(tmp_path):
   with pytest.raises(ValueError, match="'mean'"):
-    reports.write_reports({"mean": {"image_auroc": 0.5}}, tmp_path, "r")
+    tables.write_reports({"mean": {"image_auroc": 0.5}}, tmp_path, "r")
   with pytest.raises(ValueError, match="finite"):
-    reports.write_reports({"a": {"image_auroc": math.inf}}, tmp_path, "r")
+    tables.write_reports({"a": {"image_auroc": math.inf}}, tmp_path, "r")
   with pytest.raises(ValueError, match="plain file name"):
-    reports.write_reports(RESULTS, tmp_path, "../r")
+    tables.write_reports(RESULTS, tmp_path, "../r")
   assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_results():
-  s = reports.summarize({})
+  s = tables.summarize({})
   assert s == {"categories": {}, "mean": {}}
-  assert reports.console_table({}).splitlines()[-1].strip() == "mean"
+  assert tables.console_table({}).splitlines()[-1].strip() == "mean"

@@ -2,7 +2,7 @@
 
 import json
 
-from adjax import run_log
+from adjax.workdir import run_log
 
 
 def _steps(path):

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adjax import config_check, scoring_modes
-from adjax.errors import UserError as UserErrorTypes
+from adjax import scoring_modes
+from adjax.common.errors import UserError as UserErrorTypes
+from adjax.config import check as config_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,12 +134,12 @@ def test_demo_neighbour_modes_reach_their_floors(tmp_path, scoring):
 
 
 def test_comparison_puts_the_modes_side_by_side(tmp_path):
-  from adjax import reports
+  from adjax.report import tables
   zero = {"a": {"image_auroc": 0.5, "pixel_auroc": 0.6, "pixel_aupro": 0.3}}
   batch = {"a": {"image_auroc": 0.8, "pixel_auroc": 0.9, "pixel_aupro": None}}
-  reports.write_reports(zero, tmp_path, "target", {"eval": {}})
+  tables.write_reports(zero, tmp_path, "target", {"eval": {}})
   assert scoring_modes.write_comparison(tmp_path, "target") is None   # one mode only
-  reports.write_reports(batch, tmp_path, "target.batch", {"eval": {"scoring": "batch"}})
+  tables.write_reports(batch, tmp_path, "target.batch", {"eval": {"scoring": "batch"}})
   text = scoring_modes.write_comparison(tmp_path, "target").read_text()
   assert "| category | zero_shot I-AUROC | zero_shot P-AUROC | zero_shot AUPRO | " \
          "batch I-AUROC | batch P-AUROC | batch AUPRO |" in text

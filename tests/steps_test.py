@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adjax import config_defaults, features, sharding, steps
+from adjax import sharding, steps
+from adjax.config import defaults as config_defaults
 from adjax.model import ADModel, Behaviour
 from adjax.models import backbones, dinov3
+from adjax.workdir import feature_cache
 
 TINY = dinov3.DinoV3Config(dim=32, depth=4, num_heads=2, ffn="mlp", ffn_hidden=64,
                            name="tiny")
@@ -198,8 +200,8 @@ def test_cached_features_follow_the_uncached_run(parts, cache_dtype, rtol):
   ref, _ = from_images(ref, parts["backbone_state"], parts["text"], batch)
   ref, ref_m = from_images(ref, parts["backbone_state"], parts["text"], batch)
 
-  cache = features.FeatureCache("memory", 8, 4, GRID[0] * GRID[1], TINY.dim,
-                                "bfloat16" if cache_dtype == jnp.bfloat16 else "float32")
+  cache = feature_cache.FeatureCache("memory", 8, 4, GRID[0] * GRID[1], TINY.dim,
+                                     "bfloat16" if cache_dtype == jnp.bfloat16 else "float32")
   state = _fresh_state(parts, tx)
   state, _, (patches, cls) = filling(state, parts["backbone_state"], parts["text"], batch)
   cache.put(np.arange(8), np.asarray(patches.astype(jnp.float32)),
@@ -220,21 +222,21 @@ def test_disk_cache_published_only_after_first_epoch(tmp_path):
   args = ("disk", 4, 2, 3, 5, "bfloat16", tmp_path, "k1")
   patches = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
   cls = rng.normal(size=(2, 4, 5)).astype(np.float32)
-  interrupted = features.FeatureCache(*args)
+  interrupted = feature_cache.FeatureCache(*args)
   interrupted.put(np.arange(4), patches, cls)
   del interrupted
   # Interrupted before the epoch ended: a new run must not trust it.
-  cache = features.FeatureCache(*args)
+  cache = feature_cache.FeatureCache(*args)
   assert not cache.has(np.arange(4))
   cache.put(np.arange(4), patches, cls)
   cache.finish_epoch()
-  again = features.FeatureCache(*args)
+  again = feature_cache.FeatureCache(*args)
   assert again.complete and again.has(np.arange(4))
   p, c = again.get(np.array([2, 0]))
   ref = patches.astype(jnp.bfloat16).astype(np.float32)
   np.testing.assert_array_equal(p, ref[:, [2, 0]])
   # A different key (other backbone, size, layers or data set) is a different cache.
-  assert not features.FeatureCache("disk", 4, 2, 3, 5, "bfloat16", tmp_path, "k2").has(
+  assert not feature_cache.FeatureCache("disk", 4, 2, 3, 5, "bfloat16", tmp_path, "k2").has(
       np.arange(4))
 
 
@@ -252,7 +254,7 @@ def test_warmup_schedule(quirk):
 def test_damaged_disk_cache_is_reported_and_rebuilt(tmp_path, capsys, damage):
   rng = np.random.default_rng(0)
   args = ("disk", 4, 2, 3, 5, "bfloat16", tmp_path, "k1")
-  cache = features.FeatureCache(*args)
+  cache = feature_cache.FeatureCache(*args)
   cache.put(np.arange(4), rng.normal(size=(2, 4, 3, 5)), rng.normal(size=(2, 4, 5)))
   cache.finish_epoch()
   del cache
@@ -265,11 +267,11 @@ def test_damaged_disk_cache_is_reported_and_rebuilt(tmp_path, capsys, damage):
     path.write_bytes(path.read_bytes()[:-10])
   else:                        # an index file from elsewhere
     np.save(tmp_path / "k1" / "filled.npy", np.ones(7, bool))
-  again = features.FeatureCache(*args)
+  again = feature_cache.FeatureCache(*args)
   assert not again.complete and not again.has(np.arange(4))
   out = capsys.readouterr().out
   assert f"feature cache {tmp_path / 'k1'} is damaged" in out
   # It is rebuilt in place and then trusted again.
   again.put(np.arange(4), np.ones((2, 4, 3, 5)), np.ones((2, 4, 5)))
   again.finish_epoch()
-  assert features.FeatureCache(*args).complete
+  assert feature_cache.FeatureCache(*args).complete

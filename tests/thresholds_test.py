@@ -1,4 +1,4 @@
-"""adjax.thresholds and adjax.overlays against brute-force computations."""
+"""adjax.thresholds and adjax.report.overlays against brute-force computations."""
 
 import json
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import overlays, thresholds
+from adjax import thresholds
+from adjax.report import overlays
 
 
 def brute_f1(scores, labels):

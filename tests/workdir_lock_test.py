@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from adjax import processes
-from adjax.errors import UserError
+from adjax.common import processes
+from adjax.common.errors import UserError
 from adjax.workdir import LOCK_FILE
-from adjax.workdir_lock import WorkdirBusyError, WorkdirLock
+from adjax.workdir.lock import WorkdirBusyError, WorkdirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
 _HOLDER = """
 import sys, time
-from adjax.errors import UserError
-from adjax.workdir_lock import WorkdirLock
+from adjax.common.errors import UserError
+from adjax.workdir.lock import WorkdirLock
 try:
   with WorkdirLock(sys.argv[1]):
     print("HOLDING", flush=True)

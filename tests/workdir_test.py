@@ -65,12 +65,12 @@ def test_has_checkpoints_needs_a_numbered_step(tmp_path):
 
 
 def test_has_checkpoints_on_a_saved_run(tmp_path):
-  """What adjax.checkpointing writes is where Workdir looks for it."""
-  from adjax import checkpointing
+  """What adjax.workdir.checkpoints writes is where Workdir looks for it."""
+  from adjax.workdir import checkpoints
   state = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
            "opt_state": {"mu": np.zeros((2, 3), np.float32)}, "step": np.asarray(2, np.int32)}
   run = Workdir(tmp_path / "run")
-  ck = checkpointing.RunCheckpoints(run, keep=2)
+  ck = checkpoints.RunCheckpoints(run, keep=2)
   assert ck.dir == run.checkpoints.absolute() and ck.data_dir == run.data_state.absolute()
   assert not run.has_checkpoints()
   ck.save(2, state, {"epoch": 0}, {"k": 1})
@@ -94,8 +94,10 @@ def test_results_complete_needs_a_results_json(tmp_path):
 def test_the_owners_of_parts_use_it(tmp_path):
   """The modules that own a part's contents read and write it at Workdir's path."""
   import ml_collections
-  from adjax import identity, run_config, thresholds
-  from adjax.workdir_lock import WorkdirLock
+  from adjax import thresholds
+  from adjax.config import load as run_config
+  from adjax.workdir import identity
+  from adjax.workdir.lock import WorkdirLock
   run = Workdir(tmp_path)
   with WorkdirLock(tmp_path, log=lambda *_: None) as lock:
     assert lock.path == run.lock and run.lock.is_file()

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import features, steps
+from adjax import steps
 from adjax.model import ADModel
 from adjax.models import backbones
+from adjax.workdir import feature_cache
 
 TEXT_DIM = 768
 
@@ -86,8 +87,8 @@ def main(argv=None) -> None:
   def with_cache():
     with tempfile.TemporaryDirectory() as tmp:
       grid = model.grid
-      cache = features.FeatureCache("disk", a.images, len(model.layers), grid[0] * grid[1],
-                                    info.dim, "float32", Path(tmp), "bench")
+      cache = feature_cache.FeatureCache("disk", a.images, len(model.layers), grid[0] * grid[1],
+                                         info.dim, "float32", Path(tmp), "bench")
       start = time.perf_counter()
       for b in batches:    # the first head's evaluation fills the cache
         amap, _, (pt, ct) = filling(heads[0], backbone_state, text, images[b], cats[b])
@@ -95,8 +96,8 @@ def main(argv=None) -> None:
         maps_cached.append(np.asarray(amap))
       cache.finish_epoch()
       phases["fill"] = time.perf_counter() - start
-      cache = features.FeatureCache("disk", a.images, len(model.layers), grid[0] * grid[1],
-                                    info.dim, "float32", Path(tmp), "bench")  # verified
+      cache = feature_cache.FeatureCache("disk", a.images, len(model.layers), grid[0] * grid[1],
+                                         info.dim, "float32", Path(tmp), "bench")  # verified
       assert cache.complete
       start = time.perf_counter()
       for params in heads[1:]:

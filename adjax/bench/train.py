@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import config_defaults
 from adjax import steps as step_lib
 from adjax.bench import backbone as backbone_bench
+from adjax.config import defaults as config_defaults
 from adjax.model import ADModel, Behaviour
 from adjax.models import backbones, dinov3
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from adjax import atomic, processes
+from adjax.common import atomic, processes
 from adjax.data.builders import BUILDERS, fingerprint, folder_config
 from adjax.data.images import prediction_batches, read_image_folder
 from adjax.data.layouts import DataError, DatasetNotFoundError

@@ -18,8 +18,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from adjax.common.errors import UserError
 from adjax.data import images
-from adjax.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from adjax import atomic
+from adjax.common import atomic
 
 TEXTURE_DEFECTS = ("scratch", "hole", "stain", "color")
 OBJECT_DEFECTS = TEXTURE_DEFECTS + ("missing", "extra")

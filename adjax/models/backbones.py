@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adjax.errors import UserError
+from adjax.common.errors import UserError
 
 # family name -> module implementing the contract above.
 FAMILIES: dict[str, str] = {

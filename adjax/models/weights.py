@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 import orbax.checkpoint as ocp
 
-from adjax import atomic
-from adjax.errors import UserError
+from adjax.common import atomic
+from adjax.common.errors import UserError
 
 FORMAT_VERSION = 1
 

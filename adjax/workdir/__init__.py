@@ -8,7 +8,7 @@ Every module that reads or writes a part of a run folder asks `Workdir` for
 its path; no other module spells out these names. The layout itself:
 
   config.json, config_<mode>.json   the training config; each other mode's own
-  run_identity.json                 the training fields (`adjax.identity`)
+  run_identity.json                 the training fields (`adjax.workdir.identity`)
   imported_from.json                the release checkpoint an imported head came from
   checkpoints/, data_state/         Orbax steps; per step the data-iterator state
                                     of each process and the checkpoint's digest

@@ -37,7 +37,7 @@ def run_command(fn):
   """
   import sys
 
-  from adjax import processes
+  from adjax.common import processes
   try:
     with processes.sigterm_raises():
       return 0, fn()

@@ -19,8 +19,8 @@ from typing import Sequence
 
 import ml_collections
 
-from adjax import config_defaults
-from adjax.errors import UserError
+from adjax.common.errors import UserError
+from adjax.config import defaults as config_defaults
 from adjax.workdir import Workdir
 
 

@@ -18,8 +18,8 @@ import json
 import logging
 from pathlib import Path
 
-from adjax import atomic
-from adjax.errors import UserError
+from adjax.common import atomic
+from adjax.common.errors import UserError
 from adjax.workdir import Workdir
 
 # Fields that cannot change what training computes: logging and checkpoint

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from adjax import atomic
+from adjax.common import atomic
 from adjax.metrics import METRIC_KEYS
 from adjax.metrics import ZSAD_KEY
 

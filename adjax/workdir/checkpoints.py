@@ -26,8 +26,8 @@ import numpy as np
 import jax
 import orbax.checkpoint as ocp
 
-from adjax import atomic
-from adjax.errors import UserError
+from adjax.common import atomic
+from adjax.common.errors import UserError
 from adjax.workdir import Workdir
 
 

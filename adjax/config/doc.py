@@ -1,11 +1,11 @@
 """Every config field with its default and meaning, from one source.
 
 The meanings are the comments beside (or just above) each field in
-`adjax/config_defaults.py`, read with Python's tokenizer, so the defaults
+`adjax/config/defaults.py`, read with Python's tokenizer, so the defaults
 module stays the single place where a field is declared and explained.
 
   python -m adjax.main --config=configs/mvtec.py --config_help   # the values a config sets
-  python -m adjax.config_doc                                     # the reference table (README)
+  python -m adjax.config.doc                                     # the reference table (README)
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import re
 import tokenize
 from pathlib import Path
 
-from adjax import config_defaults
+from adjax.config import defaults as config_defaults
 
 _ASSIGN = re.compile(r"^\s*c\.([\w.]+)\s*=")
 
 
 def field_docs() -> dict[str, str]:
-  """{dotted field: meaning} from config_defaults.py's comments."""
+  """{dotted field: meaning} from adjax/config/defaults.py's comments."""
   source = Path(config_defaults.__file__).read_text()
   comments: dict[int, str] = {}
   for tok in tokenize.generate_tokens(io.StringIO(source).readline):

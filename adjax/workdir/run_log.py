@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from adjax import atomic
+from adjax.common import atomic
 from adjax.workdir import Workdir
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adjax import heatmaps
+from adjax.report import heatmaps
 
 
 def binary_mask(amap: np.ndarray, threshold: float) -> np.ndarray:
@@ -77,7 +77,7 @@ def save_mask_png(path: str | Path, mask: np.ndarray) -> None:
   """A single-channel 0/255 PNG (what MVTec-style ground truth looks like)."""
   import io
 
-  from adjax import atomic
+  from adjax.common import atomic
   buf = io.BytesIO()
   Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), "L").save(
       buf, format="PNG")

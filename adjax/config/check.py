@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from adjax.errors import UserError
+from adjax.common.errors import UserError
 from adjax.model import model_problems
 from adjax.models import backbones
 

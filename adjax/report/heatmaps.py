@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adjax import atomic
+from adjax.common import atomic
 
 # Piecewise-linear jet: blue -> cyan -> green -> yellow -> red.
 _JET_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])

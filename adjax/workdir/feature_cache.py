@@ -24,7 +24,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from adjax import atomic
+from adjax.common import atomic
 
 
 def cache_key(**parts) -> str:

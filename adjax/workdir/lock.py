@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from adjax import processes
-from adjax.errors import UserError
+from adjax.common import processes
+from adjax.common.errors import UserError
 from adjax.workdir import Workdir
 
 

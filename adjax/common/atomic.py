@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from adjax import processes
+from adjax.common import processes
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Processes: who this one is, whether another still runs, SIGTERM as an exception.
 
-Temporaries (`atomic`) and the workdir lock (`workdir_lock`) carry their
+Temporaries (`atomic`) and the workdir lock (`adjax.workdir.lock`) carry their
 writer's host and pid, so a later run can tell a live writer's files from a
 killed one's leftovers. Liveness can only be checked on this host: an owner
 on another host is always treated as alive.

@@ -1,0 +1,1 @@
+"""Shared plumbing: atomic writes, process signals and owners, user errors."""

@@ -1,0 +1,1 @@
+"""Result reports: tables, the HTML report, heatmaps and overlays."""
