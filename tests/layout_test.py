@@ -55,3 +55,21 @@ def test_layout_lines_name_existing_modules_once():
   assert not stale, "README.md's layout names modules that do not exist:\n" + "\n".join(stale)
   twice = sorted({p for p in listed if listed.count(p) > 1})
   assert not twice, "README.md's layout names these more than once:\n" + "\n".join(twice)
+
+
+def test_config_files_of_earlier_versions_still_load(tmp_path):
+  """A user's config file that imports `adjax.config_defaults` (the name before
+  the config package) loads and gives the same config as the new import."""
+  from adjax import config_defaults
+  from adjax.config import defaults, load
+  assert config_defaults is defaults
+  old = tmp_path / "old_style.py"
+  old.write_text("from adjax import config_defaults\n\n"
+                 "def get_config(arg=None):\n"
+                 "  c = config_defaults.base_config()\n"
+                 "  c.epochs = 3\n"
+                 "  return c\n")
+  cfg = load.from_file(str(old))
+  want = defaults.base_config()
+  want.epochs = 3
+  assert cfg.to_dict() == want.to_dict()
