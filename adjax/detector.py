@@ -339,7 +339,7 @@ class Detector:
     `quantile` of their image scores and of their pixels' scores (at the model's
     size, as predict calibrates). They are used from now on by this Detector;
     `save_thresholds()` writes them to the workdir's thresholds.json."""
-    from adjax import thresholds
+    from adjax import metrics, thresholds
     if not 0.0 < quantile <= 1.0:
       raise DetectorError(f"quantile={quantile!r}: expected a value in (0, 1]")
     items, unreadable = self._items(normal_images)
@@ -351,8 +351,8 @@ class Detector:
         pixels.append(amap.ravel())
     if not scores:
       raise DetectorError("calibrate: no readable normal images")
-    image = thresholds.quantile_threshold(np.asarray(scores), quantile)
-    pixel = thresholds.quantile_threshold(np.concatenate(pixels), quantile)
+    image = metrics.quantile_threshold(np.asarray(scores), quantile)
+    pixel = metrics.quantile_threshold(np.concatenate(pixels), quantile)
     if isinstance(normal_images, (str, os.PathLike)):
       dataset = f"normals:{os.fspath(normal_images)}"    # as predict.calibrate_normals
     else:

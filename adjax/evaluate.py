@@ -107,7 +107,7 @@ class Evaluator(Scorer):
       return None
     scores = np.concatenate([s for s, _ in scored])
     labels = np.concatenate([l for _, l in scored])
-    image = (thresholds.f1_optimal(scores, labels).threshold
+    image = (metrics.f1_optimal(scores, labels).threshold
              if 0 < labels.sum() < labels.size else None)
     pixels = [t["pixel"] for cats in found.values() for t in cats.values()
               if t["pixel"] is not None]
