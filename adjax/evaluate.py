@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from adjax import data, metrics, sharding, targets, thresholds
+from adjax import data, datasets, metrics, sharding, thresholds
 from adjax.common import atomic
 from adjax.report import heatmaps, tables
 from adjax.report import html as html_report
@@ -151,7 +151,7 @@ class Evaluator(Scorer):
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
     table = self.text_table(handle.categories)
-    loader = targets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
+    loader = datasets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
                             train=False)
     accs: dict[str, CategoryMetrics] = {}
     to_draw = self._heatmap_indices(handle)
@@ -321,7 +321,7 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   all_results, absent = {}, []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:
-      handle = targets.prepare(cfg, target)
+      handle = datasets.prepare(cfg, target)
     except data.DatasetNotFoundError as e:
       absent.append((target, str(e).splitlines()[0]))
       continue

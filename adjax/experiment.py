@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from adjax import sharding, targets
+from adjax import datasets, sharding
 from adjax import towers as towers_lib
 from adjax.common import atomic
 from adjax.config import check as config_check
@@ -100,7 +100,7 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
 
   from adjax import evaluate
   if cfg.mode == "train":
-    handle = targets.prepare(cfg, cfg.data.train)
+    handle = datasets.prepare(cfg, cfg.data.train)
     _check_anomalies(cfg, handle, main_process)
     from adjax import train
     state, steps_run = train.train(cfg, workdir, towers, mesh, handle)

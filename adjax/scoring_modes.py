@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import data, neighbors, sharding, targets
+from adjax import data, datasets, neighbors, sharding
 from adjax.common.errors import UserError
 from adjax.evaluate import CategoryMetrics, Evaluator
 from adjax.models import head as head_lib
@@ -180,7 +180,7 @@ class ModeEvaluator(Evaluator):
   def _category_pass(self, handle, name: str, table, to_draw: set, progress) -> dict:
     """One pass over a category: raw tokens, global tokens, targets (and head maps)."""
     cfg = self.cfg
-    loader = targets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
+    loader = datasets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
                             train=False, categories=[name])
     parts: dict[str, list] = {}
     drawn = {}
