@@ -50,6 +50,8 @@ def _head_free(cfg) -> bool:
 
 
 def run(cfg, workdir_flag: str | None = None) -> dict:
+  """The public entry: checks the config, starts the processes and devices,
+  resolves and locks the workdir, then `_run_locked`."""
   config_check.check(cfg)          # before jax.distributed and the devices
   if cfg.distributed:
     kwargs = {}
@@ -74,10 +76,12 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
   # One run per workdir (process 0 holds the lock for a multi-host run).
   with WorkdirLock(workdir, is_primary=main_process):
-    return _run(cfg, workdir, main_process)
+    return _run_locked(cfg, workdir, main_process)
 
 
-def _run(cfg, workdir: Path, main_process: bool) -> dict:
+def _run_locked(cfg, workdir: Path, main_process: bool) -> dict:
+  """The run inside its locked workdir: records the mode's config, builds the
+  mesh and towers, and dispatches to train / evaluate / predict."""
   wd = Workdir(workdir)
   if main_process:
     print(f"workdir: {workdir}", flush=True)
