@@ -121,7 +121,7 @@ class Detector:
     if self.thresholds_path is not None:
       self.record = thresholds.read(self.thresholds_path)
       thresholds.check(self.record, image_score=self.scorer.model.image_score,
-                       model=self.scorer.threshold_identity())
+                       model=self.scorer.threshold_model())
     self._pending: dict | None = None   # calibrated, not yet saved
 
   # ---------------------------------------------------------------- building
@@ -132,7 +132,7 @@ class Detector:
 
     `overrides` are config fields, dotted or with `__` for the dots:
     `Detector.from_workdir(w, predict__batch_size=4)`. The config, the head's
-    identity (`identity.check_model`) and `thresholds.json` are checked as
+    identity (`identity.check_head_model`) and `thresholds.json` are checked as
     `--config.mode=predict` checks them.
     """
     from adjax.config import load as run_config
@@ -360,7 +360,7 @@ class Detector:
     self._pending = dict(
         dataset=dataset,
         image_score=self.scorer.model.image_score, checkpoint_step=-1,
-        model=self.scorer.threshold_identity(), image=image, pixel=pixel,
+        model=self.scorer.threshold_model(), image=image, pixel=pixel,
         method=f"normal-quantile {quantile}",
         details={"normal_images": len(scores), "unreadable": [p for p, _ in unreadable]})
     self.record = {"format_version": thresholds.FORMAT_VERSION,

@@ -27,7 +27,7 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   """The head parameters of this workdir's latest checkpoint (else `init_from`).
 
   Returns (params, source workdir, step). The source's recorded training
-  config must describe the configured model (identity.check_model).
+  config must describe the configured model (identity.check_head_model).
   """
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
@@ -35,7 +35,7 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   params, source, step = checkpoints.restore_head_params(
       abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
       keep=cfg.checkpoints_to_keep)
-  identity.check_model(cfg, source)
+  identity.check_head_model(cfg, source)
   if jax.process_index() == 0:
     print(f"head: {source} checkpoint step {step}", flush=True)
   return params, source, step
@@ -86,7 +86,7 @@ def _run_locked(cfg, workdir: Path, main_process: bool) -> dict:
   if main_process:
     print(f"workdir: {workdir}", flush=True)
     if cfg.mode == "train":
-      identity.check_training(cfg, workdir, resuming=wd.has_checkpoints())
+      identity.check_run_identity(cfg, workdir, resuming=wd.has_checkpoints())
     # The training config stays in config.json; other modes keep their own.
     atomic.write_text(wd.mode_config(cfg.mode), cfg.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)

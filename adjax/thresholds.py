@@ -27,7 +27,7 @@ class ThresholdError(UserError, ValueError):
   """A threshold file is missing fields or was made for another model or mode."""
 
 
-# ------------------------------------------------------------- identity
+# ------------------------------------------------------------- the model a threshold belongs to
 
 def params_sha256(params) -> str:
   """A stable hash of a parameter pytree (paths, shapes, dtypes and bytes)."""
@@ -42,9 +42,10 @@ def params_sha256(params) -> str:
   return h.hexdigest()
 
 
-def model_identity(*, backbone_id: str, text_id: str, layers, image_size: int,
-                   reference_quirks: bool, head_sha256: str) -> dict[str, Any]:
-  """What must be equal for a threshold to carry over from one run to another."""
+def threshold_model(*, backbone_id: str, text_id: str, layers, image_size: int,
+                    reference_quirks: bool, head_sha256: str) -> dict[str, Any]:
+  """The model a threshold belongs to (the `model` field of thresholds.json):
+  what must be equal for a threshold to carry over from one run to another."""
   return {"backbone": str(backbone_id), "text": str(text_id),
           "layers": [int(l) for l in layers], "image_size": int(image_size),
           "reference_quirks": bool(reference_quirks), "head_sha256": str(head_sha256)}

@@ -76,9 +76,9 @@ def test_quantile_threshold():
     metrics.quantile_threshold([1.0], 0.0)
 
 
-MODEL = thresholds.model_identity(backbone_id="random:vits16:seed0", text_id="t",
-                                  layers=(2, 5, 8, 11), image_size=224,
-                                  reference_quirks=False, head_sha256="ab" * 32)
+MODEL = thresholds.threshold_model(backbone_id="random:vits16:seed0", text_id="t",
+                                   layers=(2, 5, 8, 11), image_size=224,
+                                   reference_quirks=False, head_sha256="ab" * 32)
 
 
 def test_file_round_trip_and_check(tmp_path):
