@@ -41,6 +41,26 @@ def test_f1_optimal_matches_brute_force(seed):
   assert got.recall == pytest.approx(np.sum(pred & labels) / labels.sum())
 
 
+def test_f1_optimal_exact_ties_go_to_the_highest_threshold():
+  """F1 in exact fractions: equal F1 at several thresholds (common with few
+  examples) goes to the highest one, never to one that rounding favours."""
+  from fractions import Fraction
+  rng = np.random.default_rng(11)
+  for _ in range(300):
+    n = int(rng.integers(4, 40))
+    labels = rng.random(n) < 0.5
+    labels[0] = True
+    scores = np.round(rng.normal(size=n) + labels, 1)
+    best = (Fraction(-1), None)
+    for t in sorted(set(scores.tolist()), reverse=True):
+      tp = int(np.sum((scores >= t) & labels))
+      f1 = Fraction(2 * tp, int(np.sum(scores >= t)) + int(labels.sum()))
+      if f1 > best[0]:
+        best = (f1, t)
+    got = metrics.f1_optimal(scores, labels)
+    assert got.threshold == best[1] and got.f1 == float(best[0])
+
+
 def test_f1_optimal_refuses_bad_input():
   with pytest.raises(ValueError, match="at least one anomalous"):
     metrics.f1_optimal([0.1, 0.2], [0, 0])
