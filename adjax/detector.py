@@ -121,7 +121,7 @@ class Detector:
     if self.thresholds_path is not None:
       self.record = thresholds.read(self.thresholds_path)
       thresholds.check(self.record, image_score=self.scorer.model.image_score,
-                       model=self.scorer.threshold_identity())
+                       model=self.scorer.threshold_model())
     self._pending: dict | None = None   # calibrated, not yet saved
 
   # ---------------------------------------------------------------- building
@@ -132,7 +132,7 @@ class Detector:
 
     `overrides` are config fields, dotted or with `__` for the dots:
     `Detector.from_workdir(w, predict__batch_size=4)`. The config, the head's
-    identity (`identity.check_model`) and `thresholds.json` are checked as
+    identity (`identity.check_head_model`) and `thresholds.json` are checked as
     `--config.mode=predict` checks them.
     """
     from adjax.config import load as run_config
@@ -339,7 +339,7 @@ class Detector:
     `quantile` of their image scores and of their pixels' scores (at the model's
     size, as predict calibrates). They are used from now on by this Detector;
     `save_thresholds()` writes them to the workdir's thresholds.json."""
-    from adjax import thresholds
+    from adjax import metrics, thresholds
     if not 0.0 < quantile <= 1.0:
       raise DetectorError(f"quantile={quantile!r}: expected a value in (0, 1]")
     items, unreadable = self._items(normal_images)
@@ -351,8 +351,8 @@ class Detector:
         pixels.append(amap.ravel())
     if not scores:
       raise DetectorError("calibrate: no readable normal images")
-    image = thresholds.quantile_threshold(np.asarray(scores), quantile)
-    pixel = thresholds.quantile_threshold(np.concatenate(pixels), quantile)
+    image = metrics.quantile_threshold(np.asarray(scores), quantile)
+    pixel = metrics.quantile_threshold(np.concatenate(pixels), quantile)
     if isinstance(normal_images, (str, os.PathLike)):
       dataset = f"normals:{os.fspath(normal_images)}"    # as predict.calibrate_normals
     else:
@@ -360,7 +360,7 @@ class Detector:
     self._pending = dict(
         dataset=dataset,
         image_score=self.scorer.model.image_score, checkpoint_step=-1,
-        model=self.scorer.threshold_identity(), image=image, pixel=pixel,
+        model=self.scorer.threshold_model(), image=image, pixel=pixel,
         method=f"normal-quantile {quantile}",
         details={"normal_images": len(scores), "unreadable": [p for p, _ in unreadable]})
     self.record = {"format_version": thresholds.FORMAT_VERSION,

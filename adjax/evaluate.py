@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from adjax import data, metrics, sharding, targets, thresholds
+from adjax import data, datasets, metrics, sharding, thresholds
 from adjax.common import atomic
 from adjax.report import heatmaps, tables
 from adjax.report import html as html_report
@@ -84,7 +84,9 @@ class Evaluator(Scorer):
     self._image_scores: list[tuple[np.ndarray, np.ndarray]] = []
     # data set -> (its image scores and labels, its results/<stem>.thresholds.json).
     self._per_target: dict[str, tuple[list, Path | None]] = {}
-    self.eval_identity = {
+    # The results identity: what these results came from (stored in each
+    # results/<stem>.json; `identity.results_stem` names the files by it).
+    self.results_identity = {
         "head": {"workdir": str(Path(source[0]).resolve()), "step": int(source[1])},
         "model": identity.model_fields(cfg),
         "towers": {"backbone": towers.backbone_id,
@@ -107,7 +109,7 @@ class Evaluator(Scorer):
       return None
     scores = np.concatenate([s for s, _ in scored])
     labels = np.concatenate([l for _, l in scored])
-    image = (thresholds.f1_optimal(scores, labels).threshold
+    image = (metrics.f1_optimal(scores, labels).threshold
              if 0 < labels.sum() < labels.size else None)
     pixels = [t["pixel"] for cats in found.values() for t in cats.values()
               if t["pixel"] is not None]
@@ -115,8 +117,8 @@ class Evaluator(Scorer):
     if image is None and pixel is None:
       return None
     return dict(dataset=",".join(found), image_score=self.threshold_image_score(),
-                checkpoint_step=(self.eval_identity["head"] or {"step": -1})["step"],
-                model=self.threshold_identity(), image=image, pixel=pixel, method="f1",
+                checkpoint_step=(self.results_identity["head"] or {"step": -1})["step"],
+                model=self.threshold_model(), image=image, pixel=pixel, method="f1",
                 details={"per_category": dict(found)})
 
   def write_thresholds(self) -> Path | None:
@@ -151,17 +153,17 @@ class Evaluator(Scorer):
   def evaluate(self, handle) -> dict[str, dict[str, float]]:
     cfg = self.cfg
     table = self.text_table(handle.categories)
-    loader = targets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
+    loader = datasets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
                             train=False)
     accs: dict[str, CategoryMetrics] = {}
     to_draw = self._heatmap_indices(handle)
     self._image_scores = []
     main = jax.process_index() == 0
-    ident = dict(self.eval_identity, data={
+    ident = dict(self.results_identity, data={
         "name": handle.name, "examples": handle.num_examples, "prepared": str(handle.data_dir)})
     # Results of another evaluation (another head, step, model or setting)
     # are never overwritten: this one then goes beside them, as name@digest.
-    stem = identity.results_name(Workdir(self.workdir).results, handle.display_name, ident)
+    stem = identity.results_stem(Workdir(self.workdir).results, handle.display_name, ident)
     heat_dir = Workdir(self.workdir).evaluation_heatmaps(stem)
     if main and heat_dir.exists():
       # Panels of an earlier evaluation would mislead. The other processes
@@ -321,7 +323,7 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   all_results, absent = {}, []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:
-      handle = targets.prepare(cfg, target)
+      handle = datasets.prepare(cfg, target)
     except data.DatasetNotFoundError as e:
       absent.append((target, str(e).splitlines()[0]))
       continue

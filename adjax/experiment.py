@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from adjax import sharding, targets
+from adjax import datasets, sharding
 from adjax import towers as towers_lib
 from adjax.common import atomic
 from adjax.config import check as config_check
@@ -27,7 +27,7 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   """The head parameters of this workdir's latest checkpoint (else `init_from`).
 
   Returns (params, source workdir, step). The source's recorded training
-  config must describe the configured model (identity.check_model).
+  config must describe the configured model (identity.check_head_model).
   """
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
@@ -35,7 +35,7 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   params, source, step = checkpoints.restore_head_params(
       abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
       keep=cfg.checkpoints_to_keep)
-  identity.check_model(cfg, source)
+  identity.check_head_model(cfg, source)
   if jax.process_index() == 0:
     print(f"head: {source} checkpoint step {step}", flush=True)
   return params, source, step
@@ -50,6 +50,8 @@ def _head_free(cfg) -> bool:
 
 
 def run(cfg, workdir_flag: str | None = None) -> dict:
+  """The public entry: checks the config, starts the processes and devices,
+  resolves and locks the workdir, then `_run_locked`."""
   config_check.check(cfg)          # before jax.distributed and the devices
   if cfg.distributed:
     kwargs = {}
@@ -74,15 +76,17 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
   # One run per workdir (process 0 holds the lock for a multi-host run).
   with WorkdirLock(workdir, is_primary=main_process):
-    return _run(cfg, workdir, main_process)
+    return _run_locked(cfg, workdir, main_process)
 
 
-def _run(cfg, workdir: Path, main_process: bool) -> dict:
+def _run_locked(cfg, workdir: Path, main_process: bool) -> dict:
+  """The run inside its locked workdir: records the mode's config, builds the
+  mesh and towers, and dispatches to train / evaluate / predict."""
   wd = Workdir(workdir)
   if main_process:
     print(f"workdir: {workdir}", flush=True)
     if cfg.mode == "train":
-      identity.check_training(cfg, workdir, resuming=wd.has_checkpoints())
+      identity.check_run_identity(cfg, workdir, resuming=wd.has_checkpoints())
     # The training config stays in config.json; other modes keep their own.
     atomic.write_text(wd.mode_config(cfg.mode), cfg.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
@@ -100,7 +104,7 @@ def _run(cfg, workdir: Path, main_process: bool) -> dict:
 
   from adjax import evaluate
   if cfg.mode == "train":
-    handle = targets.prepare(cfg, cfg.data.train)
+    handle = datasets.prepare(cfg, cfg.data.train)
     _check_anomalies(cfg, handle, main_process)
     from adjax import train
     state, steps_run = train.train(cfg, workdir, towers, mesh, handle)

@@ -144,7 +144,7 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   params, _, step = experiment.trained_params(cfg, workdir, towers, mesh)
   params = jax.device_get(params)
   table = np.asarray(towers.text_embed(names), np.float32)
-  identity = thresholds.model_identity(
+  identity = thresholds.threshold_model(
       backbone_id=towers.backbone_id, text_id=towers.text_embed.model_id,
       layers=model.layers, image_size=size, reference_quirks=cfg.reference_quirks,
       head_sha256=thresholds.params_sha256(params))

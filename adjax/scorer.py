@@ -39,10 +39,11 @@ class Scorer:
                           sharding.replicated(self.mesh))
 
 
-  def threshold_identity(self) -> dict:
-    """What a decision threshold belongs to: this head on these towers, at this size."""
+  def threshold_model(self) -> dict:
+    """The model a decision threshold belongs to (`thresholds.threshold_model`):
+    this head on these towers, at this size."""
     from adjax import thresholds
-    return thresholds.model_identity(
+    return thresholds.threshold_model(
         backbone_id=self.towers.backbone_id, text_id=self.towers.text_embed.model_id,
         layers=self.model.layers, image_size=self.model.image_size,
         reference_quirks=self.reference_quirks,

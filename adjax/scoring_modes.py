@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import data, neighbors, sharding, targets
+from adjax import data, datasets, neighbors, sharding
 from adjax.common.errors import UserError
 from adjax.evaluate import CategoryMetrics, Evaluator
 from adjax.models import head as head_lib
@@ -124,7 +124,7 @@ class ModeEvaluator(Evaluator):
     self.with_head = needs_head(self.scoring)
     super().__init__(cfg, workdir, towers, mesh, params,
                      source if source is not None else (workdir, 0))
-    ev = dict(self.eval_identity["eval"], scoring=self.scoring)
+    ev = dict(self.results_identity["eval"], scoring=self.scoring)
     if self.kind == "few_shot":
       ev["references"] = int(cfg.eval.references)
     ev["r_list"] = [int(r) for r in cfg.eval.r_list]
@@ -134,18 +134,18 @@ class ModeEvaluator(Evaluator):
       ev["combine"] = cfg.eval.combine
     else:
       ev.pop("image_score")
-      self.eval_identity["head"] = None
-      self.eval_identity["towers"]["text"] = None
-    self.eval_identity["eval"] = ev
+      self.results_identity["head"] = None
+      self.results_identity["towers"]["text"] = None
+    self.results_identity["eval"] = ev
     self._features_step = self._build_step()
 
-  # ---- identities of thresholds ------------------------------------------
-  def threshold_identity(self) -> dict:
+  # ---- the model a threshold belongs to ---------------------------------
+  def threshold_model(self) -> dict:
     if self.with_head:
-      ident = super().threshold_identity()
+      ident = super().threshold_model()
     else:
       from adjax import thresholds
-      ident = thresholds.model_identity(
+      ident = thresholds.threshold_model(
           backbone_id=self.towers.backbone_id, text_id="none", layers=self.model.layers,
           image_size=self.model.image_size, reference_quirks=self.reference_quirks,
           head_sha256="none")
@@ -180,7 +180,7 @@ class ModeEvaluator(Evaluator):
   def _category_pass(self, handle, name: str, table, to_draw: set, progress) -> dict:
     """One pass over a category: raw tokens, global tokens, targets (and head maps)."""
     cfg = self.cfg
-    loader = targets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
+    loader = datasets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
                             train=False, categories=[name])
     parts: dict[str, list] = {}
     drawn = {}
@@ -247,14 +247,14 @@ class ModeEvaluator(Evaluator):
     if self.kind == "few_shot":
       refs = {name: choose_references(handle, ci, int(cfg.eval.references))
               for ci, name in enumerate(handle.categories)}
-    ident = dict(self.eval_identity, data={
+    ident = dict(self.results_identity, data={
         "name": handle.name, "examples": handle.num_examples, "prepared": str(handle.data_dir)})
     if refs:
       ident["references"] = {
           name: [_as_str(handle.source[int(i)]["path"]) for i in idx]
           for name, idx in refs.items()}
     display = f"{handle.display_name}.{self.scoring}"
-    stem = identity.results_name(Workdir(self.workdir).results, display, ident)
+    stem = identity.results_stem(Workdir(self.workdir).results, display, ident)
     heat_dir = Workdir(self.workdir).evaluation_heatmaps(stem)
     if main and heat_dir.exists():
       shutil.rmtree(heat_dir)

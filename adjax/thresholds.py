@@ -1,23 +1,14 @@
-"""Decision thresholds for deployment: choose them, record them, check them.
+"""Decision thresholds for deployment: record them, check them, resolve them.
 
-Pure functions over scores, labels, maps and masks (numpy only):
-- `f1_optimal(scores, labels)`: the threshold that maximises F1 when
-  `score >= threshold` is called anomalous, with its precision and recall;
-- `PixelF1Sweep`: the same for pixels, fed batch by batch (maps and masks
-  are never held all at once); exact below `max_exact` distinct values, then
-  on a fine fixed grid (the returned F1 is the F1 of the returned threshold);
-- `quantile_threshold(normal_scores, q)`: from normal images only (no
-  anomalous examples), e.g. q=0.99 flags about 1% of normal images.
-
-A threshold only means something for the model, the image-score mode and the
-checkpoint it was computed with. `thresholds.json` records those beside the
+Choosing them from scores is `adjax.metrics` (`f1_optimal`,
+`quantile_threshold`). A threshold only means something for the model, the
+image-score mode and the checkpoint it was computed with. `thresholds.json` records those beside the
 numbers (`write` / `read`), and `check` refuses a file made for another
 model or mode with a message that says which field differs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -36,133 +27,7 @@ class ThresholdError(UserError, ValueError):
   """A threshold file is missing fields or was made for another model or mode."""
 
 
-# ------------------------------------------------------------- choosing
-
-@dataclasses.dataclass(frozen=True)
-class F1Threshold:
-  threshold: float      # anomalous when value >= threshold
-  f1: float
-  precision: float
-  recall: float
-
-
-def _f1_from_counts(values_desc, tp, fp, n_pos) -> F1Threshold:
-  """Best threshold among `values_desc` (descending, distinct) with cumulative counts."""
-  precision = tp / np.maximum(tp + fp, 1)
-  recall = tp / n_pos
-  denom = precision + recall
-  f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
-  i = int(np.argmax(f1))
-  return F1Threshold(float(values_desc[i]), float(f1[i]), float(precision[i]),
-                     float(recall[i]))
-
-
-def f1_optimal(scores, labels) -> F1Threshold:
-  """The threshold with the largest F1 of `score >= threshold` (label 1 = anomalous).
-
-  Ties go to the highest such threshold (fewest alarms).
-  """
-  scores = np.asarray(scores, np.float64).ravel()
-  labels = np.asarray(labels).ravel().astype(bool)
-  if scores.shape != labels.shape:
-    raise ValueError(f"{scores.size} scores but {labels.size} labels")
-  if not labels.any():
-    raise ValueError("F1 needs at least one anomalous example; use quantile_threshold "
-                     "for normal-only data")
-  if not np.all(np.isfinite(scores)):
-    raise ValueError("scores contain NaN or infinity")
-  values, inverse = np.unique(-scores, return_inverse=True)   # descending scores
-  pos = np.bincount(inverse, weights=labels, minlength=values.size)
-  tot = np.bincount(inverse, minlength=values.size)
-  tp = np.cumsum(pos)
-  return _f1_from_counts(-values, tp, np.cumsum(tot) - tp, labels.sum())
-
-
-class PixelF1Sweep:
-  """F1-optimal pixel threshold from batches of maps and masks.
-
-  Keeps per-value counts of anomalous and normal pixels. Maps of float32
-  probabilities have many distinct values; while there are at most
-  `max_exact` of them the sweep is exact, after that values are binned on a
-  grid of `bins` steps over [lo, hi] (maps are probabilities: [0, 1]) and
-  each bin's threshold is its lower edge, so the result is the exact F1 of
-  the threshold returned, at most one bin from the best.
-  """
-
-  def __init__(self, lo: float = 0.0, hi: float = 1.0, bins: int = 1 << 20,
-               max_exact: int = 1 << 22):
-    self.lo, self.hi, self.bins, self.max_exact = float(lo), float(hi), int(bins), max_exact
-    self._exact: dict[str, np.ndarray] | None = {
-        "values": np.zeros(0, np.float32), "pos": np.zeros(0, np.int64),
-        "neg": np.zeros(0, np.int64)}
-    self._hist: tuple[np.ndarray, np.ndarray] | None = None
-
-  def update(self, maps, masks) -> None:
-    maps = np.asarray(maps, np.float32).ravel()
-    masks = np.asarray(masks).ravel() > 0.5
-    if maps.shape != masks.shape:
-      raise ValueError(f"maps have {maps.size} pixels, masks {masks.size}")
-    if self._exact is not None:
-      values, inverse = np.unique(np.concatenate([self._exact["values"], maps]),
-                                  return_inverse=True)
-      old = inverse[: self._exact["values"].size]
-      new = inverse[self._exact["values"].size:]
-      pos = np.bincount(new, weights=masks, minlength=values.size).astype(np.int64)
-      neg = np.bincount(new, weights=~masks, minlength=values.size).astype(np.int64)
-      pos[old] += self._exact["pos"]
-      neg[old] += self._exact["neg"]
-      self._exact = {"values": values, "pos": pos, "neg": neg}
-      if values.size > self.max_exact:
-        self._to_hist()
-      return
-    self._add_hist(maps, masks.astype(np.int64), (~masks).astype(np.int64))
-
-  def _bin(self, values: np.ndarray) -> np.ndarray:
-    scaled = (values.astype(np.float64) - self.lo) / (self.hi - self.lo) * self.bins
-    return np.clip(np.floor(scaled), 0, self.bins - 1).astype(np.int64)
-
-  def _add_hist(self, values, pos, neg) -> None:
-    if self._hist is None:
-      self._hist = (np.zeros(self.bins, np.int64), np.zeros(self.bins, np.int64))
-    b = self._bin(values)
-    self._hist[0][:] += np.bincount(b, weights=pos, minlength=self.bins).astype(np.int64)
-    self._hist[1][:] += np.bincount(b, weights=neg, minlength=self.bins).astype(np.int64)
-
-  def _to_hist(self) -> None:
-    e, self._exact = self._exact, None
-    self._add_hist(e["values"], e["pos"], e["neg"])
-
-  def result(self) -> F1Threshold:
-    if self._exact is not None:
-      values, pos, neg = (self._exact[k][::-1] for k in ("values", "pos", "neg"))
-    else:
-      pos, neg = self._hist[0][::-1], self._hist[1][::-1]
-      edges = self.lo + (self.hi - self.lo) * np.arange(self.bins) / self.bins
-      values = edges[::-1]
-      keep = (pos + neg) > 0
-      values, pos, neg = values[keep], pos[keep], neg[keep]
-    n_pos = int(pos.sum())
-    if n_pos == 0:
-      raise ValueError("F1 needs at least one anomalous pixel")
-    return _f1_from_counts(values, np.cumsum(pos), np.cumsum(neg), n_pos)
-
-
-def quantile_threshold(normal_scores, q: float = 0.99) -> float:
-  """The q-quantile of scores from normal images only (a false-alarm budget of 1 - q).
-
-  Uses the empirical quantile that never interpolates upwards past an
-  observed value ("higher"), so at most a fraction 1 - q of these normal
-  scores lie strictly above the threshold.
-  """
-  scores = np.asarray(normal_scores, np.float64).ravel()
-  if scores.size == 0:
-    raise ValueError("quantile_threshold needs at least one normal score")
-  if not 0.0 < q <= 1.0:
-    raise ValueError(f"q={q}: expected 0 < q <= 1")
-  return float(np.quantile(scores, q, method="higher"))
-
-
-# ------------------------------------------------------------- identity
+# ------------------------------------------------------------- the model a threshold belongs to
 
 def params_sha256(params) -> str:
   """A stable hash of a parameter pytree (paths, shapes, dtypes and bytes)."""
@@ -177,9 +42,10 @@ def params_sha256(params) -> str:
   return h.hexdigest()
 
 
-def model_identity(*, backbone_id: str, text_id: str, layers, image_size: int,
-                   reference_quirks: bool, head_sha256: str) -> dict[str, Any]:
-  """What must be equal for a threshold to carry over from one run to another."""
+def threshold_model(*, backbone_id: str, text_id: str, layers, image_size: int,
+                    reference_quirks: bool, head_sha256: str) -> dict[str, Any]:
+  """The model a threshold belongs to (the `model` field of thresholds.json):
+  what must be equal for a threshold to carry over from one run to another."""
   return {"backbone": str(backbone_id), "text": str(text_id),
           "layers": [int(l) for l in layers], "image_size": int(image_size),
           "reference_quirks": bool(reference_quirks), "head_sha256": str(head_sha256)}

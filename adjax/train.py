@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adjax import sharding, steps, targets
+from adjax import datasets, sharding, steps
 from adjax.common.errors import UserError
 from adjax.workdir import checkpoints, feature_cache, run_log
 from adjax.workdir import Workdir
@@ -89,7 +89,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
                                    cache_dtype=cache_dtype)
   step_cached = builder.train_step(from_features=True) if cache is not None else None
 
-  iterator = iter(targets.loader(cfg, handle, model, batch_size=cfg.batch_size,
+  iterator = iter(datasets.loader(cfg, handle, model, batch_size=cfg.batch_size,
                                  train=True))
   if data_state is not None:
     iterator.set_state(data_state)

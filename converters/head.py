@@ -166,7 +166,7 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
     run.config.write_text(cfg.to_json_best_effort(indent=2))
     run.imported_from.write_text(json.dumps(summary, indent=2))
     # The model the head belongs to: evaluating it under another is refused.
-    run.identity.write_text(
+    run.run_identity.write_text(
         json.dumps({"training": identity.training_fields(cfg)}, indent=2, sort_keys=True))
   return summary
 

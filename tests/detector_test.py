@@ -208,7 +208,7 @@ def test_calibrate_and_save_thresholds(demo_workdir, tmp_path):
   record = thresholds.read(written)
   assert record["dataset"] == by_predict["dataset"] == f"normals:{normals}"
   thresholds.check(record, image_score=det.scorer.model.image_score,
-                   model=det.scorer.threshold_identity())
+                   model=det.scorer.threshold_model())
   assert (record["image_threshold"], record["pixel_threshold"]) == (image_t, pixel_t)
   assert record["method"] == "normal-quantile 0.75"
   assert oct(os.stat(written).st_mode & 0o777) == oct(0o666 & ~_umask())

@@ -1,4 +1,5 @@
-"""adjax.thresholds and adjax.report.overlays against brute-force computations."""
+"""adjax.metrics.f1_optimal / quantile_threshold, adjax.thresholds and
+adjax.report.overlays against brute-force computations."""
 
 import json
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import thresholds
+from adjax import metrics, thresholds
 from adjax.report import overlays
 
 
@@ -32,7 +33,7 @@ def test_f1_optimal_matches_brute_force(seed):
   scores = rng.normal(size=n) + labels * rng.uniform(0, 2)
   if seed % 2:
     scores = np.round(scores, 1)           # many ties
-  got = thresholds.f1_optimal(scores, labels)
+  got = metrics.f1_optimal(scores, labels)
   f1, t = brute_f1(scores, labels)
   assert got.threshold == pytest.approx(t) and got.f1 == pytest.approx(f1)
   pred = scores >= got.threshold
@@ -40,58 +41,64 @@ def test_f1_optimal_matches_brute_force(seed):
   assert got.recall == pytest.approx(np.sum(pred & labels) / labels.sum())
 
 
+def test_f1_optimal_exact_ties_go_to_the_highest_threshold():
+  """F1 in exact fractions: equal F1 at several thresholds (common with few
+  examples) goes to the highest one, never to one that rounding favours."""
+  from fractions import Fraction
+  rng = np.random.default_rng(11)
+  for _ in range(300):
+    n = int(rng.integers(4, 40))
+    labels = rng.random(n) < 0.5
+    labels[0] = True
+    scores = np.round(rng.normal(size=n) + labels, 1)
+    best = (Fraction(-1), None)
+    for t in sorted(set(scores.tolist()), reverse=True):
+      tp = int(np.sum((scores >= t) & labels))
+      f1 = Fraction(2 * tp, int(np.sum(scores >= t)) + int(labels.sum()))
+      if f1 > best[0]:
+        best = (f1, t)
+    got = metrics.f1_optimal(scores, labels)
+    assert got.threshold == best[1] and got.f1 == float(best[0])
+
+
 def test_f1_optimal_refuses_bad_input():
   with pytest.raises(ValueError, match="at least one anomalous"):
-    thresholds.f1_optimal([0.1, 0.2], [0, 0])
+    metrics.f1_optimal([0.1, 0.2], [0, 0])
   with pytest.raises(ValueError, match="NaN"):
-    thresholds.f1_optimal([np.nan, 0.2], [0, 1])
+    metrics.f1_optimal([np.nan, 0.2], [0, 1])
 
 
-def test_pixel_sweep_exact_matches_brute_force():
-  rng = np.random.default_rng(0)
-  maps = np.round(rng.random((6, 16, 16)), 3).astype(np.float32)
-  masks = (maps + rng.normal(0, 0.3, maps.shape)) > 0.9
-  sweep = thresholds.PixelF1Sweep()
-  for i in range(0, 6, 2):                 # streamed in batches
-    sweep.update(maps[i:i + 2], masks[i:i + 2])
-  got = sweep.result()
-  f1, t = brute_f1(maps.ravel().astype(np.float64), masks.ravel())
-  assert got.f1 == pytest.approx(f1) and got.threshold == pytest.approx(t)
-
-
-def test_pixel_sweep_binned_is_exact_f1_of_its_threshold_and_near_best():
-  rng = np.random.default_rng(1)
-  maps = rng.random((4, 32, 32)).astype(np.float32)
-  masks = (maps + rng.normal(0, 0.2, maps.shape)) > 0.8
-  sweep = thresholds.PixelF1Sweep(bins=1000, max_exact=100)    # forces the grid
-  for i in range(4):
-    sweep.update(maps[i], masks[i])
-  got = sweep.result()
-  pred = maps.ravel() >= got.threshold
-  m = masks.ravel()
-  tp = np.sum(pred & m)
-  f1_of_t = 2 * tp / (2 * tp + np.sum(pred & ~m) + np.sum(~pred & m))
-  assert got.f1 == pytest.approx(f1_of_t, abs=1e-12)
-  best, _ = brute_f1(maps.ravel().astype(np.float64), m)
-  assert best - 0.01 <= got.f1 <= best + 1e-12
+def test_f1_optimal_is_the_evaluation_threshold():
+  """One sweep: f1_optimal gives the threshold and F1 that the evaluation's
+  MetricAccumulator reports (image level, float64 and float32 with ties)."""
+  rng = np.random.default_rng(3)
+  for dtype in (np.float64, np.float32):
+    labels = rng.random(300) < 0.3
+    scores = np.round(rng.random(300) + 0.4 * labels, 2).astype(dtype)
+    acc = metrics.MetricAccumulator()
+    acc.update(scores, labels)
+    res = acc.result(details=True)
+    got = metrics.f1_optimal(scores, labels)
+    assert got.threshold == res["image_threshold"]
+    assert got.f1 == pytest.approx(res["image_f1max"], abs=1e-12)
 
 
 def test_quantile_threshold():
   rng = np.random.default_rng(2)
   normal = rng.normal(size=1000)
-  t = thresholds.quantile_threshold(normal, 0.99)
+  t = metrics.quantile_threshold(normal, 0.99)
   assert t in normal
   assert np.mean(normal > t) <= 0.01 and np.mean(normal >= t) >= 0.01
   assert t == np.sort(normal)[int(np.ceil(0.99 * 999))]
   with pytest.raises(ValueError):
-    thresholds.quantile_threshold([], 0.9)
+    metrics.quantile_threshold([], 0.9)
   with pytest.raises(ValueError):
-    thresholds.quantile_threshold([1.0], 0.0)
+    metrics.quantile_threshold([1.0], 0.0)
 
 
-MODEL = thresholds.model_identity(backbone_id="random:vits16:seed0", text_id="t",
-                                  layers=(2, 5, 8, 11), image_size=224,
-                                  reference_quirks=False, head_sha256="ab" * 32)
+MODEL = thresholds.threshold_model(backbone_id="random:vits16:seed0", text_id="t",
+                                   layers=(2, 5, 8, 11), image_size=224,
+                                   reference_quirks=False, head_sha256="ab" * 32)
 
 
 def test_file_round_trip_and_check(tmp_path):

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_part_is_where_the_layout_says(tmp_path):
   run = Workdir(tmp_path / "run")
   layout = {
-      "config": "config.json", "identity": "run_identity.json",
+      "config": "config.json", "run_identity": "run_identity.json",
       "imported_from": "imported_from.json", "thresholds": "thresholds.json",
       "metrics": "metrics.jsonl", "unreadable": "unreadable.txt", "lock": ".adjax.lock",
       "checkpoints": "checkpoints", "data_state": "data_state", "results": "results",
@@ -103,9 +103,9 @@ def test_the_owners_of_parts_use_it(tmp_path):
     assert lock.path == run.lock and run.lock.is_file()
   assert not run.lock.exists()
   cfg = ml_collections.ConfigDict({"seed": 1, "eval": {"x": 2}})
-  identity.check_training(cfg, tmp_path, resuming=False)
-  assert json.loads(run.identity.read_text()) == {"training": {"seed": 1}}
-  assert identity.read(tmp_path) == {"training": {"seed": 1}}
+  identity.check_run_identity(cfg, tmp_path, resuming=False)
+  assert json.loads(run.run_identity.read_text()) == {"training": {"seed": 1}}
+  assert identity.read_run_identity(tmp_path) == {"training": {"seed": 1}}
   run.config.write_text(json.dumps({"seed": 7}))
   assert run_config.from_workdir(tmp_path).seed == 7
   written = thresholds.write(tmp_path, dataset="d", image_score="mean", checkpoint_step=1,

@@ -89,6 +89,7 @@ class RankingSweep:
     self._curve_points = int(curve_points)
     self._curve: list[np.ndarray] = []
     self._f1_threshold = None
+    self._f1_counts = (0, 0)  # (TP, FP) at the F1-max threshold
     self._neg = negatives
     self._n_neg = int(negatives.shape[0])
     self._n_pos = int(n_pos)
@@ -135,8 +136,11 @@ class RankingSweep:
     f1 = 2.0 * tp / (tp + ge + self._n_pos)
     best = int(np.argmax(f1))
     if self._f1_threshold is None or f1[best] > self._f1:
-      # Predicting "anomalous" for scores >= this value reaches F1-max.
+      # Predicting "anomalous" for scores >= this value reaches F1-max; ties
+      # go to the highest such value (argmax takes the first, and a later,
+      # lower block must be strictly better).
       self._f1, self._f1_threshold = float(f1[best]), float(values[best])
+      self._f1_counts = (int(tp[best]), int(ge[best]))
     if self._curve_points:
       # (threshold, FPR, recall, precision) at up to curve_points scores per block.
       pick = np.unique(np.linspace(0, values.shape[0] - 1,
@@ -152,6 +156,14 @@ class RankingSweep:
       if self._zsad is not None:
         self._zsad_block(values, cum_w)
       self._w = float(cum_w[-1])
+
+  def f1_point(self) -> tuple[float, float, float, float] | None:
+    """(threshold, F1, precision, recall) at F1-max so far (scores >=
+    threshold called positive); None before any positive score."""
+    if self._f1_threshold is None:
+      return None
+    tp, ge = self._f1_counts
+    return (self._f1_threshold, self._f1, tp / (tp + ge), tp / self._n_pos)
 
   def _pro_block(self, gt: np.ndarray, ge: np.ndarray, pro: np.ndarray) -> None:
     m = gt.shape[0]

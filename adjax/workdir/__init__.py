@@ -71,7 +71,7 @@ class Workdir:
     return self.config if mode == "train" else self.root / f"config_{mode}.json"
 
   @property
-  def identity(self) -> Path:
+  def run_identity(self) -> Path:
     return self.root / IDENTITY_FILE
 
   @property
@@ -140,7 +140,7 @@ class Workdir:
     return self.root / "tokenizer"
 
   # ------------------------------------------------------------- per evaluation
-  # An evaluation's files share a stem (`identity.results_name`: the data set's
+  # An evaluation's files share a stem (`identity.results_stem`: the data set's
   # name, or `name@<digest>` beside another evaluation's results).
 
   def evaluation_thresholds(self, stem: str) -> Path:

@@ -1,5 +1,15 @@
 """What made an artifact: fingerprints stored beside it and checked on use.
 
+Four fingerprints, named apart:
+- run identity: a training workdir's training fields (`run_identity.json`;
+  `read_run_identity`, `check_run_identity`, `check_head_model`), here;
+- results identity: what one evaluation's results came from (`results_stem`
+  names its files by it; built by `evaluate.Evaluator.results_identity`);
+- threshold model: the model a decision threshold belongs to (the `model`
+  field of thresholds.json; `adjax.thresholds.threshold_model`, and
+  `Scorer.threshold_model()` for a loaded head);
+- the checkpoint step a threshold was chosen at (`adjax.thresholds.check`).
+
 - A workdir stores the training-relevant part of its config
   (`<workdir>/run_identity.json`, written when training first starts).
   Resuming with a different value of any of those fields is refused, naming
@@ -78,8 +88,9 @@ def _differences(stored: dict, now: dict) -> list[str]:
           for k in keys if stored.get(k) != now.get(k)]
 
 
-def read(workdir: Path) -> dict | None:
-  path = Workdir(workdir).identity
+def read_run_identity(workdir: Path) -> dict | None:
+  """The run identity stored in `workdir` (None when it has none)."""
+  path = Workdir(workdir).run_identity
   if not path.exists():
     return None
   try:
@@ -89,13 +100,13 @@ def read(workdir: Path) -> dict | None:
                                 "was configured: restore it or use a new workdir") from None
 
 
-def check_training(cfg, workdir: Path, *, resuming: bool) -> None:
-  """Refuses to resume `workdir` under a config whose training fields differ;
-  records them on a fresh start."""
+def check_run_identity(cfg, workdir: Path, *, resuming: bool) -> None:
+  """Refuses to resume `workdir` under a config whose training fields (its run
+  identity) differ; records them on a fresh start."""
   now = training_fields(cfg)
-  stored = read(workdir)
+  stored = read_run_identity(workdir)
   if stored is None or not resuming:
-    atomic.write_text(Workdir(workdir).identity,
+    atomic.write_text(Workdir(workdir).run_identity,
                       json.dumps({"training": now}, indent=2, sort_keys=True))
     return
   diffs = _differences(stored.get("training", {}), now)
@@ -104,9 +115,10 @@ def check_training(cfg, workdir: Path, *, resuming: bool) -> None:
               "two runs", diffs, "or a new --workdir")
 
 
-def check_model(cfg, source: Path) -> None:
-  """Refuses to use `source`'s trained head under a config of another model."""
-  stored = read(source)
+def check_head_model(cfg, source: Path) -> None:
+  """Refuses to use `source`'s trained head under a config of another model
+  (the model fields of its run identity)."""
+  stored = read_run_identity(source)
   if stored is None:
     return
   diffs = _differences(model_fields(stored.get("training", {})), model_fields(cfg))
@@ -126,8 +138,8 @@ def _mismatch(cfg, what: str, diffs: list[str], alternative: str) -> None:
       f"anyway, {alternative}")
 
 
-def results_name(out_dir: Path, name: str, ident: dict) -> str:
-  """The file stem for results of `ident`: `name` unless results of another
+def results_stem(out_dir: Path, name: str, ident: dict) -> str:
+  """The file stem for results of results identity `ident`: `name` unless results of another
   evaluation already sit there, then `name@<digest>`."""
   existing = Path(out_dir) / f"{name}.json"
   if not existing.exists():

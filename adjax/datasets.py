@@ -1,4 +1,5 @@
-"""Data sets named in a config: a benchmark name, or a path to a user folder."""
+"""Data sets named in a config (a benchmark name, or a path to a user folder):
+prepared once for training and evaluation (`prepare`), and their loaders (`loader`)."""
 
 from __future__ import annotations
 
