@@ -117,7 +117,10 @@ def test_demo_neighbour_modes_reach_their_floors(tmp_path, scoring):
   assert ident["eval"]["scoring"] == scoring and ident["head"] is None
   assert ident["towers"]["text"] is None
   assert not (tmp_path / "work" / "text_cache").exists()
-  thresholds = json.loads((tmp_path / "work" / f"thresholds_{scoring}.json").read_text())
+  # The mode's thresholds sit beside its results; the deployment thresholds.json
+  # belongs to a zero-shot head and is not made here.
+  thresholds = json.loads((tmp_path / "work" / "results" / f"family_b.{scoring}.thresholds.json")
+                          .read_text())
   assert thresholds["model"]["scoring"] == scoring
   assert not (tmp_path / "work" / "thresholds.json").exists()
   if scoring == "batch":
