@@ -116,7 +116,9 @@ def test_demo_neighbour_modes_reach_their_floors(tmp_path, scoring):
   assert ident["eval"]["scoring"] == scoring and ident["head"] is None
   assert ident["towers"]["text"] is None
   assert not (tmp_path / "work" / "text_cache").exists()
-  thresholds = json.loads((tmp_path / "work" / f"thresholds_{scoring}.json").read_text())
+  from adjax.workdir import Workdir
+  thresholds = json.loads(Workdir(tmp_path / "work").evaluation_thresholds(
+      f"family_b.{scoring}").read_text())
   assert thresholds["model"]["scoring"] == scoring
   assert not (tmp_path / "work" / "thresholds.json").exists()
   if scoring == "batch":
