@@ -15,6 +15,18 @@ scores any number of images: paths, folders, globs, PIL images and uint8
 arrays, of any size. Images are preprocessed as the prediction reader does
 (`adjax.data.images`), batched at `predict.batch_size` (the last batch padded,
 so the step compiles once), and each map is resized to its image's own size.
+
+Scoring modes (`predict(..., scoring=...)`, as `adjax.scoring_modes` scores them):
+- `zero_shot`: the trained head (the default).
+- `few_shot`: each image against the normal images given to
+  `use_references` (their tapped blocks' raw patch tokens, computed once),
+  `neighbors.reference_maps`.
+- `batch`: the images of one call against each other (at least 5),
+  `neighbors.mutual_maps`, image scores refined by RsCIN (`eval.rscin_k`).
+The neighbour modes use `eval.r_list`, need neither the head nor the text
+tower (a Detector built with `predict.scoring=few_shot|batch` loads neither,
+and needs no checkpoint), and decide only with `predict.threshold >= 0`:
+thresholds.json belongs to the zero-shot head.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from adjax.common.errors import UserError
 from adjax.workdir import Workdir
 
 # Scoring modes `Detector.predict` supports (the page's mode selector lists them).
-SCORING_MODES = ("zero_shot",)
+SCORING_MODES = ("zero_shot", "few_shot", "batch")
 
 
 class DetectorError(UserError, ValueError):
@@ -100,29 +112,47 @@ def _override_strings(overrides: dict[str, Any]) -> list[str]:
 class Detector:
   """A trained head on its towers, ready to score images (see the module doc)."""
 
-  scoring_modes = SCORING_MODES
-
-  def __init__(self, cfg, workdir: Path, towers, mesh, params, step: int | None = None,
+  def __init__(self, cfg, workdir: Path, towers, mesh, params=None, step: int | None = None,
                load_thresholds: bool = True):
-    """`load_thresholds=False` starts without decision thresholds (e.g. to
-    `calibrate` new ones over a file that belongs to another head)."""
-    from adjax import thresholds
-    from adjax.scorer import Scorer
+    """`params=None` builds no head (the neighbour modes only; no thresholds.json
+    is read). `load_thresholds=False` starts without decision thresholds (e.g.
+    to `calibrate` new ones over a file that belongs to another head)."""
+    from adjax import sharding, thresholds
     self.cfg, self.workdir, self.step = cfg, Path(workdir), step
-    self.scorer = Scorer(cfg, towers, mesh, params)
-    self.image_size = int(self.scorer.model.image_size)
+    self.mesh, self.towers = mesh, towers
+    if params is not None:
+      from adjax.scorer import Scorer
+      self.scorer = Scorer(cfg, towers, mesh, params)
+      self.model = self.scorer.model
+      self._backbone = (self.scorer.builder.backbone_def, self.scorer.backbone_state)
+    else:
+      self.scorer = None
+      self.model = towers.model(cfg)
+      graphdef, state, _ = sharding.place_frozen(towers.backbone, mesh,
+                                                 cfg.mesh.backbone_sharding)
+      self._backbone = (graphdef, state)
+    self.image_size = int(self.model.image_size)
     self.batch_size = int(cfg.predict.batch_size)
+    self.r_list = tuple(int(r) for r in cfg.eval.r_list)
     self._tables: dict[tuple[str, ...], Any] = {}
+    self._tokens_step = None
+    self.references = None      # [L, R, h, w, D] raw tokens of use_references()
+    self.reference_paths: list = []
     self.record = None
     # The workdir's thresholds.json, else (init_from) the trained run's, as
     # mode=predict decides; checked against this head before any use.
     self.thresholds_path = thresholds.deployment_path(
-        self.workdir, cfg.init_from or None) if load_thresholds else None
+        self.workdir, cfg.init_from or None) if load_thresholds and self.scorer else None
     if self.thresholds_path is not None:
       self.record = thresholds.read(self.thresholds_path)
-      thresholds.check(self.record, image_score=self.scorer.model.image_score,
+      thresholds.check(self.record, image_score=self.model.image_score,
                        model=self.scorer.threshold_model())
     self._pending: dict | None = None   # calibrated, not yet saved
+
+  @property
+  def scoring_modes(self) -> tuple[str, ...]:
+    """The modes this Detector scores in: zero_shot only with a head."""
+    return SCORING_MODES if self.scorer is not None else SCORING_MODES[1:]
 
   # ---------------------------------------------------------------- building
 
@@ -144,7 +174,8 @@ class Detector:
 
   @classmethod
   def from_config(cls, cfg, workdir: str | os.PathLike | None = None) -> "Detector":
-    """A Detector from a resolved run config (its `workdir` or `init_from` holds the head)."""
+    """A Detector from a resolved run config (its `workdir` or `init_from` holds the
+    head; with `predict.scoring=few_shot|batch` no head or text tower is built)."""
     import jax
 
     from adjax import experiment, sharding
@@ -159,17 +190,23 @@ class Detector:
     checked.predict.input = checked.predict.input or "<images given to predict()>"
     checked.predict.object_name = (checked.predict.object_name
                                    or "<object_name given to predict()>")
+    if checked.predict.scoring == "few_shot":
+      checked.predict.references = (checked.predict.references
+                                    or "<images given to use_references()>")
     config_check.check(checked, device_count=jax.device_count(),
                        process_count=jax.process_count())
     if jax.process_count() > 1:
       raise DetectorError("the Detector runs on one process; start it without "
                           "distributed=True")
-    if not cfg.init_from and not Workdir(workdir).has_checkpoints():
+    head_free = experiment._head_free(cfg)   # predict.scoring=few_shot | batch
+    if not head_free and not cfg.init_from and not Workdir(workdir).has_checkpoints():
       raise config_check.ConfigError(
           f"{workdir} holds no trained checkpoint; pass a trained or imported workdir "
-          "(or set init_from to one)")
+          "(or set init_from to one), or predict.scoring=few_shot|batch (no head)")
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
-    towers = towers_lib.build(cfg, workdir)
+    towers = towers_lib.build(cfg, workdir, text=not head_free)
+    if head_free:
+      return cls(cfg, workdir, towers, mesh, None)
     params, _, step = experiment.trained_params(cfg, workdir, towers, mesh)
     return cls(cfg, workdir, towers, mesh, params, step)
 
@@ -229,32 +266,143 @@ class Detector:
       self._tables[names] = self.scorer.text_table(list(names))
     return self._tables[names]
 
-  def _raw(self, items, names: list[str], keep_rgb: bool = False, progress=None):
-    """Yields (item index, model-size map, score, (H, W), error, RGB or None)
-    batch by batch; `progress(n)` after each batch with its readable images."""
+  def _batches(self, items, keep_rgb: bool = False):
+    """Yields (item indices, their loads, padded uint8 batch [B, S, S, 3]) per
+    `predict.batch_size` items (the last batch padded: one compiled shape)."""
     from concurrent.futures import ThreadPoolExecutor
-    distinct = tuple(sorted(set(names)))
-    table = self._table(distinct)
-    index = np.array([distinct.index(n) for n in names], np.int32)
     b, s = self.batch_size, self.image_size
     with ThreadPoolExecutor(4) as pool:     # decoding overlaps across files
       for start in range(0, len(items), b):
         chunk = list(range(start, min(start + b, len(items))))
-        batch = np.zeros((b, s, s, 3), np.uint8)     # padded: one compiled shape
-        cats = np.zeros(b, np.int32)
+        batch = np.zeros((b, s, s, 3), np.uint8)
         loaded = list(pool.map(lambda i: self._load(items[i], keep_rgb), chunk))
-        for j, i in enumerate(chunk):
+        for j in range(len(chunk)):
           batch[j] = loaded[j][0]
-          cats[j] = index[i]
-        amap, score = self.scorer.maps(batch, cats, table)
-        amap, score = np.asarray(amap), np.asarray(score)
-        for j, i in enumerate(chunk):
-          _, hw, error, rgb = loaded[j]
-          yield i, amap[j], float(score[j]), hw, error, rgb
-        if progress is not None:
-          progress(sum(1 for x in loaded if not x[2]))
+        yield chunk, loaded, batch
 
-  def _names(self, n: int, object_name, object_names) -> list[str]:
+  def _raw(self, items, names: list[str], keep_rgb: bool = False, progress=None):
+    """Yields (item index, model-size map, score, (H, W), error, RGB or None)
+    batch by batch; `progress(n)` after each batch with its readable images."""
+    distinct = tuple(sorted(set(names)))
+    table = self._table(distinct)
+    index = np.array([distinct.index(n) for n in names], np.int32)
+    for chunk, loaded, batch in self._batches(items, keep_rgb):
+      cats = np.zeros(len(batch), np.int32)
+      cats[:len(chunk)] = index[chunk]
+      amap, score = self.scorer.maps(batch, cats, table)
+      amap, score = np.asarray(amap), np.asarray(score)
+      for j, i in enumerate(chunk):
+        _, hw, error, rgb = loaded[j]
+        yield i, amap[j], float(score[j]), hw, error, rgb
+      if progress is not None:
+        progress(sum(1 for x in loaded if not x[2]))
+
+  # ---------------------------------------------------------------- neighbours
+
+  def _tokens(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [B, S, S, 3] -> (raw patch tokens of the tapped blocks [L, B, h, w, D],
+    as the backbone returns them (no standardisation), global tokens [B, D]:
+    the deepest tapped block's cls token), as `adjax.scoring_modes` takes them."""
+    if self._tokens_step is None:
+      import jax
+      import jax.numpy as jnp
+      from flax import nnx
+      model, graphdef = self.model, self._backbone[0]
+      prefix, cls_index = model.backbone.num_prefix_tokens, model.backbone.cls_index
+
+      @jax.jit
+      def step(state, images):
+        backbone = nnx.merge(graphdef, state)
+        outs = backbone.get_intermediate_layers(model.normalize(images), list(model.layers))
+        tokens = jnp.stack(outs).astype(jnp.float32)
+        return tokens[:, :, prefix:], tokens[-1, :, cls_index]
+      self._tokens_step = step
+    raw, glob = (np.asarray(x) for x in self._tokens_step(self._backbone[1], batch))
+    h, w = self.model.grid
+    return raw.reshape(raw.shape[:2] + (h, w, raw.shape[-1])), glob
+
+  def _upsampled(self, grid_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Patch-grid maps [n, h, w] -> (maps at the model's size [n, S, S], their maxima)."""
+    from adjax import scoring_modes
+    maps = scoring_modes.upsample(np.asarray(grid_maps, np.float32), self.model.out_hw)
+    return maps, maps.reshape(len(maps), -1).max(-1)
+
+  def use_references(self, normal_images) -> int:
+    """Normal images of the object (paths, folders, globs, PIL images or arrays,
+    as `predict` takes them) for `scoring="few_shot"`: their raw patch tokens are
+    computed once and kept as the memory bank (replacing any earlier one).
+    Returns the number of readable references; raises DetectorError when none is."""
+    items, unreadable = self._items(normal_images)
+    toks, paths = [], []
+    for chunk, loaded, batch in self._batches(items):
+      raw, _ = self._tokens(batch)
+      for j, i in enumerate(chunk):
+        if loaded[j][2]:
+          unreadable.append((items[i][0], loaded[j][2]))
+        else:
+          toks.append(raw[:, j])
+          paths.append(items[i][0])
+    if not toks:
+      raise DetectorError("use_references: no readable normal images" + (
+          f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})"
+          if unreadable else ""))
+    self.references = np.stack(toks, axis=1)
+    self.reference_paths = paths
+    return len(paths)
+
+  def _few_shot(self, items, keep_rgb: bool = False, progress=None):
+    """As `_raw`, each image scored against the memory bank."""
+    from adjax import neighbors
+    if self.references is None:
+      raise DetectorError("scoring='few_shot' needs reference images: call "
+                          "use_references(normal_images) first")
+    for chunk, loaded, batch in self._batches(items, keep_rgb):
+      ok = [j for j in range(len(chunk)) if not loaded[j][2]]
+      if ok:
+        raw, _ = self._tokens(batch)
+        maps, scores = self._upsampled(
+            neighbors.reference_maps(raw[:, ok], self.references, self.r_list))
+      at = {j: k for k, j in enumerate(ok)}
+      for j, i in enumerate(chunk):
+        _, hw, error, rgb = loaded[j]
+        yield (i, maps[at[j]] if j in at else None,
+               float(scores[at[j]]) if j in at else 0.0, hw, error, rgb)
+      if progress is not None:
+        progress(len(ok))
+
+  def _batch(self, items, keep_rgb: bool = False, progress=None):
+    """As `_raw`, the readable images scored against each other (MuSc), image
+    scores refined by RsCIN; every image's tokens are held until all are read."""
+    from adjax import neighbors
+    need = neighbors._min_images((0.0, 0.3))
+    if len(items) < need:
+      raise DetectorError(f"scoring='batch' scores the images against each other and "
+                          f"needs at least {need}; got {len(items)}")
+    toks, globs, kept, failed = [], [], [], []
+    for chunk, loaded, batch in self._batches(items, keep_rgb):
+      raw, glob = self._tokens(batch)
+      for j, i in enumerate(chunk):
+        _, hw, error, rgb = loaded[j]
+        if error:
+          failed.append((i, hw, error))
+        else:
+          toks.append(raw[:, j])
+          globs.append(glob[j])
+          kept.append((i, hw, rgb))
+      if progress is not None:
+        progress(sum(1 for x in loaded if not x[2]))
+    if len(kept) < need:
+      raise DetectorError(f"scoring='batch' scores the images against each other and "
+                          f"needs at least {need} readable images; got {len(kept)}")
+    maps, scores = self._upsampled(neighbors.mutual_maps(np.stack(toks, axis=1),
+                                                         self.r_list))
+    scores = neighbors.refine_scores(scores, np.stack(globs), tuple(self.cfg.eval.rscin_k))
+    for i, hw, error in failed:
+      yield i, None, 0.0, hw, error, None
+    for k, (i, hw, rgb) in enumerate(kept):
+      yield i, maps[k], float(scores[k]), hw, "", rgb
+
+  def _names(self, n: int, object_name, object_names, need_name: bool = True) -> list[str]:
     if object_names is not None:
       names = [str(x) for x in object_names]
       if object_name is not None:
@@ -264,27 +412,39 @@ class Detector:
     else:
       name = self.cfg.predict.object_name if object_name is None else str(object_name)
       names = [name] * n
-    if any(not x.strip() for x in names):
+    if need_name and any(not x.strip() for x in names):
       raise DetectorError("object name is empty: name the object in the images "
                           "(e.g. object_name='bottle')")
     return names
 
   # ---------------------------------------------------------------- API
 
-  def thresholds_for(self, object_name: str):
+  def thresholds_for(self, object_name: str, scoring: str = "zero_shot"):
     """`thresholds.Resolved` (image threshold, pixel threshold, source) for
     `object_name`: `thresholds.resolve`, the rule mode=predict and the export
-    decide with, `predict.threshold >= 0` overriding the image threshold."""
+    decide with, `predict.threshold >= 0` overriding the image threshold.
+    The neighbour modes have only `predict.threshold` (thresholds.json is
+    the zero-shot head's): without it, no thresholds (source "none")."""
     from adjax import thresholds
     override = float(self.cfg.predict.threshold)
+    if scoring != "zero_shot":
+      return (thresholds.Resolved(override, None, "predict.threshold") if override >= 0
+              else thresholds.Resolved(None, None, "none"))
     return thresholds.resolve(self.record, object_name, override if override >= 0 else None)
 
   def predict(self, images, object_name: str | None = None,
               object_names: Sequence[str] | None = None,
-              mode: str = "zero_shot", *, progress=None, each=None,
+              scoring: str = "zero_shot", *, progress=None, each=None,
               keep_maps: bool = True) -> Prediction:
     """Scores `images` (see the module doc) for `object_name` (default:
     `predict.object_name`), or one name per image with `object_names`.
+
+    `scoring`: "zero_shot" (the head), "few_shot" (against the images given
+    to `use_references`; DetectorError without them) or "batch" (the
+    images of this call against each other; at least 5). The neighbour
+    modes return decisions only with `predict.threshold >= 0`
+    (threshold_source "predict.threshold"): the workdir's thresholds.json
+    belongs to the zero-shot head. Their object names only label the rows.
 
     `progress(n)` is called after each batch with its number of readable
     images. `each(result)` is called per readable image, in order, with an
@@ -294,14 +454,26 @@ class Detector:
     folder is never held in memory. Raises DetectorError when no image
     could be read.
     """
-    if mode not in SCORING_MODES:
-      raise DetectorError(f"mode={mode!r}: expected one of {', '.join(SCORING_MODES)}")
+    if scoring not in SCORING_MODES:
+      raise DetectorError(f"scoring={scoring!r}: expected one of {', '.join(SCORING_MODES)}")
+    if scoring not in self.scoring_modes:
+      raise DetectorError(f"scoring={scoring!r} needs a trained head; this Detector was "
+                          "built without one (predict.scoring=few_shot|batch): use "
+                          f"{' or '.join(self.scoring_modes)}")
+    if scoring == "few_shot" and self.references is None:
+      raise DetectorError("scoring='few_shot' needs reference images: call "
+                          "use_references(normal_images) first")
     items, unreadable = self._items(images)
-    names = self._names(len(items), object_name, object_names)
-    limit_of = {n: self.thresholds_for(n) for n in set(names)}
+    names = self._names(len(items), object_name, object_names,
+                        need_name=scoring == "zero_shot")
+    limit_of = {n: self.thresholds_for(n, scoring) for n in set(names)}
     scores, maps, masks, paths, kept = [], [], [], [], []
-    for i, amap, score, hw, error, rgb in self._raw(items, names, keep_rgb=each is not None,
-                                                   progress=progress):
+    if scoring == "zero_shot":
+      scored = self._raw(items, names, keep_rgb=each is not None, progress=progress)
+    else:
+      scored = (self._few_shot if scoring == "few_shot" else self._batch)(
+          items, keep_rgb=each is not None, progress=progress)
+    for i, amap, score, hw, error, rgb in scored:
       if error:                       # a file that changed since it was listed
         unreadable.append((items[i][0], error))
         continue
@@ -340,6 +512,9 @@ class Detector:
     size, as predict calibrates). They are used from now on by this Detector;
     `save_thresholds()` writes them to the workdir's thresholds.json."""
     from adjax import metrics, thresholds
+    if self.scorer is None:
+      raise DetectorError("calibrate: sets the zero-shot head's thresholds; this Detector "
+                          "has no head")
     if not 0.0 < quantile <= 1.0:
       raise DetectorError(f"quantile={quantile!r}: expected a value in (0, 1]")
     items, unreadable = self._items(normal_images)
@@ -359,7 +534,7 @@ class Detector:
       dataset = f"normals:{len(scores)} images given to calibrate()"
     self._pending = dict(
         dataset=dataset,
-        image_score=self.scorer.model.image_score, checkpoint_step=-1,
+        image_score=self.model.image_score, checkpoint_step=-1,
         model=self.scorer.threshold_model(), image=image, pixel=pixel,
         method=f"normal-quantile {quantile}",
         details={"normal_images": len(scores), "unreadable": [p for p, _ in unreadable]})

@@ -94,12 +94,9 @@ def _run_locked(cfg, workdir: Path, main_process: bool) -> dict:
     _ensure_demo_data(cfg.data.demo)
   towers = towers_lib.build(cfg, workdir, text=not _head_free(cfg))
 
-  if cfg.mode == "predict" and _head_free(cfg):
-    from adjax import predict_neighbors
-    return predict_neighbors.run(cfg, workdir, towers, mesh)
   if cfg.mode == "predict":
     from adjax import predict
-    params, _, _ = trained_params(cfg, workdir, towers, mesh)
+    params = None if _head_free(cfg) else trained_params(cfg, workdir, towers, mesh)[0]
     return predict.run(cfg, workdir, towers, mesh, params)
 
   from adjax import evaluate

@@ -13,6 +13,10 @@ orientation is applied.
 Scoring, batching, resizing maps to each image's size and the choice of
 thresholds are `adjax.detector.Detector`'s (the Python API): this module
 only chooses the input files, reports progress and writes the outputs.
+`predict.scoring=few_shot` scores against `predict.references` (normal
+images, `Detector.use_references`), `batch` scores the inputs against each
+other (at least 5); neither needs the head or the text tower, and they
+decide only with `predict.threshold` (thresholds.json is the head's).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 from adjax import data
 from adjax.common import atomic
 from adjax.common.errors import UserError
-from adjax.detector import Detector
+from adjax.detector import Detector, DetectorError
 from adjax.report import heatmaps, overlays
 from adjax.report import html as html_report
 from adjax.workdir import run_log
@@ -52,14 +56,23 @@ def _output_name(path: str, root: str) -> str:
 def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   if jax.process_count() > 1:
     raise ValueError("mode=predict runs on one process; start it without distributed=True")
-  name = cfg.predict.object_name
+  name, scoring = cfg.predict.object_name, cfg.predict.scoring
+  if scoring != "zero_shot" and cfg.predict.calibrate_normals:
+    raise PredictError(f"predict.calibrate_normals calibrates the zero-shot head's "
+                       f"thresholds, not predict.scoring={scoring}; use predict.threshold")
   # Thresholds being calibrated anew replace the file's, which is then not
   # read (nor refused) first.
   det = Detector(cfg, workdir, towers, mesh, params,
                  load_thresholds=not cfg.predict.calibrate_normals)
   if cfg.predict.calibrate_normals:
     _calibrate(cfg, det)
-  limits = det.thresholds_for(name)
+  if scoring == "few_shot":
+    try:
+      count = det.use_references(cfg.predict.references)
+    except (FileNotFoundError, UserError) as e:
+      raise PredictError(f"predict.references={cfg.predict.references!r}: {e}") from None
+    print(f"few_shot: {count} reference images from {cfg.predict.references}", flush=True)
+  limits = det.thresholds_for(name, scoring)
   origin = _origin(cfg, det, limits)
   result = {"unreadable": [], "thresholds": (limits.image, limits.pixel),
             "threshold_source": limits.source}
@@ -94,7 +107,7 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   print(f"predicted {len(rows)} images -> {Predictions(out_dir).scores}, "
         f"{Predictions(out_dir).index}"
         f" (decision thresholds: {origin})")
-  return dict(result, scores=rows, unreadable=unreadable)
+  return dict(result, scores=rows, unreadable=unreadable, scoring=cfg.predict.scoring)
 
 
 def _first_few(unreadable) -> str:
@@ -155,8 +168,12 @@ def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, li
       row.update(mask=out.relative("masks", name), overlay=out.relative("overlays", name))
     rows.append(row)
 
-  pred = det.predict(paths, object_name=cfg.predict.object_name, progress=progress.update,
-                     each=write, keep_maps=False)
+  try:
+    pred = det.predict(paths, object_name=cfg.predict.object_name,
+                       scoring=cfg.predict.scoring, progress=progress.update, each=write,
+                       keep_maps=False)
+  except DetectorError as e:
+    raise PredictError(f"predict.input={cfg.predict.input!r}: {e}") from None
   progress.close()
   unreadable.extend(pred.unreadable)      # files that changed since they were listed
   buf = io.StringIO()
@@ -167,8 +184,10 @@ def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, li
   writer.writeheader()
   writer.writerows(rows)
   atomic.write_text(out.scores, buf.getvalue())
+  what = (f"{cfg.predict.object_name!r}" if cfg.predict.scoring == "zero_shot" else
+          f"{cfg.predict.object_name!r} ({cfg.predict.scoring})")
   atomic.write_text(out.index, html_report.gallery_html(
-      f"predictions for {cfg.predict.object_name!r} (thresholds: {origin})", rows))
+      f"predictions for {what} (thresholds: {origin})", rows))
   if unreadable:
     atomic.write_text(out.unreadable,
                       "".join(f"{p}\t{why}\n" for p, why in unreadable))

@@ -1,7 +1,7 @@
 """A local inspection page and JSON endpoint over a trained workdir.
 
     python -m adjax.serve --workdir runs/demo [--port 8080] [--host 127.0.0.1]
-                          [--allow-dir DIR ...] [--max-bytes N]
+                          [--allow-dir DIR ...] [--max-bytes N] [--references DIR]
 
 Python's standard `http.server` (threads) with one static page
 (`adjax/serve_static/index.html`); every scoring request takes one lock, so
@@ -10,7 +10,7 @@ concurrent requests are queued, never interleaved on the device.
 Routes:
   GET  /                 the page
   GET  /info             object names (from thresholds.json), scoring modes, limits
-  POST /predict?object_name=NAME[&mode=zero_shot]
+  POST /predict?object_name=NAME[&mode=zero_shot|few_shot]
                          body: the image's bytes, or multipart/form-data with the
                          fields `image` and `object_name`; answers
                          {"score", "decision", "threshold", "threshold_source",
@@ -20,6 +20,13 @@ Routes:
   POST /predict_folder   JSON {"folder", "object_name"[, "mode"]}: every image of a
                          folder under an --allow-dir, each answer as above plus
                          `path` and the image itself (`image_b64`, `image_type`)
+  POST /predict_set      multipart/form-data: several `image` fields, `object_name`,
+                         `mode`: the images scored in one call ({"results": [...]},
+                         each with its `name`): what mode=batch scores together
+Scoring modes are the Detector's: zero_shot (the head), few_shot (against
+the normal images of --references, read once at start; refused without
+them) and batch (the images of one set or folder against each other, at
+least 5; not for a single upload).
 Refusals answer {"error": "..."}: 400 (not an image, no object name, bad mode or
 request), 403 (folder outside --allow-dir), 404 (unknown route), 413 (too large).
 """
@@ -99,17 +106,28 @@ class App:
     return {"object_names": det.object_names,
             "default_object_name": det.cfg.predict.object_name,
             "modes": list(det.scoring_modes), "max_bytes": self.max_bytes,
+            "references": len(det.reference_paths),
             "folders_allowed": bool(self.allow_dirs), "image_size": det.image_size}
 
   def _check(self, object_name, mode) -> tuple[str, str]:
-    if object_name is None or not str(object_name).strip():
-      raise Refusal(400, "object_name is missing: name the object in the image "
-                    "(?object_name=bottle, or the multipart field object_name)")
     mode = mode or self.detector.scoring_modes[0]
     if mode not in self.detector.scoring_modes:
       raise Refusal(400, f"mode={mode!r}: expected one of "
                     f"{', '.join(self.detector.scoring_modes)}")
-    return str(object_name).strip(), mode
+    if mode == "zero_shot" and (object_name is None or not str(object_name).strip()):
+      raise Refusal(400, "object_name is missing: name the object in the image "
+                    "(?object_name=bottle, or the multipart field object_name)")
+    if mode == "few_shot" and self.detector.references is None:
+      raise Refusal(400, "mode=few_shot needs normal reference images: start the server "
+                    "with --references DIR")
+    return str(object_name or "").strip(), mode
+
+  def _predict(self, images, object_name, mode):
+    with self.lock:                    # one request at a time on the device
+      try:
+        return self.detector.predict(images, object_name=object_name, scoring=mode)
+      except (FileNotFoundError, ValueError) as e:
+        raise Refusal(400, str(e)) from None
 
   def _answers(self, pred) -> list[dict]:
     out = []
@@ -128,10 +146,12 @@ class App:
 
   def predict_bytes(self, data: bytes, object_name, mode=None) -> dict:
     object_name, mode = self._check(object_name, mode)
+    if mode == "batch":
+      raise Refusal(400, "mode=batch scores a set of images against each other: send "
+                    "at least 5 to /predict_set or score a folder")
     img = decode_image(data)
     start = time.perf_counter()
-    with self.lock:                    # one request at a time on the device
-      pred = self.detector.predict(img, object_name=object_name, mode=mode)
+    pred = self._predict(img, object_name, mode)
     answer = self._answers(pred)[0]
     answer["seconds"] = time.perf_counter() - start
     return answer
@@ -154,11 +174,7 @@ class App:
     path = self.allowed_folder(folder)
     object_name, mode = self._check(object_name, mode)
     start = time.perf_counter()
-    with self.lock:
-      try:
-        pred = self.detector.predict(str(path), object_name=object_name, mode=mode)
-      except (FileNotFoundError, ValueError) as e:
-        raise Refusal(400, str(e)) from None
+    pred = self._predict(str(path), object_name, mode)
     answers = self._answers(pred)
     for answer, p in zip(answers, pred.paths):
       answer["path"] = p
@@ -171,6 +187,20 @@ class App:
       answer["image_b64"] = base64.b64encode(buf.getvalue()).decode("ascii")
     return {"results": answers, "unreadable": [list(u) for u in pred.unreadable],
             "seconds": time.perf_counter() - start}
+
+
+  def predict_set(self, files: list[tuple[str, bytes]], object_name, mode=None) -> dict:
+    """Uploaded (name, bytes) scored in one call (mode=batch: against each other)."""
+    object_name, mode = self._check(object_name, mode)
+    if not files:
+      raise Refusal(400, "no images: send them as multipart fields named 'image'")
+    images = [decode_image(data, f"upload {name!r}") for name, data in files]
+    start = time.perf_counter()
+    pred = self._predict(images, object_name, mode)
+    answers = self._answers(pred)
+    for answer, (name, _) in zip(answers, files):
+      answer["name"] = name
+    return {"results": answers, "seconds": time.perf_counter() - start}
 
 
 def _static(name: str) -> bytes:
@@ -241,10 +271,10 @@ def make_handler(app: App):
       url = urlsplit(self.path)
       query = {k: v[-1] for k, v in parse_qs(url.query).items()}
       try:
-        if url.path not in ("/predict", "/predict_folder"):
+        if url.path not in ("/predict", "/predict_folder", "/predict_set"):
           self.close_connection = True     # its body is not read
           raise Refusal(404, f"unknown route POST {url.path}; the routes are "
-                        "POST /predict and POST /predict_folder")
+                        "POST /predict, POST /predict_folder and POST /predict_set")
         body = self._body()
         ctype = self.headers.get("Content-Type", "")
         if url.path == "/predict":
@@ -255,6 +285,17 @@ def make_handler(app: App):
             name = fields.get("object_name", b"").decode("utf-8", "replace") or name
             mode = fields.get("mode", b"").decode("utf-8", "replace") or mode
           self._json(200, app.predict_bytes(data, name, mode))
+        elif url.path == "/predict_set":
+          if not ctype.startswith("multipart/form-data"):
+            raise Refusal(400, "/predict_set takes multipart/form-data with several "
+                          "'image' fields")
+          parts = _multipart_parts(ctype, body)
+          fields = {n: d for n, _, d in parts}
+          files = [(f or f"image {i}", d) for i, (n, f, d) in enumerate(parts) if n == "image"]
+          self._json(200, app.predict_set(
+              files, fields.get("object_name", b"").decode("utf-8", "replace")
+              or query.get("object_name"),
+              fields.get("mode", b"").decode("utf-8", "replace") or query.get("mode")))
         else:
           try:
             req = json.loads(body or b"{}")
@@ -274,18 +315,24 @@ def make_handler(app: App):
   return Handler
 
 
-def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
-  """multipart/form-data -> {field name: bytes} (the standard library's email parser)."""
+def _multipart_parts(content_type: str, body: bytes) -> list[tuple[str, str, bytes]]:
+  """multipart/form-data -> [(field name, file name or "", bytes)] in order (the
+  standard library's email parser)."""
   msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
       b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
   if not msg.is_multipart():
     raise Refusal(400, "multipart body could not be parsed (missing boundary?)")
-  fields = {}
+  out = []
   for part in msg.iter_parts():
     name = part.get_param("name", header="content-disposition")
     if name:
-      fields[name] = part.get_payload(decode=True) or b""
-  return fields
+      out.append((name, part.get_filename() or "", part.get_payload(decode=True) or b""))
+  return out
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
+  """multipart/form-data -> {field name: bytes} (the last of a repeated field)."""
+  return {name: data for name, _, data in _multipart_parts(content_type, body)}
 
 
 def make_server(detector, host: str = "127.0.0.1", port: int = 8080, *,
@@ -310,6 +357,8 @@ def _parser() -> argparse.ArgumentParser:
                       "default: none)")
   p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
                  help=f"largest upload accepted (default {DEFAULT_MAX_BYTES})")
+  p.add_argument("--references", metavar="DIR", default="",
+                 help="normal images of the object for mode few_shot (read once at start)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set predict.batch_size=1")
   return p
@@ -334,6 +383,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise RunConfigError(f"--set {item!r}: expected key=value")
       overrides[key] = value
     detector = Detector.from_workdir(args.workdir, **overrides)
+    if args.references:
+      try:
+        count = detector.use_references(args.references)
+      except FileNotFoundError as e:
+        raise DetectorError(f"--references {args.references}: {e}") from None
+      except DetectorError as e:
+        raise DetectorError(f"--references {args.references}: {e}") from None
+      print(f"few_shot: {count} reference images from {args.references}", flush=True)
     server = make_server(detector, args.host, args.port, allow_dirs=args.allow_dir,
                          max_bytes=args.max_bytes)
     host, port = server.server_address[:2]

@@ -172,8 +172,8 @@ def test_bad_inputs_are_refused(detector, tmp_path):
     detector.predict(np.zeros((8, 8, 3), np.uint8), object_names=["a", "b"])
   with pytest.raises(DetectorError, match="object name is empty"):
     detector.predict(np.zeros((8, 8, 3), np.uint8), object_name=" ")
-  with pytest.raises(DetectorError, match="mode='few_shot'"):
-    detector.predict(np.zeros((8, 8, 3), np.uint8), object_name="a", mode="few_shot")
+  with pytest.raises(DetectorError, match="scoring='fewshot': expected one of zero_shot"):
+    detector.predict(np.zeros((8, 8, 3), np.uint8), object_name="a", scoring="fewshot")
   (tmp_path / "bad.png").write_bytes(b"not a png")
   with pytest.raises(DetectorError, match="no readable images.*bad.png"):
     detector.predict(str(tmp_path), object_name="tile")
@@ -338,3 +338,67 @@ def test_predict_module_has_no_scoring_of_its_own():
                "quantile_threshold", "Image.open"):
     assert name not in source, name
   assert "det.predict(" in source and "det.calibrate(" in source
+
+
+# ---- neighbour scoring modes (few_shot, batch) ----------------------------
+@pytest.fixture(scope="module")
+def head_free(demo_workdir, tmp_path_factory):
+  """A Detector for the neighbour modes over a folder with no checkpoint and a
+  text checkpoint that does not exist: neither the head nor the text tower is built."""
+  _, workdir, _ = demo_workdir
+  bare = tmp_path_factory.mktemp("head_free")
+  (bare / "config.json").write_text((workdir / "config.json").read_text())
+  return Detector.from_workdir(bare, predict__scoring="few_shot", text__random_init=False,
+                               text__checkpoint="/nonexistent/text")
+
+
+def test_head_free_detector_scores_few_shot_against_its_references(
+    head_free, detector, images, demo_workdir):
+  assert head_free.scorer is None and head_free.towers.text_embed is None
+  assert head_free.scoring_modes == ("few_shot", "batch")
+  with pytest.raises(DetectorError, match="needs a trained head"):
+    head_free.predict(str(images), object_name="tile")
+  with pytest.raises(DetectorError, match="call use_references"):
+    head_free.predict(str(images), scoring="few_shot")
+  with pytest.raises(DetectorError, match="calibrate.*no head"):
+    head_free.calibrate(str(images))
+  paths = sorted(str(p) for p in images.iterdir())
+  refs = paths[:2]
+  assert head_free.use_references(refs) == 2
+  pred = head_free.predict(paths, scoring="few_shot")
+  # A reference given as input has its own patches in the bank: score 0.
+  assert float(pred.scores[:2].max()) < 2e-3, pred.scores
+  assert float(pred.scores[2:].min()) > 1e-2, pred.scores
+  assert [m.shape for m in pred.maps] == _sizes(paths)
+  # No decisions: thresholds.json belongs to the zero-shot head.
+  assert pred.decisions is None and pred.threshold_source == ["none"] * len(paths)
+  # One image at a time gives the same numbers as the folder in one call.
+  for i in (0, 4):
+    one = head_free.predict(paths[i], scoring="few_shot")
+    np.testing.assert_allclose(one.scores, pred.scores[i:i + 1], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(one.maps[0], pred.maps[i], atol=1e-5, rtol=0)
+  # The trained Detector scores few_shot alike (its head is not used).
+  detector.use_references(refs)
+  same = detector.predict(paths, object_name="tile", scoring="few_shot")
+  np.testing.assert_allclose(same.scores, pred.scores, atol=1e-5, rtol=0)
+  assert same.decisions is None
+
+
+def test_batch_mode_and_the_threshold_override(head_free, images, demo_workdir):
+  paths = sorted(str(p) for p in images.iterdir())
+  assert len(paths) >= 5
+  pred = head_free.predict(paths, scoring="batch")
+  assert len(pred) == len(paths) and np.all(np.isfinite(pred.scores))
+  # Scored together: the order of the images does not change any image's score.
+  order = [3, 0, 5, 1, 4, 2][:len(paths)]
+  shuffled = head_free.predict([paths[i] for i in order], scoring="batch")
+  np.testing.assert_allclose(shuffled.scores, pred.scores[order], atol=1e-5, rtol=0)
+  with pytest.raises(DetectorError, match="needs at least 5; got 4"):
+    head_free.predict(paths[:4], scoring="batch")
+  _, workdir, _ = demo_workdir
+  det = Detector.from_workdir(head_free.workdir, predict__scoring="batch",
+                              predict__threshold=0.05)
+  decided = det.predict(paths, scoring="batch")
+  np.testing.assert_allclose(decided.scores, pred.scores, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(decided.decisions, decided.scores >= 0.05)
+  assert decided.threshold_source == ["predict.threshold"] * len(paths)

@@ -94,7 +94,10 @@ def test_page_scores_sliders_and_screenshot(browser, detector, demo_workdir, tmp
     assert browser.find_element(By.ID, "object-name").get_attribute("value") == "chip"
     modes = [o.get_attribute("value") for o in
              browser.find_elements(By.CSS_SELECTOR, "#mode option")]
-    assert modes == ["zero_shot"]
+    assert modes == ["zero_shot", "few_shot", "batch"]
+    # few_shot is offered only when the server was given --references.
+    assert browser.find_element(By.CSS_SELECTOR, '#mode option[value="few_shot"]'
+                                ).get_attribute("disabled") is not None
     name = browser.find_element(By.ID, "object-name")
     name.clear()
     name.send_keys("tile")

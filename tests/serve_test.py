@@ -69,10 +69,11 @@ def _png(path) -> bytes:
   return Path(path).read_bytes()
 
 
-def _multipart(fields: dict) -> tuple[bytes, str]:
+def _multipart(fields) -> tuple[bytes, str]:
+  """dict or [(name, value)] (a name may repeat) -> (body, content type)."""
   boundary = uuid.uuid4().hex
   out = b""
-  for name, value in fields.items():
+  for name, value in (fields.items() if isinstance(fields, dict) else fields):
     extra = '; filename="x.png"' if isinstance(value, bytes) else ""
     value = value if isinstance(value, bytes) else value.encode()
     out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{extra}\r\n\r\n"
@@ -137,8 +138,12 @@ def test_refusals(server, demo_workdir, tmp_path):
                          "object_name is missing"),
       "blank object name": (f"{server.url}/predict?object_name=%20", png, {}, "POST", 400,
                             "object_name is missing"),
-      "unknown mode": (f"{server.url}/predict?object_name=tile&mode=few_shot", png, {}, "POST",
-                       400, "mode='few_shot': expected one of zero_shot"),
+      "unknown mode": (f"{server.url}/predict?object_name=tile&mode=fewshot", png, {}, "POST",
+                       400, "mode='fewshot': expected one of zero_shot, few_shot, batch"),
+      "few_shot without references": (f"{server.url}/predict?mode=few_shot", png, {},
+                                      "POST", 400, "start the server with --references DIR"),
+      "batch of one upload": (f"{server.url}/predict?mode=batch", png, {}, "POST", 400,
+                              "at least 5 to /predict_set"),
       "folder outside": (f"{server.url}/predict_folder", json.dumps(
           {"folder": str(tmp_path), "object_name": "tile"}).encode(), {}, "POST", 403,
           "outside the allowed folders"),
@@ -169,7 +174,8 @@ def test_folders_refused_without_allow_dir(detector, demo_workdir):
     assert status == 403 and "--allow-dir" in answer["error"]
     status, info = call(f"{running.url}/info")
     assert status == 200 and info["folders_allowed"] is False
-    assert info["modes"] == ["zero_shot"] and info["object_names"] == [
+    assert info["modes"] == ["zero_shot", "few_shot", "batch"] and info["references"] == 0
+    assert info["object_names"] == [
         "chip", "mesh", "nut", "tile"]
   finally:
     running.close()
@@ -236,8 +242,10 @@ def test_command_line(demo_workdir, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
+  refs = demo_workdir[2] / "family_b" / "tile" / "test"
   proc = subprocess.Popen([sys.executable, "-m", "adjax.serve", "--workdir", str(demo_workdir[1]),
-                           "--port", str(port)], stdout=subprocess.PIPE, text=True, env=env)
+                           "--port", str(port), "--references", str(refs)],
+                          stdout=subprocess.PIPE, text=True, env=env)
   try:
     # Lines before it say which head was loaded; the address line follows.
     lines = [proc.stdout.readline()]
@@ -246,6 +254,7 @@ def test_command_line(demo_workdir, tmp_path):
     assert any(f"http://127.0.0.1:{port}/" in line for line in lines), lines
     status, info = call(f"http://127.0.0.1:{port}/info")
     assert status == 200 and info["image_size"] == 64
+    assert info["references"] == len(list(refs.rglob("*.png"))) > 0
   finally:
     proc.terminate()
     proc.wait(timeout=30)
@@ -271,3 +280,35 @@ def test_readme_curl_examples(server, detector, demo_workdir):
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert abs(answer["score"] - float(want.scores[0])) <= 1e-6, command
+
+
+def test_few_shot_and_batch_requests_equal_detector_predict(server, detector, demo_workdir):
+  """few_shot against the references the server was given equals
+  Detector.predict(scoring="few_shot"); a set of uploads in batch mode is
+  scored together, as Detector.predict(scoring="batch") scores them."""
+  pool = sorted((demo_workdir[2] / "family_b").rglob("*.png"))
+  refs = pool[:2]
+  detector.use_references([str(p) for p in refs])
+  try:
+    path = pool[5]
+    want = detector.predict(str(path), scoring="few_shot")
+    status, answer = call(f"{server.url}/predict?mode=few_shot", _png(path))
+    assert status == 200, answer
+    assert abs(answer["score"] - float(want.scores[0])) <= 1e-6
+    assert answer["decision"] is None and answer["threshold_source"] == "none"
+    step = (answer["map_max"] - answer["map_min"]) / 255
+    assert float(np.max(np.abs(_heatmap(answer) - want.maps[0]))) <= step / 2 + 1e-6
+    # A reference itself scores 0.
+    status, answer = call(f"{server.url}/predict?mode=few_shot", _png(refs[0]))
+    assert status == 200 and answer["score"] < 2e-3, answer
+  finally:
+    detector.references, detector.reference_paths = None, []
+  paths = pool[2:8]
+  want = detector.predict([str(p) for p in paths], scoring="batch")
+  body, ctype = _multipart([("mode", "batch")] + [("image", _png(p)) for p in paths])
+  status, out = call(f"{server.url}/predict_set", body, {"Content-Type": ctype})
+  assert status == 200, out
+  np.testing.assert_allclose([a["score"] for a in out["results"]], want.scores, atol=1e-6)
+  body, ctype = _multipart([("mode", "batch")] + [("image", _png(p)) for p in paths[:4]])
+  status, out = call(f"{server.url}/predict_set", body, {"Content-Type": ctype})
+  assert status == 400 and "needs at least 5" in out["error"], out

@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict.calibrate_normals = ""  # folder or glob of normal images: set thresholds from them
   c.predict.calibrate_quantile = 0.99   # their scores' quantile that becomes the threshold
   c.predict.batch_size = 8          # images per prediction batch
-  # few_shot and batch need neither a trained head nor the text tower (adjax.predict_neighbors).
+  # few_shot and batch need neither a trained head nor the text tower (adjax.Detector).
   c.predict.scoring = "zero_shot"   # zero_shot | few_shot (against predict.references) | batch (the inputs together)
   c.predict.references = ""         # few_shot: folder or glob of normal images of the object
 
