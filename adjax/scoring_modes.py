@@ -167,7 +167,7 @@ class ModeEvaluator(Evaluator):
       raw, glob = tokens[:, :, prefix:], tokens[-1, :, cls_index]
       if not with_head:
         return raw, glob
-      from adjax.model import Features
+      from adjax.ad_model import Features
       feats = Features(head_lib.standardize_patches(raw), tokens[:, :, cls_index])
       return (raw, glob) + tuple(model.maps(params, feats, text_table, category_index))
 

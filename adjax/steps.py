@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from adjax import sharding as shd
-from adjax.model import ADModel, Features
+from adjax.ad_model import ADModel, Features
 
 # The per-example fields every train step reads besides its inputs.
 TARGET_KEYS = ("mask", "label", "category_index", "has_mask")

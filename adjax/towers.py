@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from adjax import prompts
-from adjax.model import ADModel, Behaviour
+from adjax.ad_model import ADModel, Behaviour
 from adjax.models import backbones, clip_text
 from adjax.workdir import Workdir
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from adjax import sharding, steps
-from adjax.model import ADModel
+from adjax.ad_model import ADModel
 from adjax.models import backbones, clip_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

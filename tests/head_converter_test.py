@@ -18,7 +18,7 @@ from flax import nnx
 
 from adjax import experiment, sharding
 from adjax.config import defaults as config_defaults
-from adjax.model import ADModel
+from adjax.ad_model import ADModel
 from adjax.models import backbones, dinov3
 from adjax.models import head as head_lib
 from converters import head as head_converter

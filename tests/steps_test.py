@@ -9,7 +9,7 @@ from flax import nnx
 
 from adjax import sharding, steps
 from adjax.config import defaults as config_defaults
-from adjax.model import ADModel, Behaviour
+from adjax.ad_model import ADModel, Behaviour
 from adjax.models import backbones, dinov3
 from adjax.workdir import feature_cache
 

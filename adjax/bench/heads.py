@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from adjax import steps
-from adjax.model import ADModel
+from adjax.ad_model import ADModel
 from adjax.models import backbones
 from adjax.workdir import feature_cache
 

@@ -38,7 +38,7 @@ from flax import nnx
 from adjax import steps as step_lib
 from adjax.bench import backbone as backbone_bench
 from adjax.config import defaults as config_defaults
-from adjax.model import ADModel, Behaviour
+from adjax.ad_model import ADModel, Behaviour
 from adjax.models import backbones, dinov3
 
 MVTEC_IMAGES = 1725

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from adjax.common.errors import UserError
-from adjax.model import model_problems
+from adjax.ad_model import model_problems
 from adjax.models import backbones
 
 MODES = ("train", "evaluate", "predict")
