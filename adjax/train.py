@@ -34,53 +34,83 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   run that had already finished).
   """
   model = towers.model(cfg)
-  steps_per_epoch = handle.num_examples // cfg.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"{handle.name} has {handle.num_examples} examples, fewer than "
-                     f"batch_size={cfg.batch_size}")
-  total_steps = steps_per_epoch * cfg.epochs
-
+  steps_per_epoch, total_steps = _run_length(cfg, handle)
   text_table = jax.device_put(jnp.asarray(towers.text_embed(handle.categories)),
                               sharding.replicated(mesh))
-  _, params = nnx.split(model.new_head(cfg.seed))
-  tx, schedule = steps.make_optimizer(
-      cfg, total_steps, first_step_zero=model.behaviour.first_update_lr_zero)
-  rep = sharding.replicated(mesh)
-  state = jax.device_put(steps.init_state(params, tx), rep)
+  state, tx, schedule = _new_state_and_optimizer(cfg, model, mesh, total_steps)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-
   ckpts = checkpoints.RunCheckpoints(workdir, cfg.checkpoints_to_keep)
-  # The newest intact step (a damaged one is reported and skipped).
-  start, restored, data_state = ckpts.restore_newest(checkpoints.abstract_like(state))
-  if start is not None:
-    state = restored
-    ckpts.discard_damaged()
-    if jax.process_index() == 0:
-      print(f"resuming from step {start} of {total_steps}", flush=True)
-  else:
-    start = 0
-    if cfg.init_from:
-      # Starts from another run's trained head; the optimiser state starts fresh.
-      params, source, from_step = checkpoints.restore_head_params(
-          checkpoints.abstract_like(state["params"]), Path(cfg.init_from),
-          keep=cfg.checkpoints_to_keep)
-      state = dict(state, params=params)
-      logging.info("initialised the head from %s (step %d)", source, from_step)
+  state, start, data_state = _restore_or_start(cfg, ckpts, state, total_steps)
   if start >= total_steps:
     ckpts.close()
     return state, 0
 
   backbone_def, backbone_state, backbone_sharding = sharding.place_frozen(
       towers.backbone, mesh, cfg.mesh.backbone_sharding)
-  cache = _make_cache(cfg, workdir, towers, model, handle)
-  if cache is not None and jax.process_index() == 0:
-    where = f" in {cache.dir}" if cfg.feature_cache == "disk" else ""
-    stored = int(cache.filled.sum())
-    plan = ("every step runs the head only" if stored == handle.num_examples else
-            "the backbone runs for the others until they are stored (first epoch); "
-            "later steps run the head only")
-    print(f"feature cache ({cfg.feature_cache}{where}): backbone features of {stored} of "
-          f"{handle.num_examples} training examples stored; {plan}", flush=True)
+  cache = _open_feature_cache(cfg, workdir, towers, model, handle)
+  step_images, step_cached = _build_train_steps(
+      cfg, model, backbone_def, backbone_sharding, tx, schedule, mesh, state_sharding, cache)
+  iterator = _training_iterator(cfg, handle, model, data_state)
+  log = run_log.RunLog(workdir, total_steps, start, cfg.batch_size)
+  try:
+    state = _epoch_loop(
+        cfg, mesh, state, backbone_state, text_table, iterator, cache,
+        step_images, step_cached, ckpts, log, start=start,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  finally:
+    log.close()
+    ckpts.close()
+  return state, total_steps - start
+
+
+def _run_length(cfg, handle) -> tuple[int, int]:
+  """Steps per epoch and in all; refuses a data set smaller than one batch."""
+  steps_per_epoch = handle.num_examples // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{handle.name} has {handle.num_examples} examples, fewer than "
+                     f"batch_size={cfg.batch_size}")
+  return steps_per_epoch, steps_per_epoch * cfg.epochs
+
+
+def _new_state_and_optimizer(cfg, model, mesh, total_steps: int):
+  """A fresh head's training state (replicated over `mesh`), its optimiser
+  and learning-rate schedule."""
+  _, params = nnx.split(model.new_head(cfg.seed))
+  tx, schedule = steps.make_optimizer(
+      cfg, total_steps, first_step_zero=model.behaviour.first_update_lr_zero)
+  state = jax.device_put(steps.init_state(params, tx), sharding.replicated(mesh))
+  return state, tx, schedule
+
+
+def _restore_or_start(cfg, ckpts, state, total_steps: int):
+  """Resumes from the newest intact checkpoint, or starts at step 0 (from
+  `cfg.init_from`'s trained head when set).
+
+  Returns the state, the step it is at and the data-iterator state to
+  resume (None when starting).
+  """
+  # The newest intact step (a damaged one is reported and skipped).
+  start, restored, data_state = ckpts.restore_newest(checkpoints.abstract_like(state))
+  if start is not None:
+    ckpts.discard_damaged()
+    if jax.process_index() == 0:
+      print(f"resuming from step {start} of {total_steps}", flush=True)
+    return restored, start, data_state
+  if cfg.init_from:
+    # Starts from another run's trained head; the optimiser state starts fresh.
+    params, source, from_step = checkpoints.restore_head_params(
+        checkpoints.abstract_like(state["params"]), Path(cfg.init_from),
+        keep=cfg.checkpoints_to_keep)
+    state = dict(state, params=params)
+    logging.info("initialised the head from %s (step %d)", source, from_step)
+  return state, 0, None
+
+
+def _build_train_steps(cfg, model, backbone_def, backbone_sharding, tx, schedule, mesh,
+                       state_sharding, cache):
+  """The jitted step from images (also returning backbone features when a
+  feature cache is open) and the step from cached features (None without a
+  cache)."""
   cache_dtype = jnp.bfloat16 if cfg.feature_cache_dtype == "bfloat16" else jnp.float32
   builder = steps.StepBuilder(model, backbone_def, tx=tx, schedule=schedule, mesh=mesh,
                               state_sharding=state_sharding,
@@ -88,65 +118,102 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   step_images = builder.train_step(from_features=False, return_features=cache is not None,
                                    cache_dtype=cache_dtype)
   step_cached = builder.train_step(from_features=True) if cache is not None else None
+  return step_images, step_cached
 
+
+def _training_iterator(cfg, handle, model, data_state):
+  """The training batches, resumed at `data_state` when given."""
   iterator = iter(datasets.loader(cfg, handle, model, batch_size=cfg.batch_size,
                                  train=True))
   if data_state is not None:
     iterator.set_state(data_state)
+  return iterator
 
-  log = run_log.RunLog(workdir, total_steps, start, cfg.batch_size)
+
+def _epoch_loop(cfg, mesh, state, backbone_state, text_table, iterator, cache,
+                step_images, step_cached, ckpts, log, *, start: int, total_steps: int,
+                steps_per_epoch: int):
+  """Runs steps `start + 1 .. total_steps`: each one logged, checked finite,
+  and checkpointed on schedule. Returns the final state."""
   config_json = json.loads(cfg.to_json_best_effort())
-  try:
-    for step in range(start, total_steps):
-      local = next(iterator)
-      batch = sharding.global_batch({k: local[k] for k in steps.TARGET_KEYS}, mesh)
-      cached = cache is not None and cache.has(sharding.all_rows(local["index"]))
-      if cached:
-        patches, cls = cache.get(local["index"])
-        batch.update(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
-                                           {"patches": 1, "cls": 1}))
-        state, metrics = step_cached(state, backbone_state, text_table, batch)
-      else:
-        batch.update(sharding.global_batch({"image": local["image"]}, mesh))
-        if cache is not None:
-          state, metrics, (patches, cls) = step_images(state, backbone_state,
-                                                       text_table, batch)
-          # Every process stores every row of the global batch, so all caches
-          # are identical and every process takes the same branch next time.
-          cache.put(sharding.all_rows(local["index"]), sharding.all_rows(patches, 1),
-                    sharding.all_rows(cls, 1))
-        else:
-          state, metrics = step_images(state, backbone_state, text_table, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      metrics["from_cache"] = float(cached)
-      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["param_norm"])):
-        last = ckpts.latest_step()
-        kept = (f"the last good checkpoint (step {last}) in {ckpts.dir} is kept"
-                if last is not None else "no checkpoint had been saved yet")
-        source = (f"from the feature cache in {cache.dir}; if the data and config are "
-                  "right, delete that cache" if cached and cfg.feature_cache == "disk"
-                  else "from images")
-        raise NonFiniteLossError(
-            f"non-finite training at step {step + 1}: loss {metrics['loss']}, parameter "
-            f"norm {metrics['param_norm']} (the step ran {source}); stopping without "
-            f"saving it; {kept}")
-      done = step + 1
-      log.step(done, metrics, write=done % cfg.log_every_steps == 0 or done == total_steps)
-      if cache is not None and done % steps_per_epoch == 0:
-        cache.finish_epoch()
-      if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
-        ckpts.save(done, state, iterator.get_state(), config_json)
-  finally:
-    log.close()
-    ckpts.close()
-  return state, total_steps - start
+  for step in range(start, total_steps):
+    local = next(iterator)
+    state, metrics, cached = _step_with_feature_cache(
+        mesh, state, backbone_state, text_table, local, cache, step_images, step_cached)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics["from_cache"] = float(cached)
+    _check_finite(cfg, metrics, step, ckpts, cache, cached)
+    done = step + 1
+    log.step(done, metrics, write=done % cfg.log_every_steps == 0 or done == total_steps)
+    if cache is not None and done % steps_per_epoch == 0:
+      cache.finish_epoch()
+    if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
+      ckpts.save(done, state, iterator.get_state(), config_json)
+  return state
 
 
-def _make_cache(cfg, workdir: Path, towers, model, handle):
+def _step_with_feature_cache(mesh, state, backbone_state, text_table, local, cache,
+                             step_images, step_cached):
+  """One training step on the local batch `local`, dispatched on the feature
+  cache: from cached features when every row of the global batch is stored,
+  else from images (storing their features when a cache is open).
+
+  Returns the new state, the step's metrics and whether it ran from the cache.
+  """
+  batch = sharding.global_batch({k: local[k] for k in steps.TARGET_KEYS}, mesh)
+  cached = cache is not None and cache.has(sharding.all_rows(local["index"]))
+  if cached:
+    patches, cls = cache.get(local["index"])
+    batch.update(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
+                                       {"patches": 1, "cls": 1}))
+    state, metrics = step_cached(state, backbone_state, text_table, batch)
+  else:
+    batch.update(sharding.global_batch({"image": local["image"]}, mesh))
+    if cache is not None:
+      state, metrics, (patches, cls) = step_images(state, backbone_state,
+                                                   text_table, batch)
+      # Every process stores every row of the global batch, so all caches
+      # are identical and every process takes the same branch next time.
+      cache.put(sharding.all_rows(local["index"]), sharding.all_rows(patches, 1),
+                sharding.all_rows(cls, 1))
+    else:
+      state, metrics = step_images(state, backbone_state, text_table, batch)
+  return state, metrics, cached
+
+
+def _check_finite(cfg, metrics: dict, step: int, ckpts, cache, cached: bool) -> None:
+  """Raises NonFiniteLossError (before the step is saved) when the loss or
+  the parameter norm is NaN or infinite."""
+  if math.isfinite(metrics["loss"]) and math.isfinite(metrics["param_norm"]):
+    return
+  last = ckpts.latest_step()
+  kept = (f"the last good checkpoint (step {last}) in {ckpts.dir} is kept"
+          if last is not None else "no checkpoint had been saved yet")
+  source = (f"from the feature cache in {cache.dir}; if the data and config are "
+            "right, delete that cache" if cached and cfg.feature_cache == "disk"
+            else "from images")
+  raise NonFiniteLossError(
+      f"non-finite training at step {step + 1}: loss {metrics['loss']}, parameter "
+      f"norm {metrics['param_norm']} (the step ran {source}); stopping without "
+      f"saving it; {kept}")
+
+
+def _open_feature_cache(cfg, workdir: Path, towers, model, handle):
+  """Opens the configured feature cache (None for `feature_cache="none"`)
+  and says what it holds."""
   if cfg.feature_cache == "none":
     return None
   directory = (Path(cfg.feature_cache_dir) if cfg.feature_cache_dir
                else Workdir(workdir).feature_cache)
-  return feature_cache.open_cache(cfg.feature_cache, directory, towers.backbone_id, model, handle,
-                                  dtype=cfg.feature_cache_dtype,
-                                  backbone_dtype=cfg.backbone.dtype)
+  cache = feature_cache.open_cache(cfg.feature_cache, directory, towers.backbone_id, model,
+                                   handle, dtype=cfg.feature_cache_dtype,
+                                   backbone_dtype=cfg.backbone.dtype)
+  if jax.process_index() == 0:
+    where = f" in {cache.dir}" if cfg.feature_cache == "disk" else ""
+    stored = int(cache.filled.sum())
+    plan = ("every step runs the head only" if stored == handle.num_examples else
+            "the backbone runs for the others until they are stored (first epoch); "
+            "later steps run the head only")
+    print(f"feature cache ({cfg.feature_cache}{where}): backbone features of {stored} of "
+          f"{handle.num_examples} training examples stored; {plan}", flush=True)
+  return cache
