@@ -26,7 +26,6 @@ bilinearly with align_corners=True, like the head's maps.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
@@ -34,13 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import data, datasets, neighbors, sharding
+from adjax import datasets, neighbors, sharding
 from adjax.common.errors import UserError
-from adjax.evaluate import CategoryMetrics, Evaluator
+from adjax.evaluate import Evaluator
 from adjax.models import head as head_lib
-from adjax.report import heatmaps, tables
-from adjax.workdir import identity, run_log
-from adjax.workdir import Workdir
+from adjax.report import tables
+from adjax.scorer import Scorer
 
 SCORINGS = ("zero_shot", "few_shot", "batch", "zero_shot+few_shot", "zero_shot+batch")
 COMBINES = ("zscore", "minmax")
@@ -115,16 +113,27 @@ def upsample(maps: np.ndarray, hw: tuple[int, int], block: int = 32) -> np.ndarr
                          for s in range(0, len(maps), block)])
 
 
-class ModeEvaluator(Evaluator):
-  """Evaluates one data set at a time in a neighbour mode (see the module doc)."""
+class NeighbourScorer:
+  """Scoring in a neighbour mode (see the module doc): a data set's rows, one
+  category at a time, from the backbone pass (and the head, which it holds as
+  a `Scorer`, in the combined modes). Has the interface of
+  `evaluate.ZeroShotScorer`; `evaluate.Evaluator` consumes its rows."""
 
-  def __init__(self, cfg, workdir: Path, towers, mesh, params, source):
+  def __init__(self, cfg, towers, mesh, params):
+    self.cfg, self.towers, self.mesh = cfg, towers, mesh
     self.scoring = cfg.eval.scoring
     self.kind = neighbour_kind(self.scoring)
     self.with_head = needs_head(self.scoring)
-    super().__init__(cfg, workdir, towers, mesh, params,
-                     source if source is not None else (workdir, 0))
-    ev = dict(self.results_identity["eval"], scoring=self.scoring)
+    self.scorer = Scorer(cfg, towers, mesh, params)
+    self.model = self.scorer.model
+    self._features_step = self._build_step()
+    self._refs: dict[str, np.ndarray] = {}
+
+  def adjust_identity(self, ident: dict) -> dict:
+    """The results identity of this mode: its settings; no head or text tower
+    without the head."""
+    cfg = self.cfg
+    ev = dict(ident["eval"], scoring=self.scoring)
     if self.kind == "few_shot":
       ev["references"] = int(cfg.eval.references)
     ev["r_list"] = [int(r) for r in cfg.eval.r_list]
@@ -134,20 +143,77 @@ class ModeEvaluator(Evaluator):
       ev["combine"] = cfg.eval.combine
     else:
       ev.pop("image_score")
-      self.results_identity["head"] = None
-      self.results_identity["towers"]["text"] = None
-    self.results_identity["eval"] = ev
-    self._features_step = self._build_step()
+      ident["head"] = None
+      ident["towers"]["text"] = None
+    ident["eval"] = ev
+    return ident
+
+  def check(self, handle) -> None:
+    found = problems(self.cfg, handle)
+    if found:
+      raise ScoringError("; ".join(found))
+
+  def extra_identity(self, handle) -> dict:
+    """The few-shot references of each category (chosen here, left out of the metrics)."""
+    self._refs = {}
+    if self.kind == "few_shot":
+      self._refs = {name: choose_references(handle, ci, int(self.cfg.eval.references))
+                    for ci, name in enumerate(handle.categories)}
+    if not self._refs:
+      return {}
+    return {"references": {name: [_as_str(handle.source[int(i)]["path"]) for i in idx]
+                           for name, idx in self._refs.items()}}
+
+  def display_name(self, handle) -> str:
+    return f"{handle.display_name}.{self.scoring}"
+
+  def progress_label(self, handle) -> str:
+    return f"evaluate {handle.display_name} ({self.scoring})"
+
+  def rows(self, handle, to_draw: set, progress):
+    """Yields (rows, draws) like `evaluate.ZeroShotScorer.rows`: per category,
+    its scored images (the references left out) in parts of 16 (the
+    accumulator's batch size), the panels of `to_draw` with the first part."""
+    table = self.scorer.text_table(handle.categories) if self.with_head else None
+    for ci, name in enumerate(handle.categories):
+      if not (handle.example_category == ci).any():
+        continue
+      got = self._category_pass(handle, name, table, to_draw, progress)
+      rows = self._score_category(got, self._refs.get(name, np.zeros(0, int)))
+      draws = []
+      for index, (image, path) in got["drawn"].items():
+        at = np.flatnonzero(rows["index"] == index)
+        if len(at):
+          i = int(at[0])
+          draws.append((name, path, image, rows["map"][i], rows["mask"][i]))
+      n = len(rows["score"])
+      rows.update(valid=np.ones(n, bool), category_index=np.full(n, ci))
+      for s in range(0, n, 16):
+        yield {k: v[s:s + 16] for k, v in rows.items()}, (draws if s == 0 else [])
+
+  def finish(self) -> None:
+    """Nothing to publish: the neighbour modes use no feature cache."""
+
+  def title(self, handle) -> str:
+    return f"{handle.display_name}: {self.scoring} results"
+
+  def announce(self, handle, stem: str, results: dict, table_text: str) -> None:
+    note = ""
+    if self._refs:
+      note = (f"; {self.cfg.eval.references} reference image(s) per category left out of the "
+              f"metrics (listed in results/{stem}.json)")
+    print(f"\n{handle.display_name}: {self.scoring} results ({len(results)} categories"
+          f"{note}) -> results/{stem}.*\n{table_text}", flush=True)
 
   # ---- the model a threshold belongs to ---------------------------------
   def threshold_model(self) -> dict:
     if self.with_head:
-      ident = super().threshold_model()
+      ident = self.scorer.threshold_model()
     else:
       from adjax import thresholds
       ident = thresholds.threshold_model(
           backbone_id=self.towers.backbone_id, text_id="none", layers=self.model.layers,
-          image_size=self.model.image_size, reference_quirks=self.reference_quirks,
+          image_size=self.model.image_size, reference_quirks=self.scorer.reference_quirks,
           head_sha256="none")
     return dict(ident, scoring=self.scoring)
 
@@ -157,7 +223,7 @@ class ModeEvaluator(Evaluator):
   # ---- the backbone (and head) pass --------------------------------------
   def _build_step(self):
     model, with_head = self.model, self.with_head
-    backbone_def = self.builder.backbone_def
+    backbone_def = self.scorer.builder.backbone_def
     prefix, cls_index = model.backbone.num_prefix_tokens, model.backbone.cls_index
 
     def step(params, backbone_state, text_table, images, category_index):
@@ -174,7 +240,7 @@ class ModeEvaluator(Evaluator):
     rep = sharding.replicated(self.mesh)
     b, b1 = sharding.batch_sharding(self.mesh), sharding.batch_sharding(self.mesh, 1)
     out = (b1, b) + ((b, b) if with_head else ())
-    return jax.jit(step, in_shardings=(rep, self.builder.backbone_sharding, rep, b, b),
+    return jax.jit(step, in_shardings=(rep, self.scorer.builder.backbone_sharding, rep, b, b),
                    out_shardings=out)
 
   def _category_pass(self, handle, name: str, table, to_draw: set, progress) -> dict:
@@ -187,7 +253,7 @@ class ModeEvaluator(Evaluator):
     for local in loader:
       batch = sharding.global_batch({"image": local["image"],
                                      "category_index": local["category_index"]}, self.mesh)
-      outs = self._features_step(self.params, self.backbone_state, table,
+      outs = self._features_step(self.scorer.params, self.scorer.backbone_state, table,
                                  batch["image"], batch["category_index"])
       rows = {"tokens": sharding.all_rows(outs[0], 1), "glob": sharding.all_rows(outs[1])}
       if self.with_head:
@@ -234,73 +300,14 @@ class ModeEvaluator(Evaluator):
     rows.update(map=maps.astype(np.float32), score=np.asarray(scores, np.float32))
     return rows
 
-  def evaluate(self, handle) -> dict[str, dict[str, float]]:
-    cfg = self.cfg
-    found = problems(cfg, handle)
-    if found:
-      raise ScoringError("; ".join(found))
-    table = self.text_table(handle.categories) if self.with_head else None
-    to_draw = self._heatmap_indices(handle)
-    self._image_scores = []
-    main = jax.process_index() == 0
-    refs = {}
-    if self.kind == "few_shot":
-      refs = {name: choose_references(handle, ci, int(cfg.eval.references))
-              for ci, name in enumerate(handle.categories)}
-    ident = dict(self.results_identity, data={
-        "name": handle.name, "examples": handle.num_examples, "prepared": str(handle.data_dir)})
-    if refs:
-      ident["references"] = {
-          name: [_as_str(handle.source[int(i)]["path"]) for i in idx]
-          for name, idx in refs.items()}
-    display = f"{handle.display_name}.{self.scoring}"
-    stem = identity.results_stem(Workdir(self.workdir).results, display, ident)
-    heat_dir = Workdir(self.workdir).evaluation_heatmaps(stem)
-    if main and heat_dir.exists():
-      shutil.rmtree(heat_dir)
-    progress = run_log.Progress(f"evaluate {handle.display_name} ({self.scoring})",
-                                handle.num_examples, enabled=main)
-    accs: dict[str, CategoryMetrics] = {}
-    for ci, name in enumerate(handle.categories):
-      if not (handle.example_category == ci).any():
-        continue
-      got = self._category_pass(handle, name, table, to_draw, progress)
-      rows = self._score_category(got, refs.get(name, np.zeros(0, int)))
-      for index, (image, path) in got["drawn"].items():
-        at = np.flatnonzero(rows["index"] == index)
-        if len(at):
-          i = int(at[0])
-          out = heat_dir / name / (Path(path).with_suffix("").as_posix()
-                                   .replace("/", "__") + ".png")
-          heatmaps.save_png(out, heatmaps.panel(image, rows["map"][i], rows["mask"][i]))
-      acc = accs[name] = CategoryMetrics(cfg.eval.fpr_limit, cfg.eval.aupro_zsad,
-                                         cfg.eval.report_panels)
-      for s in range(0, len(rows["score"]), 16):   # the accumulator's batch size
-        part = {k: v[s:s + 16] for k, v in rows.items()}
-        acc.update(part, np.ones(len(part["score"]), bool))
-      self._image_scores.append((rows["score"], rows["label"]))
-    progress.close()
-    if not main:
-      return {}
-    outcome = {name: accs[name].result() for name in sorted(accs)}
-    results = {name: res for name, (res, _) in outcome.items()}
-    details = {name: d for name, (_, d) in outcome.items()}
-    table_text = tables.write_reports(results, Workdir(self.workdir).results, stem, ident)
-    self._write_html(handle, stem, ident, results, details, accs)
-    self.category_thresholds[handle.display_name] = {
-        name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
-        for name, d in details.items()}
-    self._write_own_thresholds(handle, stem)
-    note = ""
-    if refs:
-      note = (f"; {cfg.eval.references} reference image(s) per category left out of the "
-              f"metrics (listed in results/{stem}.json)")
-    print(f"\n{handle.display_name}: {self.scoring} results ({len(results)} categories"
-          f"{note}) -> results/{stem}.*\n{table_text}", flush=True)
-    return results
 
-  def report_title(self, handle) -> str:
-    return f"{handle.display_name}: {self.scoring} results"
+class ModeEvaluator(Evaluator):
+  """An `Evaluator` holding a `NeighbourScorer` (`eval.scoring` other than zero_shot)."""
+
+  def __init__(self, cfg, workdir: Path, towers, mesh, params, source):
+    super().__init__(cfg, workdir, towers, mesh, params,
+                     source if source is not None else (workdir, 0),
+                     scorer=NeighbourScorer(cfg, towers, mesh, params))
 
 
 COMPARED = (("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("pixel_aupro", "AUPRO"))

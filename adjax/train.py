@@ -155,29 +155,24 @@ def _epoch_loop(cfg, mesh, state, backbone_state, text_table, iterator, cache,
 def _step_with_feature_cache(mesh, state, backbone_state, text_table, local, cache,
                              step_images, step_cached):
   """One training step on the local batch `local`, dispatched on the feature
-  cache: from cached features when every row of the global batch is stored,
-  else from images (storing their features when a cache is open).
+  cache (`feature_cache.run_batch`, shared with evaluation): from cached
+  features when every row of the global batch is stored, else from images
+  (storing their features when a cache is open).
 
   Returns the new state, the step's metrics and whether it ran from the cache.
   """
   batch = sharding.global_batch({k: local[k] for k in steps.TARGET_KEYS}, mesh)
   cached = cache is not None and cache.has(sharding.all_rows(local["index"]))
-  if cached:
-    patches, cls = cache.get(local["index"])
-    batch.update(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
-                                       {"patches": 1, "cls": 1}))
-    state, metrics = step_cached(state, backbone_state, text_table, batch)
-  else:
-    batch.update(sharding.global_batch({"image": local["image"]}, mesh))
-    if cache is not None:
-      state, metrics, (patches, cls) = step_images(state, backbone_state,
-                                                   text_table, batch)
-      # Every process stores every row of the global batch, so all caches
-      # are identical and every process takes the same branch next time.
-      cache.put(sharding.all_rows(local["index"]), sharding.all_rows(patches, 1),
-                sharding.all_rows(cls, 1))
-    else:
-      state, metrics = step_images(state, backbone_state, text_table, batch)
+
+  def from_features(features):
+    return step_cached(state, backbone_state, text_table, dict(batch, **features))
+
+  def from_images(images):
+    out = step_images(state, backbone_state, text_table, dict(batch, **images))
+    return ((out[0], out[1]), out[2]) if cache is not None else out
+
+  state, metrics = feature_cache.run_batch(cache, local, mesh, cached, from_features,
+                                           from_images)
   return state, metrics, cached
 
 

@@ -184,3 +184,26 @@ class FeatureCache:
     # meta.json last: its presence publishes the cache.
     atomic.write_text(self._meta, json.dumps(dict(self._want, **sizes)))
     self.complete = True
+
+
+def run_batch(cache, local: dict, mesh, hit: bool, from_features, from_images):
+  """One batch through the feature cache, the dispatch shared by training and
+  evaluation: on a hit the stored features of `local["index"]` are placed as
+  a global batch {"patches", "cls"} and `from_features(batch)` runs the head
+  only; otherwise `local["image"]` is placed as {"image"} and
+  `from_images(batch)` runs the backbone too; with a cache it returns
+  (outputs, (patches, cls)) and those features of every row of the global
+  batch are stored (every process stores them all, so the caches stay
+  identical and every process takes the same branch). -> the outputs."""
+  from adjax import sharding
+  if hit:
+    patches, cls = cache.get(local["index"])
+    return from_features(sharding.global_batch({"patches": patches, "cls": cls}, mesh,
+                                                {"patches": 1, "cls": 1}))
+  images = sharding.global_batch({"image": local["image"]}, mesh)
+  if cache is None:
+    return from_images(images)
+  outputs, (patches, cls) = from_images(images)
+  cache.put(sharding.all_rows(local["index"]), sharding.all_rows(patches, 1),
+            sharding.all_rows(cls, 1))
+  return outputs
