@@ -27,6 +27,13 @@ goes through `jax.export` and is loaded back, without adjax, by
 which returns a dict with the outputs above; the names and settings go to a
 `<out>.json` beside it. Files are written atomically.
 
+With `--references DIR` (no `--object-names`) the file is the few-shot
+scorer instead (`build_few_shot`): no head or text tower, the normal images
+of DIR as a memory bank constant (`neighbors.bank_features`), input
+`images` only, outputs `anomaly_map`, `image_score` and, with
+`--threshold T`, `decision` (image_score >= T); it scores as
+`Detector.predict(images, scoring="few_shot")` after `use_references(DIR)`.
+
 The model's forward pass is `_anomaly_forward`, composed from the project's
 public pieces (backbone features, head, image score).
 """
