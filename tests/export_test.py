@@ -434,4 +434,8 @@ def test_few_shot_references_refused(few_shot, tmp_path, capsys):
   rc = export.main(["--workdir", str(bare), "--object-names", "bottle", "--threshold", "1",
                     "--format", "stablehlo", "--out", str(tmp_path / "m.shlo")])
   assert rc == 2 and "--threshold: only with --references" in capsys.readouterr().err
+  rc = export.main(["--workdir", str(bare), "--references", str(few_shot[1]),
+                    "--object-names", "bottle", "--format", "stablehlo",
+                    "--out", str(tmp_path / "m.shlo")])
+  assert rc == 2 and "--object-names: not used with --references" in capsys.readouterr().err
   assert not (tmp_path / "m.shlo").exists()
