@@ -27,6 +27,13 @@ goes through `jax.export` and is loaded back, without adjax, by
 which returns a dict with the outputs above; the names and settings go to a
 `<out>.json` beside it. Files are written atomically.
 
+With `--references DIR` (no `--object-names`) the file is the few-shot
+scorer instead (`build_few_shot`): no head or text tower, the normal images
+of DIR as a memory bank constant (`neighbors.bank_features`), input
+`images` only, outputs `anomaly_map`, `image_score` and, with
+`--threshold T`, `decision` (image_score >= T); it scores as
+`Detector.predict(images, scoring="few_shot")` after `use_references(DIR)`.
+
 The model's forward pass is `_anomaly_forward`, composed from the project's
 public pieces (backbone features, head, image score).
 """
@@ -203,11 +210,99 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   return Exportable(fn, size, names, threshold, metadata)
 
 
-def _input_specs(size: int, batch):
+FEW_SHOT_INPUTS = ("images",)
+
+
+def _check_references(references) -> Path:
+  """The --references folder, refused unless it holds a readable image."""
+  from adjax.data.images import IMAGE_EXTENSIONS, read_image_folder
+  refs = Path(references)
+  if not refs.is_dir():
+    raise ExportError(f"--references {refs}: no such folder; give a folder of normal "
+                      "images of the object")
+  try:
+    paths, unreadable = read_image_folder(refs)
+  except FileNotFoundError:
+    paths, unreadable = [], []
+  if not paths:
+    raise ExportError(f"--references {refs}: no readable images (searched recursively for "
+                      f"{', '.join(IMAGE_EXTENSIONS)}" + (
+                          f"; {len(unreadable)} unreadable, e.g. {unreadable[0][0]}: "
+                          f"{unreadable[0][1]}" if unreadable else "") + ")")
+  return refs
+
+
+def build_few_shot(workdir, references, *, config: str | None = None,
+                   overrides: Sequence[str] = (), image_size: int | None = None,
+                   dtype: str | None = None, threshold: float | None = None) -> Exportable:
+  """The few-shot function: the backbone (no head, no text tower) and the
+  memory bank of the normal images in `references` (their LNAMD features,
+  `neighbors.bank_features`, one constant), scored as
+  `Detector(...).predict(images, scoring="few_shot")` after
+  `use_references(references)` scores them. A head in the workdir is not used."""
   import jax
   import jax.numpy as jnp
-  return (jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch,), jnp.int32))
+  from flax import nnx
+  from adjax import neighbors
+  from adjax.detector import Detector, DetectorError
+  from adjax.models import head as head_lib
+
+  refs = _check_references(references)
+  workdir = Path(workdir)
+  cfg = load_config(workdir, config, overrides)
+  if dtype:
+    if dtype not in ("float32", "bfloat16"):
+      raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
+    cfg.backbone.dtype = dtype
+  if image_size:
+    cfg.image_size = int(image_size)
+  cfg.predict.scoring = "few_shot"
+  try:
+    det = Detector.from_config(cfg, workdir)
+    count = det.use_references(str(refs))
+  except DetectorError as e:
+    raise ExportError(f"--references {refs}: {e}") from None
+  except ValueError as e:
+    raise ExportError(str(e)) from None
+  model, r_list = det.model, det.r_list
+  bank = jnp.asarray(neighbors.bank_features(det.references, r_list))
+  # Host copies: the file's constants, whatever placement the Detector chose.
+  backbone = nnx.merge(det._backbone[0], jax.device_get(det._backbone[1]))
+  prefix = model.backbone.num_prefix_tokens
+  (h, w), out_hw = model.grid, model.out_hw
+  limit = None if threshold is None else _f32_at_least(float(threshold))
+
+  def fn(images):
+    # Detector._tokens: the tapped blocks' raw patch tokens (no standardisation).
+    outs = backbone.get_intermediate_layers(model.normalize(images), list(model.layers))
+    tokens = jnp.stack(outs).astype(jnp.float32)[:, :, prefix:]
+    tokens = tokens.reshape(tokens.shape[:2] + (h, w, tokens.shape[-1]))
+    grid = neighbors.reference_maps_dense(tokens, bank, r_list)
+    amap = head_lib.upsample_align_corners(grid[..., None], out_hw)[..., 0]
+    out = {"anomaly_map": amap.astype(jnp.float32),
+           "image_score": jnp.max(amap.reshape(amap.shape[0], -1), axis=-1)}
+    if limit is not None:
+      out["decision"] = out["image_score"] >= limit
+    return out
+
+  names = [os.path.basename(p) if p else "<array>" for p in det.reference_paths]
+  metadata = {"scoring": "few_shot", "image_size": int(model.image_size),
+              "references": names, "reference_count": count, "r_list": list(r_list),
+              "bank_shape": list(bank.shape), "image_threshold": threshold,
+              "backbone_id": det.towers.backbone_id, "layers": list(model.layers),
+              "backbone_dtype": cfg.backbone.dtype,
+              "inputs": list(FEW_SHOT_INPUTS),
+              "outputs": list(OUTPUT_NAMES if limit is not None else OUTPUT_NAMES[:2])}
+  return Exportable(fn, int(model.image_size), [], None if threshold is None else
+                    [threshold], metadata)
+
+
+def _input_specs(size: int, batch, inputs: Sequence[str] = INPUT_NAMES):
+  import jax
+  import jax.numpy as jnp
+  specs = {"images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+           "object_index": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  return tuple(specs[k] for k in inputs)
 
 
 def to_stablehlo(exp: Exportable, platforms: Sequence[str] | None = None) -> bytes:
@@ -215,7 +310,7 @@ def to_stablehlo(exp: Exportable, platforms: Sequence[str] | None = None) -> byt
   (batch,) = jax.export.symbolic_shape("batch")
   with jax.default_matmul_precision("float32"):
     exported = jax.export.export(jax.jit(exp.fn), platforms=platforms)(
-        *_input_specs(exp.image_size, batch))
+        *_input_specs(exp.image_size, batch, exp.metadata["inputs"]))
   return bytes(exported.serialize())
 
 
@@ -226,15 +321,15 @@ def to_onnx(exp: Exportable) -> bytes:
   except ImportError as e:
     raise ExportError(f"--format onnx needs jax2onnx and onnx ({e.name} is not "
                       f"installed): {EXTRA_HINT}") from None
-  outputs = exp.metadata["outputs"]
+  outputs, inputs = exp.metadata["outputs"], exp.metadata["inputs"]
 
-  def positional(images, object_index):
-    out = exp.fn(images, object_index)
+  def positional(*args):
+    out = exp.fn(*args)
     return tuple(out[k] for k in outputs)
 
   with _quiet_jax2onnx():
-    model = jax2onnx.to_onnx(positional, _input_specs(exp.image_size, "B"),
-                             model_name="adjax_anomaly", input_names=list(INPUT_NAMES),
+    model = jax2onnx.to_onnx(positional, _input_specs(exp.image_size, "B", inputs),
+                             model_name="adjax_anomaly", input_names=list(inputs),
                              output_names=list(outputs))
   drop_unused_initializers(model)
   for key, value in exp.metadata.items():
@@ -325,7 +420,20 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
   from adjax.common import atomic
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
-  _check_names(object_names)
+  references = kwargs.pop("references", None)
+  threshold = kwargs.pop("threshold", None)
+  if references is not None:
+    if object_names:
+      raise ExportError("--object-names: not used with --references (the few-shot file "
+                        "scores every image against the one memory bank); leave it out")
+    if kwargs.pop("allow_new_objects", False):
+      raise ExportError("--allow-new-objects: not used with --references")
+    _check_references(references)
+  else:
+    if threshold is not None:
+      raise ExportError("--threshold: only with --references (a trained run's decision "
+                        "threshold comes from its thresholds.json)")
+    _check_names(object_names or [])
   if not Path(workdir).is_dir():
     raise ExportError(f"--workdir {workdir}: no such directory")
   # Fail before the towers are built. jax.export's serialization needs flatbuffers.
@@ -340,7 +448,10 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
   out = Path(out)
   _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
-  exp = build(workdir, object_names, **kwargs)
+  if references is not None:
+    exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
+  else:
+    exp = build(workdir, object_names, **kwargs)
   data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
   if fmt == "stablehlo":
@@ -353,8 +464,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m adjax.export",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a trained (or imported) run")
-  parser.add_argument("--object-names", required=True,
-                      help="comma-separated object names; object_index i is the i-th")
+  parser.add_argument("--object-names", default=None,
+                      help="comma-separated object names; object_index i is the i-th "
+                           "(required unless --references)")
+  parser.add_argument("--references", default=None, metavar="DIR",
+                      help="few-shot: a folder of normal images baked in as the memory "
+                           "bank; the file scores images against them (no head used)")
+  parser.add_argument("--threshold", type=float, default=None,
+                      help="with --references: add a decision output, image_score >= it")
   parser.add_argument("--format", required=True, choices=FORMATS)
   parser.add_argument("--out", required=True, help="the file to write")
   parser.add_argument("--image-size", type=int, default=None,
@@ -374,13 +491,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="export object names thresholds.json has no category for "
                            "(they get the top-level threshold)")
   args = parser.parse_args(argv)
+  if args.references is None and args.object_names is None:
+    parser.error("--object-names is required (unless --references)")
+  names = args.object_names.split(",") if args.object_names is not None else None
   rc, meta = errors.run_command(lambda: export(
-      args.workdir, args.object_names.split(","), args.format, args.out,
+      args.workdir, names, args.format, args.out, references=args.references,
+      threshold=args.threshold,
       config=args.config, overrides=args.set, image_size=args.image_size, dtype=args.dtype,
       platforms=args.platforms.split(",") if args.platforms else None,
       overwrite=args.overwrite, allow_new_objects=args.allow_new_objects))
   if rc:
     return rc
+  if args.references is not None:
+    print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): few-shot "
+          f"against {meta['reference_count']} references, {meta['image_size']} px, outputs "
+          f"{', '.join(meta['outputs'])}")
+    return 0
   decision = " and decision" if any(
       t is not None for t in meta["image_thresholds"]) else ""
   print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "

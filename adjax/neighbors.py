@@ -313,3 +313,63 @@ def _rscin(s, g, k_list):
     wk = jnp.where(keep, w, 0.0)
     out.append((wk / jnp.sum(wk, axis=1, keepdims=True)) @ s)
   return jnp.mean(jnp.stack(out, -1), axis=-1)
+
+
+# ---- one traceable function (exports) -------------------------------------
+def lnamd_dense(x: jax.Array, r: int) -> jax.Array:
+  """`lnamd` with the r x r mean as zero padding plus r * r shifted slices (ops
+  every exporter knows, unlike reduce_window): x [B, h, w, D] -> [B, h, w, D]."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=(1, 2, 3), keepdims=True)
+  x = (x - mean) * lax.rsqrt(var + LN_EPS)
+  if r > 1:
+    pad, (h, w) = r // 2, x.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    acc = jnp.zeros_like(x)
+    for i in range(r):
+      for j in range(r):
+        acc = acc + xp[:, i:i + h, j:j + w]
+    x = acc / (r * r)
+  return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+
+
+def bank_features(reference_tokens, r_list=(1, 3, 5)) -> np.ndarray:
+  """The few-shot memory bank as one array: [L, len(r_list), M * P, D] float32,
+  the LNAMD features of every reference patch (layer l, size r_list[k]), what
+  `reference_maps` compares against; `reference_tokens` as there."""
+  refs = _layers(reference_tokens)
+  m, h, w, d = _shape(refs, "bank_features: reference_tokens")
+  if m < 1:
+    raise ValueError("bank_features: no reference images")
+  r_list = _check_r(r_list)
+  out = np.zeros((len(refs), len(r_list), m * h * w, d), np.float32)
+  for l in range(len(refs)):
+    for k, r in enumerate(r_list):
+      out[l, k] = np.asarray(_features(refs[l], r, 32, None)).reshape(m * h * w, d)
+  return out
+
+
+def reference_maps_dense(tokens: jax.Array, bank: jax.Array, r_list=(1, 3, 5),
+                         precision=lax.Precision.HIGHEST) -> jax.Array:
+  """`reference_maps` as one traceable function (no data-dependent loops, no
+  host round trips): tokens [L, B, h, w, D], bank [L, len(r_list), K, D] from
+  `bank_features` -> maps [B, h, w]. The largest temporary is [B, h*w, K]."""
+  r_list = _check_r(r_list)
+  n_layers, b, h, w, d = tokens.shape
+  if bank.shape[:2] != (n_layers, len(r_list)) or bank.shape[-1] != d:
+    raise ValueError(f"reference_maps_dense: bank {tuple(bank.shape)} for {n_layers} "
+                     f"layers of width {d} and r_list={r_list}")
+  bank = jnp.asarray(bank, jnp.float32)
+  b2 = jnp.sum(jnp.square(bank), axis=-1)                    # [L, R, K]
+  total = jnp.zeros((b, h * w), jnp.float32)
+  for k, r in enumerate(r_list):
+    per_r = jnp.zeros((b, h * w), jnp.float32)
+    for l in range(n_layers):
+      z = lnamd_dense(tokens[l], r).reshape(b, h * w, d)
+      ab = jnp.einsum("bpd,kd->bpk", z, bank[l, k], precision=precision)
+      near = jnp.min(b2[l, k][None, None] - 2.0 * ab, axis=-1)
+      near = near + jnp.sum(jnp.square(z), axis=-1)
+      per_r = per_r + jnp.sqrt(jnp.maximum(near, 0.0))
+    total = total + per_r / n_layers
+  return (total / len(r_list)).reshape(b, h, w)

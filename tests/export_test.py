@@ -328,3 +328,114 @@ def test_unknown_object_names_refused_unless_allowed(run_dir, exportable):
     assert exp.metadata["threshold_sources"] == ["category:unit/bottle", "top-level"]
   finally:
     (run_dir / THRESHOLDS_FILE).unlink()
+
+
+# ---- few-shot: a memory bank baked in (--references) ----------------------
+@pytest.fixture(scope="module")
+def few_shot(run_dir, tmp_path_factory):
+  """A head-free workdir (config only), a folder of 3 normal images, the
+  few-shot Exportable and the Detector scoring the same way."""
+  from adjax.detector import Detector
+  tmp = tmp_path_factory.mktemp("few_shot")
+  bare = tmp / "bare"
+  bare.mkdir()
+  (bare / "config.json").write_text((run_dir / "config.json").read_text())
+  refs = tmp / "normal"
+  refs.mkdir()
+  for i in range(3):
+    Image.fromarray(_inputs(1, seed=20 + i)[0][0]).save(refs / f"good_{i}.png")
+  exp = export.build_few_shot(bare, refs, threshold=0.5)
+  det = Detector.from_workdir(bare, predict__scoring="few_shot")
+  assert det.use_references(str(refs)) == 3
+  return bare, refs, exp, det
+
+
+def _detector_few_shot(det, images):
+  pred = det.predict([im for im in images], scoring="few_shot")
+  return np.stack(pred.maps), np.asarray(pred.scores)
+
+
+def test_few_shot_function_matches_detector(few_shot):
+  """The baked bank scores as Detector.predict(scoring="few_shot") after
+  use_references: maps at the model size and image scores."""
+  _, _, exp, det = few_shot
+  assert exp.metadata["scoring"] == "few_shot"
+  assert exp.metadata["references"] == ["good_0.png", "good_1.png", "good_2.png"]
+  assert exp.metadata["reference_count"] == 3
+  assert exp.metadata["r_list"] == list(det.r_list)
+  assert exp.metadata["outputs"] == ["anomaly_map", "image_score", "decision"]
+  images = _inputs(3, seed=7)[0]
+  got = jax.jit(exp.fn)(images)
+  maps, scores = _detector_few_shot(det, images)
+  assert got["anomaly_map"].shape == (3, SIZE, SIZE)
+  assert _max_err(got["anomaly_map"], maps) <= 1e-5 * max(1.0, float(np.abs(maps).max()))
+  assert _max_err(got["image_score"], scores) <= 1e-5 * max(1.0, float(np.abs(scores).max()))
+  np.testing.assert_array_equal(np.asarray(got["decision"]), np.asarray(got["image_score"]) >= 0.5)
+  # A reference itself is (nearly) normal: its own patches are in the bank.
+  ref = np.asarray(Image.open(few_shot[1] / "good_0.png"))[None]
+  assert float(jax.jit(exp.fn)(ref)["image_score"][0]) < 1e-2 * float(scores.max())
+
+
+@pytest.mark.slow
+def test_few_shot_onnx_matches_detector(few_shot, tmp_path, capsys):
+  pytest.importorskip("jax2onnx")
+  import onnx
+  bare, refs, _, det = few_shot
+  out = tmp_path / "few.onnx"
+  rc = export.main(["--workdir", str(bare), "--references", str(refs), "--format", "onnx",
+                    "--out", str(out)])
+  assert rc == 0 and "few-shot against 3 references" in capsys.readouterr().out
+  model = onnx.load(str(out))
+  meta = {p.key: json.loads(p.value) for p in model.metadata_props}
+  assert meta["scoring"] == "few_shot" and meta["reference_count"] == 3
+  assert meta["references"] == ["good_0.png", "good_1.png", "good_2.png"]
+  assert export.drop_unused_initializers(model) == 0
+  sess = _ort_session(out)
+  assert [i.name for i in sess.get_inputs()] == ["images"]
+  assert [o.name for o in sess.get_outputs()] == ["anomaly_map", "image_score"]
+  for b in (1, 3):
+    images = _inputs(b, seed=30 + b)[0]
+    amap, score = sess.run(None, {"images": images})
+    maps, scores = _detector_few_shot(det, images)
+    assert amap.shape == (b, SIZE, SIZE)
+    assert _max_err(amap, maps) <= TOL and _max_err(score, scores) <= TOL
+
+
+@pytest.mark.slow
+def test_few_shot_stablehlo_round_trip(few_shot, run_dir, tmp_path):
+  """StableHLO reloads and gives the JAX function's numbers; a workdir with a
+  trained head exports the same few-shot maps (the head is not used)."""
+  pytest.importorskip("flatbuffers")
+  _, refs, exp, _ = few_shot
+  out = tmp_path / "few.shlo"
+  meta = export.export(run_dir, None, "stablehlo", out, references=refs, threshold=0.5)
+  assert json.loads((tmp_path / "few.shlo.json").read_text())["scoring"] == "few_shot"
+  assert meta["outputs"] == ["anomaly_map", "image_score", "decision"]
+  loaded = jax.export.deserialize(out.read_bytes())
+  for b in (1, 3):
+    images = _inputs(b, seed=40 + b)[0]
+    got, want = loaded.call(images), jax.jit(exp.fn)(images)
+    for k in ("anomaly_map", "image_score"):
+      assert _max_err(got[k], want[k]) <= 1e-5
+    np.testing.assert_array_equal(got["decision"], want["decision"])
+
+
+def test_few_shot_references_refused(few_shot, tmp_path, capsys):
+  bare = few_shot[0]
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for refs, needle in ((tmp_path / "missing", "no such folder"),
+                       (empty, "no readable images")):
+    rc = export.main(["--workdir", str(bare), "--references", str(refs),
+                      "--format", "stablehlo", "--out", str(tmp_path / "m.shlo")])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and f"--references {refs}" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+  rc = export.main(["--workdir", str(bare), "--object-names", "bottle", "--threshold", "1",
+                    "--format", "stablehlo", "--out", str(tmp_path / "m.shlo")])
+  assert rc == 2 and "--threshold: only with --references" in capsys.readouterr().err
+  rc = export.main(["--workdir", str(bare), "--references", str(few_shot[1]),
+                    "--object-names", "bottle", "--format", "stablehlo",
+                    "--out", str(tmp_path / "m.shlo")])
+  assert rc == 2 and "--object-names: not used with --references" in capsys.readouterr().err
+  assert not (tmp_path / "m.shlo").exists()

@@ -240,3 +240,19 @@ def test_refine_scores_match_musc(n, k_list):
   _close(neighbors.refine_scores(scores, cls, k_list), musc_rscin(scores, cls, k_list))
   np.testing.assert_array_equal(neighbors.refine_scores(scores, cls, (0,)),
                                 scores.astype(np.float32))
+
+
+@pytest.mark.parametrize("r_list", [(1,), (1, 3, 5), (3, 7)])
+def test_reference_maps_dense_equal_reference_maps(r_list):
+  """The exportable few-shot function (one bank array, one traced graph) gives
+  `reference_maps`' maps; the references' grid may differ from the queries'."""
+  rng = np.random.default_rng(5)
+  tokens = rng.normal(size=(3, 4, 6, 5, 16)).astype(np.float32) * 3 + 1
+  refs = rng.normal(size=(3, 3, 4, 7, 16)).astype(np.float32)
+  want = neighbors.reference_maps(tokens, refs, r_list)
+  bank = neighbors.bank_features(refs, r_list)
+  assert bank.shape == (3, len(r_list), 3 * 4 * 7, 16)
+  got = np.asarray(jax.jit(lambda t, b: neighbors.reference_maps_dense(t, b, r_list))(
+      tokens, bank))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
