@@ -4,7 +4,10 @@
 - `few_shot`: each image against a memory bank of `eval.references` normal
   images of its own category: the first k `good` images of the category in a
   fixed-seed shuffle of the target's split; they are left out of the metrics
-  and listed in the results' identity (`references`).
+  and listed in the results' identity (`references`). With
+  `eval.references_dir`, the bank is instead the first k images (by path) of
+  the folder's subfolder named after the category, and every test image is
+  scored.
 - `batch`: MuSc: each image against the other unlabeled images of its
   category (`neighbors.mutual_maps`), image scores refined over the category
   (`neighbors.refine_scores`, k_list `eval.rscin_k`).
@@ -34,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from adjax import datasets, neighbors, sharding
+from adjax.data import images as image_io
 from adjax.common.errors import UserError
 from adjax.evaluate import Evaluator
 from adjax.models import head as head_lib
@@ -68,9 +72,41 @@ def choose_references(handle, category_index: int, k: int) -> np.ndarray:
   return np.sort(good[order[:k]])
 
 
+def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list[str]], list[str]]:
+  """The bank of each category from `eval.references_dir`: the first k readable
+  images (sorted by path) of `<refs_dir>/<category>/`. Returns (category ->
+  paths, problems), the problems one line each."""
+  if not Path(refs_dir).is_dir():
+    return {}, [f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
+                "of normal images per category)"]
+  found, missing, short = {}, [], []
+  for name in categories:
+    sub = Path(refs_dir) / name
+    if not sub.is_dir():
+      missing.append(name)
+      continue
+    try:
+      ok, _ = image_io.read_image_folder(sub)
+    except FileNotFoundError:
+      ok = []
+    if len(ok) < k:
+      short.append(f"{name} ({len(ok)})")
+    else:
+      found[name] = ok[:k]
+  out = []
+  if missing:
+    out.append(f"eval.references_dir={refs_dir!r} has no subfolder for "
+               f"{', '.join(missing)} (expected one per category, named as it)")
+  if short:
+    out.append(f"eval.references={k} needs at least {k} readable images in each subfolder "
+               f"of eval.references_dir={refs_dir!r}; fewer in {', '.join(short)}")
+  return found, out
+
+
 def problems(cfg, handle) -> list[str]:
   """What stops `handle` being scored in `cfg.eval.scoring`, per category."""
   kind = neighbour_kind(cfg.eval.scoring)
+  refs_dir = str(cfg.eval.get("references_dir", ""))
   need = neighbors._min_images((0.0, 0.3))
   k = int(cfg.eval.references)
   small, short = [], []
@@ -80,7 +116,7 @@ def problems(cfg, handle) -> list[str]:
     good = int((in_cat & (np.asarray(handle.example_label) == 0)).sum())
     if kind == "batch" and n < need:
       small.append(f"{name} ({n})")
-    if kind == "few_shot" and good < k + 1:
+    if kind == "few_shot" and not refs_dir and good < k + 1:
       short.append(f"{name} ({good})")
   out = []
   if small:
@@ -91,6 +127,8 @@ def problems(cfg, handle) -> list[str]:
     out.append(f"eval.references={k} needs at least {k + 1} good images per category "
                f"(k references and one left to score); {handle.display_name} has "
                f"fewer in {', '.join(short)}")
+  if kind == "few_shot" and refs_dir:
+    out += folder_references(refs_dir, handle.categories, k)[1]
   return out
 
 
@@ -128,6 +166,8 @@ class NeighbourScorer:
     self.model = self.scorer.model
     self._features_step = self._build_step()
     self._refs: dict[str, np.ndarray] = {}
+    self._bank_paths: dict[str, list[str]] = {}
+    self.references_dir = str(cfg.eval.get("references_dir", "")) if self.kind == "few_shot" else ""
 
   def adjust_identity(self, ident: dict) -> dict:
     """The results identity of this mode: its settings; no head or text tower
@@ -136,6 +176,8 @@ class NeighbourScorer:
     ev = dict(ident["eval"], scoring=self.scoring)
     if self.kind == "few_shot":
       ev["references"] = int(cfg.eval.references)
+      if self.references_dir:
+        ev["references_dir"] = self.references_dir
     ev["r_list"] = [int(r) for r in cfg.eval.r_list]
     if self.kind == "batch":
       ev["rscin_k"] = [int(k) for k in cfg.eval.rscin_k]
@@ -155,7 +197,11 @@ class NeighbourScorer:
 
   def extra_identity(self, handle) -> dict:
     """The few-shot references of each category (chosen here, left out of the metrics)."""
-    self._refs = {}
+    self._refs, self._bank_paths = {}, {}
+    if self.references_dir:
+      self._bank_paths = folder_references(self.references_dir, handle.categories,
+                                           int(self.cfg.eval.references))[0]
+      return {"references": {name: list(p) for name, p in self._bank_paths.items()}}
     if self.kind == "few_shot":
       self._refs = {name: choose_references(handle, ci, int(self.cfg.eval.references))
                     for ci, name in enumerate(handle.categories)}
@@ -179,7 +225,8 @@ class NeighbourScorer:
       if not (handle.example_category == ci).any():
         continue
       got = self._category_pass(handle, name, table, to_draw, progress)
-      rows = self._score_category(got, self._refs.get(name, np.zeros(0, int)))
+      bank = self._bank_tokens(self._bank_paths[name], table) if self._bank_paths else None
+      rows = self._score_category(got, self._refs.get(name, np.zeros(0, int)), bank)
       draws = []
       for index, (image, path) in got["drawn"].items():
         at = np.flatnonzero(rows["index"] == index)
@@ -202,6 +249,9 @@ class NeighbourScorer:
     if self._refs:
       note = (f"; {self.cfg.eval.references} reference image(s) per category left out of the "
               f"metrics (listed in results/{stem}.json)")
+    elif self._bank_paths:
+      note = (f"; {self.cfg.eval.references} reference image(s) per category from "
+              f"{self.references_dir} (listed in results/{stem}.json)")
     print(f"\n{handle.display_name}: {self.scoring} results ({len(results)} categories"
           f"{note}) -> results/{stem}.*\n{table_text}", flush=True)
 
@@ -272,9 +322,27 @@ class NeighbourScorer:
     got["drawn"] = drawn
     return got
 
+  def _bank_tokens(self, paths: list[str], table) -> np.ndarray:
+    """Raw tokens [L, k, P, D] of reference images from `eval.references_dir`,
+    read and resized like predict's inputs."""
+    b = max(1, self.cfg.eval.batch_size // jax.process_count())
+    parts = []
+    for local in image_io.prediction_batches(paths, image_size=self.model.image_size,
+                                             batch_size=b):
+      bad = [f"{p}: {e}" for p, e in zip(local["path"], local["error"]) if e]
+      if bad:
+        raise ScoringError(f"eval.references_dir: unreadable reference {bad[0]}")
+      batch = sharding.global_batch({"image": local["image"],
+                                     "category_index": np.zeros(b, np.int32)}, self.mesh)
+      outs = self._features_step(self.scorer.params, self.scorer.backbone_state, table,
+                                 batch["image"], batch["category_index"])
+      parts.append(sharding.all_rows(outs[0], 1)[:, sharding.all_rows(local["valid"])])
+    return np.concatenate(parts, axis=1)
+
   # ---- scoring ----------------------------------------------------------
-  def _neighbour_maps(self, got: dict, keep: np.ndarray) -> np.ndarray:
-    """Patch-grid maps [n_keep, h, w] of the kept images (the others: references)."""
+  def _neighbour_maps(self, got: dict, keep: np.ndarray, bank=None) -> np.ndarray:
+    """Patch-grid maps [n_keep, h, w] of the kept images (the others: references),
+    against `bank` (raw tokens of outside references) when given."""
     h, w = self.model.grid
     tok = got["tokens"]
     l, n, _, d = tok.shape
@@ -283,12 +351,13 @@ class NeighbourScorer:
     r_list = tuple(int(r) for r in self.cfg.eval.r_list)
     if self.kind == "batch":
       return neighbors.mutual_maps(tok, r_list, mesh=mesh)[keep]
-    return neighbors.reference_maps(tok[:, keep], tok[:, ~keep], r_list, mesh=mesh)
+    refs = tok[:, ~keep] if bank is None else bank.reshape(l, bank.shape[1], h, w, d)
+    return neighbors.reference_maps(tok[:, keep], refs, r_list, mesh=mesh)
 
-  def _score_category(self, got: dict, refs: np.ndarray) -> dict:
+  def _score_category(self, got: dict, refs: np.ndarray, bank=None) -> dict:
     """-> rows (score, label, map, mask, has_mask, index) of the scored images."""
     keep = ~np.isin(got["index"], refs)
-    maps = upsample(self._neighbour_maps(got, keep), self.model.out_hw)
+    maps = upsample(self._neighbour_maps(got, keep, bank), self.model.out_hw)
     glob = got["glob"][keep]
     if self.with_head:
       how = self.cfg.eval.combine
@@ -338,14 +407,45 @@ def write_comparison(results_dir: Path, name: str) -> Path | None:
   for cat in cats:
     lines.append("| " + " | ".join([cat] + [cell(res, cat, key) for res in found.values()
                                             for key, _ in COMPARED]) + " |")
-  notes = [f"- {mode}: {name}{'' if mode == 'zero_shot' else '.' + mode}.json"
-           + (f", {res['identity']['eval'].get('references')} references per category "
-              "left out of the metrics" if "few_shot" in mode else "")
+  notes = [f"{mode}: {name}{'' if mode == 'zero_shot' else '.' + mode}.json"
+           + (_references_note(res) if "few_shot" in mode else "")
            for mode, res in found.items()]
   out = Path(results_dir) / f"{name}.modes.md"
   atomic.write_text(out, f"# {name}: scoring modes side by side\n\n" + "\n".join(lines)
-                    + "\n\n" + "\n".join(notes) + "\n")
+                    + "\n\n" + "\n".join("- " + n for n in notes) + "\n")
+  atomic.write_text(Path(results_dir) / f"{name}.modes.html",
+                    comparison_html(name, found, cats, notes))
   return out
+
+
+def _references_note(res: dict) -> str:
+  ev = res.get("identity", {}).get("eval", {})
+  if ev.get("references_dir"):
+    return f", {ev.get('references')} references per category from {ev['references_dir']}"
+  return f", {ev.get('references')} references per category left out of the metrics"
+
+
+def comparison_html(name: str, found: dict[str, dict], cats: list[str],
+                    notes: list[str]) -> str:
+  """`<name>.modes.html`: one table, a row per category, per mode a group of
+  columns (image AUROC, pixel AUROC, AUPRO), with the report's styling."""
+  import html as html_lib
+  from adjax.report import html as report_html
+  esc = html_lib.escape
+  top = "".join(f'<th colspan="{len(COMPARED)}">{esc(mode)}</th>' for mode in found)
+  sub = "".join(f"<th>{esc(short)}</th>" for _ in found for _, short in COMPARED)
+  rows = []
+  for cat in cats:
+    cells = []
+    for mode, res in found.items():
+      row = res[tables.MEAN] if cat == tables.MEAN else res["categories"].get(cat, {})
+      cells += [f'<td data-mode="{esc(mode)}" data-metric="{key}">'
+                f"{report_html._pct(row.get(key))}</td>" for key, _ in COMPARED]
+    rows.append(f'<tr data-category="{esc(cat)}"><td>{esc(cat)}</td>{"".join(cells)}</tr>')
+  table = (f'<table class="modes"><tr><th rowspan="2">category</th>{top}</tr>'
+           f'<tr>{sub}</tr>{"".join(rows)}</table>')
+  listed = "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
+  return report_html._page(f"{name}: scoring modes side by side", [table, listed])
 
 
 def _as_str(x) -> str:

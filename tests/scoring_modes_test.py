@@ -197,3 +197,160 @@ def test_predict_few_shot_and_batch_without_a_head(tmp_path):
   assert len(out["scores"]) == len(scores)
   with pytest.raises(UserErrorTypes, match="needs at least 5"):
     experiment.run(config(scoring="batch", input=str(refs)), str(tmp_path / "small"))
+
+
+def _image_folder(folder: Path, n: int) -> list[Path]:
+  from PIL import Image
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i in range(n):
+    paths.append(folder / f"{i:03d}.png")
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(paths[-1])
+  return paths
+
+
+def test_references_dir_is_refused_before_work(tmp_path):
+  cfg = demo_config()
+  cfg.mode = "evaluate"
+  cfg.eval.scoring = "few_shot"
+  cfg.eval.references_dir = str(tmp_path / "absent")
+  assert [p for p in config_check.problems(cfg)
+          if p.startswith(f"eval.references_dir={str(tmp_path / 'absent')!r}: not a folder")]
+  cfg.eval.scoring = "batch"
+  cfg.eval.references_dir = str(tmp_path)
+  assert [p for p in config_check.problems(cfg)
+          if p.startswith("eval.references_dir is set but eval.scoring='batch'")]
+
+  refs = tmp_path / "refs"
+  _image_folder(refs / "a", 2)
+  (refs / "a" / "broken.png").write_bytes(b"not an image")
+  cfg.eval.scoring = "zero_shot+few_shot"
+  cfg.eval.references_dir = str(refs)
+  cfg.eval.references = 3
+  handle = _handle({"a": (1, 3), "b": (1, 3)})   # too few good images of its own: no matter
+  assert scoring_modes.problems(cfg, handle) == [
+      f"eval.references_dir={str(refs)!r} has no subfolder for b (expected one per "
+      "category, named as it)",
+      f"eval.references=3 needs at least 3 readable images in each subfolder of "
+      f"eval.references_dir={str(refs)!r}; fewer in a (2)"]
+  _image_folder(refs / "b", 5)
+  cfg.eval.references = 2
+  assert scoring_modes.problems(cfg, handle) == []
+  found, _ = scoring_modes.folder_references(str(refs), ["a", "b"], 2)
+  assert found == {"a": [str(refs / "a" / "000.png"), str(refs / "a" / "001.png")],
+                   "b": [str(refs / "b" / "000.png"), str(refs / "b" / "001.png")]}
+
+
+def test_an_outside_bank_scores_every_image():
+  """With a bank from eval.references_dir no image is left out, and the maps
+  are each image's against the bank."""
+  from adjax import neighbors
+  rng = np.random.default_rng(0)
+  l, n, k, h, w, d = 2, 5, 3, 4, 4, 8
+  got = {"tokens": rng.normal(size=(l, n, h * w, d)).astype(np.float32),
+         "index": np.arange(10, 10 + n), "label": np.array([0, 0, 1, 1, 1]),
+         "mask": np.zeros((n, 8, 8), np.float32), "has_mask": np.ones(n, bool),
+         "glob": np.zeros((n, d), np.float32)}
+  bank = rng.normal(size=(l, k, h * w, d)).astype(np.float32)
+  fake = types.SimpleNamespace(
+      model=types.SimpleNamespace(grid=(h, w), out_hw=(8, 8)), kind="few_shot",
+      with_head=False, mesh=types.SimpleNamespace(shape={"data": 1}),
+      cfg=types.SimpleNamespace(eval=types.SimpleNamespace(r_list=(1, 3))))
+  fake._neighbour_maps = types.MethodType(scoring_modes.NeighbourScorer._neighbour_maps, fake)
+  rows = scoring_modes.NeighbourScorer._score_category(fake, got, np.zeros(0, int), bank)
+  np.testing.assert_array_equal(rows["index"], got["index"])
+  want = neighbors.reference_maps(got["tokens"].reshape(l, n, h, w, d),
+                                  bank.reshape(l, k, h, w, d), (1, 3))
+  want = scoring_modes.upsample(np.asarray(want), (8, 8))
+  np.testing.assert_allclose(rows["map"], want, rtol=1e-6)
+  np.testing.assert_allclose(rows["score"], want.reshape(n, -1).max(-1), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_few_shot_with_a_references_dir(tmp_path, monkeypatch):
+  """few_shot on the demo's family_b against normal images of another draw of
+  the generator (seed 1): the identity lists them and the metrics count every
+  test image."""
+  import shutil
+  from adjax import evaluate, experiment
+  from adjax.data import synthetic
+  synthetic.generate(tmp_path / "gen", image_size=256, per_category=10, seed=1,
+                     families=["b"])
+  refs = tmp_path / "refs"
+  want = {}
+  for cat in sorted((tmp_path / "gen" / "family_b").iterdir()):
+    (refs / cat.name).mkdir(parents=True)
+    for p in sorted((cat / "test" / "good").glob("*.png")):
+      shutil.copy(p, refs / cat.name / p.name)
+    want[cat.name] = [str(p) for p in sorted((refs / cat.name).glob("*.png"))[:4]]
+
+  counted = []
+  consume = evaluate.MetricsConsumer.consume
+
+  def counting(self, rows):
+    counted.append(int(np.sum(rows["valid"])))
+    return consume(self, rows)
+
+  monkeypatch.setattr(evaluate.MetricsConsumer, "consume", counting)
+  monkeypatch.chdir(ROOT)
+  cfg = demo_config()
+  cfg.mode = "evaluate"
+  cfg.eval.scoring = "few_shot"
+  cfg.eval.references_dir = str(refs)
+  cfg.text.random_init = False
+  cfg.text.checkpoint = "/nonexistent/text"
+  experiment.run(cfg, str(tmp_path / "work"))
+  results = json.loads((tmp_path / "work" / "results" / "family_b.few_shot.json").read_text())
+  ident = results["identity"]
+  assert ident["references"] == want
+  assert ident["eval"]["references_dir"] == str(refs)
+  assert sum(counted) == ident["data"]["examples"] == 120
+  assert sorted(results["categories"]) == sorted(want)
+  assert results["mean"]["pixel_auroc"] >= FEW_SHOT_PIXEL_FLOOR, results["mean"]
+
+
+def test_comparison_html_has_the_numbers_of_each_mode(tmp_path):
+  from html.parser import HTMLParser
+  from adjax.report import tables
+  per_mode = {
+      "zero_shot": {"a": {"image_auroc": 0.5, "pixel_auroc": 0.6, "pixel_aupro": 0.3},
+                    "b": {"image_auroc": 0.71234, "pixel_auroc": 0.9, "pixel_aupro": 0.4}},
+      "few_shot": {"a": {"image_auroc": 0.8, "pixel_auroc": 0.95, "pixel_aupro": None},
+                   "b": {"image_auroc": 0.6, "pixel_auroc": 0.876, "pixel_aupro": 0.55}}}
+  for mode, res in per_mode.items():
+    stem = "target" if mode == "zero_shot" else f"target.{mode}"
+    tables.write_reports(res, tmp_path, stem, {"eval": {"scoring": mode, "references": 4}})
+  scoring_modes.write_comparison(tmp_path, "target")
+
+  class Cells(HTMLParser):
+    def __init__(self):
+      super().__init__()
+      self.cells, self.at = {}, None
+
+    def handle_starttag(self, tag, attrs):
+      a = dict(attrs)
+      if tag == "tr" and "data-category" in a:
+        self.cat = a["data-category"]
+      self.at = (self.cat, a["data-mode"], a["data-metric"]) if "data-mode" in a else None
+
+    def handle_data(self, data):
+      if self.at:
+        self.cells[self.at] = data
+        self.at = None
+
+  page = Cells()
+  page.feed((tmp_path / "target.modes.html").read_text())
+  checked = 0
+  for mode in per_mode:
+    stem = "target" if mode == "zero_shot" else f"target.{mode}"
+    saved = json.loads((tmp_path / f"{stem}.json").read_text())
+    for cat in ("a", "b", tables.MEAN):
+      row = saved[tables.MEAN] if cat == tables.MEAN else saved["categories"][cat]
+      for key, _ in scoring_modes.COMPARED:
+        text = page.cells[(cat, mode, key)]
+        if row.get(key) is None:
+          assert text == "n/a"
+        else:
+          assert abs(float(text) - 100 * row[key]) <= 0.05 + 1e-9, (cat, mode, key, text)
+        checked += 1
+  assert checked == 2 * 3 * 3 and len(page.cells) == checked

@@ -89,6 +89,13 @@ def problems(cfg, *, device_count: int | None = None,
   _enum(out, "eval.scoring", cfg.eval.scoring, scoring_modes.SCORINGS)
   _enum(out, "eval.combine", cfg.eval.combine, scoring_modes.COMBINES)
   _at_least(out, "eval.references", cfg.eval.references, 1)
+  refs_dir = str(cfg.eval.references_dir)
+  if refs_dir and scoring_modes.neighbour_kind(cfg.eval.scoring) != "few_shot":
+    out.append(f"eval.references_dir is set but eval.scoring={cfg.eval.scoring!r}; set "
+               "eval.scoring=few_shot (or zero_shot+few_shot) to score against it")
+  elif refs_dir and not Path(refs_dir).is_dir():
+    out.append(f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
+               "of normal images per category)")
   r_list = tuple(cfg.eval.r_list)
   if not r_list or any(not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
     out.append(f"eval.r_list={r_list!r}: expected odd neighbourhood sizes >= 1, e.g. (1, 3, 5)")

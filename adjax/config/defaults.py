@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   # few_shot and batch need neither a trained head nor the text tower.
   c.eval.scoring = "zero_shot"      # zero_shot | few_shot | batch | zero_shot+few_shot | zero_shot+batch
   c.eval.references = 4             # few_shot: normal reference images per category (left out of the metrics)
+  c.eval.references_dir = ""        # few_shot: folder with a subfolder per category of normal images; the first eval.references (by path) are the bank and no test image is left out
   c.eval.r_list = (1, 3, 5)         # neighbour modes: LNAMD neighbourhood sizes (odd), maps averaged over them
   c.eval.rscin_k = (1, 2, 3)        # batch: RsCIN k_list refining image scores ((1, 8, 9) for VisA in MuSc)
   c.eval.combine = "zscore"         # zero_shot+...: each map normalised over its category (zscore | minmax), then averaged
