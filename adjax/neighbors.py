@@ -208,6 +208,20 @@ def _score_layer(zq, nq, zk, nk, kind, lo, hi, query_block, key_block, precision
 
 
 # ---- the scoring functions ------------------------------------------------
+def _mean_over_layers_then_r(layer_scores, num_layers: int, r_list, shape) -> np.ndarray:
+  """MuSc's aggregation: `layer_scores(l, r)` -> [N, P] averaged over the layers,
+  then over r (in float64), as float32 maps of `shape` [N, h, w]. One layer's
+  features are alive at a time."""
+  n, h, w = shape
+  total = np.zeros((n, h * w), np.float64)
+  for r in r_list:
+    per_r = np.zeros((n, h * w), np.float64)
+    for l in range(num_layers):
+      per_r += layer_scores(l, r)
+    total += per_r / num_layers
+  return (total / len(r_list)).reshape(n, h, w).astype(np.float32)
+
+
 def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
                 query_block: int | None = None, key_block: int | None = None,
                 token_block: int = 32,
@@ -233,16 +247,12 @@ def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
   query_block, key_block = block_sizes(h * w, query_block, key_block)
   query_block = min(query_block, n)
   rep = None if mesh is None else NamedSharding(mesh, P())
-  total = np.zeros((n, h * w), np.float64)
-  for r in r_list:
-    per_r = np.zeros((n, h * w), np.float64)
-    for l in range(len(layers)):
-      z = _features(layers[l], r, token_block, rep, key_block)
-      per_r += _score_layer(z, n, z, n, "mutual", lo, hi, query_block, key_block,
-                            precision, mesh, same=True)
-      del z
-    total += per_r / len(layers)
-  return (total / len(r_list)).reshape(n, h, w).astype(np.float32)
+
+  def layer_scores(l, r):
+    z = _features(layers[l], r, token_block, rep, key_block)
+    return _score_layer(z, n, z, n, "mutual", lo, hi, query_block, key_block,
+                        precision, mesh, same=True)
+  return _mean_over_layers_then_r(layer_scores, len(layers), r_list, (n, h, w))
 
 
 def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
@@ -268,16 +278,13 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
   query_block, key_block = block_sizes(h * w, query_block, key_block)
   query_block = min(query_block, n)
   rep = None if mesh is None else NamedSharding(mesh, P())
-  total = np.zeros((n, h * w), np.float64)
-  for r in r_list:
-    per_r = np.zeros((n, h * w), np.float64)
-    for l in range(len(layers)):
-      z = _features(layers[l], r, token_block, rep)
-      bank = _features(refs[l], r, token_block, rep, key_block)
-      per_r += _score_layer(z, n, bank, m, "reference", 0, 1, query_block, key_block,
-                            precision, mesh, same=False)
-    total += per_r / len(layers)
-  return (total / len(r_list)).reshape(n, h, w).astype(np.float32)
+
+  def layer_scores(l, r):
+    z = _features(layers[l], r, token_block, rep)
+    bank = _features(refs[l], r, token_block, rep, key_block)
+    return _score_layer(z, n, bank, m, "reference", 0, 1, query_block, key_block,
+                        precision, mesh, same=False)
+  return _mean_over_layers_then_r(layer_scores, len(layers), r_list, (n, h, w))
 
 
 def refine_scores(scores, global_tokens, k_list=(1, 2, 3)) -> np.ndarray:
