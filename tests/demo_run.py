@@ -20,24 +20,38 @@ def demo_config():
   return module.get_config()
 
 
+def small_config(data_root, tmp_dir, **overrides):
+  c = demo_config()
+  c.data.demo.root = ""
+  c.data.train = str(data_root / "family_a")
+  c.data.targets = str(data_root / "family_b")
+  c.data.data_dir = str(tmp_dir / "tfds")
+  c.text.cache_dir = str(tmp_dir / "text_cache")
+  c.image_size = 64
+  c.batch_size = 8             # the test process has 8 (fake) devices
+  c.epochs = 2
+  c.checkpoint_every_steps = 4
+  c.eval.batch_size = 8
+  c.eval.heatmaps_per_category = 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
 def train(tmp: Path) -> tuple[object, Path, Path]:
   """(config, workdir, data root): trains and evaluates a tiny demo run in `tmp`."""
   from adjax import experiment
   from adjax.data import synthetic
   data = tmp / "gen"
   synthetic.generate(data, image_size=64, per_category=4, seed=1)
-  c = demo_config()
-  c.data.demo.root = ""
-  c.data.train = str(data / "family_a")
-  c.data.targets = str(data / "family_b")
-  c.data.data_dir = str(tmp / "tfds")
-  c.text.cache_dir = str(tmp / "text_cache")
-  c.image_size = 64
-  c.batch_size = 8
-  c.epochs = 1
-  c.optimizer.learning_rate = 1e-5   # a few small steps: maps stay far from 0 and 1
-  c.eval.batch_size = 8
-  c.eval.heatmaps_per_category = 0
+  c = small_config(data, tmp, **{
+      "epochs": 1, "checkpoint_every_steps": 100, "eval.heatmaps_per_category": 0,
+      # a few small steps: maps stay far from 0 and 1
+      "optimizer.learning_rate": 1e-5})
   with contextlib.redirect_stdout(io.StringIO()):
     experiment.run(c, str(tmp / "work"))
   return c, tmp / "work", data

@@ -27,6 +27,7 @@ from adjax import experiment
 from adjax.config import check as config_check
 from adjax.data import synthetic
 from adjax.workdir import THRESHOLDS_FILE
+from demo_run import demo_config, small_config  # noqa: F401  (also used by other test files)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,40 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def demo_config():
-  spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
   root = tmp_path_factory.mktemp("gen")
   synthetic.generate(root, image_size=64, per_category=6, seed=1)
   return root
-
-
-def small_config(data_root, tmp_dir, **overrides):
-  c = demo_config()
-  c.data.demo.root = ""
-  c.data.train = str(data_root / "family_a")
-  c.data.targets = str(data_root / "family_b")
-  c.data.data_dir = str(tmp_dir / "tfds")
-  c.text.cache_dir = str(tmp_dir / "text_cache")
-  c.image_size = 64
-  c.batch_size = 8             # the test process has 8 (fake) devices
-  c.epochs = 2
-  c.checkpoint_every_steps = 4
-  c.eval.batch_size = 8
-  c.eval.heatmaps_per_category = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def _overrides_flags(c, keys):
