@@ -161,8 +161,6 @@ def test_text_exact_gelu_reaches_text_tower(clip_checkpoint, tmp_path):
                           "text.cache_dir": str(tmp_path / "text_cache")})
     embedders[quirks] = towers.build_text(cfg, tmp_path / "work")
     tables[quirks] = embedders[quirks](["bottle"])[0]
-  assert embedders[True].model.config.activation == "gelu"
-  assert embedders[False].model.config.activation == "quick_gelu"
   tok = embedders[True].tokenizer
   ref_gelu = _torch_table(hf, "gelu", tok, "bottle")         # exact erf GELU
   ref_quick = _torch_table(hf, "quick_gelu", tok, "bottle")
@@ -172,6 +170,8 @@ def test_text_exact_gelu_reaches_text_tower(clip_checkpoint, tmp_path):
   # The two activations give different embeddings (measured max difference 2.2e-3).
   assert np.abs(ref_gelu - ref_quick).max() > 1e-3
   assert np.abs(tables[True] - tables[False]).max() > 1e-3
+  assert embedders[True].model.config.activation == "gelu"
+  assert embedders[False].model.config.activation == "quick_gelu"
   # One cache file per setting; read back from disk, each keeps its own values.
   assert len(list((tmp_path / "text_cache").glob("*.npy"))) == 2
   prompts.clear_memory_cache()
@@ -305,10 +305,10 @@ def test_first_update_lr_zero_reaches_training_optimizer():
   # leaves the parameters bit-identical (weight decay is scaled by lr too); the
   # second uses base / warmup.
   _, params, grads, first, second, schedule = results[True]
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(1)) == pytest.approx(base / warmup, rel=1e-6)
   for p, f in zip(np_tree(params), np_tree(first)):
     np.testing.assert_array_equal(f, p)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(1)) == pytest.approx(base / warmup, rel=1e-6)
   for p, g, s in zip(np_tree(params), np_tree(grads), np_tree(second)):
     assert np.all(s != p)
     np.testing.assert_allclose(s, adamw_step(p, g, base / warmup), rtol=0, atol=3e-8)
