@@ -8,6 +8,13 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# A shell running the suite in the background starts it with Ctrl-C ignored,
+# and its children (the interruption tests') would inherit that and never see
+# the SIGINT they are sent: give the children Ctrl-C back.
+import signal  # noqa: E402
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

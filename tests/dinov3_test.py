@@ -1,6 +1,7 @@
 """DINOv3 model: the variant table, random init, RoPE tables, bench counts (the
 shared layers and checks: vit_test.py)."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -79,11 +80,38 @@ def test_bench_cached_step_flops():
   assert train_bench.cached_step_flops(cfg, 512, 4) > 1.9 * flops
 
 
-def test_bench_torch_reference_taps_blocks():
-  """The --versus torch side returns the same blocks and shapes as ours."""
+def test_bench_torch_reference_taps_blocks(tmp_path):
+  """The --versus torch side returns the same blocks as ours: block k's normed
+  output equals the final output of the same weights cut after block k + 1,
+  and our converted model's `get_intermediate_layers` (max abs error measured
+  1.9e-6; limit 1e-5).
+
+  Fails if the PyTorch side taps the wrong block (hidden_states is offset by
+  the embeddings) or leaves out the final norm, so that the benchmark would
+  time another computation than ours.
+  """
   pytest.importorskip("torch")
-  pytest.importorskip("transformers")
+  transformers = pytest.importorskip("transformers")
+  import torch
   from adjax.bench import backbone
+  from converters import dinov3 as convert_dinov3
   forward = backbone.torch_backbone(TINY, [3, 1], threads=1)
-  outs = forward(np.zeros((1, 32, 48, 3), np.float32))
-  assert [tuple(o.shape) for o in outs] == [(1, 5 + 6, 64)] * 2
+  images = np.random.default_rng(0).standard_normal((2, 32, 48, 3)).astype(np.float32)
+  outs = [o.numpy() for o in forward(images)]
+  assert [o.shape for o in outs] == [(2, 5 + 6, 64)] * 2
+  model = forward.model
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  for out, depth in zip(outs, (4, 2)):
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = depth
+    cut = transformers.DINOv3ViTModel(config).eval()
+    missing, _ = cut.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    with torch.no_grad():
+      want = cut(x).last_hidden_state.numpy()
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-6)
+  model.save_pretrained(tmp_path / "hf")
+  assert convert_dinov3.main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "ours")]) == 0
+  ours = dinov3.load(tmp_path / "ours").get_intermediate_layers(images, [3, 1])
+  for a, b in zip(ours, outs):
+    assert np.max(np.abs(np.asarray(a) - b)) <= 1e-5

@@ -166,15 +166,80 @@ def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path, capfd)
   amap, score = sess.run(None, {"images": _inputs(1)[0], "object_index": np.array([7], np.int32)})
   assert np.isnan(score).all() and np.isnan(amap).all()
 
-  (tmp_path / "snippet.py").write_text(ORT_SNIPPET)
   Image.fromarray(_inputs(1)[0][0]).resize((50, 40)).save(tmp_path / "photo.png")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  done = subprocess.run([sys.executable, "snippet.py", "model.onnx", "photo.png", "heat.png"],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-  assert done.returncode == 0, done.stderr
+  done = _run_snippet(tmp_path, "model.onnx", "photo.png")
   assert "Removing initializer" not in done.stderr, done.stderr[:500]
   assert Image.open(tmp_path / "heat.png").size == (SIZE, SIZE)
-  assert "bottle: image score" in done.stdout
+  # The snippet's score is the model's on the image as predict reads it.
+  image = data_images.load_for_prediction(str(tmp_path / "photo.png"), SIZE)["image"]
+  want = float(jax.jit(exportable.fn)(image[None], np.zeros(1, np.int32))["image_score"][0])
+  assert _snippet_score(done) == pytest.approx(want, abs=TOL + 5e-5)   # printed to 4 places
+
+
+def _run_snippet(folder: Path, model: str, image: str) -> subprocess.CompletedProcess:
+  """README's onnxruntime snippet, as a user runs it, in `folder`."""
+  (folder / "snippet.py").write_text(ORT_SNIPPET)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "snippet.py", model, image, "heat.png"],
+                        cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  return done
+
+
+def _snippet_score(done: subprocess.CompletedProcess) -> float:
+  return float(re.search(r": image score (-?[0-9.]+),", done.stdout).group(1))
+
+
+def _pixel_probe_onnx(path: Path, size: int, names: list[str]) -> np.ndarray:
+  """A stand-in ONNX file with the exported model's inputs, outputs and
+  metadata whose image score is a fixed random linear function of every input
+  pixel and channel: any change in what the pixels are (channel order,
+  resampling, orientation) changes it. Returns the weights [size, size, 3]."""
+  onnx = pytest.importorskip("onnx")
+  from onnx import TensorProto, helper, numpy_helper
+  w = np.random.default_rng(5).normal(size=(1, size, size, 3)).astype(np.float32) / 300
+  graph = helper.make_graph(
+      [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+       helper.make_node("Mul", ["x", "w"], ["xw"]),
+       helper.make_node("ReduceSum", ["xw", "ax3"], ["anomaly_map"], keepdims=0),
+       helper.make_node("ReduceSum", ["anomaly_map", "ax12"], ["image_score"], keepdims=0)],
+      "probe",
+      [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", size, size, 3]),
+       helper.make_tensor_value_info("object_index", TensorProto.INT32, ["N"])],
+      [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["N", size, size]),
+       helper.make_tensor_value_info("image_score", TensorProto.FLOAT, ["N"])],
+      [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([3]), "ax3"),
+       numpy_helper.from_array(np.array([1, 2]), "ax12")])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+  model.ir_version = 8
+  helper.set_model_props(model, {"image_size": json.dumps(size),
+                                 "object_names": json.dumps(names)})
+  onnx.save(model, str(path))
+  return w[0]
+
+
+def test_readme_snippet_feeds_what_predict_feeds(tmp_path):
+  """The README's onnxruntime snippet gives the ONNX file the pixels predict
+  gives the model: RGB order, PIL bilinear resize, EXIF orientation applied.
+
+  Fails if the snippet feeds BGR, resizes with another filter (nearest), or
+  ignores a photo's EXIF orientation (a portrait phone photo stored landscape).
+  """
+  pytest.importorskip("onnxruntime")
+  w = _pixel_probe_onnx(tmp_path / "probe.onnx", SIZE, ["bottle"])
+  rng = np.random.default_rng(2)
+  pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "photo.png")
+  exif = Image.Exif()
+  exif[0x0112] = 6                 # stored landscape, seen rotated by 90 degrees
+  Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+  for name in ("photo.png", "phone.jpg"):
+    done = _run_snippet(tmp_path, "probe.onnx", name)
+    fed = data_images.load_for_prediction(str(tmp_path / name), SIZE)["image"]
+    want = float(np.sum(fed.astype(np.float64) * w))
+    # Printed to 4 decimal places; the float32 sum's rounding is far below that.
+    assert _snippet_score(done) == pytest.approx(want, abs=1e-4), name
+    assert Image.open(tmp_path / "heat.png").size == (SIZE, SIZE)
 
 
 def test_decision_output_from_thresholds_json(run_dir, exportable, tmp_path):

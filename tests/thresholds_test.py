@@ -61,6 +61,37 @@ def test_f1_optimal_exact_ties_go_to_the_highest_threshold():
     assert got.threshold == best[1] and got.f1 == float(best[0])
 
 
+def test_pixel_f1_ties_go_to_the_highest_threshold_across_blocks():
+  """The evaluation's pixel threshold sweeps anomalous pixels in blocks; an
+  equal F1 in a later (lower-scoring) block keeps the earlier, higher threshold.
+
+  Fails if an F1 tie in a later block replaces the threshold (`>=` for `>`
+  between blocks), or if argmax within a block takes the last maximum.
+  """
+  from fractions import Fraction
+  rng = np.random.default_rng(12)
+  ties = 0
+  for _ in range(200):
+    masks = rng.random((2, 2, 3)) < 0.3
+    masks[1, 0, 0] = True
+    maps = np.round(rng.normal(size=masks.shape) + masks).astype(np.float32)
+    flat, truth = maps.ravel().astype(np.float64), masks.ravel()
+    f1s = {}
+    for t in sorted(set(flat.tolist()), reverse=True):
+      tp = int(np.sum((flat >= t) & truth))
+      f1s[t] = Fraction(2 * tp, int(np.sum(flat >= t)) + int(truth.sum()))
+    best = max(f1s.values())
+    want = max(t for t, f in f1s.items() if f == best)
+    ties += sum(f == best for f in f1s.values()) > 1
+    for block_size in (1, 2, 3, 1 << 20):
+      acc = metrics.MetricAccumulator(block_size=block_size)
+      acc.update(maps.reshape(2, -1).max(1), masks.any((1, 2)), maps, masks)
+      got = acc.result(details=True)
+      assert np.float32(got["pixel_threshold"]) == np.float32(want), block_size
+      assert got["pixel_f1max"] == pytest.approx(float(best), abs=1e-12)
+  assert ties >= 10         # the draws do exercise the rule
+
+
 def test_f1_optimal_refuses_bad_input():
   with pytest.raises(ValueError, match="at least one anomalous"):
     metrics.f1_optimal([0.1, 0.2], [0, 0])

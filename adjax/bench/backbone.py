@@ -104,7 +104,8 @@ def import_torch():
 def torch_backbone(config: dinov3.DinoV3Config, layers, threads: int):
   """transformers' DINOv3ViTModel of `config` (random weights), truncated after
   the deepest of `layers`; returns f(images [B, H, W, 3] numpy) -> list of
-  normed block outputs, the PyTorch counterpart of `get_intermediate_layers`."""
+  normed block outputs, the PyTorch counterpart of `get_intermediate_layers`
+  (the model itself is `f.model`)."""
   torch, transformers = import_torch()
   torch.set_num_threads(threads)
   depth = max(layers) + 1
@@ -123,6 +124,7 @@ def torch_backbone(config: dinov3.DinoV3Config, layers, threads: int):
       hidden = model(x, output_hidden_states=True).hidden_states
       return [model.norm(hidden[i + 1]) for i in layers]
 
+  forward.model = model       # the random weights, for tests to compare against
   return forward
 
 

@@ -113,8 +113,10 @@ def preprocess_mask(img: Image.Image, size: int, *, threshold: float = 0.5,
   Default: non-zero pixels become 255 (so data sets storing small label
   values, like VisA, behave like 0/255 masks), PIL bilinear resize, /255,
   `> threshold`. `strict_zero` is the release's VisA quirk: the raw mask is
-  resized and thresholded at `> 0`, which grows each region by the resize
-  kernel's footprint.
+  resized and thresholded at `> 0`, which grows a region by the resize
+  kernel's footprint where the resized raw values stay above 0 (with VisA's
+  label value 1, PIL's 8-bit rounding between its two passes leaves that to
+  a pixel or a few per region; `tests/quirks_test.py` measures it).
   """
   img = mask_to_l(img)
   if not strict_zero:
