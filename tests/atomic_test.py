@@ -117,7 +117,8 @@ import sys, time
 from adjax.common import atomic
 with atomic.atomic_file(sys.argv[1]) as f:
   print("READY", flush=True)
-  time.sleep(60)
+  for _ in range(1200):   # short sleeps: a signal taken by another thread runs its handler here
+    time.sleep(0.05)
 """
 
 

@@ -150,7 +150,7 @@ def test_ctrl_c_in_predict_says_what_fits(home, tmp_path):
       def paused(*a, **k):
         print("READY", flush=True)
         while True:
-          time.sleep(3600)
+          time.sleep(0.05)   # short: a signal taken by another thread runs its handler here
       predict._predict_into = paused
       sys.argv = ["adjax.main"] + sys.argv[1:]
       runpy.run_module("adjax.main", run_name="__main__", alter_sys=True)
