@@ -128,6 +128,7 @@ def test_error_text_has_no_object_reprs():
   assert "object at 0x" not in text and text.startswith("UnidentifiedImageError")
 
 
+@pytest.mark.slow      # a whole `adjax.main` predict run in a child process
 def test_ctrl_c_in_predict_says_what_fits(home, tmp_path):
   """Ctrl-C during predict: exit 130, a message about predictions (not about
   resuming from a checkpoint), and the previous predictions left as they were."""
