@@ -66,7 +66,7 @@ from PIL import Image
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_TIMEOUT = 10.0            # seconds one read may wait
-DEFAULT_MAX_CONNECTIONS = 64      # connections served at once (one thread each)
+DEFAULT_MAX_CONNECTIONS = 128     # connections served at once (one thread each)
 DEFAULT_MAX_IMAGES = 200          # images of one folder or set
 _DRAIN_LIMIT = 64 * 1024 * 1024   # a larger refused body is not read: the connection closes
 _MAX_PATH = 4096
@@ -210,7 +210,9 @@ class App:
     for i in range(len(pred)):
       png, lo, hi = heatmap_png(pred.maps[i])
       image_t, pixel_t = pred.thresholds[i]
-      assert shown[i].shape[:2] == pred.maps[i].shape, "the image and its map differ"
+      if shown[i].shape[:2] != pred.maps[i].shape:    # never draw a map on another image
+        raise RuntimeError(f"the scored image is {shown[i].shape[:2]}, its map "
+                           f"{pred.maps[i].shape}")
       out.append({
           "score": float(pred.scores[i]),
           "decision": None if pred.decisions is None else bool(pred.decisions[i]),
@@ -668,8 +670,9 @@ def _multipart_parts(content_type: str, body: bytes) -> list[tuple[str, str, byt
 
 
 class Server(ThreadingHTTPServer):
-  """Threads bounded by a semaphore: over `max_connections` a connection is
-  answered 503 at once and closed, so stalled clients cannot exhaust threads."""
+  """Threads bounded by a semaphore: with `max_connections` open, a new one
+  waits up to a second for a free slot (the rest wait in the listen backlog),
+  then is answered 503 and closed, so stalled clients cannot exhaust threads."""
 
   daemon_threads = True
   request_queue_size = 128
@@ -683,7 +686,7 @@ class Server(ThreadingHTTPServer):
     super().__init__(address, handler_factory, bind_and_activate=bind)
 
   def process_request(self, request, client_address):
-    if not self.slots.acquire(blocking=False):
+    if not self.slots.acquire(timeout=1.0):
       body = json.dumps({"error": f"the server is busy ({self.max_connections} "
                          "connections open; --max-connections): try again"}).encode()
       try:
@@ -691,6 +694,9 @@ class Server(ThreadingHTTPServer):
         request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
                         b"application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        request.shutdown(socket.SHUT_WR)
+        request.setblocking(False)      # what the client sent already: read, so
+        request.recv(1 << 16)           # closing does not reset the answer away
       except OSError:
         pass
       self.log(f"{client_address[0]} -> 503: {self.max_connections} connections open")
