@@ -70,6 +70,7 @@ DEFAULT_MAX_CONNECTIONS = 128     # connections served at once (one thread each)
 DEFAULT_MAX_IMAGES = 200          # images of one folder or set
 _DRAIN_LIMIT = 64 * 1024 * 1024   # a larger refused body is not read: the connection closes
 _MAX_PATH = 4096
+MAX_PIXELS = 40_000_000           # an image over this is refused before it is decoded
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ROUTES = "GET /, GET /info, POST /predict, POST /predict_folder, POST /predict_set"
 
@@ -105,7 +106,14 @@ def decode_image(data: bytes, what: str = "the upload") -> Image.Image:
     raise Refusal(400, f"{what} is empty: send the image's bytes (or a multipart "
                   "field 'image')")
   try:
+    with Image.open(io.BytesIO(data)) as probe:     # the header only
+      w, h = probe.size
+    if w * h > MAX_PIXELS:
+      raise Refusal(413, f"{what} is {w} x {h} pixels, over the limit of {MAX_PIXELS} "
+                    "pixels: scale it down first")
     return data_images.decode(data)
+  except Refusal:
+    raise
   except Image.UnidentifiedImageError:
     raise Refusal(400, f"{what} is not an image (no image format recognised in its "
                   f"{len(data)} bytes)") from None
@@ -277,6 +285,9 @@ class App:
     for p, real in keep:
       try:
         with Image.open(real) as img:
+          if img.size[0] * img.size[1] > MAX_PIXELS:
+            raise ValueError(f"{img.size[0]} x {img.size[1]} pixels, over the limit of "
+                             f"{MAX_PIXELS} pixels")
           img.load()
         readable.append((p, real))
       except Exception as e:  # PIL raises many kinds; every one means unusable.

@@ -229,6 +229,15 @@ def test_max_bytes_is_inclusive(server, tiny):
   assert status == 413 and f"over the limit of {len(body)} bytes" in answer["error"]
 
 
+def test_too_many_pixels_are_refused_before_decoding(server, monkeypatch):
+  """An image over serve.MAX_PIXELS is a 413 from its header alone."""
+  monkeypatch.setattr(serve, "MAX_PIXELS", 24 * 28 - 1)
+  status, answer = call(f"{server.url}/predict?mode=few_shot", _png(_noise(8, 24, 28)))
+  assert status == 413 and "28 x 24 pixels, over the limit" in answer["error"], answer
+  monkeypatch.setattr(serve, "MAX_PIXELS", 24 * 28)
+  assert call(f"{server.url}/predict?mode=few_shot", _png(_noise(8, 24, 28)))[0] == 200
+
+
 def test_several_images_on_predict_are_refused(server, tiny):
   png = _png(_noise(8, 24, 28))
   body, ctype = _multipart([("mode", "few_shot"), ("image", png), ("image", png)])
