@@ -238,6 +238,20 @@ def test_too_many_pixels_are_refused_before_decoding(server, monkeypatch):
   assert call(f"{server.url}/predict?mode=few_shot", _png(_noise(8, 24, 28)))[0] == 200
 
 
+def test_few_shot_without_references_is_refused(tiny):
+  det, _ = tiny
+  refs, paths = det.references, det.reference_paths
+  det.references, det.reference_paths = None, []
+  running = Running(det)
+  try:
+    status, answer = call(f"{running.url}/predict?mode=few_shot", _png(_noise(8, 24, 28)))
+    assert status == 400 and "--references DIR" in answer["error"], answer
+    assert call(f"{running.url}/info")[1]["references"] == 0
+  finally:
+    det.references, det.reference_paths = refs, paths
+    running.close()
+
+
 def test_several_images_on_predict_are_refused(server, tiny):
   png = _png(_noise(8, 24, 28))
   body, ctype = _multipart([("mode", "few_shot"), ("image", png), ("image", png)])
