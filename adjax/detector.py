@@ -256,8 +256,8 @@ class Detector:
       loaded = data_images.load_for_prediction(path, self.image_size, keep_rgb=keep_rgb)
       h, w = (int(v) for v in loaded["orig_size"])
       return loaded["image"], (h, w), loaded["error"], loaded.get("rgb")
-    w, h = img.size
-    rgb = data_images.to_rgb(img) if keep_rgb else img
+    rgb = data_images.decode(img)     # as a file of it is read: EXIF orientation too
+    w, h = rgb.size
     return (data_images.preprocess_image(rgb, self.image_size), (h, w), "",
             np.asarray(rgb, np.uint8) if keep_rgb else None)
 

@@ -175,3 +175,136 @@ def test_folder_on_the_page_and_its_refusal(browser, detector, demo_workdir, tmp
       assert abs(got[path] - float(score)) <= 1e-6
   finally:
     running.close()
+
+
+# ---- what the page shows is what was scored --------------------------------
+# Jet as the page draws it (index.html's jet), for reading the map back from
+# the drawn overlay.
+_JX = [0, 0.125, 0.375, 0.625, 0.875, 1]
+_JC = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]])
+_JET = np.stack([255 * np.array([np.interp(v, _JX, _JC[:, k]) for k in range(3)])
+                 for v in np.arange(256) / 255.0])
+
+
+def _canvas(driver, name):
+  """The card's drawn canvas as uint8 [H, W, 4] (PNG from toDataURL)."""
+  url = driver.execute_script(
+      "const c = [...document.querySelectorAll('#results .card')].find("
+      "(c) => c.dataset.name === arguments[0]); return c.querySelector('canvas').toDataURL();",
+      name)
+  return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert(
+      "RGBA"))
+
+
+def _check_drawn(canvas, rgb, amap, what):
+  """The canvas holds the scored image on the left and, on the right, the map
+  blended over it at the same pixels: the image equals the scored one, and
+  the map read back from the overlay equals the Detector's, pixel for pixel."""
+  h, w = amap.shape
+  assert canvas.shape[:2] == (h, 2 * w + 2), (what, canvas.shape, amap.shape)
+  left = canvas[:, :w, :3].astype(int)
+  right = canvas[:, w + 2:, :3].astype(int)
+  assert int(np.abs(left - rgb.astype(int)).max()) <= 2, what
+  heat = np.clip(2 * right - left, 0, 255)
+  edge = (right == 255).all(-1)               # the mask outline, drawn white
+  gray = np.argmin(((heat[..., None, :] - _JET) ** 2).sum(-1), axis=-1)
+  want = np.rint((amap - amap.min()) / (amap.max() - amap.min()) * 255)
+  err = np.abs(gray - want)[~edge]
+  assert float(np.median(err)) <= 2 and float(np.mean(err)) <= 6, (what, err.mean())
+
+
+def _exif_jpeg(path, base):
+  """`base` (an upright image) stored turned, with EXIF orientation 6."""
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(base).transpose(Image.Transpose.ROTATE_90).save(
+      path, format="JPEG", quality=95, exif=exif.tobytes())
+
+
+def test_page_draws_what_was_scored(browser, detector, demo_workdir, tmp_path):
+  """An EXIF-rotated JPEG, a 16-bit PNG and a TIFF, uploaded and from a folder:
+  every card draws the server's decode, with the map over the same pixels as
+  Detector.predict's; two defect folders with one file name get two labels;
+  "clear" empties the page and the file input."""
+  from selenium.webdriver.common.by import By
+  data = demo_workdir[2] / "family_b" / "tile" / "test"
+  folder = tmp_path / "inputs"
+  for kind in ("hole", "scratch"):
+    (folder / kind).mkdir(parents=True)
+    (folder / kind / "000.png").write_bytes((data / kind / "000.png").read_bytes())
+  base = np.asarray(Image.open(data / "hole" / "000.png").convert("RGB").resize((48, 72)))
+  _exif_jpeg(folder / "turned.jpg", base)
+  gray16 = (np.asarray(Image.open(data / "scratch" / "000.png").convert("L"),
+                       np.uint16) * 257).astype(np.uint16)
+  Image.fromarray(gray16).save(folder / "deep16.png")
+  Image.open(data / "hole" / "000.png").convert("RGB").save(folder / "multi.tif")
+  uploads = [folder / "turned.jpg", folder / "deep16.png", folder / "multi.tif"]
+  want, rgb = {}, {}
+  for path in [*uploads, folder / "hole" / "000.png", folder / "scratch" / "000.png"]:
+    got = []
+    pred = detector.predict(str(path), object_name="tile", each=got.append)
+    want[path.name if path in uploads else str(path)] = pred.maps[0]
+    rgb[path.name if path in uploads else str(path)] = got[0].rgb
+  assert want["turned.jpg"].shape == (72, 48)       # upright
+  running = Running(detector, allow_dirs=[str(folder)])
+  try:
+    browser.get(running.url + "/")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute(
+        "data-ready") == "1", "the page to load")
+    name = browser.find_element(By.ID, "object-name")
+    name.clear()
+    name.send_keys("tile")
+    browser.find_element(By.ID, "files").send_keys("\n".join(map(str, uploads)))
+    _wait(browser, lambda d: len(_cards(d)) == 3, "three scored uploads (a TIFF too)")
+    for path in uploads:
+      _check_drawn(_canvas(browser, path.name), rgb[path.name], want[path.name], path.name)
+    browser.find_element(By.ID, "clear").click()
+    assert _cards(browser) == []
+    assert browser.execute_script("return document.getElementById('files').value") == ""
+    box = browser.find_element(By.ID, "folder")
+    box.send_keys(str(folder))
+    browser.find_element(By.ID, "folder-go").click()
+    _wait(browser, lambda d: len(_cards(d)) == 5, "the folder's five images")
+    labels = browser.execute_script(
+        "return [...document.querySelectorAll('#results .card')].map((c) => c.dataset.label);")
+    assert sorted(labels) == ["deep16.png", "hole/000.png", "multi.tif", "scratch/000.png",
+                              "turned.jpg"]
+    shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .card .name:not(.source)")]
+    assert "hole/000.png" in shown and "scratch/000.png" in shown
+    for kind in ("hole", "scratch"):
+      p = str(folder / kind / "000.png")
+      _check_drawn(_canvas(browser, p), rgb[p], want[p], p)
+    for name in ("turned.jpg", "deep16.png", "multi.tif"):   # the folder's decode too
+      p = str(folder / name)
+      _check_drawn(_canvas(browser, p), rgb[name], want[name], p)
+  finally:
+    running.close()
+
+
+def test_refused_files_get_a_card(browser, detector, demo_workdir, tmp_path):
+  """A file the server cannot decode gets a card with the reason, and the
+  other files of the same drop are still scored."""
+  from selenium.webdriver.common.by import By
+  bad = tmp_path / "broken.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  good = demo_workdir[2] / "family_b" / "tile" / "test" / "good" / "000.png"
+  running = Running(detector)
+  try:
+    browser.get(running.url + "/")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute(
+        "data-ready") == "1", "the page to load")
+    name = browser.find_element(By.ID, "object-name")
+    name.clear()
+    name.send_keys("tile")
+    browser.find_element(By.ID, "files").send_keys(f"{bad}\n{good}")
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == 2,
+          "a card per file")
+    errors = browser.execute_script(
+        "return [...document.querySelectorAll('#results .card.failed')].map("
+        "(c) => [c.dataset.label, c.dataset.error]);")
+    assert len(errors) == 1 and errors[0][0] == "broken.png"
+    assert "not an image" in errors[0][1]
+    assert [c["name"] for c in _cards(browser) if c["score"] is not None] == ["000.png"]
+    assert "1 not scored" in browser.find_element(By.ID, "status").text
+  finally:
+    running.close()

@@ -121,12 +121,18 @@ def test_folder_under_allow_dir(server, detector, demo_workdir):
   want = detector.predict(str(folder), object_name="tile")
   assert [a["path"] for a in out["results"]] == want.paths
   np.testing.assert_allclose([a["score"] for a in out["results"]], want.scores, atol=1e-6)
-  first = Image.open(io.BytesIO(base64.b64decode(out["results"][0]["image_b64"])))
-  assert first.size == Image.open(want.paths[0]).size
+  # Each answer carries the image that was scored, at its map's size.
+  for answer, p, amap in zip(out["results"], want.paths, want.maps):
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image_png"]))))
+    assert shown.shape[:2] == amap.shape
+    np.testing.assert_array_equal(shown, np.asarray(Image.open(p).convert("RGB")))
+    assert answer["relative"] == os.path.relpath(p, folder)
+  assert out["refused"] == [] and out["unreadable"] == []
 
 
 def test_refusals(server, demo_workdir, tmp_path):
   png = _png(_image(demo_workdir))
+  as_json = {"Content-Type": "application/json"}
   cases = {
       "not an image": (f"{server.url}/predict?object_name=tile", b"hello, not an image", {},
                        "POST", 400, "not an image"),
@@ -145,16 +151,19 @@ def test_refusals(server, demo_workdir, tmp_path):
       "batch of one upload": (f"{server.url}/predict?mode=batch", png, {}, "POST", 400,
                               "at least 5 to /predict_set"),
       "folder outside": (f"{server.url}/predict_folder", json.dumps(
-          {"folder": str(tmp_path), "object_name": "tile"}).encode(), {}, "POST", 403,
+          {"folder": str(tmp_path), "object_name": "tile"}).encode(), as_json, "POST", 403,
           "outside the allowed folders"),
       "dot-dot escape": (f"{server.url}/predict_folder", json.dumps(
           {"folder": str(demo_workdir[2] / "family_b" / ".." / "family_a"),
-           "object_name": "tile"}).encode(), {}, "POST", 403, "outside the allowed folders"),
+           "object_name": "tile"}).encode(), as_json, "POST", 403,
+          "outside the allowed folders"),
       "folder without name": (f"{server.url}/predict_folder", json.dumps(
-          {"folder": str(demo_workdir[2] / "family_b")}).encode(), {}, "POST", 400,
+          {"folder": str(demo_workdir[2] / "family_b")}).encode(), as_json, "POST", 400,
           "object_name is missing"),
-      "folder not JSON": (f"{server.url}/predict_folder", b"{", {}, "POST", 400,
+      "folder not JSON": (f"{server.url}/predict_folder", b"{", as_json, "POST", 400,
                           "not JSON"),
+      "folder as a form": (f"{server.url}/predict_folder", b"folder=x", {}, "POST", 415,
+                           "application/json"),
       "unknown POST route": (f"{server.url}/score", png, {}, "POST", 404, "unknown route"),
       "unknown GET route": (f"{server.url}/nope", None, {}, "GET", 404, "unknown route"),
   }
@@ -170,7 +179,8 @@ def test_folders_refused_without_allow_dir(detector, demo_workdir):
   running = Running(detector)
   try:
     status, answer = call(f"{running.url}/predict_folder", json.dumps(
-        {"folder": str(demo_workdir[2]), "object_name": "tile"}).encode())
+        {"folder": str(demo_workdir[2]), "object_name": "tile"}).encode(),
+        {"Content-Type": "application/json"})
     assert status == 403 and "--allow-dir" in answer["error"]
     status, info = call(f"{running.url}/info")
     assert status == 200 and info["folders_allowed"] is False
@@ -228,7 +238,8 @@ def test_page_is_served(server):
 
 def test_command_line(demo_workdir, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  done = subprocess.run([sys.executable, "-m", "adjax.serve", "--workdir", str(tmp_path)],
+  done = subprocess.run([sys.executable, "-m", "adjax.serve", "--workdir", str(tmp_path),
+                         "--port", "0"],
                         capture_output=True, text=True, env=env, timeout=120)
   assert done.returncode == 2 and done.stderr.startswith("error: ")
   assert "config.json" in done.stderr and "Traceback" not in done.stderr
@@ -255,6 +266,8 @@ def test_command_line(demo_workdir, tmp_path):
     status, info = call(f"http://127.0.0.1:{port}/info")
     assert status == 200 and info["image_size"] == 64
     assert info["references"] == len(list(refs.rglob("*.png"))) > 0
+    # The page's object name starts at the references' object (…/tile/test).
+    assert info["default_object_name"] == "tile"
   finally:
     proc.terminate()
     proc.wait(timeout=30)

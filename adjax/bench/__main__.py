@@ -15,6 +15,7 @@ BENCHMARKS = {
     "train": "train step",
     "heads": "evaluating N heads on one target, with and without the feature cache",
     "neighbors": "MuSc mutual scoring: images/s, GFLOP/s vs a matmul ceiling, peak memory",
+    "serve": "the inspection server under load: uploads answered, latency, threads, stalled connections",
 }
 
 

@@ -55,6 +55,25 @@ def upright(img: Image.Image) -> Image.Image:
   return img if turned is None else turned
 
 
+def decode(src: "bytes | str | os.PathLike | Image.Image") -> Image.Image:
+  """The one decode every entry point shares: a file's path, its bytes or an
+  opened PIL image -> the upright 8-bit RGB image that is scored and shown.
+
+  Fully decoded (truncated or unknown data raises), EXIF orientation applied
+  (`upright`), 16-bit and float images rescaled from their range (`to_rgb`).
+  The prediction reader, `Detector.predict` (paths and PIL images alike) and
+  the inspection server all call it, so what a page draws is the image the
+  map belongs to.
+  """
+  if isinstance(src, Image.Image):
+    src.load()
+    return to_rgb(upright(src))
+  with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
+    img.load()
+    out = to_rgb(upright(img))
+    return img.copy() if out is img else out   # nothing tied to the closed file
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
   """Converts any PIL mode to 8-bit RGB.
 
@@ -228,14 +247,11 @@ def load_for_prediction(path: str, size: int, keep_rgb: bool = False) -> dict:
   """
   rgb = None
   try:
-    with Image.open(path) as img:
-      img.load()
-      img = upright(img)
-      w, h = img.size
-      if keep_rgb:
-        img = to_rgb(img)
-        rgb = np.asarray(img, np.uint8)
-      image = preprocess_image(img, size)   # to_rgb of RGB is the image itself
+    img = decode(path)
+    w, h = img.size
+    if keep_rgb:
+      rgb = np.asarray(img, np.uint8)
+    image = preprocess_image(img, size)   # to_rgb of RGB is the image itself
     error = ""
   except Exception as e:
     image = np.zeros((size, size, 3), np.uint8)
