@@ -41,6 +41,7 @@ public pieces (backbone features, head, image score).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -160,7 +161,8 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   if deploy is not None:
     try:
       record = thresholds.read(deploy)
-      thresholds.check(record, image_score=cfg.eval.image_score, model=identity)
+      thresholds.check(record, image_score=cfg.eval.image_score, model=identity,
+                       head_step=step)
     except thresholds.ThresholdError as e:
       raise ExportError(f"{e} (or remove it to export without a decision output)") from None
   # Each object is decided with its own threshold, chosen by the rule predict
@@ -168,7 +170,8 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   if record is not None and not allow_new_objects:
     known = sorted({n for cats in record.get("details", {}).get("per_category", {}).values()
                     for n in cats})
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names
+               if thresholds.category_of(dict.fromkeys(known), n) is None]
     if known and unknown:
       raise ExportError(
           f"--object-names: {unknown} not among the categories of {record['_path']} "
@@ -403,6 +406,29 @@ def drop_unused_initializers(model) -> int:
   return clean(model.graph)[1]
 
 
+@contextlib.contextmanager
+def _reading_lock(workdir):
+  """`WorkdirLock` on the workdir while the export reads it; a workdir this
+  user cannot write (read-only file system or permissions) is read without
+  it (no run of this user can write it either), and said."""
+  import errno
+  from adjax.workdir.lock import WorkdirLock
+  lock = WorkdirLock(workdir)
+  try:
+    lock.__enter__()
+  except OSError as e:
+    if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+      raise
+    print(f"note: {workdir} is not writable ({e.strerror}); reading it without its lock",
+          file=sys.stderr, flush=True)
+    yield
+    return
+  try:
+    yield
+  finally:
+    lock.__exit__(*sys.exc_info())
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
   if out.is_dir():
     raise ExportError(f"--out {out}: is a directory; give a file name, e.g. "
@@ -411,6 +437,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
     raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
   if out.exists() and not overwrite:
     raise ExportError(f"--out {out}: exists; pass --overwrite to replace it")
+  # Before the towers are built: a folder that cannot be written (permission,
+  # a read-only file system) fails now, not after the export's work.
+  import tempfile
+  try:
+    with tempfile.TemporaryFile(dir=out.parent):
+      pass
+  except OSError as e:
+    raise ExportError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
+                      "give --out in a writable folder") from None
 
 
 def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool = False,
@@ -448,10 +483,13 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
   out = Path(out)
   _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
-  if references is not None:
-    exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
-  else:
-    exp = build(workdir, object_names, **kwargs)
+  # The workdir's lock, as predict takes it: a training run cannot write or
+  # prune the checkpoint step while it is read (one consistent step).
+  with _reading_lock(workdir):
+    if references is not None:
+      exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
+    else:
+      exp = build(workdir, object_names, **kwargs)
   data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
   if fmt == "stablehlo":
@@ -510,8 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   decision = " and decision" if any(
       t is not None for t in meta["image_thresholds"]) else ""
   print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "
-        f"{len(meta['object_names'])} objects, {meta['image_size']} px, outputs anomaly_map, "
-        f"image_score{decision}")
+        f"{len(meta['object_names'])} objects, {meta['image_size']} px, checkpoint step "
+        f"{meta['checkpoint_step']}, outputs anomaly_map, image_score{decision}")
   return 0
 
 
