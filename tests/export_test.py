@@ -504,3 +504,18 @@ def test_few_shot_references_refused(few_shot, tmp_path, capsys):
                     "--out", str(tmp_path / "m.shlo")])
   assert rc == 2 and "--object-names: not used with --references" in capsys.readouterr().err
   assert not (tmp_path / "m.shlo").exists()
+
+
+def test_few_shot_agrees_with_the_detector_on_its_references(few_shot):
+  """On images that are themselves references (nearest distance ~0, where a
+  square root magnifies float32 rounding of |a|^2 + |b|^2 - 2 a.b: 1.5e-4
+  measured before the nearest patch was measured exactly) the file and the
+  Detector agree to 1e-5, and both score the references ~0.
+  Fails if either path takes the square root of the expanded distance."""
+  _, refs, exp, det = few_shot
+  images = np.stack([np.asarray(Image.open(refs / f"good_{i}.png")) for i in range(3)])
+  got = jax.jit(exp.fn)(images)
+  maps, scores = _detector_few_shot(det, images)
+  assert _max_err(got["anomaly_map"], maps) <= 1e-5
+  assert _max_err(got["image_score"], scores) <= 1e-5
+  assert float(np.max(scores)) <= 1e-5

@@ -1,0 +1,285 @@
+"""Bad input, round 4: inputs a new or careless user gives predict, export,
+the data readers and the Detector, on a tiny imported head (fast tier).
+
+Each test names the mutation it catches ("Fails if ...")."""
+
+import csv
+import errno
+import io
+import os
+import shutil
+import sys
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adjax import experiment, export, thresholds
+from adjax import predict as predict_lib
+from adjax.common import atomic, errors
+from adjax.config import check as config_check
+from adjax.data import images as data_images
+from adjax.data import layouts
+from adjax.detector import Detector, DetectorError
+from adjax.workdir import Workdir
+
+sys.path.insert(0, str(Path(__file__).parent))
+from export_test import run_dir  # noqa: E402,F401  (the fixture: a tiny imported head)
+
+
+def _img(path, size=(20, 20), seed=0):
+  rng = np.random.default_rng(seed)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+      path, format="PNG")
+
+
+@pytest.fixture(scope="module")
+def work(run_dir, tmp_path_factory):
+  """A copy of the imported head's workdir, for this module's thresholds files."""
+  root = tmp_path_factory.mktemp("bad_input")
+  shutil.copytree(run_dir, root / "run")
+  return root / "run"
+
+
+def _predict(workdir, src, name="bottle", **extra):
+  cfg = export.load_config(workdir)
+  cfg.mode = "predict"
+  cfg.predict.input = str(src)
+  cfg.predict.object_name = name
+  for k, v in extra.items():
+    node = cfg
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return experiment.run(cfg, str(workdir))
+
+
+def _csv_rows(workdir):
+  with open(Workdir(workdir).predictions / "scores.csv", newline="") as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def detector(work):
+  return Detector.from_workdir(work)
+
+
+# ---- predict's outputs ------------------------------------------------------
+def test_scores_csv_never_holds_a_formula(work, tmp_path, monkeypatch):
+  """A file name a spreadsheet would run (=, +, -, @) is written as text.
+  Fails if scores.csv cells are written as given."""
+  names = ["=cmd|' -C calc'!A0.png", "+1.png", "-2.png", "@3.png", "plain.png"]
+  for i, n in enumerate(names):
+    _img(tmp_path / "in" / n, seed=i)
+  monkeypatch.chdir(tmp_path / "in")            # a relative input: paths start with the name
+  _predict(work, "*.png")
+  paths = {r["path"] for r in _csv_rows(work)}
+  assert paths == {"'" + n for n in names[:4]} | {"plain.png"}
+  for cell in ("\tx", "\rx", "=1+1", "@SUM(A1)"):
+    assert predict_lib.csv_cell(cell) == "'" + cell
+  assert predict_lib.csv_cell("a=b") == "a=b"
+
+
+def test_predict_prepares_no_data_set(work, tmp_path, monkeypatch):
+  """predict.input='.' beside a demo config: the demo data are not generated.
+  Fails if mode=predict runs the demo data preparation."""
+  called = []
+  monkeypatch.setattr(experiment, "_ensure_demo_data", lambda demo: called.append(demo))
+  _img(tmp_path / "photo.png")
+  result = _predict(work, tmp_path, **{"data.demo.root": str(tmp_path / "data" / "demo")})
+  assert called == [] and not (tmp_path / "data").exists()
+  assert len(result["scores"]) == 1
+
+
+def test_files_skipped_by_extension_are_counted_and_listed(work, tmp_path, capsys):
+  """.gif / .svg / .heic files of the input folder are said and listed.
+  Fails if the folder walk drops them without a word."""
+  _img(tmp_path / "a.png")
+  Image.new("RGB", (8, 8)).save(tmp_path / "b.gif")
+  (tmp_path / "c.svg").write_text("<svg/>")
+  (tmp_path / "d.heic").write_bytes(b"\0" * 16)
+  result = _predict(work, tmp_path)
+  out = capsys.readouterr().out
+  assert len(result["scores"]) == 1
+  assert "skipped 3 files whose extension is not an image's" in out
+  assert ".gif: 1" in out and ".heic: 1" in out and ".svg: 1" in out
+  listed = (Workdir(work).predictions / "unreadable.txt").read_text().splitlines()
+  assert sorted(Path(l.split("\t")[0]).name for l in listed) == ["b.gif", "c.svg", "d.heic"]
+
+
+def test_unreadable_name_with_a_newline_is_one_line(work, tmp_path):
+  """Fails if unreadable.txt writes a name's newline as it is."""
+  _img(tmp_path / "ok.png")
+  (tmp_path / "bad\nname.png").write_bytes(b"not a png")
+  (tmp_path / "tab\tname.png").write_bytes(b"not a png")
+  result = _predict(work, tmp_path)
+  assert len(result["scores"]) == 1
+  lines = (Workdir(work).predictions / "unreadable.txt").read_text().splitlines()
+  assert len(lines) == 2
+  assert any(l.startswith(str(tmp_path / "bad\\nname.png") + "\t") for l in lines)
+  assert any(l.startswith(str(tmp_path / "tab\\tname.png") + "\t") for l in lines)
+
+
+def test_index_html_links_names_with_hash_question_mark_percent(work, tmp_path):
+  """Every <img src> of predictions/index.html, URL-decoded, is a file there.
+  Fails if the links are HTML-escaped only."""
+  import html
+  import re
+  for i, n in enumerate(["a#1.png", "b?.png", "c%41.png", "d e.png"]):
+    _img(tmp_path / n, seed=i)
+  _predict(work, tmp_path)
+  out = Workdir(work).predictions
+  srcs = re.findall(r'src="([^"]+)"', (out / "index.html").read_text())
+  assert len(srcs) == 4
+  for s in srcs:
+    assert (out / unquote(html.unescape(s))).is_file(), s
+
+
+def test_long_file_name_is_predicted(work, tmp_path):
+  """A 240-character name: its outputs get a shortened, hashed name that fits
+  the file system; two such names stay apart.
+  Fails if the output keeps the whole name (the temporary's name is too long)."""
+  long_a, long_b = "a" * 236 + ".png", "a" * 235 + "b.png"
+  _img(tmp_path / long_a, seed=1)
+  _img(tmp_path / long_b, seed=2)
+  _img(tmp_path / "short.png", seed=3)
+  result = _predict(work, tmp_path)
+  assert len(result["scores"]) == 3 and not result["unreadable"]
+  heat = sorted(r["heatmap"] for r in result["scores"])
+  assert len(set(heat)) == 3 and "heatmaps/short.png.png" in heat
+  for h in heat:
+    assert (Workdir(work).predictions / h).is_file()
+    assert len(Path(h).name.encode()) <= atomic.longest_name(tmp_path)
+  name = predict_lib._output_name(str(tmp_path / long_a), str(tmp_path))
+  assert name == predict_lib._output_name(str(tmp_path / long_a), str(tmp_path))  # stable
+  assert name.startswith("aaaa") and name.endswith(".png")
+
+
+# ---- inputs refused or skipped ----------------------------------------------
+def test_nan_float_images_are_refused_or_skipped(detector, work, tmp_path):
+  """A mode-F image with NaN pixels: refused in memory (as NaN arrays are),
+  skipped and counted from a folder.
+  Fails if the decode's finite check is removed."""
+  nan = np.full((16, 16), np.nan, np.float32)
+  part = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+  part[3, 4] = np.nan
+  for a in (nan, part):
+    with pytest.raises(DetectorError, match="NaN or infinite"):
+      detector.predict(Image.fromarray(a, "F"), object_name="bottle")
+  Image.fromarray(part, "F").save(tmp_path / "nan.tif")
+  _img(tmp_path / "ok.png")
+  result = _predict(work, tmp_path)
+  assert len(result["scores"]) == 1
+  assert [Path(p).name for p, _ in result["unreadable"]] == ["nan.tif"]
+  assert "1 of its 256 pixels are NaN" in result["unreadable"][0][1]
+
+
+def test_empty_array_is_refused(detector):
+  """Fails if a 0 x 0 array reaches PIL (its bare ValueError)."""
+  for shape in ((0, 0, 3), (0, 5, 3), (0, 8, 8, 3)):
+    with pytest.raises(DetectorError, match="at least one pixel"):
+      detector.predict(np.zeros(shape, np.uint8), object_name="bottle")
+
+
+def test_empty_category_folder_is_named(tmp_path):
+  """Fails if a category folder without images vanishes from the records."""
+  _img(tmp_path / "root" / "tile" / "test" / "good" / "0.png")
+  (tmp_path / "root" / "wood" / "test" / "good").mkdir(parents=True)
+  with pytest.raises(layouts.DataError, match=r"1 category without images: .*wood"):
+    layouts.scan_mvtec(tmp_path / "root", masks_optional=True)
+
+
+def test_workdir_skip_is_by_folder_not_by_prefix(tmp_path):
+  """Images in a sibling folder `run2` are inputs for workdir `run`.
+  Fails if the workdir rule compares path strings by prefix."""
+  _img(tmp_path / "run" / "predictions" / "x.png")
+  _img(tmp_path / "run2" / "y.png")
+  excluded = []
+  paths, _ = data_images.read_image_folder(tmp_path, exclude=[tmp_path / "run"],
+                                           excluded=excluded)
+  assert [Path(p).name for p in paths] == ["y.png"]
+  assert [Path(p).name for p in excluded] == ["x.png"]
+
+
+# ---- the config and the text tower, before any work -------------------------
+def test_predict_threshold_must_be_finite():
+  """Fails if predict.threshold=nan passes the config check (and is then ignored)."""
+  from adjax.config import defaults
+  for bad in (float("nan"), float("inf")):
+    cfg = defaults.base_config()
+    cfg.predict.threshold = bad
+    found = config_check.problems(cfg)
+    assert any(p.startswith("predict.threshold=") and "finite" in p for p in found)
+  cfg = defaults.base_config()
+  cfg.predict.threshold = 0.25
+  assert not any(p.startswith("predict.threshold") for p in config_check.problems(cfg))
+
+
+def test_object_name_longer_than_the_context_refused_before_work(detector, work, tmp_path,
+                                                                  monkeypatch):
+  """Fails if the name's token length is found only at the first batch."""
+  long_name = " ".join(["word"] * 80)
+  with pytest.raises(DetectorError, match="more than the text tower's context"):
+    detector.predict(np.zeros((8, 8, 3), np.uint8), object_name=long_name)
+  from adjax import data
+  monkeypatch.setattr(data, "read_image_folder",
+                      lambda *a, **k: pytest.fail("images read before the name was checked"))
+  with pytest.raises(predict_lib.PredictError, match="predict.object_name: .*context"):
+    _predict(work, tmp_path, name=long_name)
+
+
+# ---- the environment --------------------------------------------------------
+def test_read_only_file_system_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
+  """EROFS (not EACCES): one line for a command, and export's --out is
+  checked before the export's work.
+  Fails if EROFS is left to a traceback."""
+  e = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run" / ".adjax.lock"))
+  msg = errors.environment_error(e)
+  assert msg and msg.startswith(f"{e.filename}: read-only file system")
+
+  def boom():
+    raise e
+  rc, _ = errors.run_command(boom)
+  err = capsys.readouterr().err
+  assert rc == errors.EXIT_USER_ERROR and err.count("\n") == 1 and "read-only" in err
+  import tempfile
+
+  def read_only(*a, **k):
+    raise OSError(errno.EROFS, "Read-only file system")
+  monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+  monkeypatch.setattr(export, "build", lambda *a, **k: pytest.fail("built before --out"))
+  pytest.importorskip("flatbuffers")
+  with pytest.raises(export.ExportError, match="cannot write in .*Read-only file system"):
+    export.export(run_dir, ["bottle"], "stablehlo", tmp_path / "m.hlo")
+
+
+def test_export_takes_the_workdir_lock(run_dir, tmp_path, monkeypatch):
+  """A training run holding the workdir: export refuses before reading a step.
+  Fails if export reads checkpoints without the workdir's lock."""
+  from adjax.workdir.lock import WorkdirBusyError, WorkdirLock
+  pytest.importorskip("flatbuffers")
+  monkeypatch.setattr(export, "build", lambda *a, **k: pytest.fail("read while locked"))
+  with WorkdirLock(run_dir, log=lambda *a: None):
+    with pytest.raises(WorkdirBusyError, match="in use by process"):
+      export.export(run_dir, ["bottle"], "stablehlo", tmp_path / "m.hlo")
+  assert not Workdir(run_dir).lock.exists()
+
+
+def test_thresholds_of_a_damaged_step_say_so():
+  """The newest step damaged, an earlier one restored: the refusal names both
+  steps and what to do. Fails if it says only "made for another model"."""
+  model = {"head_sha256": "a" * 64, "backbone": "b"}
+  record = {"image_score": "mean", "model": model, "checkpoint_step": 40,
+            "_path": "run/thresholds.json"}
+  with pytest.raises(thresholds.ThresholdError,
+                     match=r"belong to checkpoint step 40, this head is step 30 .*damaged"):
+    thresholds.check(record, image_score="mean", model=dict(model, head_sha256="c" * 64),
+                     head_step=30)
+  with pytest.raises(thresholds.ThresholdError, match="another model .*backbone"):
+    thresholds.check(record, image_score="mean", model=dict(model, backbone="x",
+                                                            head_sha256="c" * 64),
+                     head_step=30)
