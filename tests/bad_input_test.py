@@ -283,3 +283,89 @@ def test_thresholds_of_a_damaged_step_say_so():
     thresholds.check(record, image_score="mean", model=dict(model, backbone="x",
                                                             head_sha256="c" * 64),
                      head_step=30)
+
+
+# ---- the Detector's decisions and batch mode --------------------------------
+def _arrays(n, seed=0, size=24):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (size, size + 4 * i, 3), dtype=np.uint8) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def per_object(work, detector):
+  """thresholds.json with two objects of different image thresholds, written
+  for this head; a Detector that reads it."""
+  imgs = _arrays(4, seed=3)
+  bottle = detector.predict(imgs, object_name="bottle").scores
+  screw = detector.predict(imgs, object_name="screw").scores
+  limits = {"bottle": float(np.median(bottle)), "screw": float(np.median(screw)) + 1.0}
+  thresholds.write(work, dataset="unit", image_score=detector.model.image_score,
+                   checkpoint_step=0, model=detector.scorer.threshold_model(),
+                   image=123.0, pixel=0.5,
+                   details={"per_category": {"unit": {
+                       n: {"image": t, "pixel": 0.5} for n, t in limits.items()}}})
+  try:
+    yield Detector.from_workdir(work), imgs, limits
+  finally:
+    Workdir(work).thresholds.unlink()
+
+
+def test_each_image_is_decided_with_its_own_objects_threshold(per_object):
+  """object_names per image; ' bottle' and 'SCREW' are read as the text tower
+  reads them (the same prompts), so they take their category's threshold.
+  Fails if every image takes the first image's threshold, or if the lookup
+  does not normalise the name as the text tower does."""
+  det, imgs, limits = per_object
+  names = ["screw", "bottle", " bottle", "SCREW "]
+  pred = det.predict(imgs, object_names=names)
+  want = [limits["screw"], limits["bottle"], limits["bottle"], limits["screw"]]
+  assert [t for t, _ in pred.thresholds] == want
+  assert pred.threshold_source == ["category:unit/screw", "category:unit/bottle",
+                                   "category:unit/bottle", "category:unit/screw"]
+  np.testing.assert_array_equal(pred.decisions, pred.scores >= np.array(want))
+  each = []
+  det.predict(imgs, object_names=names, each=lambda r: each.append(r.threshold))
+  assert each == want
+  assert det.thresholds_for("tiles").source == "top-level"    # another word is another object
+
+
+def test_a_score_equal_to_its_threshold_is_anomalous(work, detector):
+  """The rule is score >= threshold, on every path of the Detector.
+  Fails if a decision uses > (no other test has a score equal to its threshold)."""
+  imgs = _arrays(3, seed=5)
+  scores = detector.predict(imgs, object_name="bottle").scores
+  at = float(scores[1])
+  assert at >= 0
+  det = Detector.from_workdir(work, predict__threshold=at)
+  seen = []
+  pred = det.predict(imgs, object_name="bottle", each=lambda r: seen.append(r.decision))
+  assert float(pred.scores[1]) == at
+  assert bool(pred.decisions[1]) and seen[1] is True
+  np.testing.assert_array_equal(pred.decisions, pred.scores >= np.float32(at))
+
+
+@pytest.fixture(scope="module")
+def batch_detectors(work):
+  return {b: Detector.from_workdir(work, predict__scoring="batch", predict__batch_size=b)
+          for b in (8, 16)}
+
+
+def test_batch_scores_do_not_depend_on_the_batch_size(batch_detectors):
+  """5 images scored against each other at predict.batch_size 8 and 16 (3
+  and 11 padding rows): the same maps and scores (1e-5; 0 measured).
+  Fails if the last chunk's padding rows join the mutual scoring."""
+  imgs = _arrays(5, seed=7)
+  a = batch_detectors[8].predict(imgs, scoring="batch")
+  b = batch_detectors[16].predict(imgs, scoring="batch")
+  np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+  for x, y in zip(a.maps, b.maps):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_rscin_k_above_the_images_is_refused_before_work(work, monkeypatch):
+  """MuSc's VisA eval.rscin_k (1, 8, 9) on 5 images: one line, no backbone pass.
+  Fails if RsCIN's k is checked only inside refine_scores."""
+  det = Detector.from_workdir(work, predict__scoring="batch", eval__rscin_k=(1, 8, 9))
+  monkeypatch.setattr(det, "_tokens", lambda batch: pytest.fail("backbone ran"))
+  with pytest.raises(DetectorError, match=r"eval.rscin_k=\(1, 8, 9\): give at least 9 "):
+    det.predict(_arrays(5), scoring="batch")

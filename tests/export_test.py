@@ -266,6 +266,43 @@ def test_decision_output_from_thresholds_json(run_dir, exportable, tmp_path):
     (run_dir / THRESHOLDS_FILE).unlink()
 
 
+def test_decision_output_per_object_threshold(run_dir, exportable, tmp_path):
+  """Two objects with different thresholds (per category, as an evaluation
+  writes them): each image is decided with its own object_index's
+  threshold, as thresholds.resolve gives it to predict.
+  Fails if the file indexes the threshold vector otherwise (one threshold for all)."""
+  images, _ = _inputs(4, seed=11)
+  idx = np.array([0, 1, 1, 0], np.int32)
+  scores = np.asarray(jax.jit(exportable.fn)(images, idx)["image_score"])
+  limits = {"bottle": float(scores[0]) + 1.0, "screw": float(scores[1]) - 1.0}
+  thresholds.write(run_dir, dataset="unit", image_score="mean", checkpoint_step=0,
+                   model=exportable.metadata["model"], image=0.5,
+                   details={"per_category": {"unit": {n: {"image": t}
+                                                      for n, t in limits.items()}}})
+  try:
+    exp = export.build(run_dir, NAMES)
+    assert exp.image_threshold == [limits["bottle"], limits["screw"]]
+    assert exp.metadata["threshold_sources"] == ["category:unit/bottle", "category:unit/screw"]
+    out = jax.jit(exp.fn)(images, idx)
+    want = scores >= np.array([limits[NAMES[i]] for i in idx])
+    np.testing.assert_array_equal(np.asarray(out["decision"]), want)
+    assert want.tolist() == [False, True, True, False]
+  finally:
+    (run_dir / THRESHOLDS_FILE).unlink()
+
+
+def test_baked_threshold_decides_as_predict_at_a_hair_above_a_score():
+  """A float64 threshold a hair above a float32 score: predict (float64
+  compare) says normal, and so must the float32 file: its threshold is
+  rounded up to the next float32, never to the nearest.
+  Fails if the baked threshold is the nearest float32 (`return f`)."""
+  rng = np.random.default_rng(0)
+  scores = rng.random(2000).astype(np.float32)
+  for s in scores:
+    for t in (float(s) + float(np.spacing(s)) / 4, float(s), float(s) - 1e-12):
+      assert (s >= export._f32_at_least(t)) == (float(s) >= t)
+
+
 def _nothing_written(tmp_path):
   assert not (tmp_path / "m.onnx").exists()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".m.onnx")]
