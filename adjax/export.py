@@ -18,7 +18,8 @@ the given object names (their prompt-ensemble embeddings), all as constants:
   image-score mode. The thresholds (image and pixel) and where each comes
   from are in the metadata.
 An `object_index` outside [0, number of names) gives NaN outputs for that
-image. The batch dimension is dynamic.
+image. The batch dimension is dynamic, from 1 (onnxruntime crashes the
+process with SIGFPE on an empty batch: callers check `len(images) >= 1`).
 
 ONNX goes through jax2onnx (`pip install 'adjax[export]'`); the model's
 object names, image size and threshold are in its metadata_props. StableHLO
