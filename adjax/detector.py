@@ -215,7 +215,7 @@ class Detector:
   def _items(self, images) -> tuple[list, list]:
     """Flattens `images` into [(path or None, PIL image or None)] and unreadable files."""
     from adjax import data
-    import adjax.data.images  # noqa: F401  (data.images.pixel_problem)
+    from adjax.data import images as data_images
     items, unreadable = [], []
 
     def add(x):
@@ -226,7 +226,7 @@ class Detector:
         items.extend((p, None) for p in paths)
         unreadable.extend(bad)
       elif isinstance(x, Image.Image):
-        problem = data.images.pixel_problem(x)
+        problem = data_images.pixel_problem(x)
         if problem:
           raise DetectorError(f"images: PIL image {len(items)} ({x.mode} {x.size[0]} x "
                               f"{x.size[1]}): {problem}")

@@ -369,3 +369,13 @@ def test_rscin_k_above_the_images_is_refused_before_work(work, monkeypatch):
   monkeypatch.setattr(det, "_tokens", lambda batch: pytest.fail("backbone ran"))
   with pytest.raises(DetectorError, match=r"eval.rscin_k=\(1, 8, 9\): give at least 9 "):
     det.predict(_arrays(5), scoring="batch")
+
+
+def test_export_says_which_step_it_exported(run_dir, tmp_path, monkeypatch, capsys):
+  """Fails if the command's last line does not name the checkpoint step."""
+  meta = {"bytes": 2**20, "object_names": ["bottle"], "image_size": 32,
+          "checkpoint_step": 1035, "image_thresholds": [None]}
+  monkeypatch.setattr(export, "export", lambda *a, **k: meta)
+  rc = export.main(["--workdir", str(run_dir), "--object-names", "bottle", "--format",
+                    "stablehlo", "--out", str(tmp_path / "m.hlo")])
+  assert rc == 0 and "checkpoint step 1035" in capsys.readouterr().out
