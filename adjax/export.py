@@ -18,8 +18,8 @@ the given object names (their prompt-ensemble embeddings), all as constants:
   image-score mode. The thresholds (image and pixel) and where each comes
   from are in the metadata.
 An `object_index` outside [0, number of names) gives NaN outputs for that
-image. The batch dimension is dynamic, from 1 (onnxruntime crashes the
-process with SIGFPE on an empty batch: callers check `len(images) >= 1`).
+image. The batch dimension is dynamic; an ONNX file gives empty outputs
+for a batch of 0 images (`guard_empty_batch`).
 
 ONNX goes through jax2onnx (`pip install 'adjax[export]'`); the model's
 object names, image size and threshold are in its metadata_props. StableHLO
@@ -336,6 +336,7 @@ def to_onnx(exp: Exportable) -> bytes:
                              model_name="adjax_anomaly", input_names=list(inputs),
                              output_names=list(outputs))
   drop_unused_initializers(model)
+  guard_empty_batch(model)
   for key, value in exp.metadata.items():
     entry = model.metadata_props.add()
     entry.key, entry.value = key, json.dumps(value)
@@ -344,6 +345,56 @@ def to_onnx(exp: Exportable) -> bytes:
                       "protobuf's 2 GiB single-file limit; export a smaller backbone, "
                       "--dtype bfloat16, or --format stablehlo")
   return model.SerializeToString()
+
+
+def guard_empty_batch(model) -> None:
+  """Wraps the graph in an `If` on the batch size: a batch of 0 images gets
+  empty outputs of the declared types (onnxruntime runs the converted graph
+  on it into an integer division by zero, SIGFPE, which kills the calling
+  process); any other batch runs the graph unchanged. The graph's first
+  input carries the batch dimension."""
+  import onnx
+  from onnx import helper, numpy_helper
+  g = model.graph
+  batch = g.input[0].name
+  inner = {o.name: o.name + "__graph" for o in g.output}
+
+  def renamed(names):
+    return [inner.get(n, n) for n in names]
+
+  body = helper.make_graph([], "adjax_graph", [], [])
+  for node in g.node:
+    copy = body.node.add()
+    copy.CopyFrom(node)
+    copy.input[:] = renamed(node.input)
+    copy.output[:] = renamed(node.output)
+  body.value_info.extend(g.value_info)
+  empty = helper.make_graph([], "adjax_empty_batch", [], [])
+  for out in g.output:
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim[1:]]
+    dtype = helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type)
+    const = numpy_helper.from_array(np.zeros([0] + dims, dtype), out.name + "__empty")
+    empty.node.append(helper.make_node("Constant", [], [out.name + "__empty"], value=const))
+    graph_out, empty_out = onnx.ValueInfoProto(), onnx.ValueInfoProto()
+    graph_out.CopyFrom(out)
+    graph_out.name = inner[out.name]
+    empty_out.CopyFrom(out)
+    empty_out.name = out.name + "__empty"
+    body.output.append(graph_out)
+    empty.output.append(empty_out)
+  guard = [helper.make_node("Shape", [batch], ["adjax_input_shape"]),
+           helper.make_node("Gather", ["adjax_input_shape", "adjax_batch_axis"],
+                            ["adjax_batch_size"]),
+           helper.make_node("Squeeze", ["adjax_batch_size"], ["adjax_batch_scalar"]),
+           helper.make_node("Equal", ["adjax_batch_scalar", "adjax_batch_zero"],
+                            ["adjax_batch_is_empty"]),
+           helper.make_node("If", ["adjax_batch_is_empty"], [o.name for o in g.output],
+                            then_branch=empty, else_branch=body)]
+  del g.node[:]
+  del g.value_info[:]
+  g.node.extend(guard)
+  g.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), "adjax_batch_zero"),
+                        numpy_helper.from_array(np.array([0], np.int64), "adjax_batch_axis")])
 
 
 class _quiet_jax2onnx:

@@ -193,10 +193,11 @@ def check(record: Mapping[str, Any], *, image_score: str, model: Mapping[str, An
       and made_at != head_step:
     why = (f"step {made_at} is newer than the step in use: it was found damaged (or is "
            "gone), so the newest intact step was restored" if made_at > head_step else
-           f"the head in use is step {head_step}")
+           "the head was trained further since")
     raise ThresholdError(
-        f"{where}: its thresholds belong to checkpoint step {made_at}, this head is step "
-        f"{head_step} ({why}); choose thresholds for step {head_step} (mode=evaluate with "
+        f"{where}: made for another model (head_sha256 differs): its thresholds belong to "
+        f"checkpoint step {made_at}, this head is step {head_step} ({why}); choose "
+        f"thresholds for step {head_step} (mode=evaluate with "
         "--config.eval.set_thresholds=True, or predict.calibrate_normals), pass "
         "predict.threshold, or restore the checkpoint the thresholds were made with")
   if differ:
