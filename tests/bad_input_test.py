@@ -379,3 +379,35 @@ def test_export_says_which_step_it_exported(run_dir, tmp_path, monkeypatch, caps
   rc = export.main(["--workdir", str(run_dir), "--object-names", "bottle", "--format",
                     "stablehlo", "--out", str(tmp_path / "m.hlo")])
   assert rc == 0 and "checkpoint step 1035" in capsys.readouterr().out
+
+
+def test_every_target_is_checked_before_the_first_is_scored(monkeypatch, tmp_path):
+  """A second data set that cannot be scored (e.g. eval.rscin_k above its
+  smallest category) stops the evaluation before the first one's work.
+  Fails if each data set is checked only when its turn comes."""
+  import types
+  from adjax import evaluate
+  from adjax.config import defaults
+  scored = []
+
+  class Scorer:
+    def check(self, handle):
+      if handle.display_name == "b":
+        raise config_check.ConfigError("b: too small")
+
+  class FakeEvaluator:
+    def __init__(self, *a, **k):
+      self.scorer = Scorer()
+
+    def evaluate(self, handle):
+      scored.append(handle.display_name)
+      return {}
+
+  monkeypatch.setattr(evaluate, "Evaluator", FakeEvaluator)
+  monkeypatch.setattr(evaluate.datasets, "prepare",
+                      lambda cfg, target: types.SimpleNamespace(display_name=target))
+  cfg = defaults.base_config()
+  cfg.data.targets = "a,b"
+  with pytest.raises(config_check.ConfigError, match="b: too small"):
+    evaluate.evaluate_targets(cfg, tmp_path, None, None, None, source=(tmp_path, 0))
+  assert scored == []
