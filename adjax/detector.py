@@ -222,9 +222,13 @@ class Detector:
       if isinstance(x, (str, os.PathLike)) and os.path.isfile(x):
         items.append((os.fspath(x), None))      # decoded (once) when scored
       elif isinstance(x, (str, os.PathLike)):
-        paths, bad = data.read_image_folder(x)
+        skipped: list[str] = []
+        paths, bad = data.read_image_folder(x, skipped=skipped)
         items.extend((p, None) for p in paths)
         unreadable.extend(bad)
+        # As predict lists them: every file of a folder not scored is said.
+        unreadable.extend((p, "skipped: not an image extension (read are "
+                           f"{', '.join(data_images.IMAGE_EXTENSIONS)})") for p in skipped)
       elif isinstance(x, Image.Image):
         problem = data_images.pixel_problem(x)
         if problem:

@@ -411,3 +411,14 @@ def test_every_target_is_checked_before_the_first_is_scored(monkeypatch, tmp_pat
   with pytest.raises(config_check.ConfigError, match="b: too small"):
     evaluate.evaluate_targets(cfg, tmp_path, None, None, None, source=(tmp_path, 0))
   assert scored == []
+
+
+def test_detector_lists_a_folders_skipped_files(detector, tmp_path):
+  """Detector.predict(folder) lists what the folder walk skips, as predict does.
+  Fails if files of another extension are dropped without a word."""
+  _img(tmp_path / "a.png")
+  (tmp_path / "b.svg").write_text("<svg/>")
+  pred = detector.predict(str(tmp_path), object_name="bottle")
+  assert len(pred) == 1
+  assert [(Path(p).name, why.split(":")[0]) for p, why in pred.unreadable] == [
+      ("b.svg", "skipped")]
