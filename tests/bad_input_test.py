@@ -69,98 +69,108 @@ def detector(work):
 
 
 # ---- predict's outputs ------------------------------------------------------
-def test_scores_csv_never_holds_a_formula(work, tmp_path, monkeypatch):
+FORMULAS = ["=cmd|' -C calc'!A0.png", "+1.png", "-2.png", "@3.png"]
+LONG_A, LONG_B = "a" * 236 + ".png", "a" * 235 + "b.png"
+LINKED = ["h#1.png", "q?.png", "p%41.png", "s p.png"]
+
+
+@pytest.fixture(scope="module")
+def tricky(work, tmp_path_factory):
+  """One predict run (a relative glob, from a demo config's data.demo.root)
+  over a folder of the names and files a careless user has: formula-like
+  names, #?% and spaces, two 240-character names, a newline and a tab in
+  unreadable files' names, a NaN float TIFF, .gif / .svg / .heic files.
+  Returns (result, console, copy of predictions/, the input folder, demo
+  preparations run)."""
+  import contextlib
+  root = tmp_path_factory.mktemp("tricky")
+  src = root / "in"
+  for i, n in enumerate(FORMULAS + LINKED + [LONG_A, LONG_B, "plain.png"]):
+    _img(src / n, seed=i)
+  (src / "bad\nname.png").write_bytes(b"not a png")
+  (src / "tab\tname.png").write_bytes(b"not a png")
+  nan = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+  nan[3, 4] = np.nan
+  Image.fromarray(nan, "F").save(src / "nan.tif")
+  Image.new("RGB", (8, 8)).save(src / "b.gif")
+  (src / "c.svg").write_text("<svg/>")
+  (src / "d.heic").write_bytes(b"\0" * 16)
+  demos, out = [], io.StringIO()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.chdir(src)                     # a relative input: the paths start with the names
+    mp.setattr(experiment, "_ensure_demo_data", demos.append)
+    with contextlib.redirect_stdout(out):
+      result = _predict(work, "*", **{"data.demo.root": str(root / "data" / "demo")})
+  shutil.copytree(Workdir(work).predictions, root / "predictions")
+  return result, out.getvalue(), root / "predictions", src, demos
+
+
+def test_scores_csv_never_holds_a_formula(tricky):
   """A file name a spreadsheet would run (=, +, -, @) is written as text.
   Fails if scores.csv cells are written as given."""
-  names = ["=cmd|' -C calc'!A0.png", "+1.png", "-2.png", "@3.png", "plain.png"]
-  for i, n in enumerate(names):
-    _img(tmp_path / "in" / n, seed=i)
-  monkeypatch.chdir(tmp_path / "in")            # a relative input: paths start with the name
-  _predict(work, "*.png")
-  paths = {r["path"] for r in _csv_rows(work)}
-  assert paths == {"'" + n for n in names[:4]} | {"plain.png"}
+  with open(tricky[2] / "scores.csv", newline="") as f:
+    paths = {r["path"] for r in csv.DictReader(f)}
+  assert {"'" + n for n in FORMULAS} <= paths and "plain.png" in paths
+  assert not [p for p in paths if p[0] in "=+-@"]
   for cell in ("\tx", "\rx", "=1+1", "@SUM(A1)"):
     assert predict_lib.csv_cell(cell) == "'" + cell
   assert predict_lib.csv_cell("a=b") == "a=b"
 
 
-def test_predict_prepares_no_data_set(work, tmp_path, monkeypatch):
-  """predict.input='.' beside a demo config: the demo data are not generated.
+def test_predict_prepares_no_data_set(tricky):
+  """predict.input beside a demo config: the demo data are not generated.
   Fails if mode=predict runs the demo data preparation."""
-  called = []
-  monkeypatch.setattr(experiment, "_ensure_demo_data", lambda demo: called.append(demo))
-  _img(tmp_path / "photo.png")
-  result = _predict(work, tmp_path, **{"data.demo.root": str(tmp_path / "data" / "demo")})
-  assert called == [] and not (tmp_path / "data").exists()
-  assert len(result["scores"]) == 1
+  result, _, _, src, demos = tricky
+  assert demos == [] and not (src.parent / "data").exists()
+  assert len(result["scores"]) == len(FORMULAS + LINKED) + 3
 
 
-def test_files_skipped_by_extension_are_counted_and_listed(work, tmp_path, capsys):
-  """.gif / .svg / .heic files of the input folder are said and listed.
+def test_files_skipped_by_extension_are_counted_and_listed(tricky):
+  """.gif / .svg / .heic files of the input are said and listed.
   Fails if the folder walk drops them without a word."""
-  _img(tmp_path / "a.png")
-  Image.new("RGB", (8, 8)).save(tmp_path / "b.gif")
-  (tmp_path / "c.svg").write_text("<svg/>")
-  (tmp_path / "d.heic").write_bytes(b"\0" * 16)
-  result = _predict(work, tmp_path)
-  out = capsys.readouterr().out
-  assert len(result["scores"]) == 1
-  assert "skipped 3 files whose extension is not an image's" in out
-  assert ".gif: 1" in out and ".heic: 1" in out and ".svg: 1" in out
-  listed = (Workdir(work).predictions / "unreadable.txt").read_text().splitlines()
-  assert sorted(Path(l.split("\t")[0]).name for l in listed) == ["b.gif", "c.svg", "d.heic"]
+  _, console, out, _, _ = tricky
+  assert "skipped 3 files whose extension is not an image's" in console
+  assert ".gif: 1" in console and ".heic: 1" in console and ".svg: 1" in console
+  listed = [l.split("\t") for l in (out / "unreadable.txt").read_text().splitlines()]
+  assert sorted(p for p, why in listed if why.startswith("skipped")) == [
+      "b.gif", "c.svg", "d.heic"]
 
 
-def test_unreadable_name_with_a_newline_is_one_line(work, tmp_path):
-  """Fails if unreadable.txt writes a name's newline as it is."""
-  _img(tmp_path / "ok.png")
-  (tmp_path / "bad\nname.png").write_bytes(b"not a png")
-  (tmp_path / "tab\tname.png").write_bytes(b"not a png")
-  result = _predict(work, tmp_path)
-  assert len(result["scores"]) == 1
-  lines = (Workdir(work).predictions / "unreadable.txt").read_text().splitlines()
-  assert len(lines) == 2
-  assert any(l.startswith(str(tmp_path / "bad\\nname.png") + "\t") for l in lines)
-  assert any(l.startswith(str(tmp_path / "tab\\tname.png") + "\t") for l in lines)
+def test_unreadable_name_with_a_newline_is_one_line(tricky):
+  """Fails if unreadable.txt writes a name's newline (or tab) as it is."""
+  lines = (tricky[2] / "unreadable.txt").read_text().splitlines()
+  assert len(lines) == 6              # 2 bad names, the NaN TIFF, 3 skipped
+  assert sum(l.startswith("bad\\nname.png\t") for l in lines) == 1
+  assert sum(l.startswith("tab\\tname.png\t") for l in lines) == 1
 
 
-def test_index_html_links_names_with_hash_question_mark_percent(work, tmp_path):
+def test_index_html_links_names_with_hash_question_mark_percent(tricky):
   """Every <img src> of predictions/index.html, URL-decoded, is a file there.
   Fails if the links are HTML-escaped only."""
   import html
   import re
-  for i, n in enumerate(["a#1.png", "b?.png", "c%41.png", "d e.png"]):
-    _img(tmp_path / n, seed=i)
-  _predict(work, tmp_path)
-  out = Workdir(work).predictions
+  out = tricky[2]
   srcs = re.findall(r'src="([^"]+)"', (out / "index.html").read_text())
-  assert len(srcs) == 4
+  assert len(srcs) == len(tricky[0]["scores"])
   for s in srcs:
     assert (out / unquote(html.unescape(s))).is_file(), s
 
 
-def test_long_file_name_is_predicted(work, tmp_path):
-  """A 240-character name: its outputs get a shortened, hashed name that fits
-  the file system; two such names stay apart.
+def test_long_file_name_is_predicted(tricky):
+  """Two 240-character names: their outputs get a shortened, hashed name that
+  fits the file system, and stay apart.
   Fails if the output keeps the whole name (the temporary's name is too long)."""
-  long_a, long_b = "a" * 236 + ".png", "a" * 235 + "b.png"
-  _img(tmp_path / long_a, seed=1)
-  _img(tmp_path / long_b, seed=2)
-  _img(tmp_path / "short.png", seed=3)
-  result = _predict(work, tmp_path)
-  assert len(result["scores"]) == 3 and not result["unreadable"]
-  heat = sorted(r["heatmap"] for r in result["scores"])
-  assert len(set(heat)) == 3 and "heatmaps/short.png.png" in heat
-  for h in heat:
-    assert (Workdir(work).predictions / h).is_file()
-    assert len(Path(h).name.encode()) <= atomic.longest_name(tmp_path)
-  name = predict_lib._output_name(str(tmp_path / long_a), str(tmp_path))
-  assert name == predict_lib._output_name(str(tmp_path / long_a), str(tmp_path))  # stable
-  assert name.startswith("aaaa") and name.endswith(".png")
+  result, _, out, src, _ = tricky
+  heat = {r["path"]: r["heatmap"] for r in result["scores"]}
+  a, b = heat[LONG_A], heat[LONG_B]
+  assert a != b and heat["plain.png"] == "heatmaps/plain.png.png"
+  for h in (a, b):
+    assert (out / h).is_file() and len(Path(h).name.encode()) <= atomic.longest_name(src)
+    assert h.startswith("heatmaps/aaaa") and h.endswith(".png")
+  assert predict_lib._output_name(LONG_A, "") == a[len("heatmaps/"):]   # stable
 
 
-# ---- inputs refused or skipped ----------------------------------------------
-def test_nan_float_images_are_refused_or_skipped(detector, work, tmp_path):
+def test_nan_float_images_are_refused_or_skipped(detector, tricky):
   """A mode-F image with NaN pixels: refused in memory (as NaN arrays are),
   skipped and counted from a folder.
   Fails if the decode's finite check is removed."""
@@ -170,12 +180,8 @@ def test_nan_float_images_are_refused_or_skipped(detector, work, tmp_path):
   for a in (nan, part):
     with pytest.raises(DetectorError, match="NaN or infinite"):
       detector.predict(Image.fromarray(a, "F"), object_name="bottle")
-  Image.fromarray(part, "F").save(tmp_path / "nan.tif")
-  _img(tmp_path / "ok.png")
-  result = _predict(work, tmp_path)
-  assert len(result["scores"]) == 1
-  assert [Path(p).name for p, _ in result["unreadable"]] == ["nan.tif"]
-  assert "1 of its 256 pixels are NaN" in result["unreadable"][0][1]
+  why = dict(tricky[0]["unreadable"])["nan.tif"]
+  assert "1 of its 256 pixels are NaN" in why
 
 
 def test_empty_array_is_refused(detector):
