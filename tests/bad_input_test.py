@@ -6,7 +6,6 @@ Each test names the mutation it catches ("Fails if ...")."""
 import csv
 import errno
 import io
-import os
 import shutil
 import sys
 from pathlib import Path
