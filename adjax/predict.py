@@ -4,9 +4,13 @@ Writes `<workdir>/predictions/scores.csv` (path, image score, heatmap and,
 with a threshold, `decision` 0/1 and `threshold_source`) and one heatmap panel per image
 (image | map overlaid, at the image's own resolution) under
 `<workdir>/predictions/heatmaps/`. Any size or mode is accepted (converted to
-RGB); unreadable files are listed in `unreadable.txt` and on the console, and
-every other image is still processed; when none can be read the run fails
-in one line and the previous predictions stay. Files under the workdir are
+RGB); unreadable files (NaN float images among them) and files skipped by
+their extension are listed in `unreadable.txt` (one line each, `\\n`, `\\t`
+escaped) and counted on the console, and every other image is still
+processed; when none can be read the run fails in one line and the previous
+predictions stay. A scores.csv cell that a spreadsheet would run as a
+formula gets a leading `'`; an output name too long for the file system is
+cut and ends with a hash of the whole name. Files under the workdir are
 never inputs; symlinked folders are followed (each real folder once); EXIF
 orientation is applied.
 
