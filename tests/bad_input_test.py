@@ -427,3 +427,20 @@ def test_detector_lists_a_folders_skipped_files(detector, tmp_path):
   assert len(pred) == 1
   assert [(Path(p).name, why.split(":")[0]) for p, why in pred.unreadable] == [
       ("b.svg", "skipped")]
+
+
+def test_predict_names_the_step_its_thresholds_belong_to(run_dir, detector, tmp_path):
+  """thresholds.json of a newer step (damaged, so step 0 was restored): predict
+  and the Detector say which steps, not only "another model".
+  Fails if the head's step does not reach the thresholds check."""
+  work = tmp_path / "run"
+  shutil.copytree(run_dir, work)
+  model = dict(detector.scorer.threshold_model(), head_sha256="0" * 64)
+  thresholds.write(work, dataset="unit", image_score=detector.model.image_score,
+                   checkpoint_step=5, model=model, image=0.5)
+  said = r"belong to checkpoint step 5, this head is step 0 \(step 5 is newer .*damaged"
+  with pytest.raises(thresholds.ThresholdError, match=said):
+    Detector.from_workdir(work)
+  _img(tmp_path / "in" / "a.png")
+  with pytest.raises(thresholds.ThresholdError, match=said):
+    _predict(work, tmp_path / "in")
