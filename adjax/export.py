@@ -515,6 +515,9 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
                         "scores every image against the one memory bank); leave it out")
     if kwargs.pop("allow_new_objects", False):
       raise ExportError("--allow-new-objects: not used with --references")
+    if threshold is not None and not np.isfinite(threshold):
+      raise ExportError(f"--threshold {threshold}: expected a finite number (the decision "
+                        "is image_score >= it)")
     _check_references(references)
   else:
     if threshold is not None:

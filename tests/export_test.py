@@ -601,6 +601,11 @@ def test_few_shot_references_refused(few_shot, tmp_path, capsys):
                     "--object-names", "bottle", "--format", "stablehlo",
                     "--out", str(tmp_path / "m.shlo")])
   assert rc == 2 and "--object-names: not used with --references" in capsys.readouterr().err
+  for bad in ("nan", "inf"):        # a NaN threshold would decide every image normal
+    rc = export.main(["--workdir", str(bare), "--references", str(few_shot[1]),
+                      "--threshold", bad, "--format", "stablehlo",
+                      "--out", str(tmp_path / "m.shlo")])
+    assert rc == 2 and "expected a finite number" in capsys.readouterr().err
   assert not (tmp_path / "m.shlo").exists()
 
 
