@@ -146,7 +146,7 @@ class Detector:
     if self.thresholds_path is not None:
       self.record = thresholds.read(self.thresholds_path)
       thresholds.check(self.record, image_score=self.model.image_score,
-                       model=self.scorer.threshold_model())
+                       model=self.scorer.threshold_model(), head_step=step)
     self._pending: dict | None = None   # calibrated, not yet saved
 
   @property
@@ -215,21 +215,33 @@ class Detector:
   def _items(self, images) -> tuple[list, list]:
     """Flattens `images` into [(path or None, PIL image or None)] and unreadable files."""
     from adjax import data
+    from adjax.data import images as data_images
     items, unreadable = [], []
 
     def add(x):
       if isinstance(x, (str, os.PathLike)) and os.path.isfile(x):
         items.append((os.fspath(x), None))      # decoded (once) when scored
       elif isinstance(x, (str, os.PathLike)):
-        paths, bad = data.read_image_folder(x)
+        skipped: list[str] = []
+        paths, bad = data.read_image_folder(x, skipped=skipped)
         items.extend((p, None) for p in paths)
         unreadable.extend(bad)
+        # As predict lists them: every file of a folder not scored is said.
+        unreadable.extend((p, "skipped: not an image extension (read are "
+                           f"{', '.join(data_images.IMAGE_EXTENSIONS)})") for p in skipped)
       elif isinstance(x, Image.Image):
+        problem = data_images.pixel_problem(x)
+        if problem:
+          raise DetectorError(f"images: PIL image {len(items)} ({x.mode} {x.size[0]} x "
+                              f"{x.size[1]}): {problem}")
         items.append((None, x))
       elif isinstance(x, np.ndarray):
         if x.dtype != np.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
           raise DetectorError(f"an image array must be uint8 [H, W, 3] or [N, H, W, 3]; "
                               f"got {x.dtype} {list(x.shape)}")
+        if 0 in x.shape:
+          raise DetectorError(f"an image array must hold at least one pixel (H, W >= 1) "
+                              f"and one image; got {x.dtype} {list(x.shape)}")
         for a in (x if x.ndim == 4 else x[None]):
           items.append((None, Image.fromarray(a, "RGB")))
       elif isinstance(x, (list, tuple)):
@@ -378,6 +390,7 @@ class Detector:
     if len(items) < need:
       raise DetectorError(f"scoring='batch' scores the images against each other and "
                           f"needs at least {need}; got {len(items)}")
+    self._check_rscin(len(items))
     toks, globs, kept, failed = [], [], [], []
     for chunk, loaded, batch in self._batches(items, keep_rgb):
       raw, glob = self._tokens(batch)
@@ -394,6 +407,7 @@ class Detector:
     if len(kept) < need:
       raise DetectorError(f"scoring='batch' scores the images against each other and "
                           f"needs at least {need} readable images; got {len(kept)}")
+    self._check_rscin(len(kept), " readable")
     maps, scores = self._upsampled(neighbors.mutual_maps(np.stack(toks, axis=1),
                                                          self.r_list))
     scores = neighbors.refine_scores(scores, np.stack(globs), tuple(self.cfg.eval.rscin_k))
@@ -401,6 +415,26 @@ class Detector:
       yield i, None, 0.0, hw, error, None
     for k, (i, hw, rgb) in enumerate(kept):
       yield i, maps[k], float(scores[k]), hw, "", rgb
+
+  def _check_rscin(self, n: int, what: str = "") -> None:
+    """RsCIN keeps each image's k most similar images of the call: every k of
+    eval.rscin_k must be at most the number of images scored."""
+    k_list = tuple(int(k) for k in self.cfg.eval.rscin_k)
+    if 0 not in k_list and k_list and max(k_list) > n:
+      raise DetectorError(
+          f"scoring='batch' refines scores with RsCIN over each image's k most similar "
+          f"images, eval.rscin_k={k_list}: give at least {max(k_list)}{what} images (got "
+          f"{n}), or set eval.rscin_k to values <= {n} ((0,) turns RsCIN off)")
+
+  def check_object_names(self, names: Sequence[str]) -> None:
+    """Refuses (DetectorError) an object name whose prompts do not fit the text
+    tower's context, before any image is read; the zero-shot head only."""
+    if self.scorer is None:
+      return
+    for name in sorted(set(names)):
+      problem = self.towers.text_embed.problem(name)
+      if problem:
+        raise DetectorError(problem)
 
   def _names(self, n: int, object_name, object_names, need_name: bool = True) -> list[str]:
     if object_names is not None:
@@ -466,6 +500,8 @@ class Detector:
     items, unreadable = self._items(images)
     names = self._names(len(items), object_name, object_names,
                         need_name=scoring == "zero_shot")
+    if scoring == "zero_shot":
+      self.check_object_names(names)
     limit_of = {n: self.thresholds_for(n, scoring) for n in set(names)}
     scores, maps, masks, paths, kept = [], [], [], [], []
     if scoring == "zero_shot":
@@ -519,6 +555,7 @@ class Detector:
       raise DetectorError(f"quantile={quantile!r}: expected a value in (0, 1]")
     items, unreadable = self._items(normal_images)
     names = self._names(len(items), object_name, None)
+    self.check_object_names(names)
     scores, pixels = [], []
     for _, amap, score, _, error, _ in self._raw(items, names):
       if not error:

@@ -431,13 +431,17 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   else:
     from adjax import scoring_modes
     evaluator = scoring_modes.ModeEvaluator(cfg, workdir, towers, mesh, params, source)
-  all_results, absent = {}, []
+  all_results, absent, handles = {}, [], []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:
-      handle = datasets.prepare(cfg, target)
+      handles.append(datasets.prepare(cfg, target))
     except data.DatasetNotFoundError as e:
       absent.append((target, str(e).splitlines()[0]))
-      continue
+  # Every data set's refusals (too few images for the mode, for eval.rscin_k)
+  # before the first one is scored.
+  for handle in handles:
+    evaluator.scorer.check(handle)
+  for handle in handles:
     all_results[handle.display_name] = evaluator.evaluate(handle)
     if jax.process_index() == 0:
       from adjax import scoring_modes

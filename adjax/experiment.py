@@ -90,14 +90,16 @@ def _run_locked(cfg, workdir: Path, main_process: bool) -> dict:
     # The training config stays in config.json; other modes keep their own.
     atomic.write_text(wd.mode_config(cfg.mode), cfg.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
-  if cfg.data.demo.root:
+  if cfg.data.demo.root and cfg.mode != "predict":   # predict reads no data set
     _ensure_demo_data(cfg.data.demo)
   towers = towers_lib.build(cfg, workdir, text=not _head_free(cfg))
 
   if cfg.mode == "predict":
     from adjax import predict
-    params = None if _head_free(cfg) else trained_params(cfg, workdir, towers, mesh)[0]
-    return predict.run(cfg, workdir, towers, mesh, params)
+    params, step = None, None
+    if not _head_free(cfg):
+      params, _, step = trained_params(cfg, workdir, towers, mesh)
+    return predict.run(cfg, workdir, towers, mesh, params, step=step)
 
   from adjax import evaluate
   if cfg.mode == "train":

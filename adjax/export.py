@@ -18,7 +18,8 @@ the given object names (their prompt-ensemble embeddings), all as constants:
   image-score mode. The thresholds (image and pixel) and where each comes
   from are in the metadata.
 An `object_index` outside [0, number of names) gives NaN outputs for that
-image. The batch dimension is dynamic.
+image. The batch dimension is dynamic; an ONNX file gives empty outputs
+for a batch of 0 images (`guard_empty_batch`).
 
 ONNX goes through jax2onnx (`pip install 'adjax[export]'`); the model's
 object names, image size and threshold are in its metadata_props. StableHLO
@@ -41,6 +42,7 @@ public pieces (backbone features, head, image score).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -160,7 +162,8 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   if deploy is not None:
     try:
       record = thresholds.read(deploy)
-      thresholds.check(record, image_score=cfg.eval.image_score, model=identity)
+      thresholds.check(record, image_score=cfg.eval.image_score, model=identity,
+                       head_step=step)
     except thresholds.ThresholdError as e:
       raise ExportError(f"{e} (or remove it to export without a decision output)") from None
   # Each object is decided with its own threshold, chosen by the rule predict
@@ -168,7 +171,8 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   if record is not None and not allow_new_objects:
     known = sorted({n for cats in record.get("details", {}).get("per_category", {}).values()
                     for n in cats})
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names
+               if thresholds.category_of(dict.fromkeys(known), n) is None]
     if known and unknown:
       raise ExportError(
           f"--object-names: {unknown} not among the categories of {record['_path']} "
@@ -332,6 +336,7 @@ def to_onnx(exp: Exportable) -> bytes:
                              model_name="adjax_anomaly", input_names=list(inputs),
                              output_names=list(outputs))
   drop_unused_initializers(model)
+  guard_empty_batch(model)
   for key, value in exp.metadata.items():
     entry = model.metadata_props.add()
     entry.key, entry.value = key, json.dumps(value)
@@ -340,6 +345,56 @@ def to_onnx(exp: Exportable) -> bytes:
                       "protobuf's 2 GiB single-file limit; export a smaller backbone, "
                       "--dtype bfloat16, or --format stablehlo")
   return model.SerializeToString()
+
+
+def guard_empty_batch(model) -> None:
+  """Wraps the graph in an `If` on the batch size: a batch of 0 images gets
+  empty outputs of the declared types (onnxruntime runs the converted graph
+  on it into an integer division by zero, SIGFPE, which kills the calling
+  process); any other batch runs the graph unchanged. The graph's first
+  input carries the batch dimension."""
+  import onnx
+  from onnx import helper, numpy_helper
+  g = model.graph
+  batch = g.input[0].name
+  inner = {o.name: o.name + "__graph" for o in g.output}
+
+  def renamed(names):
+    return [inner.get(n, n) for n in names]
+
+  body = helper.make_graph([], "adjax_graph", [], [])
+  for node in g.node:
+    copy = body.node.add()
+    copy.CopyFrom(node)
+    copy.input[:] = renamed(node.input)
+    copy.output[:] = renamed(node.output)
+  body.value_info.extend(g.value_info)
+  empty = helper.make_graph([], "adjax_empty_batch", [], [])
+  for out in g.output:
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim[1:]]
+    dtype = helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type)
+    const = numpy_helper.from_array(np.zeros([0] + dims, dtype), out.name + "__empty")
+    empty.node.append(helper.make_node("Constant", [], [out.name + "__empty"], value=const))
+    graph_out, empty_out = onnx.ValueInfoProto(), onnx.ValueInfoProto()
+    graph_out.CopyFrom(out)
+    graph_out.name = inner[out.name]
+    empty_out.CopyFrom(out)
+    empty_out.name = out.name + "__empty"
+    body.output.append(graph_out)
+    empty.output.append(empty_out)
+  guard = [helper.make_node("Shape", [batch], ["adjax_input_shape"]),
+           helper.make_node("Gather", ["adjax_input_shape", "adjax_batch_axis"],
+                            ["adjax_batch_size"]),
+           helper.make_node("Squeeze", ["adjax_batch_size"], ["adjax_batch_scalar"]),
+           helper.make_node("Equal", ["adjax_batch_scalar", "adjax_batch_zero"],
+                            ["adjax_batch_is_empty"]),
+           helper.make_node("If", ["adjax_batch_is_empty"], [o.name for o in g.output],
+                            then_branch=empty, else_branch=body)]
+  del g.node[:]
+  del g.value_info[:]
+  g.node.extend(guard)
+  g.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), "adjax_batch_zero"),
+                        numpy_helper.from_array(np.array([0], np.int64), "adjax_batch_axis")])
 
 
 class _quiet_jax2onnx:
@@ -403,6 +458,29 @@ def drop_unused_initializers(model) -> int:
   return clean(model.graph)[1]
 
 
+@contextlib.contextmanager
+def _reading_lock(workdir):
+  """`WorkdirLock` on the workdir while the export reads it; a workdir this
+  user cannot write (read-only file system or permissions) is read without
+  it (no run of this user can write it either), and said."""
+  import errno
+  from adjax.workdir.lock import WorkdirLock
+  lock = WorkdirLock(workdir)
+  try:
+    lock.__enter__()
+  except OSError as e:
+    if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+      raise
+    print(f"note: {workdir} is not writable ({e.strerror}); reading it without its lock",
+          file=sys.stderr, flush=True)
+    yield
+    return
+  try:
+    yield
+  finally:
+    lock.__exit__(*sys.exc_info())
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
   if out.is_dir():
     raise ExportError(f"--out {out}: is a directory; give a file name, e.g. "
@@ -411,6 +489,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
     raise ExportError(f"--out {out}: the folder {out.parent} does not exist")
   if out.exists() and not overwrite:
     raise ExportError(f"--out {out}: exists; pass --overwrite to replace it")
+  # Before the towers are built: a folder that cannot be written (permission,
+  # a read-only file system) fails now, not after the export's work.
+  import tempfile
+  try:
+    with tempfile.TemporaryFile(dir=out.parent):
+      pass
+  except OSError as e:
+    raise ExportError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
+                      "give --out in a writable folder") from None
 
 
 def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool = False,
@@ -428,6 +515,9 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
                         "scores every image against the one memory bank); leave it out")
     if kwargs.pop("allow_new_objects", False):
       raise ExportError("--allow-new-objects: not used with --references")
+    if threshold is not None and not np.isfinite(threshold):
+      raise ExportError(f"--threshold {threshold}: expected a finite number (the decision "
+                        "is image_score >= it)")
     _check_references(references)
   else:
     if threshold is not None:
@@ -448,10 +538,13 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
   out = Path(out)
   _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
-  if references is not None:
-    exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
-  else:
-    exp = build(workdir, object_names, **kwargs)
+  # The workdir's lock, as predict takes it: a training run cannot write or
+  # prune the checkpoint step while it is read (one consistent step).
+  with _reading_lock(workdir):
+    if references is not None:
+      exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
+    else:
+      exp = build(workdir, object_names, **kwargs)
   data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
   if fmt == "stablehlo":
@@ -510,8 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   decision = " and decision" if any(
       t is not None for t in meta["image_thresholds"]) else ""
   print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): "
-        f"{len(meta['object_names'])} objects, {meta['image_size']} px, outputs anomaly_map, "
-        f"image_score{decision}")
+        f"{len(meta['object_names'])} objects, {meta['image_size']} px, checkpoint step "
+        f"{meta['checkpoint_step']}, outputs anomaly_map, image_score{decision}")
   return 0
 
 

@@ -6,7 +6,6 @@ Parses the (locked) config, sets up logging and, when configured,
 
 from __future__ import annotations
 
-import errno
 import logging as std_logging
 import os
 import re
@@ -97,19 +96,10 @@ def _parse_flags(argv):
 
 
 def environment_error(e: BaseException) -> str | None:
-  """One line for a file-system problem the user can fix, else None."""
-  if isinstance(e, PermissionError):
-    return (f"{e.filename or e}: permission denied; the workdir and its files must be "
-            "writable by this user (or pass another --workdir)")
-  if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-    return f"{e.filename or 'a file'}: no space left on the device; free some and rerun"
-  if isinstance(e, NotADirectoryError):
-    return f"{e.filename}: a file where a folder is expected"
-  text = str(e)
-  if "RESOURCE_EXHAUSTED" in text or "No space left on device" in text:
-    first = " ".join(text.split())[:300]
-    return f"no space left on the device ({first}); free some and rerun"
-  return None
+  """One line for a file-system problem the user can fix, else None
+  (`errors.environment_error`, shared with every command)."""
+  from adjax.common import errors
+  return errors.environment_error(e)
 
 
 def interrupted_message(mode: str) -> str:

@@ -16,7 +16,8 @@ whole `[D, h, w]` map (eps 1e-5, no affine), the r x r neighbourhood mean
 per channel with zero padding r // 2 (padding counted in the mean), each
 patch L2-normalised. Then (MSM) each patch's Euclidean distance to the
 nearest patch of every other image, computed as matmuls
-(`|a|^2 + |b|^2 - 2 a.b`, clamped at 0 before the square root), blocked over
+(`|a|^2 + |b|^2 - 2 a.b`, clamped at 0 before the square root; the few-shot
+bank's nearest patch is then measured exactly, `exact_distance`), blocked over
 query and key images so that the largest temporary is
 `[query_block, P, key_block, P]`. Maps are averaged over layers, then over r.
 
@@ -56,9 +57,10 @@ def lnamd(x: jax.Array, r: int) -> jax.Array:
   return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _block_min_sq(zq, zk, precision):
+def _block_min_sq(zq, zk, precision, with_index: bool = False):
   """zq [bq, P, D], zk [bk, Q, D] -> [bq, P, bk]: squared distance of each query
-  patch to the nearest patch of each key image."""
+  patch to the nearest patch of each key image (and, `with_index`, that
+  patch's index in its image [bq, P, bk])."""
   (bq, p, d), (bk, q, _) = zq.shape, zk.shape
   ab = jnp.dot(zq.reshape(bq * p, d), zk.reshape(bk * q, d).T, precision=precision)
   # The barrier keeps the matmul a plain dot (XLA:CPU's fast path) instead of
@@ -66,8 +68,16 @@ def _block_min_sq(zq, zk, precision):
   ab = lax.optimization_barrier(ab)
   b2 = jnp.sum(jnp.square(zk), axis=-1).reshape(bk * q)       # [bk * Q]
   a2 = jnp.sum(jnp.square(zq), axis=-1)                      # [bq, P]
-  near = jnp.min((b2[None] - 2.0 * ab).reshape(bq, p, bk, q), axis=-1)
-  return near + a2[:, :, None]
+  d = (b2[None] - 2.0 * ab).reshape(bq, p, bk, q)
+  near = jnp.min(d, axis=-1) + a2[:, :, None]
+  return (near, jnp.argmin(d, axis=-1).astype(jnp.int32)) if with_index else near
+
+
+def exact_distance(z, nearest):
+  """|z - nearest| per patch, from the difference (not `|a|^2 + |b|^2 - 2 a.b`,
+  whose float32 rounding leaves ~1e-7 at a distance of 0, i.e. ~3e-4 after
+  the square root): a patch equal to a bank patch scores 0 on every path."""
+  return jnp.sqrt(jnp.sum(jnp.square(z - nearest), axis=-1))
 
 
 def _query_block(zq, qid, zkeys, kid, *, kind, lo, hi, precision):
@@ -77,16 +87,26 @@ def _query_block(zq, qid, zkeys, kid, *, kind, lo, hi, precision):
   indices; -1 marks padding). kind "mutual": the mean of the distances at
   ranks [lo, hi) over the other images; "reference": the nearest distance.
   """
+  reference = kind == "reference"
+
   def body(_, xs):
-    return None, _block_min_sq(zq, xs, precision)
+    return None, _block_min_sq(zq, xs, precision, with_index=reference)
   _, d = lax.scan(body, None, zkeys)                         # [nb, bq, P, bk]
   bq, p = zq.shape[:2]
+  if reference:
+    d, at = d
+    at = jnp.moveaxis(at, 0, 2).reshape(bq, p, -1)           # [bq, P, nb*bk]
   d = jnp.moveaxis(d, 0, 2).reshape(bq, p, -1)               # [bq, P, nb*bk]
   kid = kid.reshape(-1)
   skip = (kid[None, :] < 0) | (kid[None, :] == qid[:, None])  # [bq, K]
   d = jnp.where(skip[:, None, :], jnp.inf, d)
-  if kind == "reference":
-    return jnp.sqrt(jnp.maximum(jnp.min(d, axis=-1), 0.0))
+  if reference:
+    # The nearest bank patch, found on the squared distances, then measured
+    # exactly (as `reference_maps_dense` measures it).
+    image = jnp.argmin(d, axis=-1)                             # [bq, P]
+    patch = jnp.take_along_axis(at, image[..., None], axis=-1)[..., 0]
+    flat = zkeys.reshape((-1,) + zkeys.shape[2:])              # [nb*bk, Q, D]
+    return exact_distance(zq, flat[image, patch])
   smallest = -lax.top_k(-d, hi)[0]                           # ascending
   return jnp.mean(jnp.sqrt(jnp.maximum(smallest[..., lo:hi], 0.0)), axis=-1)
 
@@ -375,8 +395,9 @@ def reference_maps_dense(tokens: jax.Array, bank: jax.Array, r_list=(1, 3, 5),
     for l in range(n_layers):
       z = lnamd_dense(tokens[l], r).reshape(b, h * w, d)
       ab = jnp.einsum("bpd,kd->bpk", z, bank[l, k], precision=precision)
-      near = jnp.min(b2[l, k][None, None] - 2.0 * ab, axis=-1)
-      near = near + jnp.sum(jnp.square(z), axis=-1)
-      per_r = per_r + jnp.sqrt(jnp.maximum(near, 0.0))
+      # The nearest bank patch on the squared distances, measured exactly
+      # (`exact_distance`), as `reference_maps` measures it.
+      at = jnp.argmin(b2[l, k][None, None] - 2.0 * ab, axis=-1)    # [B, h*w]
+      per_r = per_r + exact_distance(z, jnp.take(bank[l, k], at, axis=0))
     total = total + per_r / n_layers
   return (total / len(r_list)).reshape(b, h, w)

@@ -4,9 +4,13 @@ Writes `<workdir>/predictions/scores.csv` (path, image score, heatmap and,
 with a threshold, `decision` 0/1 and `threshold_source`) and one heatmap panel per image
 (image | map overlaid, at the image's own resolution) under
 `<workdir>/predictions/heatmaps/`. Any size or mode is accepted (converted to
-RGB); unreadable files are listed in `unreadable.txt` and on the console, and
-every other image is still processed; when none can be read the run fails
-in one line and the previous predictions stay. Files under the workdir are
+RGB); unreadable files (NaN float images among them) and files skipped by
+their extension are listed in `unreadable.txt` (one line each, `\\n`, `\\t`
+escaped) and counted on the console, and every other image is still
+processed; when none can be read the run fails in one line and the previous
+predictions stay. A scores.csv cell that a spreadsheet would run as a
+formula gets a leading `'`; an output name too long for the file system is
+cut and ends with a hash of the whole name. Files under the workdir are
 never inputs; symlinked folders are followed (each real folder once); EXIF
 orientation is applied.
 
@@ -22,6 +26,7 @@ decide only with `predict.threshold` (thresholds.json is the head's).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -31,6 +36,7 @@ import jax
 from adjax import data
 from adjax.common import atomic
 from adjax.common.errors import UserError
+from adjax.data import images as data_images
 from adjax.detector import Detector, DetectorError
 from adjax.report import heatmaps, overlays
 from adjax.report import html as html_report
@@ -45,15 +51,52 @@ class PredictError(UserError, ValueError):
 SHOWN_UNREADABLE = 3
 
 
-def _output_name(path: str, root: str) -> str:
+def _output_name(path: str, root: str, longest: int | None = None) -> str:
   """The heatmap's path under heatmaps/: the input's path below `root`, its
   whole file name kept (so photo.jpg and photo.png, or a/b.png and a__b.png,
-  never share an output), plus .png."""
+  never share an output), plus .png. A part longer than the file system
+  allows for a written file (`atomic.longest_name`) is cut and ends with a
+  hash of the whole part (`<start>~<12 hex>.png`): stable, and distinct for
+  distinct names."""
   rel = os.path.relpath(path, root) if root else os.path.basename(path)
-  return Path(rel).as_posix() + ".png"
+  parts = list(Path(rel).parts)
+  parts[-1] += ".png"
+  longest = atomic.longest_name() if longest is None else longest
+  return "/".join(_fitting(part, longest) for part in parts)
 
 
-def run(cfg, workdir: Path, towers, mesh, params) -> dict:
+def _fitting(part: str, longest: int) -> str:
+  raw = part.encode("utf-8", "surrogateescape")
+  if len(raw) <= longest:
+    return part
+  tail = "~" + hashlib.sha256(raw).hexdigest()[:12] + (".png" if part.endswith(".png")
+                                                         else "")
+  head = raw[:longest - len(tail)].decode("utf-8", "ignore")   # no half a character
+  return head + tail
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+  """A text cell of scores.csv that a spreadsheet shows as text: one starting
+  with =, +, -, @, tab or CR gets a leading apostrophe (OWASP's advice)."""
+  return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def listing_line(path: str, why: str) -> str:
+  """One line of unreadable.txt, `path<TAB>reason`: backslash, tab, CR and
+  newline in either are written as \\, \\t, \\r, \\n, so one file is one line."""
+  return f"{_one_line(path)}\t{_one_line(why)}\n"
+
+
+def _one_line(text) -> str:
+  return (str(text).replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r")
+          .replace("\n", "\\n"))
+
+
+def run(cfg, workdir: Path, towers, mesh, params, step: int | None = None) -> dict:
   if jax.process_count() > 1:
     raise ValueError("mode=predict runs on one process; start it without distributed=True")
   name, scoring = cfg.predict.object_name, cfg.predict.scoring
@@ -62,8 +105,13 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
                        f"thresholds, not predict.scoring={scoring}; use predict.threshold")
   # Thresholds being calibrated anew replace the file's, which is then not
   # read (nor refused) first.
-  det = Detector(cfg, workdir, towers, mesh, params,
+  det = Detector(cfg, workdir, towers, mesh, params, step=step,
                  load_thresholds=not cfg.predict.calibrate_normals)
+  if scoring == "zero_shot" and str(name).strip():
+    try:                             # the name's prompts fit the text tower, before any image
+      det.check_object_names([name])
+    except DetectorError as e:
+      raise PredictError(f"predict.object_name: {e}") from None
   if cfg.predict.calibrate_normals:
     _calibrate(cfg, det)
   if scoring == "few_shot":
@@ -80,18 +128,30 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
     return dict(result, scores=[])
   # The workdir (its predictions, heatmaps, checkpoints) is never an input.
   excluded: list[str] = []
+  skipped: list[str] = []
   paths, unreadable = data.read_image_folder(cfg.predict.input, exclude=[workdir],
-                                             excluded=excluded)
+                                             excluded=excluded, skipped=skipped)
   if excluded:
     print(f"skipped {len(excluded)} files under the workdir {workdir} (its own outputs "
           "are never inputs)", flush=True)
+  if skipped:
+    # Listed with the unreadable files: every file of the input not predicted
+    # is in unreadable.txt.
+    print(f"skipped {len(skipped)} files whose extension is not an image's "
+          f"({data_images.extension_counts(skipped)}; read are "
+          f"{', '.join(data_images.IMAGE_EXTENSIONS)}); all listed in unreadable.txt",
+          flush=True)
+    unreadable += [(p, "skipped: not an image extension (read are "
+                    f"{', '.join(data_images.IMAGE_EXTENSIONS)})") for p in skipped]
   if not paths:
     # Nothing readable: the previous predictions stay as they are.
     listing = Workdir(workdir).unreadable
-    atomic.write_text(listing, "".join(f"{p}\t{why}\n" for p, why in unreadable))
+    atomic.write_text(listing, "".join(listing_line(p, why) for p, why in unreadable))
     raise PredictError(
-        f"predict.input={cfg.predict.input!r}: none of its {len(unreadable)} image files "
-        f"could be read ({_first_few(unreadable)}; all listed in {listing}); "
+        f"predict.input={cfg.predict.input!r}: none of its "
+        f"{len(unreadable) - len(skipped)} image files could be read"
+        + (f" ({len(skipped)} other files skipped by their extension)" if skipped else "")
+        + f" ({_first_few(unreadable)}; all listed in {listing}); "
         "predictions/ is left as it was")
   root = cfg.predict.input if os.path.isdir(cfg.predict.input) else os.path.commonpath(
       [os.path.dirname(p) for p in paths]) if paths else ""
@@ -102,7 +162,7 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
   with atomic.atomic_dir(out_dir, overwrite=True) as work_dir:
     rows = _predict_into(cfg, work_dir, det, paths, root, unreadable, limits, origin)
   if unreadable:
-    print(f"{len(unreadable)} unreadable files ({_first_few(unreadable)}; all listed in "
+    print(f"{len(unreadable)} files not predicted ({_first_few(unreadable)}; all listed in "
           f"{Predictions(out_dir).unreadable})")
   print(f"predicted {len(rows)} images -> {Predictions(out_dir).scores}, "
         f"{Predictions(out_dir).index}"
@@ -111,7 +171,8 @@ def run(cfg, workdir: Path, towers, mesh, params) -> dict:
 
 
 def _first_few(unreadable) -> str:
-  shown = "; ".join(f"{p}: {why}" for p, why in unreadable[:SHOWN_UNREADABLE])
+  shown = "; ".join(f"{_one_line(p)}: {_one_line(why)}"
+                    for p, why in unreadable[:SHOWN_UNREADABLE])
   return shown + (f"; and {len(unreadable) - SHOWN_UNREADABLE} more"
                   if len(unreadable) > SHOWN_UNREADABLE else "")
 
@@ -182,7 +243,8 @@ def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, li
       ["mask", "overlay"] if limits.pixel is not None else [])
   writer = csv.DictWriter(buf, fieldnames=fields)
   writer.writeheader()
-  writer.writerows(rows)
+  writer.writerows({k: csv_cell(v) if isinstance(v, str) and k != "score" else v
+                    for k, v in row.items()} for row in rows)
   atomic.write_text(out.scores, buf.getvalue())
   what = (f"{cfg.predict.object_name!r}" if cfg.predict.scoring == "zero_shot" else
           f"{cfg.predict.object_name!r} ({cfg.predict.scoring})")
@@ -190,5 +252,5 @@ def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, li
       f"predictions for {what} (thresholds: {origin})", rows))
   if unreadable:
     atomic.write_text(out.unreadable,
-                      "".join(f"{p}\t{why}\n" for p, why in unreadable))
+                      "".join(listing_line(p, why) for p, why in unreadable))
   return rows

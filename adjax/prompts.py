@@ -79,6 +79,14 @@ def prompt_sentences(obj: str) -> tuple[list[str], list[str]]:
   return group(NORMAL_STATES), group(ABNORMAL_STATES)
 
 
+def longest_tokens(tokenizer, sentences: Sequence[str]) -> int:
+  """The most tokens (with SOT and EOT) any of `sentences` takes, cleaned and
+  tokenised as `text_embeddings` tokenises them."""
+  ids = tokenizer([clip_text.clip_tokenizer.clean_text(t) for t in sentences],
+                  add_special_tokens=True)["input_ids"]
+  return max((len(row) for row in ids), default=0)
+
+
 def model_id_of(path_or_model) -> str:
   """The identity of a text tower for cache keys.
 

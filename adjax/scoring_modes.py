@@ -109,13 +109,17 @@ def problems(cfg, handle) -> list[str]:
   refs_dir = str(cfg.eval.get("references_dir", ""))
   need = neighbors._min_images((0.0, 0.3))
   k = int(cfg.eval.references)
-  small, short = [], []
+  k_list = tuple(int(x) for x in cfg.eval.rscin_k)
+  rscin = max(k_list) if k_list and 0 not in k_list else 0
+  small, short, few = [], [], []
   for ci, name in enumerate(handle.categories):
     in_cat = handle.example_category == ci
     n = int(in_cat.sum())
     good = int((in_cat & (np.asarray(handle.example_label) == 0)).sum())
     if kind == "batch" and n < need:
       small.append(f"{name} ({n})")
+    elif kind == "batch" and n < rscin:
+      few.append(f"{name} ({n})")
     if kind == "few_shot" and not refs_dir and good < k + 1:
       short.append(f"{name} ({good})")
   out = []
@@ -123,6 +127,11 @@ def problems(cfg, handle) -> list[str]:
     out.append(f"eval.scoring={cfg.eval.scoring} scores each image against the other "
                f"images of its category and needs at least {need} per category; "
                f"{handle.display_name} has fewer in {', '.join(small)}")
+  if few:
+    out.append(f"eval.rscin_k={k_list}: RsCIN keeps each image's k most similar images of "
+               f"its category, so each category needs at least {rscin} images; "
+               f"{handle.display_name} has fewer in {', '.join(few)} (lower eval.rscin_k, "
+               "or (0,) to turn RsCIN off)")
   if short:
     out.append(f"eval.references={k} needs at least {k + 1} good images per category "
                f"(k references and one left to score); {handle.display_name} has "

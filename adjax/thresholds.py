@@ -122,7 +122,8 @@ def resolve(record: Mapping[str, Any] | None, object_name: str,
   decide alike. `record` is what `read` returns (already `check`ed), or
   None when there is no thresholds file.
   - A category the record's evaluation saw (`details.per_category[<data
-    set>][object_name]`) has its own F1-max image and pixel thresholds; the
+    set>][object_name]`, the name matched as the text tower reads it:
+    `category_of`) has its own F1-max image and pixel thresholds; the
     first data set (in the record's order) that has a value wins, and a
     threshold of 0.0 is a threshold (only a missing one falls back).
   - Otherwise the record's top-level `image_threshold` / `pixel_threshold`.
@@ -139,9 +140,10 @@ def resolve(record: Mapping[str, Any] | None, object_name: str,
     source = "top-level" if image is not None else "none"
     own_image = own_pixel = None
     for dataset, cats in (record.get("details") or {}).get("per_category", {}).items():
-      own = (cats or {}).get(object_name) or {}
+      stored = category_of(cats or {}, object_name)
+      own = (cats or {}).get(stored) or {} if stored is not None else {}
       if own_image is None and own.get("image") is not None:
-        own_image = (float(own["image"]), f"category:{dataset}/{object_name}")
+        own_image = (float(own["image"]), f"category:{dataset}/{stored}")
       if own_pixel is None and own.get("pixel") is not None:
         own_pixel = float(own["pixel"])
     if own_image is not None:
@@ -154,9 +156,30 @@ def resolve(record: Mapping[str, Any] | None, object_name: str,
                   None if pixel is None else float(pixel), source)
 
 
+def same_object(name: str) -> str:
+  """An object name as the text tower reads it (`clip_tokenizer.clean_text`:
+  ends stripped, whitespace collapsed, lower case, HTML entities and mojibake
+  fixed): ' tile' and 'TILE' get the prompts of 'tile', so its threshold."""
+  from adjax.models.clip_tokenizer import clean_text
+  return clean_text(str(name))
+
+
+def category_of(categories: Mapping[str, Any], object_name: str) -> str | None:
+  """The key of `categories` that `object_name` names: itself, else the one
+  equal once both are read as the text tower reads them; None when none is."""
+  if object_name in categories:
+    return object_name
+  wanted = same_object(object_name)
+  return next((c for c in categories if same_object(c) == wanted), None)
+
+
 def check(record: Mapping[str, Any], *, image_score: str, model: Mapping[str, Any],
-          checkpoint_step: int | None = None) -> None:
-  """Refuses thresholds made for another model, image-score mode or checkpoint."""
+          checkpoint_step: int | None = None, head_step: int | None = None) -> None:
+  """Refuses thresholds made for another model, image-score mode or checkpoint.
+
+  `head_step`: the checkpoint step of the head in use; when only the head
+  differs and the file names another step (the newest step was found damaged
+  and an earlier one restored), the refusal says so and what to do."""
   where = record.get("_path", THRESHOLDS_FILE)
   if record["image_score"] != image_score:
     raise ThresholdError(
@@ -165,6 +188,18 @@ def check(record: Mapping[str, Any], *, image_score: str, model: Mapping[str, An
         "not comparable: choose thresholds again for this mode")
   stored = record["model"]
   differ = sorted(k for k in set(stored) | set(model) if stored.get(k) != model.get(k))
+  made_at = int(record.get("checkpoint_step", -1))
+  if differ == ["head_sha256"] and head_step is not None and made_at >= 0 \
+      and made_at != head_step:
+    why = (f"step {made_at} is newer than the step in use: it was found damaged (or is "
+           "gone), so the newest intact step was restored" if made_at > head_step else
+           "the head was trained further since")
+    raise ThresholdError(
+        f"{where}: made for another model (head_sha256 differs): its thresholds belong to "
+        f"checkpoint step {made_at}, this head is step {head_step} ({why}); choose "
+        f"thresholds for step {head_step} (mode=evaluate with "
+        "--config.eval.set_thresholds=True, or predict.calibrate_normals), pass "
+        "predict.threshold, or restore the checkpoint the thresholds were made with")
   if differ:
     detail = "; ".join(f"{k}: file {stored.get(k)!r}, model {model.get(k)!r}" for k in differ)
     raise ThresholdError(f"{where}: made for another model ({detail}); choose thresholds "

@@ -54,6 +54,21 @@ class TextEmbedder:
   def dim(self) -> int:
     return self.model.config.embed_dim
 
+  def problem(self, object_name: str) -> str:
+    """Why `object_name` cannot be embedded ("" when it can): its longest
+    prompt sentence, tokenised as `prompts.text_embeddings` does, must fit the
+    text tower's context."""
+    name = self.display_names.get(object_name, object_name)
+    normal, abnormal = prompts.prompt_sentences(name)
+    context = int(self.model.config.context_length)
+    longest = prompts.longest_tokens(self.tokenizer, normal + abnormal)
+    if longest <= context:
+      return ""
+    around = prompts.longest_tokens(self.tokenizer, sum(prompts.prompt_sentences(""), []))
+    return (f"object name {object_name!r}: its longest prompt sentence is {longest} tokens, "
+            f"more than the text tower's context of {context}; give a shorter name (about "
+            f"{max(context - around, 0)} tokens fit beside the prompt's own words)")
+
   def __call__(self, object_names: list[str]) -> np.ndarray:
     return prompts.text_embeddings(
         self.model, self.tokenizer, list(object_names), cache_dir=self.cache_dir,

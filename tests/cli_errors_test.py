@@ -73,6 +73,7 @@ def test_workdir_that_is_a_file(tmp_path):
 @pytest.mark.parametrize("raised,said", [
     ("PermissionError(13, 'Permission denied', path)", "permission denied"),
     ("OSError(28, 'No space left on device', path)", "no space left"),
+    ("OSError(30, 'Read-only file system', path)", "/.adjax.lock: read-only file system"),
     ("ValueError('RESOURCE_EXHAUSTED: writing ' + path)", "no space left"),
 ])
 def test_read_only_workdir_and_full_disk(tmp_path, raised, said):

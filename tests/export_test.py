@@ -166,6 +166,10 @@ def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path, capfd)
   amap, score = sess.run(None, {"images": _inputs(1)[0], "object_index": np.array([7], np.int32)})
   assert np.isnan(score).all() and np.isnan(amap).all()
 
+  # An empty batch: empty outputs (the unguarded graph died with SIGFPE).
+  assert _empty_batch_outputs(out, ["images", "object_index"]) == [
+      [[0, SIZE, SIZE], "float32"], [[0], "float32"]]
+
   Image.fromarray(_inputs(1)[0][0]).resize((50, 40)).save(tmp_path / "photo.png")
   done = _run_snippet(tmp_path, "model.onnx", "photo.png")
   assert "Removing initializer" not in done.stderr, done.stderr[:500]
@@ -174,6 +178,61 @@ def test_onnx_matches_jax_and_snippet_runs(run_dir, exportable, tmp_path, capfd)
   image = data_images.load_for_prediction(str(tmp_path / "photo.png"), SIZE)["image"]
   want = float(jax.jit(exportable.fn)(image[None], np.zeros(1, np.int32))["image_score"][0])
   assert _snippet_score(done) == pytest.approx(want, abs=TOL + 5e-5)   # printed to 4 places
+
+
+def _empty_batch_outputs(path: Path, inputs: list[str]) -> list:
+  """[[shape, dtype]] of each output on a batch of 0 images, run by
+  onnxruntime in a child process (a SIGFPE there fails the test, not the suite)."""
+  code = textwrap.dedent(f"""
+      import json, numpy as np, onnxruntime as ort
+      sess = ort.InferenceSession({str(path)!r})
+      feed = {{"images": np.zeros((0, {SIZE}, {SIZE}, 3), np.uint8),
+               "object_index": np.zeros(0, np.int32)}}
+      outs = sess.run(None, {{k: feed[k] for k in {inputs!r}}})
+      print(json.dumps([[list(o.shape), str(o.dtype)] for o in outs]))""")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_empty_batch_guard_returns_empty_outputs(tmp_path):
+  """`guard_empty_batch` on a graph that cannot run a batch of 0 (a reshape to
+  [B, -1]): empty outputs of the declared shapes and types for B = 0, the
+  graph's own outputs (bit for bit) for B = 2.
+  Fails if the guard is dropped or passes an empty batch to the graph."""
+  onnx = pytest.importorskip("onnx")
+  pytest.importorskip("onnxruntime")
+  from onnx import TensorProto, helper, numpy_helper
+  const = {"st": [0], "en": [1], "m1": [-1], "ax": [1]}
+  graph = helper.make_graph(
+      [helper.make_node("Shape", ["images"], ["s"]),
+       helper.make_node("Slice", ["s", "st", "en"], ["n"]),
+       helper.make_node("Concat", ["n", "m1"], ["flat_shape"], axis=0),
+       helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+       helper.make_node("Reshape", ["f", "flat_shape"], ["flat"]),
+       helper.make_node("ReduceMax", ["flat", "ax"], ["image_score"], keepdims=0),
+       helper.make_node("ReduceMean", ["f", "ax3"], ["anomaly_map"], keepdims=0)],
+      "probe", [helper.make_tensor_value_info("images", TensorProto.UINT8,
+                                              ["B", SIZE, SIZE, 3])],
+      [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["B", SIZE, SIZE]),
+       helper.make_tensor_value_info("image_score", TensorProto.FLOAT, ["B"])],
+      [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in const.items()]
+      + [numpy_helper.from_array(np.array([3], np.int64), "ax3")])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  model.ir_version = 8
+  onnx.save(model, str(tmp_path / "plain.onnx"))
+  export.guard_empty_batch(model)
+  onnx.checker.check_model(model)
+  onnx.save(model, str(tmp_path / "guarded.onnx"))
+  assert _empty_batch_outputs(tmp_path / "guarded.onnx", ["images"]) == [
+      [[0, SIZE, SIZE], "float32"], [[0], "float32"]]
+  images = _inputs(2, seed=4)[0]
+  plain, guarded = (_ort_session(tmp_path / n).run(None, {"images": images})
+                    for n in ("plain.onnx", "guarded.onnx"))
+  for a, b in zip(plain, guarded):
+    np.testing.assert_array_equal(a, b)
 
 
 def _run_snippet(folder: Path, model: str, image: str) -> subprocess.CompletedProcess:
@@ -264,6 +323,43 @@ def test_decision_output_from_thresholds_json(run_dir, exportable, tmp_path):
       export.build(run_dir, NAMES)
   finally:
     (run_dir / THRESHOLDS_FILE).unlink()
+
+
+def test_decision_output_per_object_threshold(run_dir, exportable, tmp_path):
+  """Two objects with different thresholds (per category, as an evaluation
+  writes them): each image is decided with its own object_index's
+  threshold, as thresholds.resolve gives it to predict.
+  Fails if the file indexes the threshold vector otherwise (one threshold for all)."""
+  images, _ = _inputs(4, seed=11)
+  idx = np.array([0, 1, 1, 0], np.int32)
+  scores = np.asarray(jax.jit(exportable.fn)(images, idx)["image_score"])
+  limits = {"bottle": float(scores[0]) + 1.0, "screw": float(scores[1]) - 1.0}
+  thresholds.write(run_dir, dataset="unit", image_score="mean", checkpoint_step=0,
+                   model=exportable.metadata["model"], image=0.5,
+                   details={"per_category": {"unit": {n: {"image": t}
+                                                      for n, t in limits.items()}}})
+  try:
+    exp = export.build(run_dir, NAMES)
+    assert exp.image_threshold == [limits["bottle"], limits["screw"]]
+    assert exp.metadata["threshold_sources"] == ["category:unit/bottle", "category:unit/screw"]
+    out = jax.jit(exp.fn)(images, idx)
+    want = scores >= np.array([limits[NAMES[i]] for i in idx])
+    np.testing.assert_array_equal(np.asarray(out["decision"]), want)
+    assert want.tolist() == [False, True, True, False]
+  finally:
+    (run_dir / THRESHOLDS_FILE).unlink()
+
+
+def test_baked_threshold_decides_as_predict_at_a_hair_above_a_score():
+  """A float64 threshold a hair above a float32 score: predict (float64
+  compare) says normal, and so must the float32 file: its threshold is
+  rounded up to the next float32, never to the nearest.
+  Fails if the baked threshold is the nearest float32 (`return f`)."""
+  rng = np.random.default_rng(0)
+  scores = rng.random(2000).astype(np.float32)
+  for s in scores:
+    for t in (float(s) + float(np.spacing(s)) / 4, float(s), float(s) - 1e-12):
+      assert (s >= export._f32_at_least(t)) == (float(s) >= t)
 
 
 def _nothing_written(tmp_path):
@@ -464,6 +560,8 @@ def test_few_shot_onnx_matches_detector(few_shot, tmp_path, capsys):
     maps, scores = _detector_few_shot(det, images)
     assert amap.shape == (b, SIZE, SIZE)
     assert _max_err(amap, maps) <= TOL and _max_err(score, scores) <= TOL
+  assert _empty_batch_outputs(out, ["images"]) == [[[0, SIZE, SIZE], "float32"],
+                                                   [[0], "float32"]]
 
 
 @pytest.mark.slow
@@ -503,4 +601,24 @@ def test_few_shot_references_refused(few_shot, tmp_path, capsys):
                     "--object-names", "bottle", "--format", "stablehlo",
                     "--out", str(tmp_path / "m.shlo")])
   assert rc == 2 and "--object-names: not used with --references" in capsys.readouterr().err
+  for bad in ("nan", "inf"):        # a NaN threshold would decide every image normal
+    rc = export.main(["--workdir", str(bare), "--references", str(few_shot[1]),
+                      "--threshold", bad, "--format", "stablehlo",
+                      "--out", str(tmp_path / "m.shlo")])
+    assert rc == 2 and "expected a finite number" in capsys.readouterr().err
   assert not (tmp_path / "m.shlo").exists()
+
+
+def test_few_shot_agrees_with_the_detector_on_its_references(few_shot):
+  """On images that are themselves references (nearest distance ~0, where a
+  square root magnifies float32 rounding of |a|^2 + |b|^2 - 2 a.b: 1.5e-4
+  measured before the nearest patch was measured exactly) the file and the
+  Detector agree to 1e-5, and both score the references ~0.
+  Fails if either path takes the square root of the expanded distance."""
+  _, refs, exp, det = few_shot
+  images = np.stack([np.asarray(Image.open(refs / f"good_{i}.png")) for i in range(3)])
+  got = jax.jit(exp.fn)(images)
+  maps, scores = _detector_few_shot(det, images)
+  assert _max_err(got["anomaly_map"], maps) <= 1e-5
+  assert _max_err(got["image_score"], scores) <= 1e-5
+  assert float(np.max(scores)) <= 1e-5

@@ -227,9 +227,24 @@ def test_reference_maps_brute_force(h, w):
 
 
 def test_reference_maps_of_a_reference_are_zero():
+  """The nearest bank patch is measured exactly (0.0 measured; the expanded
+  |a|^2+|b|^2-2ab left up to 2e-3 after the square root).
+  Fails if the square root of the expanded distance is returned."""
   refs = _tokens(8, 2, 3, 4, 4, 8)
   got = neighbors.reference_maps(refs[:, :1], refs, (1, 3))
-  np.testing.assert_allclose(got, 0.0, atol=2e-3)  # float32 |a|^2+|b|^2-2ab near 0
+  np.testing.assert_allclose(got, 0.0, atol=1e-6)
+
+
+def test_mutual_maps_of_a_duplicated_image_are_finite():
+  """A batch holding one image twice: the duplicate's squared distances are
+  ~0 and may round below 0; the clamp keeps the square root finite (2e-4
+  measured) where an unclamped one gives NaN patches.
+  Fails if the clamp at 0 before the square root is removed."""
+  tokens = _tokens(3, 2, 6, 4, 4, 8).copy()
+  tokens[:, 5] = tokens[:, 0]
+  got = neighbors.mutual_maps(tokens, (1, 3))
+  assert np.isfinite(got).all()
+  assert float(np.abs(got[[0, 5]]).max()) <= 1e-3 < float(got[1:5].min())
 
 
 @pytest.mark.parametrize("n,k_list", [(9, (1, 2, 3)), (20, (1, 8, 9))])

@@ -354,3 +354,95 @@ def test_comparison_html_has_the_numbers_of_each_mode(tmp_path):
           assert abs(float(text) - 100 * row[key]) <= 0.05 + 1e-9, (cat, mode, key, text)
         checked += 1
   assert checked == 2 * 3 * 3 and len(page.cells) == checked
+
+
+def test_problems_refuse_rscin_k_above_a_category():
+  """MuSc's VisA setting (1, 8, 9) on a category of 5: refused before work.
+  Fails if eval.rscin_k is not checked against the smallest category."""
+  cfg = demo_config()
+  cfg.eval.scoring = "batch"
+  cfg.eval.rscin_k = (1, 8, 9)
+  found = scoring_modes.problems(cfg, _handle({"ok": (6, 4), "five": (3, 2)}))
+  assert len(found) == 1 and found[0].startswith("eval.rscin_k=(1, 8, 9)")
+  assert "at least 9 images" in found[0] and "five (5)" in found[0] and "ok" not in found[0]
+  cfg.eval.rscin_k = (0,)                  # RsCIN off
+  assert scoring_modes.problems(cfg, _handle({"five": (3, 2)})) == []
+
+
+# ---- a category scored from given tokens (no towers) ----------------------
+H = W = 3
+D = 8
+SIZE = 12
+
+
+def _scorer(scoring, combine="zscore", rscin_k=(1, 2, 3)):
+  """A NeighbourScorer holding only what scoring a category's tokens reads."""
+  from adjax import sharding
+  cfg = demo_config()
+  cfg.eval.scoring, cfg.eval.combine, cfg.eval.rscin_k = scoring, combine, rscin_k
+  cfg.eval.r_list = (1, 3)
+  s = object.__new__(scoring_modes.NeighbourScorer)
+  s.cfg, s.scoring = cfg, scoring
+  s.kind = scoring_modes.neighbour_kind(scoring)
+  s.with_head = scoring_modes.needs_head(scoring)
+  s.mesh = sharding.make_mesh(1, 1, __import__("jax").devices()[:1])
+  s.model = types.SimpleNamespace(grid=(H, W), out_hw=(SIZE, SIZE))
+  return s
+
+
+def _got(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"tokens": rng.normal(size=(2, n, H * W, D)).astype(np.float32),
+          "glob": rng.normal(size=(n, 16)).astype(np.float32) + 1.0,
+          "head_map": rng.random((n, SIZE, SIZE)).astype(np.float32),
+          "label": np.arange(n) % 2, "mask": np.zeros((n, SIZE, SIZE), np.float32),
+          "has_mask": np.ones(n, bool), "index": np.arange(n) + 100}
+
+
+@pytest.mark.parametrize("combine", ["zscore", "minmax"])
+def test_combined_modes_normalise_each_map(combine):
+  """zero_shot+batch averages the head's and the neighbours' maps each on its
+  category's scale: rescaling the head's maps (x 1000 + 5) changes nothing.
+  Fails if the raw maps are averaged (0.5 * (head + maps))."""
+  s = _scorer("zero_shot+batch", combine)
+  got = _got(6)
+  rows = s._score_category(got, np.array([], int))
+  scaled = dict(got, head_map=got["head_map"] * 1000.0 + 5.0)
+  again = s._score_category(scaled, np.array([], int))
+  np.testing.assert_allclose(again["map"], rows["map"], rtol=1e-4, atol=1e-4)
+  alone = scoring_modes.normalise(got["head_map"], combine)
+  assert float(np.abs(rows["map"] - 0.5 * alone).max()) > 1e-2   # the neighbours count
+
+
+def test_batch_rscin_pairs_each_score_with_its_global_token():
+  """The category's image scores are RsCIN over (max of each map, its own
+  global token), in the images' order (MuSc's _RsCIN).
+  Fails if the global tokens reach RsCIN in another order than the scores."""
+  from adjax import neighbors
+  s = _scorer("batch")
+  got = _got(7, seed=1)
+  rows = s._score_category(got, np.array([], int))
+  raw = rows["map"].reshape(7, -1).max(-1)
+  np.testing.assert_allclose(rows["score"], neighbors.refine_scores(raw, got["glob"], (1, 2, 3)),
+                             rtol=1e-6)
+  assert not np.allclose(rows["score"],
+                         neighbors.refine_scores(raw, got["glob"][::-1], (1, 2, 3)), rtol=1e-3)
+
+
+def test_few_shot_references_are_not_scored_and_not_leaked():
+  """The references (chosen images of the category) leave the rows; every
+  other image is scored against them alone, never against itself (a leak
+  would score it ~0).
+  Fails if a scored image's own tokens reach its bank, or a reference is scored."""
+  from adjax import neighbors
+  s = _scorer("few_shot")
+  got = _got(6, seed=2)
+  refs = got["index"][[1, 4]]
+  rows = s._score_category(got, refs)
+  keep = np.array([0, 2, 3, 5])
+  np.testing.assert_array_equal(rows["index"], got["index"][keep])
+  tok = got["tokens"].reshape(2, 6, H, W, D)
+  want = scoring_modes.upsample(neighbors.reference_maps(tok[:, keep], tok[:, [1, 4]], (1, 3)),
+                                (SIZE, SIZE))
+  np.testing.assert_allclose(rows["map"], want, rtol=1e-5, atol=1e-6)
+  assert float(rows["score"].min()) > 0.1

@@ -66,6 +66,16 @@ def temp_prefix(name: str, kind: str = "tmp") -> str:
   return f".{name}.{kind}-{os.getpid()}-{processes.this_host()}-"
 
 
+def longest_name(parent: str | os.PathLike = ".") -> int:
+  """The longest destination name (in bytes) whose temporary (`temp_prefix`
+  plus tempfile's 8 characters) still fits the file system's name limit."""
+  try:
+    limit = os.pathconf(os.fspath(parent), "PC_NAME_MAX")
+  except (OSError, ValueError):
+    limit = 255
+  return min(limit, 255) - len(temp_prefix("").encode()) - 8
+
+
 def owned_temporaries(parent: str | os.PathLike, name: str | None = None
                       ) -> list[tuple[Path, str, int]]:
   """(path, host, pid) of every owned temporary in `parent` (for `name`)."""

@@ -162,6 +162,11 @@ def problems(cfg, *, device_count: int | None = None,
   if cfg.predict.references and cfg.predict.scoring != "few_shot":
     out.append(f"predict.references is set but predict.scoring={cfg.predict.scoring!r}; "
                "set predict.scoring=few_shot to score against them")
+  threshold = cfg.predict.threshold
+  if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+      or not math.isfinite(threshold)):
+    out.append(f"predict.threshold={threshold!r}: expected a finite number (>= 0: the "
+               "image threshold; -1: none, thresholds.json decides)")
   if not 0 < cfg.predict.calibrate_quantile <= 1:
     out.append(f"predict.calibrate_quantile={cfg.predict.calibrate_quantile!r}: expected "
                "a value in (0, 1]")

@@ -55,23 +55,50 @@ def upright(img: Image.Image) -> Image.Image:
   return img if turned is None else turned
 
 
+def pixel_problem(img: Image.Image) -> str:
+  """Why a decoded image cannot be scored ("" when it can): no pixels
+  (0 x 0), or float pixels that are NaN or infinite (a mode-F TIFF or
+  array), which no conversion to 8 bits can rank. Checked on every entry
+  point's decode, after it and before any scoring."""
+  w, h = img.size
+  if w < 1 or h < 1:
+    return f"the image has no pixels ({w} x {h})"
+  if img.mode == "F":
+    a = np.asarray(img)
+    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+    if bad:
+      return (f"{bad} of its {a.size} pixels are NaN or infinite (float image); "
+              "expected finite values")
+  return ""
+
+
 def decode(src: "bytes | str | os.PathLike | Image.Image") -> Image.Image:
   """The one decode every entry point shares: a file's path, its bytes or an
   opened PIL image -> the upright 8-bit RGB image that is scored and shown.
 
   Fully decoded (truncated or unknown data raises), EXIF orientation applied
-  (`upright`), 16-bit and float images rescaled from their range (`to_rgb`).
+  (`upright`), 16-bit and float images rescaled from their range (`to_rgb`);
+  an image without pixels or with NaN/infinite float pixels raises ValueError
+  (`pixel_problem`).
   The prediction reader, `Detector.predict` (paths and PIL images alike) and
   the inspection server all call it, so what a page draws is the image the
   map belongs to.
   """
   if isinstance(src, Image.Image):
     src.load()
+    _refuse_pixel_problem(src)
     return to_rgb(upright(src))
   with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as img:
     img.load()
+    _refuse_pixel_problem(img)
     out = to_rgb(upright(img))
     return img.copy() if out is img else out   # nothing tied to the closed file
+
+
+def _refuse_pixel_problem(img: Image.Image) -> None:
+  problem = pixel_problem(img)
+  if problem:
+    raise ValueError(problem)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -161,9 +188,10 @@ def zero_mask_png(width: int, height: int) -> bytes:
 # Prediction: a plain folder or glob of images.
 
 
-def _walk_images(root: str) -> list[str]:
+def _walk_images(root: str, others: list[str] | None = None) -> list[str]:
   """Image files below `root`, following symlinked folders; a folder reached
-  twice (a link loop or two links to one place) is read once."""
+  twice (a link loop or two links to one place) is read once. Files with
+  another extension (not hidden ones) are appended to `others` when given."""
   seen: set[str] = set()
   found = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -175,12 +203,25 @@ def _walk_images(root: str) -> list[str]:
     dirnames.sort()
     found += [os.path.join(dirpath, f) for f in filenames
               if is_image_file(f) and os.path.isfile(os.path.join(dirpath, f))]
+    if others is not None:
+      others += sorted(os.path.join(dirpath, f) for f in filenames
+                       if not f.startswith(".") and not is_image_file(f)
+                       and os.path.isfile(os.path.join(dirpath, f)))
   return found
+
+
+def extension_counts(paths: Sequence[str]) -> str:
+  """".gif: 2, .svg: 1" for files skipped by their extension."""
+  counts: dict[str, int] = {}
+  for p in paths:
+    ext = os.path.splitext(p)[1].lower() or "(no extension)"
+    counts[ext] = counts.get(ext, 0) + 1
+  return ", ".join(f"{e}: {n}" for e, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def read_image_folder(
     folder_or_glob: str | os.PathLike, *, exclude: Sequence[str | os.PathLike] = (),
-    excluded: list[str] | None = None,
+    excluded: list[str] | None = None, skipped: list[str] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]]:
   """Lists the images of a folder (recursively, following symlinked folders
   with a guard against loops) or a glob pattern.
@@ -188,7 +229,9 @@ def read_image_folder(
   Files under a folder of `exclude` (e.g. the run's workdir, where its own
   outputs are) are left out, and appended to `excluded` when given. Every
   candidate is opened and decoded once, so a file that cannot be used is
-  known before prediction starts.
+  known before prediction starts. Files of a folder or glob whose extension
+  is not an image's (`.gif`, `.heic`, `.svg`, `.txt`; hidden files aside)
+  are appended to `skipped` when given, so a caller can count them.
 
   Returns:
     (paths, unreadable): sorted readable image paths, and (path, reason) for
@@ -198,34 +241,47 @@ def read_image_folder(
     FileNotFoundError: nothing matches, naming the pattern.
   """
   spec = os.fspath(folder_or_glob)
+  others: list[str] = []
   if os.path.isdir(spec):
-    candidates = _walk_images(spec)
+    candidates = _walk_images(spec, others)
   elif os.path.isfile(spec):
     candidates = [spec]
   else:
-    candidates = [p for p in glob.glob(spec, recursive=True)
-                  if os.path.isfile(p) and is_image_file(p)]
+    matched = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+    candidates = [p for p in matched if is_image_file(p)]
+    others = sorted(p for p in matched if not is_image_file(p)
+                    and not os.path.basename(p).startswith("."))
   roots = [os.path.realpath(e) for e in exclude if e]
   inside: list[str] = []
   if roots:
-    inside = [p for p in candidates
-              if any(os.path.commonpath([os.path.realpath(p), r]) == r for r in roots)]
+    def under(p):
+      return any(os.path.commonpath([os.path.realpath(p), r]) == r for r in roots)
+    inside = [p for p in candidates if under(p)]
+    others = [p for p in others if not under(p)]
     if inside:
       candidates = [p for p in candidates if p not in set(inside)]
       if excluded is not None:
         excluded.extend(sorted(inside))
+  if skipped is not None:
+    skipped.extend(others)
   if not candidates:
     raise FileNotFoundError(
         f"no images found at {spec!r} (a folder is searched recursively for "
         f"{', '.join(IMAGE_EXTENSIONS)}; a glob pattern is matched as given"
         + (f"; {len(inside)} files under the workdir are never inputs"
-           if inside else "") + ")")
+           if inside else "")
+        + (f"; {len(others)} files with other extensions skipped "
+           f"({extension_counts(others)})" if others else "") + ")")
   ok, bad = [], []
   for p in sorted(candidates):
     try:
       with Image.open(p) as img:
         img.load()
-      ok.append(p)
+        problem = pixel_problem(img)
+      if problem:
+        bad.append((p, problem))
+      else:
+        ok.append(p)
     except Exception as e:  # PIL raises many kinds; every one means unusable.
       bad.append((p, describe_error(e)))
   return ok, bad

@@ -112,6 +112,11 @@ def scan_mvtec(root: Path, *, good: str = "good",
   if category_dirs is None:
     category_dirs = [d for d in sorted(root.iterdir())
                      if d.is_dir() and (d / "test").is_dir()]
+    others = [d.name for d in sorted(root.iterdir()) if d.is_dir()
+              and not d.name.startswith(".") and not (d / "test").is_dir()]
+    if others and category_dirs:
+      log.warning("%s: ignoring %d folder(s) without test/ (not categories): %s", root,
+                  len(others), ", ".join(others))
   if category_names is None:
     category_names = [d.name for d in category_dirs]
   if not category_dirs:
@@ -147,6 +152,13 @@ def scan_mvtec(root: Path, *, good: str = "good",
       pairs = _pair_masks(d, imgs, gt / d.name, mask_suffixes)
       records += [Record(p, pairs[p], 1, cat, d.name, p.relative_to(root).as_posix())
                   for p in imgs]
+  # A category with no image would vanish from the results without a word.
+  empty = [str(d / "test") for d, c in zip(category_dirs, category_names)
+           if not any(r.category == c for r in records)]
+  if empty:
+    raise DataError(f"{len(empty)} categor{'y' if len(empty) == 1 else 'ies'} without "
+                    f"images: {', '.join(empty)} (expected images in test/{good}/ or "
+                    "test/<defect type>/); add images or remove the folder")
   _warn_ignored(ignored, root)
   return records
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+from urllib.parse import quote
 from typing import Sequence
 
 import numpy as np
@@ -137,7 +138,8 @@ def gallery_html(title: str, rows: Sequence[dict]) -> str:
     label = ("" if decision in (None, "") else
              f' <span class="{"anomalous" if int(decision) else "normal"}">'
              f'{"anomalous" if int(decision) else "normal"}</span>')
-    pictures = "".join(f'<img alt="{k}" src="{html.escape(r[k])}"/>'
+    # A file name may hold #, ? or %: the link is URL-encoded, then HTML-escaped.
+    pictures = "".join(f'<img alt="{k}" src="{html.escape(quote(r[k]))}"/>'
                        for k in ("heatmap", "overlay") if r.get(k))
     items.append(f'<figure class="prediction">{pictures}<figcaption>'
                  f'{float(r["score"]):.4f}{label}<br/>{html.escape(str(r["path"]))}'
