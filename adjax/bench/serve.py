@@ -45,6 +45,7 @@ def tiny_detector(workdir: str | None = None):
   import jax
 
   from adjax import Detector
+  from adjax.workdir import Workdir
   if workdir is None:
     spec = importlib.util.spec_from_file_location(
         "demo_cfg", Path(__file__).resolve().parents[2] / "configs" / "demo.py")
@@ -54,7 +55,7 @@ def tiny_detector(workdir: str | None = None):
     c.image_size = 32
     c.predict.batch_size = jax.device_count()
     workdir = tempfile.mkdtemp(prefix="bench_serve_")
-    (Path(workdir) / "config.json").write_text(c.to_json_best_effort(indent=2))
+    Workdir(workdir).config.write_text(c.to_json_best_effort(indent=2))
   det = Detector.from_workdir(workdir, predict__scoring="few_shot", text__random_init=False,
                               text__checkpoint="/nonexistent/text")
   det.use_references([np.asarray(Image.open(io.BytesIO(_png(s)))) for s in (1, 2)])
