@@ -25,6 +25,16 @@ def brute_f1(scores, labels):
   return best
 
 
+def assert_separates(threshold, scores, t):
+  """`threshold` calls exactly the scores >= t anomalous and lies strictly
+  between t and the highest score below it (never on an observed score)."""
+  scores = np.asarray(scores, np.float64)
+  below = scores[scores < t]
+  assert threshold < t and (below.size == 0 or threshold > below.max()), (threshold, t)
+  assert threshold not in scores
+  np.testing.assert_array_equal(scores >= threshold, scores >= t)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_f1_optimal_matches_brute_force(seed):
   rng = np.random.default_rng(seed)
@@ -35,7 +45,8 @@ def test_f1_optimal_matches_brute_force(seed):
     scores = np.round(scores, 1)           # many ties
   got = metrics.f1_optimal(scores, labels)
   f1, t = brute_f1(scores, labels)
-  assert got.threshold == pytest.approx(t) and got.f1 == pytest.approx(f1)
+  assert got.f1 == pytest.approx(f1)
+  assert_separates(got.threshold, scores, t)
   pred = scores >= got.threshold
   assert got.precision == pytest.approx(np.sum(pred & labels) / pred.sum())
   assert got.recall == pytest.approx(np.sum(pred & labels) / labels.sum())
@@ -58,7 +69,8 @@ def test_f1_optimal_exact_ties_go_to_the_highest_threshold():
       if f1 > best[0]:
         best = (f1, t)
     got = metrics.f1_optimal(scores, labels)
-    assert got.threshold == best[1] and got.f1 == float(best[0])
+    assert got.f1 == float(best[0])
+    assert_separates(got.threshold, scores, best[1])
 
 
 def test_pixel_f1_ties_go_to_the_highest_threshold_across_blocks():
@@ -87,7 +99,7 @@ def test_pixel_f1_ties_go_to_the_highest_threshold_across_blocks():
       acc = metrics.MetricAccumulator(block_size=block_size)
       acc.update(maps.reshape(2, -1).max(1), masks.any((1, 2)), maps, masks)
       got = acc.result(details=True)
-      assert np.float32(got["pixel_threshold"]) == np.float32(want), block_size
+      assert_separates(got["pixel_threshold"], flat, want)
       assert got["pixel_f1max"] == pytest.approx(float(best), abs=1e-12)
   assert ties >= 10         # the draws do exercise the rule
 
@@ -118,9 +130,16 @@ def test_quantile_threshold():
   rng = np.random.default_rng(2)
   normal = rng.normal(size=1000)
   t = metrics.quantile_threshold(normal, 0.99)
-  assert t in normal
-  assert np.mean(normal > t) <= 0.01 and np.mean(normal >= t) >= 0.01
-  assert t == np.sort(normal)[int(np.ceil(0.99 * 999))]
+  v = np.sort(normal)[int(np.ceil(0.99 * 999))]       # the "higher" quantile
+  assert t not in normal
+  # Called anomalous (>= t): exactly the normals above v, at most 1%.
+  np.testing.assert_array_equal(normal >= t, normal > v)
+  assert np.mean(normal >= t) <= 0.01
+  assert v < t < normal[normal > v].min()
+  # The largest normal as the quantile: the threshold lies just above it.
+  top = metrics.quantile_threshold(normal, 1.0)
+  assert normal.max() < top <= normal.max() + abs(normal.max()) * 2 ** -9
+  assert not (normal >= top).any()
   with pytest.raises(ValueError):
     metrics.quantile_threshold([], 0.9)
   with pytest.raises(ValueError):
