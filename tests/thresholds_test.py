@@ -238,3 +238,104 @@ def test_resolve_one_rule_for_every_decision_path():
   assert thresholds.resolve(None, "chip") == (None, None, "none")
   assert thresholds.resolve(None, "chip", 0.4) == (0.4, None, "predict.threshold")
   assert thresholds.resolve(dict(rec, image_threshold=None), "bracket").source == "none"
+
+
+def _bank(*names):
+  import zlib
+  return thresholds.bank_identity(thresholds.image_digest(
+      np.full((4, 4, 3), zlib.crc32(n.encode()) % 251, np.uint8)) for n in names)
+
+
+def test_records_per_mode_and_bank(tmp_path):
+  """Each mode has its own deployment file; `resolve` refuses a record of
+  another mode, and a few-shot record of another bank, in one line naming
+  both; a few-shot object takes the category made with its bank."""
+  from adjax.workdir import Workdir
+  few = thresholds.model_for("few_shot", backbone_id="b", layers=(2, 5), image_size=64,
+                             reference_quirks=False, r_list=(1,))
+  assert few["scoring"] == "few_shot" and few["text"] == "none" and few["r_list"] == [1]
+  batch = thresholds.model_for("batch", backbone_id="b", layers=(2, 5), image_size=64,
+                               reference_quirks=False, r_list=(1,), rscin_k=(0,))
+  assert batch["rscin_k"] == [0]
+  assert thresholds.model_for("zero_shot", backbone_id="b", layers=(2,), image_size=64,
+                              reference_quirks=False, head=MODEL) == MODEL
+  bank_a, bank_b, bank_c = _bank("a1", "a2"), _bank("b1"), _bank("c1", "c2", "c3")
+  assert bank_a == _bank("a2", "a1") and bank_a != bank_b        # order does not matter
+  path = thresholds.write(tmp_path, dataset="fam", image_score="few_shot:max",
+                          checkpoint_step=-1, model=few, image=0.4, pixel=0.3,
+                          scoring="few_shot", details={"per_category": {"fam": {
+                              "tile": {"image": 0.5, "pixel": 0.35, "bank": bank_a},
+                              "nut": {"image": 0.7, "pixel": 0.45, "bank": bank_b}}}})
+  assert path == Workdir(tmp_path).mode_thresholds("few_shot")
+  assert path.name == "thresholds.few_shot.json"
+  assert Workdir(tmp_path).mode_thresholds("zero_shot").name == "thresholds.json"
+  rec = thresholds.read(tmp_path / "thresholds.few_shot.json")
+  assert rec["scoring"] == "few_shot"
+  thresholds.check(rec, image_score="few_shot:max", model=few, scoring="few_shot")
+  with pytest.raises(thresholds.ThresholdError, match="'few_shot'.*'batch'"):
+    thresholds.check(rec, image_score="few_shot:max", model=few, scoring="batch")
+  with pytest.raises(thresholds.ThresholdError, match="r_list: file"):
+    thresholds.check(rec, image_score="few_shot:max", model=dict(few, r_list=[1, 3]),
+                     scoring="few_shot")
+  # The object's own category, with its bank.
+  assert thresholds.resolve(rec, "tile", scoring="few_shot", bank=bank_a) == (
+      0.5, 0.35, "category:fam/tile")
+  # An unseen object name: the category made with this bank.
+  assert thresholds.resolve(rec, "", scoring="few_shot", bank=bank_b) == (
+      0.7, 0.45, "category:fam/nut")
+  for name, bank in (("tile", bank_b), ("mesh", bank_c)):
+    with pytest.raises(thresholds.ThresholdError) as err:
+      thresholds.resolve(rec, name, scoring="few_shot", bank=bank)
+    line = str(err.value)
+    assert "\n" not in line and bank["digest"][:12] in line, line
+  assert bank_a["digest"][:12] in str(pytest.raises(
+      thresholds.ThresholdError, thresholds.resolve, rec, "tile", scoring="few_shot",
+      bank=bank_b).value)
+  with pytest.raises(thresholds.ThresholdError, match="no references are in use"):
+    thresholds.resolve(rec, "tile", scoring="few_shot", bank=None)
+  # Another mode's scores never use it; a record without `scoring` is zero_shot.
+  with pytest.raises(thresholds.ThresholdError, match="made for scoring mode 'few_shot', "
+                     "these scores are 'batch'"):
+    thresholds.resolve(rec, "tile", scoring="batch")
+  old = thresholds.write(tmp_path / "old.json", dataset="d", image_score="mean",
+                         checkpoint_step=1, model=MODEL, image=0.2)
+  legacy = json.loads(old.read_text())
+  del legacy["scoring"]
+  old.write_text(json.dumps(legacy))
+  assert thresholds.read(old)["scoring"] == "zero_shot"
+  with pytest.raises(thresholds.ThresholdError, match="'zero_shot', these scores are "
+                     "'few_shot'"):
+    thresholds.resolve(thresholds.read(old), "tile", scoring="few_shot", bank=bank_a)
+  # A calibrated record: its top-level thresholds hold for its own bank only.
+  cal = thresholds.write(tmp_path / "cal.json", dataset="normals", scoring="few_shot",
+                         image_score="few_shot:max", checkpoint_step=-1, model=few,
+                         image=0.6, pixel=0.25, bank=bank_c)
+  cal = thresholds.read(cal)
+  assert thresholds.resolve(cal, "any", scoring="few_shot", bank=bank_c) == (
+      0.6, 0.25, "top-level")
+  assert thresholds.resolve(cal, "any", 0.9, scoring="few_shot", bank=bank_c) == (
+      0.9, 0.25, "predict.threshold")
+  with pytest.raises(thresholds.ThresholdError, match="made with bank"):
+    thresholds.resolve(cal, "any", scoring="few_shot", bank=bank_a)
+
+
+def test_separating_threshold_survives_rounding():
+  """A score that defined the threshold, computed one float32 ulp lower or
+  higher by another path, is still decided alike."""
+  from adjax.metrics import curves
+  rng = np.random.default_rng(5)
+  for _ in range(200):
+    scores = np.sort(rng.random(6).astype(np.float32))
+    lo, hi = float(scores[2]), float(scores[3])
+    t = curves.separating(lo, hi)
+    assert lo < t < hi and np.float32(t) == t
+    for s, want in ((hi, True), (lo, False)):
+      for ulps in (-1, 1):
+        other = np.nextafter(np.float32(s), np.float32(np.inf if ulps > 0 else -np.inf))
+        assert (other >= t) == want
+  # Adjacent float32 values: no float32 between them, the upper one decides.
+  a = np.float32(0.5)
+  b = np.nextafter(a, np.float32(1))
+  assert curves.separating(float(a), float(b)) == float(b)
+  assert curves.separating(None, 1.0) < 1.0 and curves.separating(1.0, None) > 1.0
+  assert curves.separating(0.0, None) > 0.0

@@ -1,0 +1,110 @@
+"""Thresholds per scoring mode (adjax.thresholds, Detector, predict): records
+of another mode or bank refused; the demo's few-shot and batch modes decide in
+mode=predict as their evaluation did, and calibration from normal images only
+gives about the chosen false-positive rate (slow tier)."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import demo_run
+from adjax import experiment, metrics, thresholds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _demo(tmp: Path, **overrides):
+  c = demo_run.demo_config()
+  c.data.demo.root = str(tmp / "demo")
+  c.data.train = str(tmp / "demo" / "family_a")
+  c.data.targets = str(tmp / "demo" / "family_b")
+  c.data.data_dir = str(tmp / "tfds")
+  c.text.random_init = False
+  c.text.checkpoint = "/nonexistent/text"
+  c.eval.heatmaps_per_category = 0
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _predict(c, workdir: Path, **predict) -> list[dict]:
+  c = c.copy_and_resolve_references()
+  c.mode = "predict"
+  for k, v in predict.items():
+    c.predict[k] = v
+  experiment.run(c, str(workdir))
+  if not c.predict.input:            # calibration only
+    return []
+  with open(workdir / "predictions" / "scores.csv") as f:
+    return list(csv.DictReader(f))
+
+
+def _f1(rows) -> float:
+  labels = np.array(["/good/" not in r["path"] for r in rows])
+  pred = np.array([r["decision"] == "1" for r in rows])
+  tp = int(np.sum(pred & labels))
+  return 2 * tp / (int(pred.sum()) + int(labels.sum()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scoring", ["few_shot", "batch"])
+def test_demo_mode_decides_as_evaluated_and_calibrates_from_normals(tmp_path, scoring, capsys):
+  """Evaluate with eval.set_thresholds=True, then mode=predict per category
+  (few_shot: against the evaluation's references) reaches the evaluation's
+  image F1 within 0.02; calibration on half of each category's good images
+  flags about 1 - quantile of the other half."""
+  work = tmp_path / "work"
+  c = _demo(tmp_path, **{"eval.scoring": scoring, "eval.references": 4,
+                         "eval.set_thresholds": True})
+  c.mode = "evaluate"
+  experiment.run(c, str(work))
+  record = thresholds.read(work / f"thresholds.{scoring}.json")
+  assert record["scoring"] == scoring
+  results = json.loads((work / "results" / f"family_b.{scoring}.json").read_text())
+  family = tmp_path / "demo" / "family_b"
+  gaps, flagged, held = [], 0, 0
+  quantile = 0.9
+  for cat in sorted(results["categories"]):
+    test = family / cat / "test"
+    kw = {"input": str(test), "object_name": cat, "scoring": scoring}
+    refs = None
+    if scoring == "few_shot":
+      refs = tmp_path / "refs" / cat
+      refs.mkdir(parents=True)
+      for rel in results["identity"]["references"][cat]:
+        shutil.copy(family / rel, refs / Path(rel).name)
+      kw["references"] = str(refs)
+    rows = _predict(c, work, **kw)
+    assert {r["threshold_source"] for r in rows} == {f"category:family_b/{cat}"}
+    # The references themselves score 0 (normal): F1 does not count them.
+    gaps.append(abs(_f1(rows) - results["categories"][cat]["image_f1max"]))
+    # Normals only: calibrate on half the good images, predict the other half.
+    goods = sorted(p for p in (test / "good").glob("*.png")
+                   if refs is None or not (refs / p.name).exists())
+    cal, rest = tmp_path / "cal" / scoring / cat, tmp_path / "rest" / scoring / cat
+    for folder, part in ((cal, goods[::2]), (rest, goods[1::2])):
+      folder.mkdir(parents=True)
+      for p in part:
+        shutil.copy(p, folder / p.name)
+    cal_work = tmp_path / f"cal_{scoring}_{cat}"
+    extra = {"references": str(refs)} if refs else {}
+    _predict(c, cal_work, scoring=scoring, object_name=cat, calibrate_normals=str(cal),
+             calibrate_quantile=quantile, input="", **extra)
+    rows = _predict(c, cal_work, scoring=scoring, object_name=cat, input=str(rest), **extra)
+    flagged += sum(r["decision"] == "1" for r in rows)
+    held += len(rows)
+  fpr = flagged / held
+  with capsys.disabled():
+    print(f"\n{scoring}: |F1(predict) - F1(evaluate)| per category "
+          f"{[round(g, 4) for g in gaps]}; normals-only calibration (q={quantile}) "
+          f"false-positive rate on held-out good images {flagged}/{held} = {fpr:.3f}")
+  assert max(gaps) <= 0.02, gaps
+  assert fpr <= 0.35, fpr
