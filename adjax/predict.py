@@ -132,9 +132,9 @@ def _origin(cfg, det: Detector, limits) -> str:
           "predict.threshold)", flush=True)
     return f"undecided, {why}"
   path = det.record_paths.get(scoring) or "calibrated now"
-  if not limits.source.startswith("category:"):
-    names = sorted({n for cats in (record.get("details") or {}).get(
-        "per_category", {}).values() for n in cats})
+  names = sorted({n for cats in (record.get("details") or {}).get(
+      "per_category", {}).values() for n in cats})
+  if names and not limits.source.startswith("category:"):
     print(f"predict.object_name={cfg.predict.object_name!r} has no calibrated threshold of "
           f"its own in {path} (its categories: {', '.join(names) or 'none'}); "
           "using the top-level threshold", flush=True)
