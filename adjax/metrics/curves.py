@@ -116,10 +116,6 @@ class RankingSweep:
     self._curve: list[np.ndarray] = []
     self._f1_threshold = None
     self._f1_counts = (0, 0)  # (TP, FP) at the F1-max threshold
-    # The highest positive score below the F1-max one (None: none yet) and
-    # whether it is still to come (the F1-max score ended its block).
-    self._f1_pos_below = None
-    self._f1_await_below = False
     self._neg = negatives
     self._n_neg = int(negatives.shape[0])
     self._n_pos = int(n_pos)
@@ -171,10 +167,6 @@ class RankingSweep:
       # lower block must be strictly better).
       self._f1, self._f1_threshold = float(f1[best]), float(values[best])
       self._f1_counts = (int(tp[best]), int(ge[best]))
-      self._f1_await_below = best + 1 >= values.shape[0]
-      self._f1_pos_below = None if self._f1_await_below else float(values[best + 1])
-    elif self._f1_await_below:
-      self._f1_pos_below, self._f1_await_below = float(values[0]), False
     if self._curve_points:
       # (threshold, FPR, recall, precision) at up to curve_points scores per block.
       pick = np.unique(np.linspace(0, values.shape[0] - 1,
@@ -203,15 +195,15 @@ class RankingSweep:
     return (self.f1_separating(), self._f1, tp / (tp + ge), tp / self._n_pos)
 
   def f1_separating(self) -> float | None:
-    """The F1-max threshold between the two observed scores it separates."""
+    """The F1-max threshold between the two observed scores it separates: the
+    F1-max score and the highest score below it, always a negative one (a
+    positive with no negative between would raise TP at no cost, so F1 would
+    not be at its maximum)."""
     if self._f1_threshold is None:
       return None
     t = self._f1_threshold
     lo = int(np.searchsorted(self._neg, np.asarray(t, self._neg.dtype), side="left"))
-    below = [float(self._neg[lo - 1])] if lo > 0 else []
-    if self._f1_pos_below is not None:
-      below.append(self._f1_pos_below)
-    return separating(max(below) if below else None, t)
+    return separating(float(self._neg[lo - 1]) if lo > 0 else None, t)
 
   def _pro_block(self, gt: np.ndarray, ge: np.ndarray, pro: np.ndarray) -> None:
     m = gt.shape[0]
