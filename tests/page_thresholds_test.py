@@ -73,7 +73,10 @@ def test_page_shows_the_servers_decisions(browser, tmp_path):  # noqa: F811
   app = App(det)
   want = {f.name: app.predict_bytes(f.read_bytes(), "", "few_shot") for f in files}
   assert all(a["threshold"] == image_t and a["pixel_threshold"] == pixel_t
+             and a["decided"] and a["heatmap_scale"]["divisor"] == pixel_t
              for a in want.values())
+  listed = app.info()["thresholds"]
+  assert listed["few_shot"]["image_threshold"] == image_t and listed["batch"] is None
   running = Running(det)
   try:
     browser.get(running.url + "/")
