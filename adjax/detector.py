@@ -122,10 +122,11 @@ class Detector:
 
   def __init__(self, cfg, workdir: Path, towers, mesh, params=None, step: int | None = None,
                load_thresholds: bool = True):
-    """`params=None` builds no head (the neighbour modes only; no thresholds.json
-    is read). `load_thresholds=False` starts without decision thresholds (e.g.
-    to `calibrate` new ones over a file that belongs to another head)."""
-    from adjax import sharding, thresholds
+    """`params=None` builds no head (the neighbour modes only; their records
+    are read when first used). `load_thresholds=False` starts without
+    decision thresholds in any mode (e.g. to `calibrate` new ones over a
+    record that belongs to another head or bank)."""
+    from adjax import sharding
     self.cfg, self.workdir, self.step = cfg, Path(workdir), step
     self.mesh, self.towers = mesh, towers
     if params is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import demo_run
-from adjax import experiment, metrics, thresholds
+from adjax import experiment, thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
 
