@@ -114,6 +114,23 @@ def test_page_shows_the_servers_decisions(browser, tmp_path):  # noqa: F811
     assert {n: int(c["mask"]) for n, c in back.items()} == {
         n: a["mask_pixels"] for n, a in want.items()}
     assert not browser.find_element(By.ID, "what-if").is_displayed()
+    # A pixel threshold amid one image's map values: the page draws the
+    # server's mask, not one rebuilt from the 8-bit heatmap.
+    maps = det.predict([str(f) for f in files], scoring="few_shot").maps
+    middle = float(np.median(maps[1]))
+    thresholds.write(tmp_path / "work", dataset="unit", scoring="few_shot",
+                     image_score="few_shot:max", checkpoint_step=-1,
+                     model=det.threshold_model("few_shot"), image=image_t, pixel=middle,
+                     bank=det.bank, method="unit")
+    det.records.pop("few_shot", None)
+    mid_want = {f.name: app.predict_bytes(f.read_bytes(), "", "few_shot")["mask_pixels"]
+                for f in files}
+    assert 0 < mid_want[files[1].name] < 64 * 64
+    browser.find_element(By.ID, "clear").click()
+    browser.execute_script("document.getElementById('files').value = '';")
+    browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in files))
+    _wait(browser, lambda d: len(_cards(d)) == len(files), "the images again")
+    assert {c["name"]: int(c["mask"]) for c in _cards(browser)} == mid_want
     # batch has no record here: undecided, no masks, empty sliders.
     browser.find_element(By.ID, "clear").click()
     browser.execute_script("document.getElementById('files').value = '';")
