@@ -661,7 +661,7 @@ class Detector:
       return scores, pixels, f"each of the {k} references against the other {k - 1}"
     items, bad = self._items(normal_images)
     unreadable.extend(bad)
-    left_out = 0
+    left_out = whole_bank = 0
     for chunk, loaded, batch in self._batches(items):
       raw, _ = self._tokens(batch)
       groups: dict[tuple[int, ...], list[int]] = {}
@@ -672,9 +672,15 @@ class Detector:
         digest = thresholds.image_digest(batch[j])
         drop = tuple(r for r, d in enumerate(self.reference_digests) if d == digest)
         left_out += bool(drop)
+        whole_bank += len(drop) >= k
         groups.setdefault(drop, []).append(j)
       for drop, js in groups.items():
         against(raw[:, js], drop)
+    if not scores and whole_bank:
+      raise DetectorError(
+          f"calibrate: scoring='few_shot' scores a reference against the other references, "
+          f"and the bank has {k}: give normal images of the object other than the "
+          "references (or at least 2 references)")
     how = "the normal images against the bank"
     if left_out:
       how += f" ({left_out} of them references, each against the others)"

@@ -117,3 +117,50 @@ def test_demo_mode_decides_as_evaluated_and_calibrates_from_normals(tmp_path, sc
           f"(expected from the calibration sets' sizes {expected / held:.3f})")
   assert max(gaps) <= 0.02, gaps
   assert abs(flagged - expected) <= 3 * np.sqrt(variance) + 1, (flagged, expected)
+
+
+@pytest.mark.slow
+def test_few_shot_calibration_leaves_each_reference_out(tmp_path):
+  """calibrate(None, scoring="few_shot") scores each reference against the
+  others (what use_references of the others then predict gives), and so
+  does calibrating on the references' own folder; what cannot be calibrated
+  is refused in one line."""
+  from PIL import Image
+  from adjax import Detector, metrics
+  from adjax.detector import DetectorError
+  rng = np.random.default_rng(8)
+  refs = tmp_path / "refs"
+  refs.mkdir()
+  base = rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)
+  paths = []
+  for i in range(3):
+    im = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+    paths.append(refs / f"r{i}.png")
+    Image.fromarray(im).save(paths[-1])
+  c = demo_run.demo_config()
+  c.data.demo.root = ""
+  c.image_size = 64
+  c.text.random_init = False
+  c.text.checkpoint = "/nonexistent/text"
+  c.predict.scoring = "few_shot"
+  det = Detector.from_config(c, tmp_path / "work")
+  left_out = []
+  for i, p in enumerate(paths):
+    det.use_references([str(q) for j, q in enumerate(paths) if j != i])
+    left_out.append(float(det.predict(str(p), scoring="few_shot").scores[0]))
+  det.use_references(str(refs))
+  image_t, _ = det.calibrate(None, 1.0, scoring="few_shot")
+  assert image_t == pytest.approx(metrics.quantile_threshold(left_out, 1.0), rel=1e-5)
+  assert max(left_out) < image_t
+  again, _ = det.calibrate(str(refs), 1.0, scoring="few_shot")
+  assert again == pytest.approx(image_t, rel=1e-6)
+  assert "each against the others" in det.records["few_shot"]["details"]["scored"]
+  assert det.records["few_shot"]["bank"] == det.bank
+  det.use_references(str(paths[0]))
+  for normals, scoring, needle in ((None, "few_shot", "needs at least 2 references"),
+                                   (str(paths[0]), "few_shot", "other than the references"),
+                                   (str(refs), "zero_shot+few_shot", "come from evaluation"),
+                                   (str(paths[0]), "batch", "needs at least 5")):
+    with pytest.raises(DetectorError, match=needle) as err:
+      det.calibrate(normals, 0.9, scoring=scoring)
+    assert "\n" not in str(err.value)
