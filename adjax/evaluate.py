@@ -4,9 +4,12 @@ For every category: image AUROC / AP / F1-max and pixel AUROC / AP / F1-max /
 AUPRO through the streaming accumulator, written to
 `<workdir>/results/<dataset>.{json,md,csv}` and printed as a table, its
 F1-max thresholds to `results/<dataset>.thresholds.json`; plus a few heatmap
-panels per category under `<workdir>/heatmaps/<dataset>/<category>/`. The
-deployment `<workdir>/thresholds.json` is written only when chosen
-(`eval.set_thresholds=True`) or when a training run's evaluation finds none.
+panels per category under `<workdir>/heatmaps/<dataset>/<category>/` (on the
+mode's fixed colour scale, `heatmaps.scale_for`). The deployment record of
+the mode evaluated (`Workdir.mode_thresholds`: `thresholds.json` for the
+zero-shot head, `thresholds.<mode>.json` otherwise) is written only when
+chosen (`eval.set_thresholds=True`) or, zero-shot, when a training run's
+evaluation finds none.
 """
 
 from __future__ import annotations
