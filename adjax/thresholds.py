@@ -116,7 +116,8 @@ def bank_identity(digests) -> dict[str, Any]:
 def _bank_text(bank: Mapping[str, Any] | None) -> str:
   if not bank:
     return "no bank"
-  return f"bank {str(bank.get('digest'))[:12]} ({bank.get('images')} images)"
+  n = bank.get("images")
+  return f"bank {str(bank.get('digest'))[:12]} ({n} image{'' if n == 1 else 's'})"
 
 
 # ------------------------------------------------------------- the file
