@@ -25,8 +25,16 @@ Scoring modes (`predict(..., scoring=...)`, as `adjax.scoring_modes` scores them
   `neighbors.mutual_maps`, image scores refined by RsCIN (`eval.rscin_k`).
 The neighbour modes use `eval.r_list`, need neither the head nor the text
 tower (a Detector built with `predict.scoring=few_shot|batch` loads neither,
-and needs no checkpoint), and decide only with `predict.threshold >= 0`:
-thresholds.json belongs to the zero-shot head.
+and needs no checkpoint).
+
+Every mode decides with its own deployment record
+(`Workdir.mode_thresholds`: thresholds.json for zero_shot,
+thresholds.few_shot.json, thresholds.batch.json), checked against what the
+mode's scores depend on (`thresholds.model_for`; few_shot also against the
+bank in use, `thresholds.resolve`), read when the mode is first used; from
+an evaluation (`eval.set_thresholds=True`) or from normal images only
+(`calibrate`). Without a record (nor `predict.threshold >= 0`) a mode's
+predictions are undecided: no decisions, no masks.
 """
 
 from __future__ import annotations
@@ -114,10 +122,11 @@ class Detector:
 
   def __init__(self, cfg, workdir: Path, towers, mesh, params=None, step: int | None = None,
                load_thresholds: bool = True):
-    """`params=None` builds no head (the neighbour modes only; no thresholds.json
-    is read). `load_thresholds=False` starts without decision thresholds (e.g.
-    to `calibrate` new ones over a file that belongs to another head)."""
-    from adjax import sharding, thresholds
+    """`params=None` builds no head (the neighbour modes only; their records
+    are read when first used). `load_thresholds=False` starts without
+    decision thresholds in any mode (e.g. to `calibrate` new ones over a
+    record that belongs to another head or bank)."""
+    from adjax import sharding
     self.cfg, self.workdir, self.step = cfg, Path(workdir), step
     self.mesh, self.towers = mesh, towers
     if params is not None:
@@ -138,16 +147,51 @@ class Detector:
     self._tokens_step = None
     self.references = None      # [L, R, h, w, D] raw tokens of use_references()
     self.reference_paths: list = []
+    self.reference_digests: list[str] = []   # thresholds.image_digest per reference
+    self.bank = None            # thresholds.bank_identity of the references
+    self._load_thresholds = bool(load_thresholds)
+    # Per scoring mode: its checked deployment record (None: none) and its file.
+    self.records: dict[str, dict | None] = {}
+    self.record_paths: dict[str, Path | None] = {}
     self.record = None
+    self.thresholds_path = None
     # The workdir's thresholds.json, else (init_from) the trained run's, as
     # mode=predict decides; checked against this head before any use.
-    self.thresholds_path = thresholds.deployment_path(
-        self.workdir, cfg.init_from or None) if load_thresholds and self.scorer else None
-    if self.thresholds_path is not None:
-      self.record = thresholds.read(self.thresholds_path)
-      thresholds.check(self.record, image_score=self.model.image_score,
-                       model=self.scorer.threshold_model(), head_step=step)
-    self._pending: dict | None = None   # calibrated, not yet saved
+    if self.scorer is not None:
+      self.record = self.record_for("zero_shot")
+      self.thresholds_path = self.record_paths["zero_shot"]
+    self._pending: dict[str, dict] = {}   # per mode: calibrated, not yet saved
+    self._last_calibrated: str | None = None
+
+  def threshold_model(self, scoring: str = "zero_shot") -> dict:
+    """What a record of `scoring` must have been made for (`thresholds.model_for`)."""
+    from adjax import thresholds
+    return thresholds.model_for(
+        scoring, backbone_id=self.towers.backbone_id, layers=self.model.layers,
+        image_size=self.image_size, reference_quirks=bool(self.cfg.reference_quirks),
+        head=self.scorer.threshold_model() if self.scorer is not None else None,
+        r_list=self.r_list, rscin_k=tuple(self.cfg.eval.rscin_k))
+
+  def image_score_rule(self, scoring: str = "zero_shot") -> str:
+    """The image-score rule a record of `scoring` records (as evaluation writes it)."""
+    return self.model.image_score if scoring == "zero_shot" else f"{scoring}:max"
+
+  def record_for(self, scoring: str = "zero_shot") -> dict | None:
+    """The checked deployment record of `scoring` (None: none), read once:
+    the workdir's `Workdir.mode_thresholds(scoring)`, else the init_from
+    run's; refused (ThresholdError, one line) when made for another model."""
+    from adjax import thresholds
+    if scoring not in self.records:
+      path = thresholds.deployment_path(self.workdir, self.cfg.init_from or None,
+                                        scoring) if self._load_thresholds else None
+      record = None
+      if path is not None:
+        record = thresholds.read(path)
+        thresholds.check(record, image_score=self.image_score_rule(scoring),
+                         model=self.threshold_model(scoring), scoring=scoring,
+                         head_step=self.step)
+      self.records[scoring], self.record_paths[scoring] = record, path
+    return self.records[scoring]
 
   @property
   def scoring_modes(self) -> tuple[str, ...]:
@@ -344,8 +388,9 @@ class Detector:
     as `predict` takes them) for `scoring="few_shot"`: their raw patch tokens are
     computed once and kept as the memory bank (replacing any earlier one).
     Returns the number of readable references; raises DetectorError when none is."""
+    from adjax import thresholds
     items, unreadable = self._items(normal_images)
-    toks, paths = [], []
+    toks, paths, digests = [], [], []
     for chunk, loaded, batch in self._batches(items):
       raw, _ = self._tokens(batch)
       for j, i in enumerate(chunk):
@@ -354,12 +399,15 @@ class Detector:
         else:
           toks.append(raw[:, j])
           paths.append(items[i][0])
+          digests.append(thresholds.image_digest(batch[j]))
     if not toks:
       raise DetectorError("use_references: no readable normal images" + (
           f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})"
           if unreadable else ""))
     self.references = np.stack(toks, axis=1)
     self.reference_paths = paths
+    self.reference_digests = digests
+    self.bank = thresholds.bank_identity(digests)
     return len(paths)
 
   def _few_shot(self, items, keep_rgb: bool = False, progress=None):
@@ -455,16 +503,15 @@ class Detector:
 
   def thresholds_for(self, object_name: str, scoring: str = "zero_shot"):
     """`thresholds.Resolved` (image threshold, pixel threshold, source) for
-    `object_name`: `thresholds.resolve`, the rule mode=predict and the export
-    decide with, `predict.threshold >= 0` overriding the image threshold.
-    The neighbour modes have only `predict.threshold` (thresholds.json is
-    the zero-shot head's): without it, no thresholds (source "none")."""
+    `object_name` in `scoring`: `thresholds.resolve` over the mode's record
+    (`record_for`; few_shot: for the bank of `use_references`), the rule
+    mode=predict, the page and the export decide with; `predict.threshold
+    >= 0` overrides the image threshold. No record: source "none"."""
     from adjax import thresholds
     override = float(self.cfg.predict.threshold)
-    if scoring != "zero_shot":
-      return (thresholds.Resolved(override, None, "predict.threshold") if override >= 0
-              else thresholds.Resolved(None, None, "none"))
-    return thresholds.resolve(self.record, object_name, override if override >= 0 else None)
+    return thresholds.resolve(
+        self.record_for(scoring), object_name, override if override >= 0 else None,
+        scoring=scoring, bank=self.bank if thresholds.uses_bank(scoring) else None)
 
   def predict(self, images, object_name: str | None = None,
               object_names: Sequence[str] | None = None,
@@ -475,10 +522,11 @@ class Detector:
 
     `scoring`: "zero_shot" (the head), "few_shot" (against the images given
     to `use_references`; DetectorError without them) or "batch" (the
-    images of this call against each other; at least 5). The neighbour
-    modes return decisions only with `predict.threshold >= 0`
-    (threshold_source "predict.threshold"): the workdir's thresholds.json
-    belongs to the zero-shot head. Their object names only label the rows.
+    images of this call against each other; at least 5). Each mode decides
+    with its own record (`thresholds_for`); without one, `decisions` and
+    `masks` are None (undecided). A few-shot record of another bank is
+    refused (ThresholdError). The neighbour modes' object names only label
+    the rows and pick a category's thresholds.
 
     `progress(n)` is called after each batch with its number of readable
     images. `each(result)` is called per readable image, in order, with an
@@ -541,59 +589,161 @@ class Detector:
         threshold_source=[src for _, _, src in limits], paths=paths, object_names=kept,
         unreadable=unreadable)
 
-  def calibrate(self, normal_images, quantile: float = 0.99,
-                object_name: str | None = None) -> tuple[float, float]:
-    """Thresholds from normal images only (as `predict.calibrate_normals`): the
-    `quantile` of their image scores and of their pixels' scores (at the model's
-    size, as predict calibrates). They are used from now on by this Detector;
-    `save_thresholds()` writes them to the workdir's thresholds.json."""
+  def calibrate(self, normal_images=None, quantile: float = 0.99,
+                object_name: str | None = None, scoring: str = "zero_shot"
+                ) -> tuple[float, float]:
+    """Thresholds of `scoring` from normal images only (as
+    `predict.calibrate_normals`): the `quantile` of normal image scores and
+    of their pixels' scores (at the model's size), each placed between two
+    observed scores (`metrics.quantile_threshold`). What is scored:
+    - zero_shot: `normal_images` through the head;
+    - few_shot: `normal_images` against the bank of `use_references`; a
+      normal image that is one of the references against the others
+      (leave-one-out); with `normal_images=None`, each reference against the
+      other k-1 (needs k >= 2). The record holds for this bank only;
+    - batch: `normal_images` scored together (at least 5); an
+      approximation: a batch's scores depend on the images it holds.
+    The combined modes normalise maps over a whole category: their
+    thresholds come from evaluation (`eval.set_thresholds=True`) only.
+    They are used from now on by this Detector in `scoring`;
+    `save_thresholds()` writes them to the workdir's record of the mode.
+    Returns (image threshold, pixel threshold)."""
     from adjax import metrics, thresholds
-    if self.scorer is None:
-      raise DetectorError("calibrate: sets the zero-shot head's thresholds; this Detector "
-                          "has no head")
+    if scoring not in SCORING_MODES:
+      raise DetectorError(
+          f"calibrate: scoring={scoring!r} cannot be calibrated from normal images here "
+          f"(expected one of {', '.join(SCORING_MODES)}; the combined modes' thresholds "
+          "come from evaluation with eval.set_thresholds=True)")
+    if scoring not in self.scoring_modes:
+      raise DetectorError(f"calibrate: scoring={scoring!r} needs a trained head; this "
+                          "Detector has no head")
     if not 0.0 < quantile <= 1.0:
       raise DetectorError(f"quantile={quantile!r}: expected a value in (0, 1]")
-    items, unreadable = self._items(normal_images)
-    names = self._names(len(items), object_name, None)
-    self.check_object_names(names)
-    scores, pixels = [], []
-    for _, amap, score, _, error, _ in self._raw(items, names):
-      if not error:
-        scores.append(score)
-        pixels.append(amap.ravel())
+    if normal_images is None and scoring != "few_shot":
+      raise DetectorError(f"calibrate: scoring={scoring!r} needs normal images")
+    unreadable: list = []
+    if scoring == "few_shot":
+      scores, pixels, how = self._few_shot_normals(normal_images, unreadable)
+    else:
+      items, unreadable = self._items(normal_images)
+      if scoring == "zero_shot":
+        names = self._names(len(items), object_name, None)
+        self.check_object_names(names)
+        scored = self._raw(items, names)
+        how = "the normal images through the head"
+      else:
+        scored = self._batch(items)
+        how = ("the normal images scored together as one batch (an approximation: a "
+               "batch's scores depend on the images it holds)")
+      scores, pixels = [], []
+      for _, amap, score, _, error, _ in scored:
+        if not error:
+          scores.append(score)
+          pixels.append(np.asarray(amap).ravel())
     if not scores:
       raise DetectorError("calibrate: no readable normal images")
     image = metrics.quantile_threshold(np.asarray(scores), quantile)
     pixel = metrics.quantile_threshold(np.concatenate(pixels), quantile)
-    if isinstance(normal_images, (str, os.PathLike)):
+    if normal_images is None:
+      dataset = f"normals:the {len(scores)} references (leave-one-out)"
+    elif isinstance(normal_images, (str, os.PathLike)):
       dataset = f"normals:{os.fspath(normal_images)}"    # as predict.calibrate_normals
     else:
       dataset = f"normals:{len(scores)} images given to calibrate()"
-    self._pending = dict(
-        dataset=dataset,
-        image_score=self.model.image_score, checkpoint_step=-1,
-        model=self.scorer.threshold_model(), image=image, pixel=pixel,
+    pending = dict(
+        dataset=dataset, scoring=scoring, image_score=self.image_score_rule(scoring),
+        checkpoint_step=-1, model=self.threshold_model(scoring), image=image, pixel=pixel,
         method=f"normal-quantile {quantile}",
-        details={"normal_images": len(scores), "unreadable": [p for p, _ in unreadable]})
-    self.record = {"format_version": thresholds.FORMAT_VERSION,
-                   "dataset": self._pending["dataset"], "image_score": self._pending[
-                       "image_score"], "checkpoint_step": -1,
-                   "model": self._pending["model"], "method": self._pending["method"],
-                   "image_threshold": image, "pixel_threshold": pixel,
-                   "details": self._pending["details"]}
-    self.thresholds_path = None
+        bank=self.bank if scoring == "few_shot" else None,
+        details={"normal_images": len(scores), "scored": how,
+                 "unreadable": [p for p, _ in unreadable]})
+    record = {"format_version": thresholds.FORMAT_VERSION, "image_threshold": image,
+              "pixel_threshold": pixel, **{k: v for k, v in pending.items()
+                                           if k not in ("image", "pixel", "bank")}}
+    if pending["bank"] is not None:
+      record["bank"] = pending["bank"]
+    self._pending[scoring] = pending
+    self._last_calibrated = scoring
+    self.records[scoring], self.record_paths[scoring] = record, None
+    if scoring == "zero_shot":
+      self.record, self.thresholds_path = record, None
     return image, pixel
 
-  def save_thresholds(self, path: str | os.PathLike | None = None) -> Path:
-    """Writes the calibrated thresholds to thresholds.json (the workdir's by
-    default), atomically, with the identity `check` verifies on later use."""
+  def _few_shot_normals(self, normal_images, unreadable: list):
+    """Image scores and model-size maps of normal images against the bank; a
+    reference among them (or each reference, with `normal_images=None`)
+    against the bank without it."""
+    from adjax import neighbors, thresholds
+    if self.references is None:
+      raise DetectorError("calibrate: scoring='few_shot' needs reference images: call "
+                          "use_references(normal_images) first")
+    refs = self.references
+    k = refs.shape[1]
+    scores, pixels = [], []
+
+    def against(tokens, drop: tuple[int, ...]):
+      if len(drop) >= k:
+        return
+      bank = np.delete(refs, list(drop), axis=1) if drop else refs
+      maps, got = self._upsampled(neighbors.reference_maps(tokens, bank, self.r_list))
+      scores.extend(float(v) for v in got)
+      pixels.extend(m.ravel() for m in maps)
+
+    if normal_images is None:
+      if k < 2:
+        raise DetectorError(
+            "calibrate: scoring='few_shot' with no normal images scores each reference "
+            f"against the other k-1 and needs at least 2 references; got {k}: give normal "
+            "images of the object (predict.calibrate_normals)")
+      for i in range(k):
+        against(refs[:, i:i + 1], (i,))
+      return scores, pixels, f"each of the {k} references against the other {k - 1}"
+    items, bad = self._items(normal_images)
+    unreadable.extend(bad)
+    left_out = whole_bank = 0
+    for chunk, loaded, batch in self._batches(items):
+      raw, _ = self._tokens(batch)
+      groups: dict[tuple[int, ...], list[int]] = {}
+      for j, i in enumerate(chunk):
+        if loaded[j][2]:
+          unreadable.append((items[i][0], loaded[j][2]))
+          continue
+        digest = thresholds.image_digest(batch[j])
+        drop = tuple(r for r, d in enumerate(self.reference_digests) if d == digest)
+        left_out += bool(drop)
+        whole_bank += len(drop) >= k
+        groups.setdefault(drop, []).append(j)
+      for drop, js in groups.items():
+        against(raw[:, js], drop)
+    if not scores and whole_bank:
+      raise DetectorError(
+          f"calibrate: scoring='few_shot' scores a reference against the other references, "
+          f"and the bank has {k}: give normal images of the object other than the "
+          "references (or at least 2 references)")
+    how = "the normal images against the bank"
+    if left_out:
+      how += f" ({left_out} of them references, each against the others)"
+    return scores, pixels, how
+
+  def save_thresholds(self, path: str | os.PathLike | None = None,
+                      scoring: str | None = None) -> Path:
+    """Writes the calibrated thresholds of `scoring` (default: the last
+    calibrated mode) to the workdir's record of that mode
+    (`Workdir.mode_thresholds`), atomically, with the identity checked on
+    later use."""
     from adjax import thresholds
-    if self._pending is None:
-      raise DetectorError("save_thresholds: nothing calibrated; call calibrate() first")
-    written = thresholds.write(path or self.workdir, **self._pending)
-    self.record = thresholds.read(written)
-    self.thresholds_path = Path(written)
-    self._pending = None
+    scoring = scoring or self._last_calibrated
+    if scoring is None or scoring not in self._pending:
+      raise DetectorError("save_thresholds: nothing calibrated" + (
+          f" in scoring={scoring!r}" if scoring else "") + "; call calibrate() first")
+    target = Path(path) if path else Workdir(self.workdir).mode_thresholds(scoring)
+    if target.is_dir():
+      target = Workdir(target).mode_thresholds(scoring)
+    written = thresholds.write(target, **self._pending.pop(scoring))
+    self.records[scoring] = thresholds.read(written)
+    self.record_paths[scoring] = Path(written)
+    if scoring == "zero_shot":
+      self.record, self.thresholds_path = self.records[scoring], Path(written)
     return written
 
   @property

@@ -4,9 +4,12 @@ For every category: image AUROC / AP / F1-max and pixel AUROC / AP / F1-max /
 AUPRO through the streaming accumulator, written to
 `<workdir>/results/<dataset>.{json,md,csv}` and printed as a table, its
 F1-max thresholds to `results/<dataset>.thresholds.json`; plus a few heatmap
-panels per category under `<workdir>/heatmaps/<dataset>/<category>/`. The
-deployment `<workdir>/thresholds.json` is written only when chosen
-(`eval.set_thresholds=True`) or when a training run's evaluation finds none.
+panels per category under `<workdir>/heatmaps/<dataset>/<category>/` (on the
+mode's fixed colour scale, `heatmaps.scale_for`). The deployment record of
+the mode evaluated (`Workdir.mode_thresholds`: `thresholds.json` for the
+zero-shot head, `thresholds.<mode>.json` otherwise) is written only when
+chosen (`eval.set_thresholds=True`) or, zero-shot, when a training run's
+evaluation finds none.
 """
 
 from __future__ import annotations
@@ -172,6 +175,10 @@ class ZeroShotScorer:
     """The image-score rule recorded with the thresholds."""
     return self.model.image_score
 
+  def threshold_banks(self, handle) -> dict[str, dict]:
+    """Reference banks per category (few-shot modes only)."""
+    return {}
+
   def _feature_cache(self, handle):
     """The target's backbone features on disk (eval.feature_cache=disk), shared by
     every head evaluated over the same backbone, image size and layers."""
@@ -249,15 +256,18 @@ class HeatmapConsumer:
   evaluation would mislead. The other processes draw only after the first
   eval step, which waits for process 0."""
 
-  def __init__(self, heat_dir: Path, main: bool):
+  def __init__(self, heat_dir: Path, main: bool, scoring: str = "zero_shot"):
     self.heat_dir = heat_dir
+    # Drawn during the pass, before any threshold: the mode's fixed scale.
+    self.scale = heatmaps.scale_for(scoring)
     if main and heat_dir.exists():
       shutil.rmtree(heat_dir)
 
   def consume(self, draws) -> None:
     for name, path, image, amap, mask in draws:
       stem = Path(path).with_suffix("").as_posix().replace("/", "__")
-      heatmaps.save_png(self.heat_dir / name / f"{stem}.png", heatmaps.panel(image, amap, mask))
+      heatmaps.save_png(self.heat_dir / name / f"{stem}.png",
+                        heatmaps.panel(image, amap, mask, self.scale))
 
 
 def heatmap_indices(cfg, handle) -> set[int]:
@@ -276,15 +286,20 @@ def heatmap_indices(cfg, handle) -> set[int]:
 
 
 def write_report(workdir: Path, handle, stem: str, ident: dict, title: str, results: dict,
-                 details: dict, accs: dict, image_size: int) -> str:
+                 details: dict, accs: dict, image_size: int,
+                 scoring: str = "zero_shot") -> str:
   """results/<stem>.{json,md,csv} (tables) and results/<stem>.html (table, ROC /
-  PR curves and extreme panels per category). -> the table's text."""
+  PR curves and extreme panels per category, each category's panels on one
+  scale: divided by its F1-max pixel threshold). -> the table's text."""
   table_text = tables.write_reports(results, Workdir(workdir).results, stem, ident)
   panels = {}
   for name, acc in accs.items():
+    scale = heatmaps.scale_for(scoring, (details.get(name) or {}).get("pixel_threshold"))
     panels[name] = [
-        (f"{kind} score {score:.4f}: {_as_str(handle.source[index]['path'])}",
-         heatmaps.png_bytes(heatmaps.panel(_image_at(handle, index, image_size), amap, mask)))
+        (f"{kind} score {score:.9g}: {_as_str(handle.source[index]['path'])} "
+         f"(colours: {scale.label})",
+         heatmaps.png_bytes(heatmaps.panel(_image_at(handle, index, image_size), amap, mask,
+                                           scale)))
         for kind, items in (("highest", acc.high), ("lowest", acc.low))
         for score, index, amap, mask in items]
   curves = {name: {"image": d["image_curve"], "pixel": d["pixel_curve"]}
@@ -317,8 +332,10 @@ class ThresholdBook:
 
   def record(self, handle, stem: str, details: dict, image_scores: list) -> None:
     """This evaluation's thresholds, beside its results (never the deployment file)."""
+    banks = self.source.threshold_banks(handle)
     self.category_thresholds[handle.display_name] = {
-        name: {"image": d["image_threshold"], "pixel": d["pixel_threshold"]}
+        name: dict({"image": d["image_threshold"], "pixel": d["pixel_threshold"]},
+                   **({"bank": banks[name]} if name in banks else {}))
         for name, d in details.items()}
     record = self._record(
         image_scores, {handle.display_name: self.category_thresholds[handle.display_name]})
@@ -337,7 +354,8 @@ class ThresholdBook:
     if record is None:
       return None
     record["details"]["made_from"] = [str(p) for _, p in self.per_target.values() if p]
-    return thresholds.write(Workdir(self.workdir).thresholds, **record)
+    return thresholds.write(Workdir(self.workdir).mode_thresholds(record["scoring"]),
+                            **record)
 
   def _record(self, scored, found) -> dict | None:
     """thresholds.write's arguments for image scores `scored` [(scores, labels)]
@@ -358,7 +376,8 @@ class ThresholdBook:
       return None
     return dict(dataset=",".join(found), image_score=self.source.threshold_image_score(),
                 checkpoint_step=self.head_step, model=self.source.threshold_model(),
-                image=image, pixel=pixel, method="f1", details={"per_category": dict(found)})
+                image=image, pixel=pixel, method="f1", details={"per_category": dict(found)},
+                scoring=self.source.scoring)
 
 
 # ---- the evaluator ------------------------------------------------------------
@@ -396,7 +415,8 @@ class Evaluator:
     # Results of another evaluation (another head, step, model or setting)
     # are never overwritten: this one then goes beside them, as name@digest.
     stem = identity.results_stem(Workdir(self.workdir).results, src.display_name(handle), ident)
-    pictures = HeatmapConsumer(Workdir(self.workdir).evaluation_heatmaps(stem), main)
+    pictures = HeatmapConsumer(Workdir(self.workdir).evaluation_heatmaps(stem), main,
+                               src.scoring)
     scores = MetricsConsumer(cfg, handle.categories)
     progress = run_log.Progress(src.progress_label(handle), handle.num_examples, enabled=main)
     for rows, draws in src.rows(handle, to_draw, progress):
@@ -409,7 +429,8 @@ class Evaluator:
       return {}
     results, details = scores.result()
     table_text = write_report(self.workdir, handle, stem, ident, src.title(handle), results,
-                              details, scores.accs, self.scorer.model.image_size)
+                              details, scores.accs, self.scorer.model.image_size,
+                              src.scoring)
     self.thresholds.record(handle, stem, details, scores.image_scores)
     src.announce(handle, stem, results, table_text)
     return results
@@ -446,20 +467,26 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
     if jax.process_index() == 0:
       from adjax import scoring_modes
       scoring_modes.write_comparison(Workdir(workdir).results, handle.display_name)
-  # The deployment thresholds.json belongs to the zero-shot head that predict
-  # runs; the neighbour modes' thresholds stay beside their results.
-  if jax.process_index() == 0 and all_results and cfg.eval.scoring == "zero_shot":
-    deploy = Workdir(workdir).thresholds
-    first = cfg.mode == "train" and not deploy.exists()
+  # The deployment record of the mode evaluated (thresholds.json for the
+  # zero-shot head, thresholds.<mode>.json otherwise) is replaced only when
+  # chosen, or made by a training run's first evaluation.
+  if jax.process_index() == 0 and all_results:
+    deploy = Workdir(workdir).mode_thresholds(cfg.eval.scoring)
+    first = cfg.mode == "train" and not deploy.exists() and cfg.eval.scoring == "zero_shot"
     if cfg.eval.set_thresholds or first:
       written = evaluator.write_thresholds()
       if written:
         why = "eval.set_thresholds" if cfg.eval.set_thresholds else "the run had none"
-        print(f"decision thresholds (F1-max) -> {written} ({why})", flush=True)
+        print(f"decision thresholds of {cfg.eval.scoring} (F1-max) -> {written} ({why})",
+              flush=True)
     elif deploy.exists():
       print(f"{deploy} kept (this evaluation's thresholds are in results/*.thresholds.json;"
             " --config.eval.set_thresholds=True makes them the deployment thresholds)",
             flush=True)
+    else:
+      print(f"no deployment thresholds for {cfg.eval.scoring} ({deploy.name}); this "
+            "evaluation's are in results/*.thresholds.json (--config.eval.set_thresholds="
+            "True makes them the deployment thresholds)", flush=True)
   if absent and jax.process_index() == 0:
     print("\nTargets not evaluated (data not present):")
     for target, why in absent:

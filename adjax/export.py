@@ -31,9 +31,13 @@ which returns a dict with the outputs above; the names and settings go to a
 With `--references DIR` (no `--object-names`) the file is the few-shot
 scorer instead (`build_few_shot`): no head or text tower, the normal images
 of DIR as a memory bank constant (`neighbors.bank_features`), input
-`images` only, outputs `anomaly_map`, `image_score` and, with
-`--threshold T`, `decision` (image_score >= T); it scores as
-`Detector.predict(images, scoring="few_shot")` after `use_references(DIR)`.
+`images` only, outputs `anomaly_map`, `image_score` and `decision`
+(image_score >= the image threshold) when the workdir's few-shot record
+(`thresholds.few_shot.json`, from evaluation or calibration) was made with
+this bank (`thresholds.resolve`, as predict decides; a record of another
+bank is refused), or with `--threshold T` (which replaces its image
+threshold); it scores as `Detector.predict(images, scoring="few_shot")`
+after `use_references(DIR)`.
 
 The model's forward pass is `_anomaly_forward`, composed from the project's
 public pieces (backbone features, head, image score).
@@ -268,6 +272,16 @@ def build_few_shot(workdir, references, *, config: str | None = None,
     raise ExportError(f"--references {refs}: {e}") from None
   except ValueError as e:
     raise ExportError(str(e)) from None
+  from adjax import thresholds
+  # The few-shot record made with this bank decides, as Detector.predict does.
+  try:
+    chosen = det.thresholds_for("", "few_shot")
+  except thresholds.ThresholdError as e:
+    raise ExportError(f"{e} (or remove it to export without a decision output)") from None
+  record = det.record_for("few_shot")
+  if threshold is not None:
+    chosen = thresholds.Resolved(float(threshold), chosen.pixel, "--threshold")
+  threshold = chosen.image
   model, r_list = det.model, det.r_list
   bank = jnp.asarray(neighbors.bank_features(det.references, r_list))
   # Host copies: the file's constants, whatever placement the Detector chose.
@@ -293,6 +307,10 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   metadata = {"scoring": "few_shot", "image_size": int(model.image_size),
               "references": names, "reference_count": count, "r_list": list(r_list),
               "bank_shape": list(bank.shape), "image_threshold": threshold,
+              "pixel_threshold": chosen.pixel, "threshold_source": chosen.source,
+              "bank": det.bank,
+              "thresholds_file": None if record is None else {
+                  k: record.get(k) for k in ("dataset", "method", "scoring", "_path")},
               "backbone_id": det.towers.backbone_id, "layers": list(model.layers),
               "backbone_dtype": cfg.backbone.dtype,
               "inputs": list(FEW_SHOT_INPUTS),

@@ -1,7 +1,8 @@
 """Prediction on a folder or glob of images with a trained head.
 
-Writes `<workdir>/predictions/scores.csv` (path, image score, heatmap and,
-with a threshold, `decision` 0/1 and `threshold_source`) and one heatmap panel per image
+Writes `<workdir>/predictions/scores.csv` (path, image score as `%.9g`, which
+round-trips float32, heatmap, `decision` 0/1, or `undecided` without an image
+threshold, and `threshold_source`) and one heatmap panel per image
 (image | map overlaid, at the image's own resolution) under
 `<workdir>/predictions/heatmaps/`. Any size or mode is accepted (converted to
 RGB); unreadable files (NaN float images among them) and files skipped by
@@ -19,8 +20,11 @@ thresholds are `adjax.detector.Detector`'s (the Python API): this module
 only chooses the input files, reports progress and writes the outputs.
 `predict.scoring=few_shot` scores against `predict.references` (normal
 images, `Detector.use_references`), `batch` scores the inputs against each
-other (at least 5); neither needs the head or the text tower, and they
-decide only with `predict.threshold` (thresholds.json is the head's).
+other (at least 5); neither needs the head or the text tower. Each mode
+decides with its own record (`Workdir.mode_thresholds`: thresholds.json,
+thresholds.few_shot.json, thresholds.batch.json), or `predict.threshold`;
+`predict.calibrate_normals` makes that record from normal images only
+(`Detector.calibrate`). Without one the run is undecided, and says so.
 """
 
 from __future__ import annotations
@@ -100,11 +104,8 @@ def run(cfg, workdir: Path, towers, mesh, params, step: int | None = None) -> di
   if jax.process_count() > 1:
     raise ValueError("mode=predict runs on one process; start it without distributed=True")
   name, scoring = cfg.predict.object_name, cfg.predict.scoring
-  if scoring != "zero_shot" and cfg.predict.calibrate_normals:
-    raise PredictError(f"predict.calibrate_normals calibrates the zero-shot head's "
-                       f"thresholds, not predict.scoring={scoring}; use predict.threshold")
-  # Thresholds being calibrated anew replace the file's, which is then not
-  # read (nor refused) first.
+  # Thresholds being calibrated anew replace the mode's record, which is then
+  # not read (nor refused) first.
   det = Detector(cfg, workdir, towers, mesh, params, step=step,
                  load_thresholds=not cfg.predict.calibrate_normals)
   if scoring == "zero_shot" and str(name).strip():
@@ -112,14 +113,14 @@ def run(cfg, workdir: Path, towers, mesh, params, step: int | None = None) -> di
       det.check_object_names([name])
     except DetectorError as e:
       raise PredictError(f"predict.object_name: {e}") from None
-  if cfg.predict.calibrate_normals:
-    _calibrate(cfg, det)
   if scoring == "few_shot":
     try:
       count = det.use_references(cfg.predict.references)
     except (FileNotFoundError, UserError) as e:
       raise PredictError(f"predict.references={cfg.predict.references!r}: {e}") from None
     print(f"few_shot: {count} reference images from {cfg.predict.references}", flush=True)
+  if cfg.predict.calibrate_normals:
+    _calibrate(cfg, det)
   limits = det.thresholds_for(name, scoring)
   origin = _origin(cfg, det, limits)
   result = {"unreadable": [], "thresholds": (limits.image, limits.pixel),
@@ -179,33 +180,44 @@ def _first_few(unreadable) -> str:
 
 def _origin(cfg, det: Detector, limits) -> str:
   """Where this run's thresholds come from, for the console and index.html;
-  says so when the object has no threshold of its own."""
+  says so when the object has no threshold of its own, or none at all."""
+  scoring = cfg.predict.scoring
+  record = det.record_for(scoring)
   if limits.source == "predict.threshold":
     return "predict.threshold"
-  if det.record is None:
-    return "none"
-  path = det.thresholds_path
-  if not limits.source.startswith("category:"):
+  if record is None or limits.image is None:
+    why = (f"no deployment thresholds for scoring={scoring} "
+           f"({Workdir(det.workdir).mode_thresholds(scoring).name})")
+    print(f"undecided: {why}; no decisions or masks (evaluate with "
+          "eval.set_thresholds=True, calibrate with predict.calibrate_normals, or set "
+          "predict.threshold)", flush=True)
+    return f"undecided, {why}"
+  path = det.record_paths.get(scoring) or "calibrated now"
+  names = sorted({n for cats in (record.get("details") or {}).get(
+      "per_category", {}).values() for n in cats})
+  if names and not limits.source.startswith("category:"):
     print(f"predict.object_name={cfg.predict.object_name!r} has no calibrated threshold of "
-          f"its own in {path} (its categories: {', '.join(det.object_names) or 'none'}); "
+          f"its own in {path} (its categories: {', '.join(names) or 'none'}); "
           "using the top-level threshold", flush=True)
-  return f"{path} ({det.record['method']}); image threshold from {limits.source}"
+  return f"{path} ({record['method']}); image threshold from {limits.source}"
 
 
 def _calibrate(cfg, det: Detector) -> None:
   """Thresholds from normal images only (`Detector.calibrate`: the
   `calibrate_quantile` quantile of their image and pixel scores), written to
   the workdir's thresholds.json."""
+  scoring = cfg.predict.scoring
   try:
     det.calibrate(cfg.predict.calibrate_normals, cfg.predict.calibrate_quantile,
-                  object_name=cfg.predict.object_name)
+                  object_name=cfg.predict.object_name, scoring=scoring)
   except (FileNotFoundError, UserError) as e:
     raise PredictError(f"predict.calibrate_normals={cfg.predict.calibrate_normals!r}: "
                        f"{e}") from None
-  count = det.record["details"]["normal_images"]
-  written = det.save_thresholds()
-  print(f"calibrated on {count} normal images (quantile {cfg.predict.calibrate_quantile}) "
-        f"-> {written}", flush=True)
+  details = det.records[scoring]["details"]
+  written = det.save_thresholds(scoring=scoring)
+  print(f"calibrated {scoring} on {details['normal_images']} normal image scores "
+        f"({details['scored']}; quantile {cfg.predict.calibrate_quantile}) -> {written}",
+        flush=True)
 
 
 def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, limits,
@@ -216,12 +228,13 @@ def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, li
 
   def write(r) -> None:            # one scored image: its panel, mask, overlay, row
     name = _output_name(r.path, root)
-    heatmaps.save_png(out.picture("heatmaps", name), heatmaps.panel(r.rgb, r.map))
-    row = {"path": r.path, "score": f"{r.score:.6f}",
-           "heatmap": out.relative("heatmaps", name)}
-    if r.threshold is not None:
-      row["decision"] = int(r.decision)
-      row["threshold_source"] = r.source
+    # One scale for the run: divided by the pixel threshold (1 = boundary).
+    heatmaps.save_png(out.picture("heatmaps", name), heatmaps.panel(
+        r.rgb, r.map, scale=heatmaps.scale_for(cfg.predict.scoring, r.pixel_threshold)))
+    row = {"path": r.path, "score": f"{r.score:.9g}",
+           "heatmap": out.relative("heatmaps", name),
+           "decision": "undecided" if r.threshold is None else int(r.decision),
+           "threshold_source": r.source}
     if r.mask is not None:
       mask = overlays.binary_mask(r.map, r.pixel_threshold)
       overlays.save_mask_png(out.picture("masks", name), mask)
@@ -238,16 +251,14 @@ def _predict_into(cfg, out_dir: Path, det: Detector, paths, root, unreadable, li
   progress.close()
   unreadable.extend(pred.unreadable)      # files that changed since they were listed
   buf = io.StringIO()
-  fields = ["path", "score", "heatmap"] + (
-      ["decision", "threshold_source"] if limits.image is not None else []) + (
+  fields = ["path", "score", "heatmap", "decision", "threshold_source"] + (
       ["mask", "overlay"] if limits.pixel is not None else [])
   writer = csv.DictWriter(buf, fieldnames=fields)
   writer.writeheader()
   writer.writerows({k: csv_cell(v) if isinstance(v, str) and k != "score" else v
                     for k, v in row.items()} for row in rows)
   atomic.write_text(out.scores, buf.getvalue())
-  what = (f"{cfg.predict.object_name!r}" if cfg.predict.scoring == "zero_shot" else
-          f"{cfg.predict.object_name!r} ({cfg.predict.scoring})")
+  what = f"{cfg.predict.object_name!r} ({cfg.predict.scoring})"
   atomic.write_text(out.index, html_report.gallery_html(
       f"predictions for {what} (thresholds: {origin})", rows))
   if unreadable:

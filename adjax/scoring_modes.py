@@ -266,15 +266,31 @@ class NeighbourScorer:
 
   # ---- the model a threshold belongs to ---------------------------------
   def threshold_model(self) -> dict:
-    if self.with_head:
-      ident = self.scorer.threshold_model()
-    else:
-      from adjax import thresholds
-      ident = thresholds.threshold_model(
-          backbone_id=self.towers.backbone_id, text_id="none", layers=self.model.layers,
-          image_size=self.model.image_size, reference_quirks=self.scorer.reference_quirks,
-          head_sha256="none")
-    return dict(ident, scoring=self.scoring)
+    """`thresholds.model_for` this mode: what `Detector` checks a record against."""
+    from adjax import thresholds
+    cfg = self.cfg
+    return thresholds.model_for(
+        self.scoring, backbone_id=self.towers.backbone_id, layers=self.model.layers,
+        image_size=self.model.image_size, reference_quirks=self.scorer.reference_quirks,
+        head=self.scorer.threshold_model() if self.with_head else None,
+        r_list=cfg.eval.r_list, rscin_k=cfg.eval.rscin_k, combine=cfg.eval.combine)
+
+  def threshold_banks(self, handle) -> dict[str, dict]:
+    """Per category, the identity of its few-shot bank (`thresholds.bank_identity`
+    of the references' model-size pixels, as `Detector.use_references` computes
+    it); empty in the other modes."""
+    from adjax import thresholds
+    from adjax.evaluate import _image_at
+    size = self.model.image_size
+    out = {}
+    for name, idx in self._refs.items():
+      out[name] = thresholds.bank_identity(
+          thresholds.image_digest(_image_at(handle, int(i), size)) for i in idx)
+    for name, paths in self._bank_paths.items():
+      out[name] = thresholds.bank_identity(
+          thresholds.image_digest(image_io.load_for_prediction(p, size)["image"])
+          for p in paths)
+    return out
 
   def threshold_image_score(self) -> str:
     return f"{self.scoring}:max"

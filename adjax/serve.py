@@ -11,16 +11,23 @@ never interleaved on the device.
 
 Routes:
   GET  /                 the page (and /favicon.svg, /favicon.ico)
-  GET  /info             object names (from thresholds.json), scoring modes, limits
+  GET  /info             object names (from thresholds.json), scoring modes, limits,
+                         and per mode its deployment thresholds (`thresholds`)
   POST /predict?object_name=NAME[&mode=zero_shot|few_shot]
                          body: one image's bytes, or multipart/form-data with one
                          field `image` and `object_name`; answers
-                         {"score", "decision", "threshold", "threshold_source",
-                          "heatmap_png", "image_png", ...}: the map as a grayscale
-                         PNG (base64) at the image's size, min-max scaled
-                         (`map_min`/`map_max` give the values of 0 and 255), and
-                         the image that was scored (upright 8-bit RGB PNG, the
-                         map's size)
+                         {"score", "decision", "threshold", "pixel_threshold",
+                          "threshold_source", "decided", "mask_png",
+                          "heatmap_png", "heatmap_scale", "image_png", ...}: the
+                         map as a grayscale PNG (base64) at the image's size,
+                         min-max scaled; `map_min`/`map_max` give the values of 0
+                         and 255 so a client can try another threshold;
+                         `heatmap_scale` the mode's stated colour scale
+                         (`heatmaps.scale_for`); `mask_png` the server's mask (map
+                         >= pixel threshold, white) as drawn; `image_png` the image
+                         that was scored (upright 8-bit RGB PNG, the map's size);
+                         without thresholds `decided` is false and `decision`,
+                         `mask_png` are null (undecided)
   POST /predict_folder   JSON {"folder", "object_name"[, "mode"]}: every image of a
                          folder under an --allow-dir, each answer as above plus
                          `path` and `relative` (below the folder); files whose
@@ -182,7 +189,48 @@ class App:
             "modes": list(det.scoring_modes), "max_bytes": self.max_bytes,
             "max_images": self.max_images,
             "references": len(det.reference_paths),
-            "folders_allowed": bool(self.allow_dirs), "image_size": det.image_size}
+            "folders_allowed": bool(self.allow_dirs), "image_size": det.image_size,
+            "thresholds": self.mode_thresholds()}
+
+  # ---- the decisions the page is given: thresholds per mode ---------------
+  def mode_thresholds(self) -> dict:
+    """Per scoring mode, its deployment record as the Detector decides with it
+    (`Detector.record_for`): the file, its method and top-level thresholds,
+    its categories; or None (undecided), or the one-line refusal."""
+    from adjax import thresholds
+    out = {}
+    for mode in self.detector.scoring_modes:
+      try:
+        record = self.detector.record_for(mode)
+      except thresholds.ThresholdError as e:
+        out[mode] = {"error": str(e)}
+        continue
+      if record is None:
+        out[mode] = None
+        continue
+      path = self.detector.record_paths.get(mode)
+      out[mode] = {
+          "file": None if path is None else Path(path).name, "method": record["method"],
+          "image_threshold": record["image_threshold"],
+          "pixel_threshold": record["pixel_threshold"],
+          "categories": sorted({n for cats in (record.get("details") or {}).get(
+              "per_category", {}).values() for n in cats})}
+    return out
+
+  @staticmethod
+  def _decision_fields(pred, i: int, mode: str) -> dict:
+    """What the page draws as the decision: the server's mask (map >= pixel
+    threshold) as a PNG, the colour scale of the mode, and whether it decided."""
+    from adjax.report import heatmaps
+    image_t, pixel_t = pred.thresholds[i]
+    mask_png = None
+    if pred.masks is not None and pred.masks[i] is not None:
+      buf = io.BytesIO()
+      Image.fromarray(np.asarray(pred.masks[i], np.uint8) * 255, "L").save(buf, format="PNG")
+      mask_png = base64.b64encode(buf.getvalue()).decode("ascii")
+    return {"decided": image_t is not None, "mask_png": mask_png,
+            "mask_pixels": None if mask_png is None else int(np.sum(pred.masks[i])),
+            "heatmap_scale": heatmaps.scale_for(mode, pixel_t).as_dict(), "mode": mode}
 
   def _check(self, object_name, mode) -> tuple[str, str]:
     if mode is not None and not isinstance(mode, str):
@@ -213,7 +261,7 @@ class App:
         raise Refusal(400, str(e)) from None
     return pred, shown
 
-  def _answers(self, pred, shown) -> list[dict]:
+  def _answers(self, pred, shown, mode: str = "zero_shot") -> list[dict]:
     out = []
     for i in range(len(pred)):
       png, lo, hi = heatmap_png(pred.maps[i])
@@ -229,7 +277,8 @@ class App:
           "object_name": pred.object_names[i],
           "heatmap_png": png, "map_min": lo, "map_max": hi,
           "image_png": _png_b64(shown[i], "RGB"),
-          "height": int(pred.maps[i].shape[0]), "width": int(pred.maps[i].shape[1])})
+          "height": int(pred.maps[i].shape[0]), "width": int(pred.maps[i].shape[1]),
+          **self._decision_fields(pred, i, mode)})
     return out
 
   def predict_bytes(self, data: bytes, object_name, mode=None) -> dict:
@@ -240,7 +289,7 @@ class App:
     img = decode_image(data)
     start = time.perf_counter()
     pred, shown = self._predict(img, object_name, mode)
-    answer = self._answers(pred, shown)[0]
+    answer = self._answers(pred, shown, mode)[0]
     answer["seconds"] = time.perf_counter() - start
     return answer
 
@@ -298,7 +347,7 @@ class App:
                     f"({len(refused)} refused, {len(unreadable)} unreadable; images: "
                     f"{', '.join(data_images.IMAGE_EXTENSIONS)})")
     pred, shown = self._predict([real for _, real in readable], object_name, mode)
-    answers = self._answers(pred, shown)
+    answers = self._answers(pred, shown, mode)
     j = 0                                # answers keep the input's order
     for answer, real in zip(answers, pred.paths):
       while readable[j][1] != real:
@@ -324,7 +373,7 @@ class App:
     images = [decode_image(data, f"upload {name!r}") for name, data in files]
     start = time.perf_counter()
     pred, shown = self._predict(images, object_name, mode)
-    answers = self._answers(pred, shown)
+    answers = self._answers(pred, shown, mode)
     for answer, (name, _) in zip(answers, files):
       answer["name"] = name
     return {"results": answers, "seconds": time.perf_counter() - start}

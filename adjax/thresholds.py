@@ -1,10 +1,21 @@
 """Decision thresholds for deployment: record them, check them, resolve them.
 
 Choosing them from scores is `adjax.metrics` (`f1_optimal`,
-`quantile_threshold`). A threshold only means something for the model, the
-image-score mode and the checkpoint it was computed with. `thresholds.json` records those beside the
-numbers (`write` / `read`), and `check` refuses a file made for another
-model or mode with a message that says which field differs.
+`quantile_threshold`). A threshold only means something for the scoring mode
+and what that mode's scores depend on. Each record names its scoring mode
+(`scoring`: zero_shot, few_shot, batch, zero_shot+few_shot,
+zero_shot+batch) and its `model` (`model_for`):
+- modes with the head: the head (its parameters' hash, the towers, layers,
+  image size, quirks) and, combined, `r_list` and `combine` (and `rscin_k`);
+- few_shot: the backbone, layers, image size, `r_list` and the reference
+  bank (`bank_identity`: a digest of the references' model-size pixels),
+  per category or top-level;
+- batch: the backbone, layers, image size, `r_list` and `rscin_k`.
+A workdir keeps one deployment record per mode (`Workdir.mode_thresholds`:
+`thresholds.json` for zero_shot, `thresholds.<mode>.json` otherwise).
+`check` refuses a record made for another model, mode or image-score rule,
+and `resolve` one made for another mode or another bank, in one line that
+names both.
 """
 
 from __future__ import annotations
@@ -51,24 +62,90 @@ def threshold_model(*, backbone_id: str, text_id: str, layers, image_size: int,
           "reference_quirks": bool(reference_quirks), "head_sha256": str(head_sha256)}
 
 
+SCORINGS = ("zero_shot", "few_shot", "batch", "zero_shot+few_shot", "zero_shot+batch")
+
+
+def uses_bank(scoring: str) -> bool:
+  """Modes whose scores depend on a reference bank (few_shot, zero_shot+few_shot)."""
+  return scoring.endswith("few_shot")
+
+
+def model_for(scoring: str, *, backbone_id: str, layers, image_size: int,
+              reference_quirks: bool, head: Mapping[str, Any] | None = None,
+              r_list=(), rscin_k=(), combine: str | None = None) -> dict[str, Any]:
+  """The `model` field of a record for `scoring`: the head's `threshold_model`
+  for zero_shot (unchanged, so older files still check), else the backbone
+  fields (the head's, or "none" without it) with the mode, `r_list`, and
+  `rscin_k` (batch) or `combine` (combined)."""
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
+  if scoring == "zero_shot":
+    if head is None:
+      raise ValueError("zero_shot thresholds belong to a head")
+    return dict(head)
+  base = dict(head) if head is not None and scoring.startswith("zero_shot+") else \
+      threshold_model(backbone_id=backbone_id, text_id="none", layers=layers,
+                      image_size=image_size, reference_quirks=reference_quirks,
+                      head_sha256="none")
+  base.update(scoring=scoring, r_list=[int(r) for r in r_list])
+  if scoring.endswith("batch"):
+    base["rscin_k"] = [int(k) for k in rscin_k]
+  if scoring.startswith("zero_shot+"):
+    base["combine"] = str(combine)
+  return base
+
+
+def image_digest(image) -> str:
+  """The digest of one model-size uint8 image (its shape and pixels)."""
+  a = np.ascontiguousarray(np.asarray(image, np.uint8))
+  return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def bank_identity(digests) -> dict[str, Any]:
+  """A reference bank's identity from its images' `image_digest`s: their
+  sorted digests hashed (the bank's order does not change a score) and
+  their number. Backbone, layers, image size and `r_list` are the record's
+  `model`."""
+  digests = sorted(str(d) for d in digests)
+  if not digests:
+    raise ValueError("a reference bank needs at least one image")
+  return {"digest": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
+          "images": len(digests)}
+
+
+def _bank_text(bank: Mapping[str, Any] | None) -> str:
+  if not bank:
+    return "no bank"
+  n = bank.get("images")
+  return f"bank {str(bank.get('digest'))[:12]} ({n} image{'' if n == 1 else 's'})"
+
+
 # ------------------------------------------------------------- the file
 
 def write(path: str | Path, *, dataset: str, image_score: str, checkpoint_step: int,
           model: Mapping[str, Any], image: float | None = None, pixel: float | None = None,
-          method: str = "f1", details: Mapping[str, Any] | None = None) -> Path:
-  """Writes `thresholds.json` atomically (a workdir gets its deployment
-  thresholds, `Workdir.thresholds`)."""
+          method: str = "f1", details: Mapping[str, Any] | None = None,
+          scoring: str = "zero_shot", bank: Mapping[str, Any] | None = None) -> Path:
+  """Writes a thresholds record atomically (a workdir gets its deployment
+  record of `scoring`, `Workdir.mode_thresholds`). `bank`: the reference
+  bank (`bank_identity`) of a few-shot record calibrated on one bank; an
+  evaluation's few-shot record has one per category instead."""
   path = Path(path)
   if path.is_dir():
-    path = Workdir(path).thresholds
+    path = Workdir(path).mode_thresholds(scoring)
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
   if image is None and pixel is None:
     raise ValueError("nothing to write: give an image and/or a pixel threshold")
   record = {"format_version": FORMAT_VERSION, "dataset": str(dataset),
+            "scoring": scoring,
             "image_score": str(image_score), "checkpoint_step": int(checkpoint_step),
             "model": dict(model), "method": method,
             "image_threshold": None if image is None else float(image),
             "pixel_threshold": None if pixel is None else float(pixel),
             "details": dict(details or {})}
+  if bank is not None:
+    record["bank"] = dict(bank)
   atomic.write_text(path, json.dumps(record, indent=2, sort_keys=True))
   return path
 
@@ -93,17 +170,24 @@ def read(path: str | Path) -> dict[str, Any]:
   if record["format_version"] != FORMAT_VERSION:
     raise ThresholdError(f"{path}: format_version {record['format_version']}, expected "
                          f"{FORMAT_VERSION}")
+  # A record without `scoring` predates the other modes' records: zero_shot.
+  record.setdefault("scoring", "zero_shot")
+  if record["scoring"] not in SCORINGS:
+    raise ThresholdError(f"{path}: scoring {record['scoring']!r}, expected one of "
+                         f"{', '.join(SCORINGS)}")
   record["_path"] = str(path)
   return record
 
 
-def deployment_path(workdir: str | Path, init_from: str | Path | None = None) -> Path | None:
-  """The deployment thresholds a run decides with: `<workdir>/thresholds.json`,
-  else (a run started with `init_from`) the trained run's own; None when
-  neither exists. The caller `check`s it against the model as any other."""
+def deployment_path(workdir: str | Path, init_from: str | Path | None = None,
+                    scoring: str = "zero_shot") -> Path | None:
+  """The deployment record a run decides with in `scoring`:
+  `Workdir.mode_thresholds(scoring)` of the workdir, else (a run started
+  with `init_from`) the trained run's own; None when neither exists. The
+  caller `check`s it against the model as any other."""
   for d in (workdir, init_from):
-    if d and Workdir(d).thresholds.is_file():
-      return Workdir(d).thresholds
+    if d and Workdir(d).mode_thresholds(scoring).is_file():
+      return Workdir(d).mode_thresholds(scoring)
   return None
 
 
@@ -115,18 +199,25 @@ class Resolved(NamedTuple):
 
 
 def resolve(record: Mapping[str, Any] | None, object_name: str,
-            cli_override: float | None = None) -> Resolved:
+            cli_override: float | None = None, *, scoring: str = "zero_shot",
+            bank: Mapping[str, Any] | None = None) -> Resolved:
   """The one rule that turns a thresholds record into an object's thresholds.
 
-  `predict`, `adjax.export` and any other decision path call this, so they
-  decide alike. `record` is what `read` returns (already `check`ed), or
-  None when there is no thresholds file.
+  `predict`, `Detector.predict`, the page and `adjax.export` call this, so
+  they decide alike. `record` is what `read` returns (already `check`ed), or
+  None when there is no record for the mode; `scoring` the mode the scores
+  come from: a record of another mode is refused (ThresholdError, one line).
   - A category the record's evaluation saw (`details.per_category[<data
     set>][object_name]`, the name matched as the text tower reads it:
     `category_of`) has its own F1-max image and pixel thresholds; the
     first data set (in the record's order) that has a value wins, and a
     threshold of 0.0 is a threshold (only a missing one falls back).
   - Otherwise the record's top-level `image_threshold` / `pixel_threshold`.
+  - Few-shot modes: thresholds hold for the bank they were made with. `bank`
+    (`bank_identity` of the references in use) must be the object's
+    category's bank; an object the record did not see takes the category
+    made with this bank, else the top-level thresholds when the record's
+    `bank` is this one. Any other bank is refused (one line naming both).
   - `cli_override` (`predict.threshold`), when not None and >= 0, replaces
     the image threshold (the pixel one is kept).
   `source` names where the image threshold comes from: "category:<data
@@ -136,12 +227,25 @@ def resolve(record: Mapping[str, Any] | None, object_name: str,
   image = pixel = None
   source = "none"
   if record is not None:
+    where = record.get("_path", "the thresholds record")
+    made_for = record.get("scoring", "zero_shot")
+    if made_for != scoring:
+      raise ThresholdError(
+          f"{where}: made for scoring mode {made_for!r}, these scores are {scoring!r}; "
+          "scores of different modes are not comparable: use the record of this mode "
+          f"({Workdir('.').mode_thresholds(scoring).name}) or calibrate one")
     image, pixel = record.get("image_threshold"), record.get("pixel_threshold")
     source = "top-level" if image is not None else "none"
+    per_category = (record.get("details") or {}).get("per_category", {})
+    name = object_name
+    if uses_bank(scoring):
+      name = _bank_category(record, per_category, object_name, bank, where)
+      if name is None:     # the top-level thresholds, made with this bank
+        per_category = {}
     own_image = own_pixel = None
-    for dataset, cats in (record.get("details") or {}).get("per_category", {}).items():
-      stored = category_of(cats or {}, object_name)
-      own = (cats or {}).get(stored) or {} if stored is not None else {}
+    for dataset, cats in per_category.items():
+      stored = category_of(cats or {}, name)
+      own = ((cats or {}).get(stored) or {}) if stored is not None else {}
       if own_image is None and own.get("image") is not None:
         own_image = (float(own["image"]), f"category:{dataset}/{stored}")
       if own_pixel is None and own.get("pixel") is not None:
@@ -173,14 +277,56 @@ def category_of(categories: Mapping[str, Any], object_name: str) -> str | None:
   return next((c for c in categories if same_object(c) == wanted), None)
 
 
+def _bank_category(record, per_category, object_name: str, bank, where) -> str | None:
+  """The category of a few-shot record whose thresholds hold for `bank`: the
+  object's own (its bank must be `bank`), else one made with `bank`; None for
+  the top-level thresholds (the record's `bank` is `bank`). Refuses any other."""
+  if bank is None:
+    raise ThresholdError(f"{where}: few-shot thresholds hold for their reference bank; "
+                         "no references are in use")
+  digest = bank.get("digest")
+  own = [(key, cats[key]) for cats in per_category.values()
+         if (key := category_of(cats or {}, object_name)) is not None]
+  if own:
+    made = own[0][1].get("bank")
+    if made is None or made.get("digest") != digest:
+      raise ThresholdError(
+          f"{where}: {object_name!r}'s thresholds were made with {_bank_text(made)}, the "
+          f"references in use are {_bank_text(bank)}; calibrate again with these "
+          "references (predict.calibrate_normals) or use the evaluation's references")
+    return own[0][0]
+  for cats in per_category.values():
+    for name, entry in (cats or {}).items():
+      if (entry.get("bank") or {}).get("digest") == digest:
+        return name
+  if (record.get("bank") or {}).get("digest") == digest:
+    return None
+  made = record.get("bank") or next(
+      (e.get("bank") for cats in per_category.values() for e in (cats or {}).values()
+       if e.get("bank")), None)
+  raise ThresholdError(
+      f"{where}: made with {_bank_text(made)}"
+      f"{' and others' if per_category else ''}, the references in use are "
+      f"{_bank_text(bank)}; calibrate again with these references "
+      "(predict.calibrate_normals)")
+
+
 def check(record: Mapping[str, Any], *, image_score: str, model: Mapping[str, Any],
-          checkpoint_step: int | None = None, head_step: int | None = None) -> None:
-  """Refuses thresholds made for another model, image-score mode or checkpoint.
+          checkpoint_step: int | None = None, scoring: str = "zero_shot",
+          head_step: int | None = None) -> None:
+  """Refuses thresholds made for another scoring mode, model, image-score
+  rule or checkpoint.
 
   `head_step`: the checkpoint step of the head in use; when only the head
   differs and the file names another step (the newest step was found damaged
   and an earlier one restored), the refusal says so and what to do."""
   where = record.get("_path", THRESHOLDS_FILE)
+  made_for = record.get("scoring", "zero_shot")
+  if made_for != scoring:
+    raise ThresholdError(
+        f"{where}: made for scoring mode {made_for!r}, this run scores with {scoring!r}; "
+        "scores of different modes are not comparable: use the record of this mode or "
+        "calibrate one")
   if record["image_score"] != image_score:
     raise ThresholdError(
         f"{where}: its thresholds were chosen for eval.image_score={record['image_score']!r}"

@@ -284,8 +284,12 @@ def test_thresholds_calibration_decisions_and_gallery(trained, tmp_path):
   record = thresholds.read(workdir)
   assert record["method"] == "normal-quantile 0.75"
   scores = np.array([float(r["score"]) for r in res["scores"]])
-  assert record["image_threshold"] == pytest.approx(np.quantile(scores, 0.75,
-                                                                method="higher"))
+  # The quantile's threshold lies between the 0.75 quantile of the normals'
+  # scores (scores.csv round-trips float32) and the next higher score.
+  v = np.quantile(scores, 0.75, method="higher")
+  above = scores[scores > v]
+  assert v < record["image_threshold"] and (above.size == 0 or
+                                            record["image_threshold"] < above.min())
   decisions = np.array([int(r["decision"]) for r in res["scores"]])
   np.testing.assert_array_equal(decisions, scores >= record["image_threshold"])
   pred = workdir / "predictions"

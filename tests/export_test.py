@@ -622,3 +622,98 @@ def test_few_shot_agrees_with_the_detector_on_its_references(few_shot):
   assert _max_err(got["anomaly_map"], maps) <= 1e-5
   assert _max_err(got["image_score"], scores) <= 1e-5
   assert float(np.max(scores)) <= 1e-5
+
+
+def _png_bytes(im) -> bytes:
+  import io
+  buf = io.BytesIO()
+  Image.fromarray(im).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_every_path_decides_alike_at_the_threshold(run_dir, exportable, few_shot, tmp_path):
+  """The images whose scores define a threshold (the F1-optimal one for
+  zero-shot, a normal quantile for few-shot) get the same decision from
+  mode=predict (scores.csv), Detector.predict, the page's JSON and the ONNX
+  file: the threshold lies between them, not on one of them."""
+  pytest.importorskip("jax2onnx")
+  import csv
+  import shutil
+  from adjax import experiment, metrics
+  from adjax.detector import Detector
+  from adjax.serve import App
+  images, _ = _inputs(8, seed=51)
+  src = tmp_path / "imgs"
+  src.mkdir()
+  paths = []
+  for i, im in enumerate(images):
+    paths.append(src / f"{i}.png")
+    Image.fromarray(im).save(paths[-1])
+  uploads = [(p.name, _png_bytes(im)) for p, im in zip(paths, images)]
+
+  def csv_decisions(workdir):
+    with open(workdir / "predictions" / "scores.csv") as f:
+      rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
+    return np.array([int(rows[p.name]["decision"]) for p in paths], bool)
+
+  # Zero-shot: labels that make the F1-optimal threshold fall in the widest gap.
+  scores = np.asarray(jax.jit(exportable.fn)(images, np.zeros(8, np.int32))["image_score"])
+  order = np.sort(scores)
+  cut = int(np.argmax(np.diff(order[2:6]))) + 2       # a split that leaves both sides
+  labels = scores > order[cut]
+  f1 = metrics.f1_optimal(scores, labels)
+  assert f1.f1 == 1.0 and order[cut] < f1.threshold < order[cut + 1]
+  thresholds.write(run_dir, dataset="unit", image_score="mean", checkpoint_step=0,
+                   model=exportable.metadata["model"], image=f1.threshold, pixel=0.5)
+  try:
+    out = tmp_path / "zero.onnx"
+    export.export(run_dir, ["bottle"], "onnx", out)
+    onnx_dec = _ort_session(out).run(None, {"images": images,
+                                            "object_index": np.zeros(8, np.int32)})[2]
+    det = Detector.from_workdir(run_dir)
+    got = det.predict([str(p) for p in paths], object_name="bottle")
+    page = App(det).predict_set(uploads, "bottle", "zero_shot")["results"]
+    cfg = export.load_config(run_dir)
+    cfg.mode, cfg.predict.input, cfg.predict.object_name = "predict", str(src), "bottle"
+    experiment.run(cfg, str(run_dir))
+    for decisions in (onnx_dec, got.decisions, [a["decision"] for a in page],
+                      csv_decisions(run_dir)):
+      np.testing.assert_array_equal(np.asarray(decisions, bool), labels)
+  finally:
+    (run_dir / THRESHOLDS_FILE).unlink()
+
+  # Few-shot: calibrated on the images themselves at a quantile; the record
+  # is baked into the export (no --threshold) and decides alike everywhere.
+  bare, refs, _, _ = few_shot
+  work = tmp_path / "few"
+  shutil.copytree(bare, work)
+  det = Detector.from_workdir(work, predict__scoring="few_shot")
+  det.use_references(str(refs))
+  image_t, _ = det.calibrate(str(src), 0.5, scoring="few_shot")
+  det.save_thresholds()
+  assert (work / "thresholds.few_shot.json").is_file()
+  got = det.predict([str(p) for p in paths], scoring="few_shot")
+  s = np.sort(got.scores.astype(np.float64))
+  v = s[int(np.ceil(0.5 * 7))]                           # the "higher" quantile
+  assert v < image_t < s[s > v].min()
+  want = got.scores > v
+  assert want.any() and not want.all()
+  out = tmp_path / "few.onnx"
+  meta = export.export(work, None, "onnx", out, references=refs)
+  assert meta["threshold_source"] == "top-level" and meta["image_threshold"] == image_t
+  onnx_dec = _ort_session(out).run(None, {"images": images})[2]
+  page = App(det).predict_set(uploads, "", "few_shot")["results"]
+  cfg = export.load_config(work)
+  cfg.mode, cfg.predict.input = "predict", str(src)
+  cfg.predict.scoring, cfg.predict.references = "few_shot", str(refs)
+  experiment.run(cfg, str(work))
+  for decisions in (onnx_dec, got.decisions, [a["decision"] for a in page],
+                    csv_decisions(work)):
+    np.testing.assert_array_equal(np.asarray(decisions, bool), want)
+  # Another bank: the record is refused in one line naming both banks.
+  other = tmp_path / "other_refs"
+  shutil.copytree(refs, other)
+  (other / "good_0.png").unlink()
+  with pytest.raises(export.ExportError, match="made with bank .* references in use are bank"):
+    export.build_few_shot(work, other)

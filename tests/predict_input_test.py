@@ -197,3 +197,39 @@ def test_each_image_decoded_once_for_its_score_and_panel(home, tmp_path, monkeyp
   for i in range(3):
     with Image.open(home / "run" / "predictions" / "heatmaps" / f"{i}.png.png") as panel:
       assert panel.size[1] == 20
+
+
+def test_undecided_without_thresholds_and_scores_that_decide_again(home, capsys):
+  """No threshold: every output says undecided and nothing is decided or
+  masked. scores.csv's scores (`%.9g`) are the float32 scores exactly: read
+  back as float32 they decide again as its decision column, even against a
+  threshold equal to a written score."""
+  import csv
+  assert not (home / "run" / THRESHOLDS_FILE).exists()
+  capsys.readouterr()
+  _predict(home / "run", home / "photos")
+  said = capsys.readouterr().out
+  pred = home / "run" / "predictions"
+  with open(pred / "scores.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert "undecided: no deployment thresholds for scoring=zero_shot" in said
+  assert [(r["decision"], r["threshold_source"]) for r in rows] == [("undecided", "none")] * 3
+  assert "mask" not in rows[0] and not (pred / "masks").exists()
+  assert not (pred / "overlays").exists()
+  index = (pred / "index.html").read_text()
+  assert index.count('class="undecided"') == 3 and "undecided, no deployment" in index
+  assert 'class="anomalous"' not in index and 'class="normal"' not in index
+  # The written scores are float32 values written in full (9 digits).
+  for r in rows:
+    assert f"{np.float32(r['score']):.9g}" == r["score"], r
+  # Each written score as the threshold: deciding again from the CSV (its
+  # score read as float32) gives the decision column.
+  written = {r["path"]: r["score"] for r in rows}
+  middle = sorted(written.items(), key=lambda kv: float(kv[1]))[1:2]   # one run: cheap
+  for path, text in middle:
+    _predict(home / "run", home / "photos", threshold=float(text))
+    with open(pred / "scores.csv") as f:
+      again = {r["path"]: r for r in csv.DictReader(f)}
+    assert again[path]["score"] == text
+    for r in again.values():
+      assert int(r["decision"]) == int(float(np.float32(r["score"])) >= float(text)), r

@@ -87,3 +87,36 @@ def test_empty_results():
   s = tables.summarize({})
   assert s == {"categories": {}, "mean": {}}
   assert tables.console_table({}).splitlines()[-1].strip() == "mean"
+
+
+def test_heatmap_panels_share_one_stated_scale():
+  """Panels drawn with a mode's scale compare across images: a faint normal
+  map stays cool beside a defect, whatever each map's own range; the
+  colour bar is drawn beside them and 1.0 is the pixel threshold."""
+  import numpy as np
+  from adjax.report import heatmaps
+  rgb = np.full((30, 40, 3), 128, np.uint8)
+  normal = np.full((30, 40), 0.10, np.float32)
+  normal[10:20, 10:20] = 0.2                       # its own hottest spot
+  defect = np.full((30, 40), 0.10, np.float32)
+  defect[10:20, 10:20] = 0.9
+  scale = heatmaps.scale_for("zero_shot", 0.5)
+  assert (scale.divisor, scale.lo, scale.hi, scale.boundary) == (0.5, 0.0, 2.0, 1.0)
+  # The threshold itself is the middle of the scale (1.0 of 0 to 2).
+  np.testing.assert_allclose(scale.unit(np.float32([0.5, 1.0])), [0.5, 1.0], rtol=1e-6)
+  panels = [heatmaps.panel(rgb, m, scale=scale) for m in (normal, defect)]
+  w = 40
+  over = [p[:, w + 4:2 * w + 4] for p in panels]
+  for p, m in zip(over, (normal, defect)):
+    np.testing.assert_array_equal(p, heatmaps.overlay(rgb, scale.unit(m)))
+  # The hottest spot's colour: a normal's 0.2 is drawn as 0.2 (not as the top).
+  assert not np.array_equal(over[0][15, 15], over[1][15, 15])
+  np.testing.assert_array_equal(over[0][15, 15], heatmaps.overlay(
+      rgb[:1, :1], np.float32([[0.2 / 0.5 / 2]]))[0, 0])
+  bar = panels[0][:, 2 * w + 8:]
+  assert bar.shape == (30, 64, 3)
+  np.testing.assert_array_equal(bar[0, 0], heatmaps.colormap(np.float32([[1.0]]))[0, 0])
+  np.testing.assert_array_equal(bar[-1, 0], heatmaps.colormap(np.float32([[0.0]]))[0, 0])
+  # Without a pixel threshold, the mode's fixed range.
+  assert (heatmaps.scale_for("few_shot").lo, heatmaps.scale_for("few_shot").hi) == (0.0, 2.0)
+  assert heatmaps.scale_for("zero_shot").divisor == 1.0

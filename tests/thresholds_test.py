@@ -25,6 +25,16 @@ def brute_f1(scores, labels):
   return best
 
 
+def assert_separates(threshold, scores, t):
+  """`threshold` calls exactly the scores >= t anomalous and lies strictly
+  between t and the highest score below it (never on an observed score)."""
+  scores = np.asarray(scores, np.float64)
+  below = scores[scores < t]
+  assert threshold < t and (below.size == 0 or threshold > below.max()), (threshold, t)
+  assert threshold not in scores
+  np.testing.assert_array_equal(scores >= threshold, scores >= t)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_f1_optimal_matches_brute_force(seed):
   rng = np.random.default_rng(seed)
@@ -35,7 +45,8 @@ def test_f1_optimal_matches_brute_force(seed):
     scores = np.round(scores, 1)           # many ties
   got = metrics.f1_optimal(scores, labels)
   f1, t = brute_f1(scores, labels)
-  assert got.threshold == pytest.approx(t) and got.f1 == pytest.approx(f1)
+  assert got.f1 == pytest.approx(f1)
+  assert_separates(got.threshold, scores, t)
   pred = scores >= got.threshold
   assert got.precision == pytest.approx(np.sum(pred & labels) / pred.sum())
   assert got.recall == pytest.approx(np.sum(pred & labels) / labels.sum())
@@ -58,7 +69,8 @@ def test_f1_optimal_exact_ties_go_to_the_highest_threshold():
       if f1 > best[0]:
         best = (f1, t)
     got = metrics.f1_optimal(scores, labels)
-    assert got.threshold == best[1] and got.f1 == float(best[0])
+    assert got.f1 == float(best[0])
+    assert_separates(got.threshold, scores, best[1])
 
 
 def test_pixel_f1_ties_go_to_the_highest_threshold_across_blocks():
@@ -87,7 +99,7 @@ def test_pixel_f1_ties_go_to_the_highest_threshold_across_blocks():
       acc = metrics.MetricAccumulator(block_size=block_size)
       acc.update(maps.reshape(2, -1).max(1), masks.any((1, 2)), maps, masks)
       got = acc.result(details=True)
-      assert np.float32(got["pixel_threshold"]) == np.float32(want), block_size
+      assert_separates(got["pixel_threshold"], flat, want)
       assert got["pixel_f1max"] == pytest.approx(float(best), abs=1e-12)
   assert ties >= 10         # the draws do exercise the rule
 
@@ -118,9 +130,16 @@ def test_quantile_threshold():
   rng = np.random.default_rng(2)
   normal = rng.normal(size=1000)
   t = metrics.quantile_threshold(normal, 0.99)
-  assert t in normal
-  assert np.mean(normal > t) <= 0.01 and np.mean(normal >= t) >= 0.01
-  assert t == np.sort(normal)[int(np.ceil(0.99 * 999))]
+  v = np.sort(normal)[int(np.ceil(0.99 * 999))]       # the "higher" quantile
+  assert t not in normal
+  # Called anomalous (>= t): exactly the normals above v, at most 1%.
+  np.testing.assert_array_equal(normal >= t, normal > v)
+  assert np.mean(normal >= t) <= 0.01
+  assert v < t < normal[normal > v].min()
+  # The largest normal as the quantile: the threshold lies just above it.
+  top = metrics.quantile_threshold(normal, 1.0)
+  assert normal.max() < top <= normal.max() + abs(normal.max()) * 2 ** -9
+  assert not (normal >= top).any()
   with pytest.raises(ValueError):
     metrics.quantile_threshold([], 0.9)
   with pytest.raises(ValueError):
@@ -219,3 +238,104 @@ def test_resolve_one_rule_for_every_decision_path():
   assert thresholds.resolve(None, "chip") == (None, None, "none")
   assert thresholds.resolve(None, "chip", 0.4) == (0.4, None, "predict.threshold")
   assert thresholds.resolve(dict(rec, image_threshold=None), "bracket").source == "none"
+
+
+def _bank(*names):
+  import zlib
+  return thresholds.bank_identity(thresholds.image_digest(
+      np.full((4, 4, 3), zlib.crc32(n.encode()) % 251, np.uint8)) for n in names)
+
+
+def test_records_per_mode_and_bank(tmp_path):
+  """Each mode has its own deployment file; `resolve` refuses a record of
+  another mode, and a few-shot record of another bank, in one line naming
+  both; a few-shot object takes the category made with its bank."""
+  from adjax.workdir import Workdir
+  few = thresholds.model_for("few_shot", backbone_id="b", layers=(2, 5), image_size=64,
+                             reference_quirks=False, r_list=(1,))
+  assert few["scoring"] == "few_shot" and few["text"] == "none" and few["r_list"] == [1]
+  batch = thresholds.model_for("batch", backbone_id="b", layers=(2, 5), image_size=64,
+                               reference_quirks=False, r_list=(1,), rscin_k=(0,))
+  assert batch["rscin_k"] == [0]
+  assert thresholds.model_for("zero_shot", backbone_id="b", layers=(2,), image_size=64,
+                              reference_quirks=False, head=MODEL) == MODEL
+  bank_a, bank_b, bank_c = _bank("a1", "a2"), _bank("b1"), _bank("c1", "c2", "c3")
+  assert bank_a == _bank("a2", "a1") and bank_a != bank_b        # order does not matter
+  path = thresholds.write(tmp_path, dataset="fam", image_score="few_shot:max",
+                          checkpoint_step=-1, model=few, image=0.4, pixel=0.3,
+                          scoring="few_shot", details={"per_category": {"fam": {
+                              "tile": {"image": 0.5, "pixel": 0.35, "bank": bank_a},
+                              "nut": {"image": 0.7, "pixel": 0.45, "bank": bank_b}}}})
+  assert path == Workdir(tmp_path).mode_thresholds("few_shot")
+  assert path.name == "thresholds.few_shot.json"
+  assert Workdir(tmp_path).mode_thresholds("zero_shot").name == "thresholds.json"
+  rec = thresholds.read(tmp_path / "thresholds.few_shot.json")
+  assert rec["scoring"] == "few_shot"
+  thresholds.check(rec, image_score="few_shot:max", model=few, scoring="few_shot")
+  with pytest.raises(thresholds.ThresholdError, match="'few_shot'.*'batch'"):
+    thresholds.check(rec, image_score="few_shot:max", model=few, scoring="batch")
+  with pytest.raises(thresholds.ThresholdError, match="r_list: file"):
+    thresholds.check(rec, image_score="few_shot:max", model=dict(few, r_list=[1, 3]),
+                     scoring="few_shot")
+  # The object's own category, with its bank.
+  assert thresholds.resolve(rec, "tile", scoring="few_shot", bank=bank_a) == (
+      0.5, 0.35, "category:fam/tile")
+  # An unseen object name: the category made with this bank.
+  assert thresholds.resolve(rec, "", scoring="few_shot", bank=bank_b) == (
+      0.7, 0.45, "category:fam/nut")
+  for name, bank in (("tile", bank_b), ("mesh", bank_c)):
+    with pytest.raises(thresholds.ThresholdError) as err:
+      thresholds.resolve(rec, name, scoring="few_shot", bank=bank)
+    line = str(err.value)
+    assert "\n" not in line and bank["digest"][:12] in line, line
+  assert bank_a["digest"][:12] in str(pytest.raises(
+      thresholds.ThresholdError, thresholds.resolve, rec, "tile", scoring="few_shot",
+      bank=bank_b).value)
+  with pytest.raises(thresholds.ThresholdError, match="no references are in use"):
+    thresholds.resolve(rec, "tile", scoring="few_shot", bank=None)
+  # Another mode's scores never use it; a record without `scoring` is zero_shot.
+  with pytest.raises(thresholds.ThresholdError, match="made for scoring mode 'few_shot', "
+                     "these scores are 'batch'"):
+    thresholds.resolve(rec, "tile", scoring="batch")
+  old = thresholds.write(tmp_path / "old.json", dataset="d", image_score="mean",
+                         checkpoint_step=1, model=MODEL, image=0.2)
+  legacy = json.loads(old.read_text())
+  del legacy["scoring"]
+  old.write_text(json.dumps(legacy))
+  assert thresholds.read(old)["scoring"] == "zero_shot"
+  with pytest.raises(thresholds.ThresholdError, match="'zero_shot', these scores are "
+                     "'few_shot'"):
+    thresholds.resolve(thresholds.read(old), "tile", scoring="few_shot", bank=bank_a)
+  # A calibrated record: its top-level thresholds hold for its own bank only.
+  cal = thresholds.write(tmp_path / "cal.json", dataset="normals", scoring="few_shot",
+                         image_score="few_shot:max", checkpoint_step=-1, model=few,
+                         image=0.6, pixel=0.25, bank=bank_c)
+  cal = thresholds.read(cal)
+  assert thresholds.resolve(cal, "any", scoring="few_shot", bank=bank_c) == (
+      0.6, 0.25, "top-level")
+  assert thresholds.resolve(cal, "any", 0.9, scoring="few_shot", bank=bank_c) == (
+      0.9, 0.25, "predict.threshold")
+  with pytest.raises(thresholds.ThresholdError, match="made with bank"):
+    thresholds.resolve(cal, "any", scoring="few_shot", bank=bank_a)
+
+
+def test_separating_threshold_survives_rounding():
+  """A score that defined the threshold, computed one float32 ulp lower or
+  higher by another path, is still decided alike."""
+  from adjax.metrics import curves
+  rng = np.random.default_rng(5)
+  for _ in range(200):
+    scores = np.sort(rng.random(6).astype(np.float32))
+    lo, hi = float(scores[2]), float(scores[3])
+    t = curves.separating(lo, hi)
+    assert lo < t < hi and np.float32(t) == t
+    for s, want in ((hi, True), (lo, False)):
+      for ulps in (-1, 1):
+        other = np.nextafter(np.float32(s), np.float32(np.inf if ulps > 0 else -np.inf))
+        assert (other >= t) == want
+  # Adjacent float32 values: no float32 between them, the upper one decides.
+  a = np.float32(0.5)
+  b = np.nextafter(a, np.float32(1))
+  assert curves.separating(float(a), float(b)) == float(b)
+  assert curves.separating(None, 1.0) < 1.0 and curves.separating(1.0, None) > 1.0
+  assert curves.separating(0.0, None) > 0.0

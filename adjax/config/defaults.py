@@ -103,9 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.heatmaps_per_category = 4  # heatmap panels drawn per category
   c.eval.report_panels = 2          # highest- and lowest-scoring panels per category (HTML report)
   c.eval.force = False              # evaluate a finished run again
-  # True: this evaluation's F1-max thresholds replace the deployment
-  # <workdir>/thresholds.json (every evaluation writes its own beside its
-  # results; a training run's evaluation creates thresholds.json when none exists).
+  # True: this evaluation's F1-max thresholds replace the deployment record of
+  # its eval.scoring mode (<workdir>/thresholds.json for zero_shot,
+  # thresholds.<mode>.json otherwise; every evaluation writes its own beside
+  # its results; a training run's evaluation creates thresholds.json when none exists).
   c.eval.set_thresholds = False
   # disk: each target's backbone features are stored once per (backbone,
   # image size, layers, data set) and every later evaluation of any head runs
@@ -125,8 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict = ml_collections.ConfigDict()
   c.predict.input = ""              # folder or glob of images
   c.predict.object_name = ""        # required: the prompt's object name for these images
-  c.predict.threshold = -1.0        # >= 0: the image threshold (else thresholds.json's, if any)
-  c.predict.calibrate_normals = ""  # folder or glob of normal images: set thresholds from them
+  c.predict.threshold = -1.0        # >= 0: the image threshold (else the mode's record's, if any)
+  # folder or glob of normal images: set predict.scoring's thresholds from them
+  # (few_shot: a reference among them is scored against the others)
+  c.predict.calibrate_normals = ""
   c.predict.calibrate_quantile = 0.99   # their scores' quantile that becomes the threshold
   c.predict.batch_size = 8          # images per prediction batch
   # few_shot and batch need neither a trained head nor the text tower (adjax.Detector).

@@ -16,6 +16,7 @@ from adjax.metrics.accumulator import compute
 from adjax.metrics.thresholds import F1Threshold
 from adjax.metrics.thresholds import f1_optimal
 from adjax.metrics.thresholds import quantile_threshold
+from adjax.metrics.thresholds import separating
 
 __all__ = ["METRIC_KEYS", "ZSAD_KEY", "F1Threshold", "MetricAccumulator", "compute",
-           "f1_optimal", "quantile_threshold"]
+           "f1_optimal", "quantile_threshold", "separating"]

@@ -54,6 +54,32 @@ def keys_to_float32(keys: np.ndarray) -> np.ndarray:
   return (keys ^ flip).view(np.float32)
 
 
+# With no observed score on one side, a threshold lies this far (relative) beyond
+# the last one: far more than rounding moves a float32 or bfloat16 score.
+OPEN_SIDE_MARGIN = 2.0 ** -10
+
+
+def separating(lo: float | None, hi: float | None) -> float:
+  """A float32 threshold strictly between observed scores `lo` < `hi` (their
+  float32 midpoint), so `score >= threshold` calls `hi` positive and `lo`
+  negative even when another path computes them a few ulps off. When no
+  float32 lies strictly between (adjacent values), `hi`. With `lo` None
+  (nothing below) `hi` less `OPEN_SIDE_MARGIN` of its magnitude; with `hi`
+  None (nothing above) `lo` plus it."""
+  def margin(x: float) -> float:
+    return max(abs(x) * OPEN_SIDE_MARGIN, 1e-30)
+  if lo is None and hi is None:
+    raise ValueError("separating needs at least one observed score")
+  if lo is None:
+    return float(np.float32(hi - margin(hi)))
+  if hi is None:
+    return float(np.float32(lo + margin(lo)))
+  if not lo < hi:
+    raise ValueError(f"separating: expected lo < hi, got {lo!r}, {hi!r}")
+  mid = np.float32((np.float64(lo) + np.float64(hi)) / 2.0)
+  return float(mid) if lo < float(mid) < hi else float(np.float32(hi))
+
+
 def floor_to_dtype(thresholds: np.ndarray, dtype) -> np.ndarray:
   """Largest value of `dtype` <= each threshold (so `x > t` keeps its meaning)."""
   t = np.asarray(thresholds, dtype=np.float64)
@@ -158,12 +184,26 @@ class RankingSweep:
       self._w = float(cum_w[-1])
 
   def f1_point(self) -> tuple[float, float, float, float] | None:
-    """(threshold, F1, precision, recall) at F1-max so far (scores >=
-    threshold called positive); None before any positive score."""
+    """(threshold, F1, precision, recall) at F1-max so far; None before any
+    positive score. Scores >= threshold are called positive: the threshold
+    lies strictly between the lowest score called positive and the highest
+    score below it (`separating`), so it decides every score seen as F1-max
+    does, and a score off by a rounding step still falls on its side."""
     if self._f1_threshold is None:
       return None
     tp, ge = self._f1_counts
-    return (self._f1_threshold, self._f1, tp / (tp + ge), tp / self._n_pos)
+    return (self.f1_separating(), self._f1, tp / (tp + ge), tp / self._n_pos)
+
+  def f1_separating(self) -> float | None:
+    """The F1-max threshold between the two observed scores it separates: the
+    F1-max score and the highest score below it, always a negative one (a
+    positive with no negative between would raise TP at no cost, so F1 would
+    not be at its maximum)."""
+    if self._f1_threshold is None:
+      return None
+    t = self._f1_threshold
+    lo = int(np.searchsorted(self._neg, np.asarray(t, self._neg.dtype), side="left"))
+    return separating(float(self._neg[lo - 1]) if lo > 0 else None, t)
 
   def _pro_block(self, gt: np.ndarray, ge: np.ndarray, pro: np.ndarray) -> None:
     m = gt.shape[0]
@@ -214,7 +254,7 @@ class RankingSweep:
       if self._n_neg:
         out["auroc"] = _unit(self._rank_sum / (2 * self._n_pos * self._n_neg))
     if self._n_pos:
-      out["f1_threshold"] = self._f1_threshold
+      out["f1_threshold"] = self.f1_separating()
     if self._curve_points:
       out["curve"] = (np.concatenate(self._curve) if self._curve
                       else np.zeros((0, 4)))

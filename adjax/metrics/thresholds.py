@@ -8,6 +8,11 @@
 - `quantile_threshold(normal_scores, q)`: from normal images only (no
   anomalous examples), e.g. q=0.99 flags about 1% of normal images.
 
+Both return a threshold strictly between the two observed scores it
+separates (`curves.separating`: their float32 midpoint), never an observed
+score: paths whose scores differ by rounding (ONNX and JAX, batch padding,
+bfloat16) decide alike unless a score falls inside that gap.
+
 Recording, checking and resolving thresholds for a model is
 `adjax.thresholds`.
 """
@@ -51,13 +56,22 @@ def f1_optimal(scores, labels) -> F1Threshold:
 def quantile_threshold(normal_scores, q: float = 0.99) -> float:
   """The q-quantile of scores from normal images only (a false-alarm budget of 1 - q).
 
-  Uses the empirical quantile that never interpolates upwards past an
-  observed value ("higher"), so at most a fraction 1 - q of these normal
-  scores lie strictly above the threshold.
+  The empirical quantile that never interpolates upwards past an observed
+  value ("higher"), v; the threshold lies between v and the next higher
+  observed score (`curves.separating`; beyond v by `curves.OPEN_SIDE_MARGIN`
+  when v is the largest), so the normals called anomalous (score >=
+  threshold) are exactly those above v: at most a fraction 1 - q of them.
   """
   scores = np.asarray(normal_scores, np.float64).ravel()
   if scores.size == 0:
     raise ValueError("quantile_threshold needs at least one normal score")
   if not 0.0 < q <= 1.0:
     raise ValueError(f"q={q}: expected 0 < q <= 1")
-  return float(np.quantile(scores, q, method="higher"))
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("scores contain NaN or infinity")
+  v = float(np.quantile(scores, q, method="higher"))
+  above = scores[scores > v]
+  return curves.separating(v, float(above.min()) if above.size else None)
+
+
+separating = curves.separating

@@ -135,7 +135,8 @@ def gallery_html(title: str, rows: Sequence[dict]) -> str:
   items = []
   for r in sorted(rows, key=lambda r: -float(r["score"])):
     decision = r.get("decision")
-    label = ("" if decision in (None, "") else
+    label = (' <span class="undecided">undecided</span>'
+             if decision in (None, "", "undecided") else
              f' <span class="{"anomalous" if int(decision) else "normal"}">'
              f'{"anomalous" if int(decision) else "normal"}</span>')
     # A file name may hold #, ? or %: the link is URL-encoded, then HTML-escaped.

@@ -15,7 +15,10 @@ its path; no other module spells out these names. The layout itself:
   results/                          per evaluation `<stem>.{json,md,csv,html}` and
                                     `<stem>.thresholds.json`
   heatmaps/<stem>/                  per evaluation, the heatmap panels
-  thresholds.json                   the deployment thresholds (predict, export, Detector)
+  thresholds.json                   the deployment thresholds of the zero-shot head
+                                    (predict, export, Detector, page decide with them)
+  thresholds.<mode>.json            those of another scoring mode (few_shot, batch,
+                                    zero_shot+few_shot, zero_shot+batch)
   predictions/, unreadable.txt      predict's outputs; the inputs it could not read
   metrics.jsonl, tensorboard/       the training log
   feature_cache/, text_cache/       default cache places (config fields override them)
@@ -83,6 +86,14 @@ class Workdir:
   def thresholds(self) -> Path:
     """The deployment thresholds (predict, export, Detector decide with them)."""
     return self.root / THRESHOLDS_FILE
+
+  def mode_thresholds(self, scoring: str = "zero_shot") -> Path:
+    """The deployment thresholds of one scoring mode: `thresholds.json` for
+    the zero-shot head, `thresholds.<mode>.json` for any other mode."""
+    if not scoring or "/" in scoring or scoring.startswith("."):
+      raise ValueError(f"scoring={scoring!r}: not a scoring mode")
+    return self.thresholds if scoring == "zero_shot" else (
+        self.root / f"thresholds.{scoring}.json")
 
   @property
   def metrics(self) -> Path:
