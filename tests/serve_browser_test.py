@@ -193,10 +193,18 @@ def _canvas(driver, name):
       "RGBA"))
 
 
-def _check_drawn(canvas, rgb, amap, what):
+def _answer(driver, name):
+  """The server's answer behind the card of `name` (the page's own copy)."""
+  return driver.execute_script(
+      "return results.find((r) => r.name === arguments[0]).answer;", name)
+
+
+def _check_drawn(driver, name, rgb, amap, what):
   """The canvas holds the scored image on the left and, on the right, the map
-  blended over it at the same pixels: the image equals the scored one, and
-  the map read back from the overlay equals the Detector's, pixel for pixel."""
+  blended over it at the same pixels, coloured on the answer's stated scale
+  (`heatmap_scale`): the image equals the scored one, and the map read back
+  from the overlay equals the Detector's, pixel for pixel."""
+  canvas, answer = _canvas(driver, name), _answer(driver, name)
   h, w = amap.shape
   assert canvas.shape[:2] == (h, 2 * w + 2), (what, canvas.shape, amap.shape)
   left = canvas[:, :w, :3].astype(int)
@@ -205,7 +213,14 @@ def _check_drawn(canvas, rgb, amap, what):
   heat = np.clip(2 * right - left, 0, 255)
   edge = (right == 255).all(-1)               # the mask outline, drawn white
   gray = np.argmin(((heat[..., None, :] - _JET) ** 2).sum(-1), axis=-1)
-  want = np.rint((amap - amap.min()) / (amap.max() - amap.min()) * 255)
+  lo, hi = answer["map_min"], answer["map_max"]
+  sc = answer["heatmap_scale"]
+  # The page colours the map as the server sent it (8-bit, min-max), on the
+  # stated scale: unit = (value / divisor - scale lo) / (scale hi - scale lo).
+  value = lo + np.rint((amap - lo) / (hi - lo) * 255) / 255 * (hi - lo)
+  unit = np.clip((value / sc["divisor"] - sc["lo"]) / (sc["hi"] - sc["lo"]), 0, 1)
+  want = np.rint(unit * 255)
+  assert np.ptp(want) >= 32, (what, np.ptp(want))   # a map with structure to align
   err = np.abs(gray - want)[~edge]
   assert float(np.median(err)) <= 2 and float(np.mean(err)) <= 6, (what, err.mean())
 
@@ -254,7 +269,7 @@ def test_page_draws_what_was_scored(browser, detector, demo_workdir, tmp_path):
     browser.find_element(By.ID, "files").send_keys("\n".join(map(str, uploads)))
     _wait(browser, lambda d: len(_cards(d)) == 3, "three scored uploads (a TIFF too)")
     for path in uploads:
-      _check_drawn(_canvas(browser, path.name), rgb[path.name], want[path.name], path.name)
+      _check_drawn(browser, path.name, rgb[path.name], want[path.name], path.name)
     browser.find_element(By.ID, "clear").click()
     assert _cards(browser) == []
     assert browser.execute_script("return document.getElementById('files').value") == ""
@@ -270,10 +285,10 @@ def test_page_draws_what_was_scored(browser, detector, demo_workdir, tmp_path):
     assert "hole/000.png" in shown and "scratch/000.png" in shown
     for kind in ("hole", "scratch"):
       p = str(folder / kind / "000.png")
-      _check_drawn(_canvas(browser, p), rgb[p], want[p], p)
+      _check_drawn(browser, p, rgb[p], want[p], p)
     for name in ("turned.jpg", "deep16.png", "multi.tif"):   # the folder's decode too
       p = str(folder / name)
-      _check_drawn(_canvas(browser, p), rgb[name], want[name], p)
+      _check_drawn(browser, p, rgb[name], want[name], p)
   finally:
     running.close()
 
