@@ -61,6 +61,12 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
     jax.distributed.initialize(**kwargs)
   config_check.check(cfg, device_count=jax.device_count(),
                      process_count=jax.process_count())
+  # Converted towers missing and a hub id set: fetched, converted and verified
+  # now (after every other check), then checked like any converted folder.
+  from adjax import fetch
+  if fetch.ensure_weights(cfg, text=not _head_free(cfg)):
+    config_check.check(cfg, device_count=jax.device_count(),
+                       process_count=jax.process_count())
   workdir = resolve_workdir(cfg, workdir_flag)
   if workdir.exists() and not workdir.is_dir():
     raise config_check.ConfigError(
