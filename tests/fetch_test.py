@@ -242,7 +242,7 @@ def test_dataset_without_consent_is_not_downloaded(server, tmp_path, monkeypatch
   cfg = _data_cfg(tmp_path, server.url("/m.tar.xz") + f"#sha256={_sha(blob)}", False)
   # No terminal: the not-found error, naming the switch and the licence.
   monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-  with pytest.raises(DatasetNotFoundError, match=r"data.download=True downloads it .*"
+  with pytest.raises(DatasetNotFoundError, match=r"data.download=True downloads it: .*"
                      r"CC BY-NC-SA 4.0") as err:
     datasets.prepare(cfg, "mvtec_ad")
   assert "data.download=True" in str(err.value).splitlines()[0]
