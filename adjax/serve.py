@@ -902,8 +902,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def serve():
     from adjax.detector import Detector, DetectorError
+    print(f"loading {args.workdir} (towers and head; the page answers once they are in "
+          "memory)", file=sys.stderr, flush=True)
     detector = Detector.from_workdir(args.workdir, **overrides)
     if args.references:
+      print(f"few_shot: building the memory bank from {args.references}", file=sys.stderr,
+            flush=True)
       try:
         count = detector.use_references(args.references)
       except (FileNotFoundError, DetectorError) as e:

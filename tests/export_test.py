@@ -449,7 +449,11 @@ def test_few_shot_onnx_matches_detector(few_shot, tmp_path, capsys):
   out = tmp_path / "few.onnx"
   rc = export.main(["--workdir", str(bare), "--references", str(refs), "--format", "onnx",
                     "--out", str(out)])
-  assert rc == 0 and "few-shot against 3 references" in capsys.readouterr().out
+  said = capsys.readouterr()
+  assert rc == 0 and "few-shot against 3 references" in said.out
+  # A "doing X" line before each long wait, and nothing else.
+  assert said.err.splitlines() == [f"loading {bare} (towers and head)",
+                                   "tracing the model into onnx (the longest step)"]
   model = onnx.load(str(out))
   meta = {p.key: json.loads(p.value) for p in model.metadata_props}
   assert meta["scoring"] == "few_shot" and meta["reference_count"] == 3
