@@ -235,7 +235,7 @@ def test_dataset_downloaded_with_consent_and_prepared(server, tmp_path, capsys):
   assert list((root / "downloads").iterdir()) == []    # the archive, once unpacked
 
 
-def test_dataset_without_consent_is_not_downloaded(server, tmp_path, monkeypatch):
+def test_dataset_without_consent_is_not_downloaded(server, tmp_path, monkeypatch, capsys):
   from adjax import datasets
   blob = mvtec_archive()
   server.files["/m.tar.xz"] = blob
@@ -253,6 +253,16 @@ def test_dataset_without_consent_is_not_downloaded(server, tmp_path, monkeypatch
   with pytest.raises(fetch.LicenceRefused, match="licence not accepted") as err:
     datasets.prepare(cfg, "mvtec_ad")
   assert "\n" not in str(err.value)
+  # At a run's start: a refused evaluation target is left to be listed as
+  # absent (no error, not asked again); a refused training set stops the run.
+  cfg.mode, cfg.data.train, cfg.data.targets = "train", str(tmp_path), "mvtec_ad"
+  fetch.ensure_datasets(cfg)
+  with pytest.raises(fetch.LicenceRefused):
+    datasets.prepare(cfg, "mvtec_ad")
+  cfg.data.train = "mvtec_ad"
+  with pytest.raises(fetch.LicenceRefused):
+    fetch.ensure_datasets(cfg)
+  assert capsys.readouterr().out.count("accept its licence? [y/N]") == 1   # asked once
   assert server.requests == [] and not (tmp_path / "data").exists()
 
 
@@ -408,3 +418,7 @@ def test_mvtec_cpu_from_an_empty_checkout(server, tmp_path):
                          timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert len(server.requests) == n and "fetching" not in again.stderr
+  # The data set is fetched (and its licence shown) before the weights.
+  err = proc.stderr
+  assert err.index("mvtec_ad: licence CC BY-NC-SA 4.0") < err.index("backbone: ")
+  assert "Loading weights" not in err and "Metadata file" not in err

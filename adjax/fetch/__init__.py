@@ -21,12 +21,14 @@ import sys
 from pathlib import Path
 
 from adjax.common.errors import UserError
+from adjax.data.layouts import DatasetNotFoundError
 from adjax.fetch import archives, http, sources, weights
 from adjax.fetch.weights import FetchError
 
 
-class LicenceRefused(UserError):
-  """The user did not accept a data set's licence."""
+class LicenceRefused(DatasetNotFoundError):
+  """The user did not accept a data set's licence (for an evaluation target:
+  listed as absent, like any missing target)."""
 
 
 def ensure_weights(cfg, *, text: bool = True) -> bool:
@@ -43,6 +45,39 @@ def ensure_weights(cfg, *, text: bool = True) -> bool:
   return fetched
 
 
+def _prepared(cfg, name: str) -> bool:
+  return any(Path(cfg.data.data_dir).glob(f"{name}/*/dataset_info.json"))
+
+
+def ensure_datasets(cfg) -> None:
+  """At start: the run's benchmarks with a known source that are neither
+  prepared nor on disk are downloaded now (consent asked once each, before
+  any weights are fetched or any step trained). Without consent and without
+  a terminal nothing happens here: a missing training set then stops the
+  run with the way to download it, a missing target is listed as absent."""
+  names = [str(cfg.data.train)] if cfg.mode == "train" else []
+  if cfg.mode in ("train", "evaluate") and (cfg.mode == "evaluate" or cfg.eval.enabled):
+    names += [t.strip() for t in str(cfg.data.targets).split(",") if t.strip()]
+  interactive = sys.stdin is not None and sys.stdin.isatty()
+  for name in dict.fromkeys(names):
+    if name not in cfg.data.manual_dirs or _prepared(cfg, name):
+      continue
+    override = str(cfg.data.sources.get(name, ""))
+    if sources.data_source(name, override) is None:
+      continue
+    if not cfg.data.download and not interactive:
+      continue
+    try:
+      ensure_dataset(cfg, name)
+    except LicenceRefused:
+      if cfg.mode == "train" and name == str(cfg.data.train):
+        raise                 # a target refused is listed as absent at the end
+
+
+# (id of the run's config, data set) refused at the prompt: asked once per run.
+_REFUSED: set[tuple[int, str]] = set()
+
+
 def _accepted(source: sources.DataSource, download: bool, what: str,
               missing: Exception | None) -> None:
   """Returns when the licence is accepted (data.download=True, or yes at a
@@ -53,15 +88,27 @@ def _accepted(source: sources.DataSource, download: bool, what: str,
   interactive = sys.stdin is not None and sys.stdin.isatty()
   if not download and not interactive:
     first, _, rest = str(missing or f"{what}: not on disk").partition("\n")
-    raise type(missing or LicenceRefused)(
+    raise (type(missing) if missing is not None else LicenceRefused)(
         f"{first} (--config.data.download=True downloads it: {size}{where})"
         + (f"\n{rest}" if rest else ""))
   print(f"{what}: {size}{where}", file=sys.stderr, flush=True)
   if download:
     return
-  answer = input(f"{what}: download it and accept its licence? [y/N] ")
+  try:
+    answer = input(f"{what}: download it and accept its licence? [y/N] ")
+  except EOFError:            # the terminal closed: no
+    answer = ""
   if answer.strip().lower() not in ("y", "yes"):
     raise LicenceRefused(f"{what}: licence not accepted; nothing was downloaded")
+
+
+def _refusal_remembered(cfg, name: str):
+  """The key remembering a refusal; a data set refused earlier in this run
+  is refused again without asking."""
+  key = (id(cfg), name)
+  if key in _REFUSED and not cfg.data.download:
+    raise LicenceRefused(f"{name}: licence not accepted; nothing was downloaded")
+  return key
 
 
 def ensure_dataset(cfg, name: str, missing: Exception | None = None) -> bool:
@@ -74,7 +121,12 @@ def ensure_dataset(cfg, name: str, missing: Exception | None = None) -> bool:
   root = Path(cfg.data.manual_dirs[name])
   if root.is_dir() and any(root.iterdir()):
     return True
-  _accepted(source, bool(cfg.data.download), name, missing)
+  key = _refusal_remembered(cfg, name)
+  try:
+    _accepted(source, bool(cfg.data.download), name, missing)
+  except LicenceRefused:
+    _REFUSED.add(key)
+    raise
   archive = root.parent / "downloads" / source.archive
   print(f"{name}: downloading {source.url} to {archive} (resumable)", file=sys.stderr,
         flush=True)
@@ -88,4 +140,5 @@ def ensure_dataset(cfg, name: str, missing: Exception | None = None) -> bool:
   return True
 
 
-__all__ = ["FetchError", "LicenceRefused", "UserError", "ensure_dataset", "ensure_weights"]
+__all__ = ["FetchError", "LicenceRefused", "UserError", "ensure_dataset", "ensure_datasets",
+           "ensure_weights"]

@@ -135,6 +135,13 @@ def ensure(kind: str, hub_id: str, dst: str | os.PathLike, field: str) -> Path:
         f"{field}.checkpoint={os.fspath(dst)!r} does not exist and {field}.hub_id is empty; "
         f"convert the weights (python -m {CONVERTERS.get(kind, 'converters')} --src ... "
         f"--dst {dst}), set {field}.hub_id, or set {field}.random_init=True")
+  try:
+    import torch  # noqa: F401  (the check against transformers runs its PyTorch model)
+  except ImportError:
+    raise FetchError(
+        f"{field}.checkpoint={os.fspath(dst)!r} is missing and fetching it from {hub_id} "
+        "checks the conversion against transformers' PyTorch model, which needs PyTorch: "
+        "pip install -e '.[convert]'") from None
   print(f"{field}: {dst} is missing; fetching {hub_id} from the Hugging Face hub "
         "(resumable), then converting and verifying it", file=sys.stderr, flush=True)
   src = snapshot(hub_id, kind)
