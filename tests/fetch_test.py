@@ -257,8 +257,8 @@ def test_dataset_without_consent_is_not_downloaded(server, tmp_path, monkeypatch
   # absent (no error, not asked again); a refused training set stops the run.
   cfg.mode, cfg.data.train, cfg.data.targets = "train", str(tmp_path), "mvtec_ad"
   fetch.ensure_datasets(cfg)
-  with pytest.raises(fetch.LicenceRefused):
-    datasets.prepare(cfg, "mvtec_ad")
+  with pytest.raises(DatasetNotFoundError, match="licence not accepted"):   # what
+    datasets.prepare(cfg, "mvtec_ad")     # evaluate_targets lists as an absent target
   cfg.data.train = "mvtec_ad"
   with pytest.raises(fetch.LicenceRefused):
     fetch.ensure_datasets(cfg)
@@ -422,3 +422,23 @@ def test_mvtec_cpu_from_an_empty_checkout(server, tmp_path):
   err = proc.stderr
   assert err.index("mvtec_ad: licence CC BY-NC-SA 4.0") < err.index("backbone: ")
   assert "Loading weights" not in err and "Metadata file" not in err
+
+
+def test_paper_command_with_no_network_is_one_line(tmp_path):
+  """The run's command, its data set unreachable: one `error:` line, exit 2,
+  before any weights are fetched, nothing written under data/ or checkpoints/."""
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "mvtec.py").write_text((ROOT / "configs" / "mvtec.py").read_text())
+  url = f"http://127.0.0.1:{_closed_port()}/m.tar.xz#sha256={'0' * 64}"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+             HF_HUB_CACHE=str(tmp_path / "hf"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "adjax.main", "--config=configs/mvtec.py:cpu",
+       "--config.data.download=True", f"--config.data.sources.mvtec_ad={url}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "mvtec_ad: cannot download" in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr and "backbone:" not in proc.stderr
+  assert not (tmp_path / "checkpoints").exists()
+  assert [p for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
