@@ -309,13 +309,19 @@ def hub_cache(cache: Path, *, depth: int = 4) -> Path:
   _cache_entry(cache, DINO_ID, dino.save_pretrained)
 
   def save_clip(folder):
+    # As the OpenAI repository: a whole CLIPModel (vision tower too), its
+    # weights as pytorch_model.bin, the tokenizer's vocab.json + merges.txt.
     v = clip_tokenizer.write_byte_level_tokenizer(folder, ["a photo of a bottle"],
                                                   num_merges=20)
-    cfg = transformers.CLIPTextConfig(
-        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-        bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1)
-    transformers.CLIPTextModelWithProjection(cfg).save_pretrained(folder)
+    text = dict(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=16))
+    clip.config.save_pretrained(folder)
+    torch.save(clip.state_dict(), folder / "pytorch_model.bin")
   _cache_entry(cache, CLIP_ID, save_clip)
   return cache
 

@@ -24,6 +24,10 @@ from adjax.common.errors import UserError
 # max |ours - theirs| <= VERIFY_RTOL * max(1, max |theirs|).
 VERIFY_RTOL = 1e-3
 
+# What a Hugging Face model folder holds its weights in (converters.common).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
 CONVERTERS = {"dinov3": "converters.dinov3", "dinov2": "converters.dinov2",
               "clip_text": "converters.clip_text"}
 
@@ -46,8 +50,13 @@ def snapshot(hub_id: str, field: str) -> Path:
   manual = (f"or convert by hand (python -m {CONVERTERS.get(field, 'converters')} --src "
             "<downloaded files> --dst <checkpoint>)")
   try:
-    return Path(snapshot_download(
+    folder = Path(snapshot_download(
         hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+      # A repository without safetensors weights: its PyTorch ones instead.
+      folder = Path(snapshot_download(
+          hub_id, allow_patterns=["pytorch_model*.bin", "*.json", "*.txt"]))
+    return folder
   except hf_errors.GatedRepoError:
     raise FetchError(_gated_message(hub_id)) from None
   except hf_errors.RepositoryNotFoundError:
@@ -116,9 +125,17 @@ def verify(kind: str, src: Path, converted: Path, what: str) -> float:
     ids = clip_tokenizer.tokenize(tokenizer, ["a photo of a flawless bottle.",
                                               "a photo of a damaged bottle."],
                                   model.config.context_length)
-    ref_model = transformers.CLIPTextModelWithProjection.from_pretrained(
-        src, dtype=torch.float32).eval()
-    ref = ref_model(input_ids=torch.from_numpy(np.asarray(ids)).long()).text_embeds.numpy()
+    import json
+    t = torch.from_numpy(np.asarray(ids)).long()
+    if json.loads((src / "config.json").read_text()).get("model_type") == "clip":
+      # A whole CLIPModel (the OpenAI repositories): its text path, as it
+      # embeds text (the pooled EOT token through text_projection).
+      clip = transformers.CLIPModel.from_pretrained(src, dtype=torch.float32).eval()
+      ref = clip.text_projection(clip.text_model(input_ids=t).pooler_output).numpy()
+    else:
+      ref_model = transformers.CLIPTextModelWithProjection.from_pretrained(
+          src, dtype=torch.float32).eval()
+      ref = ref_model(input_ids=t).text_embeds.numpy()
     ours = np.asarray(model.encode_text(jnp.asarray(ids)))
     return _check(what, ours, ref)
 
