@@ -348,6 +348,29 @@ def test_weights_fetched_converted_and_verified(offline_hub, tmp_path, capsys):
   assert sorted(p.name for p in dst.parent.iterdir()) == ["clip", "dinov3_vits16"]
 
 
+def test_dinov2_fetched_and_verified_at_another_size(tmp_path, monkeypatch):
+  """`:dinov2`'s repository (registers, position embeddings for 518 px): the
+  check runs at 56 px, through the resized position embeddings."""
+  import huggingface_hub.constants as c
+  import torch
+  import transformers
+
+  from adjax.models import dinov2
+  torch.manual_seed(1)
+  model = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_register_tokens=4, image_size=518, patch_size=14)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  hub_id = "facebook/dinov2-with-registers-large"
+  _cache_entry(tmp_path / "hf", hub_id, model.save_pretrained)
+  monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))
+  monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+  fetch_weights.ensure("dinov2", hub_id, tmp_path / "ck", "backbone")
+  assert dinov2.load(tmp_path / "ck").config.num_registers == 4
+
+
 def test_weights_that_do_not_reproduce_are_not_written(offline_hub, tmp_path, monkeypatch):
   """A conversion bug (the final norm's bias shifted by 0.01) is caught by the
   check against transformers, and nothing appears under the final name."""
