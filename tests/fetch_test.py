@@ -64,6 +64,12 @@ class _Server:
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
           start = int(rng[6:].split("-")[0])
+          if start >= len(body):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
           self.send_response(206)
           self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
@@ -471,3 +477,21 @@ def test_paper_command_with_no_network_is_one_line(tmp_path):
   assert "Traceback" not in proc.stderr and "backbone:" not in proc.stderr
   assert not (tmp_path / "checkpoints").exists()
   assert [p for p in (tmp_path / "data").rglob("*") if p.is_file()] == []
+
+
+def test_a_complete_partial_file_is_checked_not_fetched_again(server, tmp_path):
+  """A run stopped after the last byte but before the rename: the next call
+  checks the digest (asking the server at most for the empty rest)."""
+  data = os.urandom(70_000)
+  server.files["/c.tar"] = data
+  dst = tmp_path / "c.tar"
+  fetch_http.partial_path(dst).write_bytes(data)
+  fetch_http.download(server.url("/c.tar"), dst, _sha(data), size=len(data), what="c")
+  assert dst.read_bytes() == data and server.requests == []
+  # Size unknown: the server's 416 for the empty rest is not an error.
+  server.files["/d.tar"] = data
+  dst2 = tmp_path / "d.tar"
+  fetch_http.partial_path(dst2).write_bytes(data)
+  fetch_http.download(server.url("/d.tar"), dst2, _sha(data), what="d")
+  assert dst2.read_bytes() == data
+  assert server.requests == [("/d.tar", f"bytes={len(data)}-")]

@@ -115,10 +115,12 @@ def download(url: str, dst: str | os.PathLike, sha256: str, *, size: int | None 
     request.add_header("Range", f"bytes={have}-")
   with processes.sigterm_raises():
     try:
-      h, have = _transfer(request, part, h, have, size, what, url)
+      if size is None or have < size:   # (all there: a run stopped before the rename)
+        h, have = _transfer(request, part, h, have, size, what, url)
     except urllib.error.HTTPError as e:
-      raise DownloadError(f"{what}: {url} answered HTTP {e.code} {e.reason}; "
-                          "check the URL (data.sources) or try later") from None
+      if not (e.code == 416 and have):  # 416: nothing after `have`; the digest decides
+        raise DownloadError(f"{what}: {url} answered HTTP {e.code} {e.reason}; "
+                            "check the URL (data.sources) or try later") from None
     except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
       reason = getattr(e, "reason", e)
       kept = (f"; {_size(have if not part.is_file() else part.stat().st_size)} kept in "
