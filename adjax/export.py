@@ -41,6 +41,7 @@ public pieces (backbone features, head, image score).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -413,11 +414,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
     raise ExportError(f"--out {out}: exists; pass --overwrite to replace it")
 
 
-def _say(line: str) -> None:
-  """A "doing X" line on stderr before each wait of more than a few seconds."""
-  print(line, file=sys.stderr, flush=True)
-
-
 def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool = False,
            **kwargs) -> dict:
   """Builds and writes the file `out` (atomically; an existing one only with
@@ -453,14 +449,17 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
   out = Path(out)
   _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
-  say = kwargs.pop("progress", None) or (lambda line: None)
-  say(f"loading {workdir} (towers and head)")
-  if references is not None:
-    exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
-  else:
-    exp = build(workdir, object_names, **kwargs)
-  say(f"tracing the model into {fmt} (the longest step)")
-  data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
+  # The command line says what a long wait is doing (adjax.common.quiet).
+  from adjax.common import quiet
+  wait = quiet.announce_if_slow if kwargs.pop("progress", False) else (
+      lambda line: contextlib.nullcontext())
+  with wait(f"loading {workdir} (towers and head)"):
+    if references is not None:
+      exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
+    else:
+      exp = build(workdir, object_names, **kwargs)
+  with wait(f"tracing the model into {fmt} (the longest step)"):
+    data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
   if fmt == "stablehlo":
     atomic.write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
@@ -507,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       threshold=args.threshold,
       config=args.config, overrides=args.set, image_size=args.image_size, dtype=args.dtype,
       platforms=args.platforms.split(",") if args.platforms else None,
-      overwrite=args.overwrite, allow_new_objects=args.allow_new_objects, progress=_say))
+      overwrite=args.overwrite, allow_new_objects=args.allow_new_objects, progress=True))
   if rc:
     return rc
   if args.references is not None:

@@ -175,3 +175,22 @@ def test_restore_prints_no_library_warning(tmp_path, capfd):
     absl_logger.removeHandler(handler)
   assert not [m for m in records if "Metadata file does not exist" in m], records
   assert "a warning of adjax's own stays" in records
+
+
+def test_a_wait_is_announced_only_when_it_is_long(monkeypatch):
+  """adjax.common.quiet.announce_if_slow: nothing for a quick block (a refusal
+  stays one line), the line once for a block longer than the delay."""
+  import io
+  import time
+
+  from adjax.common import quiet
+  monkeypatch.setattr(quiet, "ANNOUNCE_AFTER_S", 0.2)
+  out = io.StringIO()
+  with quiet.announce_if_slow("loading x", stream=out):
+    pass
+  time.sleep(0.4)
+  assert out.getvalue() == ""
+  with quiet.announce_if_slow("loading y", stream=out):
+    time.sleep(0.6)
+  time.sleep(0.3)
+  assert out.getvalue() == "loading y\n"
