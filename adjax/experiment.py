@@ -61,6 +61,16 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
     jax.distributed.initialize(**kwargs)
   config_check.check(cfg, device_count=jax.device_count(),
                      process_count=jax.process_count())
+  # Benchmarks missing (with consent), then converted towers missing with a
+  # hub id set: fetched, verified and unpacked or converted now, after every
+  # other check and before any training; the towers are then checked like
+  # any converted folder.
+  from adjax import fetch
+  if jax.process_index() == 0:
+    fetch.ensure_datasets(cfg)
+  if fetch.ensure_weights(cfg, text=not _head_free(cfg)):
+    config_check.check(cfg, device_count=jax.device_count(),
+                       process_count=jax.process_count())
   workdir = resolve_workdir(cfg, workdir_flag)
   if workdir.exists() and not workdir.is_dir():
     raise config_check.ConfigError(

@@ -556,14 +556,19 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
   out = Path(out)
   _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
+  # The command line says what a long wait is doing (adjax.common.quiet).
+  from adjax.common import quiet
+  wait = quiet.announce_if_slow if kwargs.pop("progress", False) else (
+      lambda line: contextlib.nullcontext())
   # The workdir's lock, as predict takes it: a training run cannot write or
   # prune the checkpoint step while it is read (one consistent step).
-  with _reading_lock(workdir):
+  with _reading_lock(workdir), wait(f"loading {workdir} (towers and head)"):
     if references is not None:
       exp = build_few_shot(workdir, references, threshold=threshold, **kwargs)
     else:
       exp = build(workdir, object_names, **kwargs)
-  data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
+  with wait(f"tracing the model into {fmt} (the longest step)"):
+    data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
   if fmt == "stablehlo":
     atomic.write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
@@ -610,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       threshold=args.threshold,
       config=args.config, overrides=args.set, image_size=args.image_size, dtype=args.dtype,
       platforms=args.platforms.split(",") if args.platforms else None,
-      overwrite=args.overwrite, allow_new_objects=args.allow_new_objects))
+      overwrite=args.overwrite, allow_new_objects=args.allow_new_objects, progress=True))
   if rc:
     return rc
   if args.references is not None:

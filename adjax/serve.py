@@ -950,11 +950,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr, flush=True)
 
   def serve():
+    from adjax.common import quiet
     from adjax.detector import Detector, DetectorError
-    detector = Detector.from_workdir(args.workdir, **overrides)
+    with quiet.announce_if_slow(f"loading {args.workdir} (towers and head; the page "
+                                "answers once they are in memory)"):
+      detector = Detector.from_workdir(args.workdir, **overrides)
     if args.references:
       try:
-        count = detector.use_references(args.references)
+        with quiet.announce_if_slow(
+            f"few_shot: building the memory bank from {args.references}"):
+          count = detector.use_references(args.references)
       except (FileNotFoundError, DetectorError) as e:
         raise DetectorError(f"--references {args.references}: {e}") from None
       print(f"few_shot: {count} reference images from {args.references}", flush=True)

@@ -146,3 +146,51 @@ def test_head_trained_on_more_devices_loads_here(tmp_path):
   want = _state(3)["params"]
   np.testing.assert_array_equal(np.asarray(params["a"]["kernel"]), want["a"]["kernel"])
   np.testing.assert_array_equal(np.asarray(params["b"]["bias"]), want["b"]["bias"])
+
+
+def test_restore_prints_no_library_warning(tmp_path, capfd):
+  """Orbax's `Metadata file does not exist: .../_CHECKPOINT_METADATA` on every
+  restore is dropped (adjax.common.quiet); its other warnings are kept."""
+  import logging
+  _save(tmp_path, steps=(1,))
+  records = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      records.append(record.getMessage())
+  handler = Keep(logging.WARNING)
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addHandler(handler)
+  try:
+    ck = checkpoints.RunCheckpoints(tmp_path, keep=5)
+    try:                  # the head's restore (evaluate, predict, export, the page)
+      params, step = ck.restore_head(_abstract(_state(0))["params"])
+    finally:
+      ck.close()
+    assert step == 1
+    np.testing.assert_array_equal(params["b"]["bias"], _state(1)["params"]["b"]["bias"])
+    from absl import logging as absl_logging
+    absl_logging.warning("a warning of adjax's own stays")
+  finally:
+    absl_logger.removeHandler(handler)
+  assert not [m for m in records if "Metadata file does not exist" in m], records
+  assert "a warning of adjax's own stays" in records
+
+
+def test_a_wait_is_announced_only_when_it_is_long(monkeypatch):
+  """adjax.common.quiet.announce_if_slow: nothing for a quick block (a refusal
+  stays one line), the line once for a block longer than the delay."""
+  import io
+  import time
+
+  from adjax.common import quiet
+  monkeypatch.setattr(quiet, "ANNOUNCE_AFTER_S", 0.2)
+  out = io.StringIO()
+  with quiet.announce_if_slow("loading x", stream=out):
+    pass
+  time.sleep(0.4)
+  assert out.getvalue() == ""
+  with quiet.announce_if_slow("loading y", stream=out):
+    time.sleep(0.6)
+  time.sleep(0.3)
+  assert out.getvalue() == "loading y\n"

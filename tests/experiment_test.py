@@ -543,6 +543,7 @@ def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):
   with pytest.raises(config_check.ConfigError,
                      match="backbone.checkpoint=.*python -m converters.dinov3"):
     cfg.backbone.checkpoint = str(tmp_path / "missing")
+    cfg.backbone.hub_id = ""         # (with a hub id it is fetched: tests/fetch_test.py)
     experiment.run(cfg, str(tmp_path / "work2"))
 
 

@@ -538,14 +538,21 @@ def test_few_shot_function_matches_detector(few_shot):
 
 
 @pytest.mark.slow
-def test_few_shot_onnx_matches_detector(few_shot, tmp_path, capsys):
+def test_few_shot_onnx_matches_detector(few_shot, tmp_path, capsys, monkeypatch):
   pytest.importorskip("jax2onnx")
   import onnx
+
+  from adjax.common import quiet
+  monkeypatch.setattr(quiet, "ANNOUNCE_AFTER_S", 0)    # every wait announced
   bare, refs, _, det = few_shot
   out = tmp_path / "few.onnx"
   rc = export.main(["--workdir", str(bare), "--references", str(refs), "--format", "onnx",
                     "--out", str(out)])
-  assert rc == 0 and "few-shot against 3 references" in capsys.readouterr().out
+  said = capsys.readouterr()
+  assert rc == 0 and "few-shot against 3 references" in said.out
+  # A "doing X" line for each long wait, and nothing else.
+  assert said.err.splitlines() == [f"loading {bare} (towers and head)",
+                                   "tracing the model into onnx (the longest step)"]
   model = onnx.load(str(out))
   meta = {p.key: json.loads(p.value) for p in model.metadata_props}
   assert meta["scoring"] == "few_shot" and meta["reference_count"] == 3

@@ -256,7 +256,8 @@ def test_command_line(demo_workdir, tmp_path):
   refs = demo_workdir[2] / "family_b" / "tile" / "test"
   proc = subprocess.Popen([sys.executable, "-m", "adjax.serve", "--workdir", str(demo_workdir[1]),
                            "--port", str(port), "--references", str(refs)],
-                          stdout=subprocess.PIPE, text=True, env=env)
+                          stdout=subprocess.PIPE, stderr=(tmp_path / "err").open("w"),
+                          text=True, env=dict(env, ADJAX_ANNOUNCE_AFTER_S="0"))
   try:
     # Lines before it say which head was loaded; the address line follows.
     lines = [proc.stdout.readline()]
@@ -268,6 +269,11 @@ def test_command_line(demo_workdir, tmp_path):
     assert info["references"] == len(list(refs.rglob("*.png"))) > 0
     # The page's object name starts at the references' object (…/tile/test).
     assert info["default_object_name"] == "tile"
+    # Each wait before the address line is announced (here at once: the
+    # variable's 0 s; by default after 3 s, so a quick refusal stays one line).
+    assert (tmp_path / "err").read_text().splitlines() == [
+        f"loading {demo_workdir[1]} (towers and head; the page answers once they are in "
+        "memory)", f"few_shot: building the memory bank from {refs}"]
   finally:
     proc.terminate()
     proc.wait(timeout=30)

@@ -145,6 +145,7 @@ NOT_RUN_FOLDERS = {
     "converters/dinov3.py": {"config.json"},
     "converters/clip_text.py": {"config.json"},
     "converters/common.py": {"config.json"},
+    "adjax/fetch/weights.py": {"config.json"},   # a Hugging Face model folder's
     "adjax/evaluate.py": {"feature_cache"},
 }
 

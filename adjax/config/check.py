@@ -107,9 +107,11 @@ def problems(cfg, *, device_count: int | None = None,
 
   # The model: family, variant, sizes, layers, checkpoint.
   info = None
-  checkpoint = None if cfg.backbone.random_init else _checkpoint_problems(cfg)
+  checkpoint = [] if cfg.backbone.random_init else _checkpoint_problems(cfg)
   if checkpoint:
     out += checkpoint
+  elif checkpoint is None and not cfg.backbone.variant:
+    pass                          # the architecture is known once it is fetched
   else:
     try:
       if cfg.backbone.variant or cfg.backbone.random_init:
@@ -129,10 +131,10 @@ def problems(cfg, *, device_count: int | None = None,
   elif cfg.text.random_init:
     from adjax.models import clip_text
     _enum(out, "text.variant", cfg.text.variant, tuple(sorted(clip_text.VARIANTS)))
-  elif not Path(cfg.text.checkpoint).is_dir():
+  elif not Path(cfg.text.checkpoint).is_dir() and not cfg.text.hub_id:
     out.append(f"text.checkpoint={cfg.text.checkpoint!r} does not exist; convert the "
                "weights first (python -m converters.clip_text --src ... --dst "
-               f"{cfg.text.checkpoint}) or set text.random_init=True")
+               f"{cfg.text.checkpoint}), set text.hub_id, or set text.random_init=True")
 
   # Data and modes.
   if cfg.mode == "train":
@@ -192,12 +194,17 @@ def problems(cfg, *, device_count: int | None = None,
   return out
 
 
-def _checkpoint_problems(cfg) -> list[str]:
+def _checkpoint_problems(cfg) -> list[str] | None:
+  """Problems of the converted backbone; None when it is missing and will be
+  fetched by backbone.hub_id at start (checked again once it is there)."""
   path = Path(cfg.backbone.checkpoint)
   if not path.is_dir():
+    if cfg.backbone.hub_id:
+      return None
     return [f"backbone.checkpoint={cfg.backbone.checkpoint!r} does not exist; convert "
             f"the weights first (python -m converters.{cfg.backbone.family} --src ... "
-            f"--dst {cfg.backbone.checkpoint}) or set backbone.random_init=True"]
+            f"--dst {cfg.backbone.checkpoint}), set backbone.hub_id, or set "
+            "backbone.random_init=True"]
   try:
     backbones.check_checkpoint(cfg.backbone.family, cfg.backbone.variant, path)
   except backbones.BackboneError as e:

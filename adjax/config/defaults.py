@@ -33,6 +33,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone.family = "dinov3"      # a row of adjax.models.backbones.FAMILIES: dinov3 | dinov2
   c.backbone.variant = "vitl16"     # the family's VARIANTS name; "" = the checkpoint's own
   c.backbone.checkpoint = "checkpoints/dinov3_vitl16"   # converted directory
+  # Hugging Face repository a missing backbone.checkpoint is fetched from,
+  # converted and verified at start ("" = never fetch). DINOv3 is gated: accept
+  # its licence on the hub and log in (hf auth login, or HF_TOKEN) first.
+  c.backbone.hub_id = "facebook/dinov3-vitl16-pretrain-lvd1689m"
   c.backbone.random_init = False    # random weights of the variant (demo, benchmarks)
   c.backbone.layers = (5, 11, 17, 23)   # tapped blocks; () = the family's default four
   c.backbone.dtype = "bfloat16"     # matmul dtype; parameters, norms and softmax stay float32
@@ -40,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.text = ml_collections.ConfigDict()
   c.text.variant = "vit-l-14"       # CLIP text architecture (clip_text.VARIANTS), for random_init
   c.text.checkpoint = "checkpoints/clip_vitl14_336_text"   # converted directory
+  c.text.hub_id = "openai/clip-vit-large-patch14-336"   # where a missing text.checkpoint is fetched from ("" = never)
   c.text.random_init = False        # random weights of text.variant (demo, benchmarks)
   c.text.activation = ""            # "" = the checkpoint's (quick_gelu), or gelu under the quirks
   c.text.display_names = ml_collections.ConfigDict()  # folder name -> readable object name
@@ -70,6 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0           # grain worker processes decoding images (0: threads only)
   c.data.prefetch = 2               # batches decoded ahead
   c.data.skip_bad_files = False     # unreadable images become warnings, not errors
+  # A benchmark with a published archive (mvtec_ad, visa) that is neither
+  # prepared nor under data.manual_dirs is downloaded into it, after its
+  # licence is printed: only with data.download=True, or a yes at a terminal.
+  c.data.download = False
+  # Per data set, "URL#sha256=HEX" replaces the published source (a mirror
+  # or a local copy); "" = the table in adjax/fetch/sources.py.
+  c.data.sources = ml_collections.ConfigDict({"mvtec_ad": "", "visa": ""})
 
   c.image_size = 512
   c.batch_size = 64                 # global batch (all processes and devices)
@@ -171,6 +183,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.backbone.family = "dinov2"
     c.backbone.variant = "vitl14_reg"
     c.backbone.checkpoint = "checkpoints/dinov2_vitl14_reg"
+    c.backbone.hub_id = "facebook/dinov2-with-registers-large"
     c.backbone.layers = (5, 11, 17, 23)
     c.image_size = 518         # 37 x 37 patches of 14 px: DINOv2's native grid
   elif arg == "exact":         # the release's numbers exactly: its quirks, float32 throughout
@@ -186,6 +199,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
     c.distributed = True
     c.backbone.variant = "vit7b16"
     c.backbone.checkpoint = "checkpoints/dinov3_vit7b16"
+    c.backbone.hub_id = "facebook/dinov3-vit7b16-pretrain-lvd1689m"
     c.backbone.layers = (9, 19, 29, 39)
     c.mesh.data, c.mesh.model = -1, 4
     c.mesh.backbone_sharding = "model"
@@ -193,6 +207,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
   elif arg == "cpu":           # a laptop: small backbone, small images
     c.backbone.variant = "vits16"
     c.backbone.checkpoint = "checkpoints/dinov3_vits16"
+    c.backbone.hub_id = "facebook/dinov3-vits16-pretrain-lvd1689m"
     c.backbone.layers = (2, 5, 8, 11)
     c.backbone.dtype = "float32"
     c.image_size = 224

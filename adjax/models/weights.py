@@ -23,7 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from adjax.common import atomic
+from adjax.common import quiet as _quiet
 from adjax.common.errors import UserError
+
+_quiet.drop_library_noise()   # orbax's missing-metadata warning on every restore
 
 FORMAT_VERSION = 1
 

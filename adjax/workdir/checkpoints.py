@@ -27,8 +27,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from adjax.common import atomic
+from adjax.common import quiet as _quiet
 from adjax.common.errors import UserError
 from adjax.workdir import Workdir
+
+_quiet.drop_library_noise()   # orbax's missing-metadata warning on every restore
 
 
 class CheckpointMismatchError(UserError, ValueError):

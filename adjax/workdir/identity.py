@@ -42,10 +42,13 @@ NOT_TRAINING = (
     "checkpoints_to_keep", "mesh.", "distributed", "coordinator_address",
     "num_processes", "process_id", "text.cache_dir", "feature_cache_dir",
     "backbone.dtype", "train.allow_no_anomalies",
+    # where missing weights and data are fetched from (the converted weights'
+    # digests and the prepared data's source identify what was used)
+    "backbone.hub_id", "text.hub_id", "data.download", "data.sources.",
 )
 # Fields that make the model a trained head belongs to.
 MODEL_FIELDS = ("backbone.", "text.", "reference_quirks", "seed")
-MODEL_EXCEPT = ("backbone.dtype", "text.cache_dir")
+MODEL_EXCEPT = ("backbone.dtype", "text.cache_dir", "backbone.hub_id", "text.hub_id")
 
 
 class IdentityMismatchError(UserError, ValueError):
