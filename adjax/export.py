@@ -269,7 +269,7 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   except ValueError as e:
     raise ExportError(str(e)) from None
   model, r_list = det.model, det.r_list
-  bank = jnp.asarray(neighbors.bank_features(det.references, r_list))
+  bank = jnp.asarray(neighbors.bank_features(det.references, r_list, **det.coreset_args()))
   # Host copies: the file's constants, whatever placement the Detector chose.
   backbone = nnx.merge(det._backbone[0], jax.device_get(det._backbone[1]))
   prefix = model.backbone.num_prefix_tokens
@@ -292,7 +292,8 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   names = [os.path.basename(p) if p else "<array>" for p in det.reference_paths]
   metadata = {"scoring": "few_shot", "image_size": int(model.image_size),
               "references": names, "reference_count": count, "r_list": list(r_list),
-              "bank_shape": list(bank.shape), "image_threshold": threshold,
+              "bank_shape": list(bank.shape), "coreset": det.coreset,
+              "image_threshold": threshold,
               "backbone_id": det.towers.backbone_id, "layers": list(model.layers),
               "backbone_dtype": cfg.backbone.dtype,
               "inputs": list(FEW_SHOT_INPUTS),

@@ -275,11 +275,43 @@ def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
   return _mean_over_layers_then_r(layer_scores, len(layers), r_list, (n, h, w))
 
 
+def subsets(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+  """MuSc's split of a large batch: the n images in a seeded random order, cut
+  into n // size subsets of near-equal size: each holds at least `size` and
+  fewer than 2 * size images (all n when n < 2 * size); indices sorted."""
+  if n < 2 * size:
+    return [np.arange(n)]
+  order = np.random.default_rng(int(seed)).permutation(n)
+  return [np.sort(part) for part in np.array_split(order, n // size)]
+
+
+def mutual_maps_subsets(tokens, subset: int, r_list=(1, 3, 5), interval=(0.0, 0.3), *,
+                        seed: int = 0, mesh=None, progress=None, **kwargs) -> np.ndarray:
+  """`mutual_maps` with each image scored only against the other images of its
+  random subset of `subset` to 2 * `subset` - 1 images (`subsets`), MuSc's answer to large
+  test sets: time O(N * subset) instead of O(N^2), memory (the LNAMD
+  features and distance blocks) that of `subset` images whatever N. Only the
+  subset's raw tokens are read at a time (a memory-mapped `tokens` stays on
+  disk). `progress(k)` is called with each subset's image count once scored.
+  With N < 2 * subset it is `mutual_maps` exactly."""
+  layers = _layers(tokens)
+  n, h, w, _ = _shape(layers, "mutual_maps_subsets: tokens")
+  parts = subsets(n, int(subset), seed)
+  rank_window(min(len(p) for p in parts), interval)   # every subset leaves a rank
+  out = np.zeros((n, h, w), np.float32)
+  for idx in parts:
+    out[idx] = mutual_maps([layer[idx] for layer in layers], r_list, interval, mesh=mesh,
+                           **kwargs)
+    if progress is not None:
+      progress(len(idx))
+  return out
+
+
 def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
                    query_block: int | None = None, key_block: int | None = None,
                    token_block: int = 32,
                    precision=lax.Precision.HIGHEST, coreset: float = 0,
-                   coreset_seed: int = 0) -> np.ndarray:
+                   coreset_seed: int = 0, bank_cache: dict | None = None) -> np.ndarray:
   """Few-shot scoring -> maps [N, h, w]: each patch's distance to its nearest
   patch among the reference images' patches (the memory bank), with the same
   LNAMD features, averaged over layers and then over r.
@@ -289,6 +321,8 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
   `coreset`: 0 (off) keeps every reference patch; a fraction in (0, 1] or a
   count > 1 keeps that many per layer and r, chosen by greedy k-center
   (`adjax.coreset.select`, seed `coreset_seed`) among the bank's LNAMD features.
+  `bank_cache`: a dict kept by the caller between calls with the same
+  references (the Detector's), where the coreset banks are kept once chosen.
   """
   layers, refs = _layers(tokens), _layers(reference_tokens)
   n, h, w, d = _shape(layers, "reference_maps: tokens")
@@ -305,10 +339,15 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
 
   def layer_scores(l, r):
     z = _features(layers[l], r, token_block, rep)
-    bank = _features(refs[l], r, token_block, rep, key_block)
-    count = m
-    if coreset:
-      bank, count = _coreset_bank(bank, m, coreset, coreset_seed, key_block, mesh, rep)
+    key = (l, r, float(coreset), int(coreset_seed), key_block)
+    if coreset and bank_cache is not None and key in bank_cache:
+      bank, count = bank_cache[key]
+    else:
+      bank, count = _features(refs[l], r, token_block, rep, key_block), m
+      if coreset:
+        bank, count = _coreset_bank(bank, m, coreset, coreset_seed, key_block, mesh, rep)
+        if bank_cache is not None:
+          bank_cache[key] = (bank, count)
     return _score_layer(z, n, bank, count, "reference", 0, 1, query_block, key_block,
                         precision, mesh, same=False)
   return _mean_over_layers_then_r(layer_scores, len(layers), r_list, (n, h, w))

@@ -177,6 +177,12 @@ class NeighbourScorer:
     self._refs: dict[str, np.ndarray] = {}
     self._bank_paths: dict[str, list[str]] = {}
     self.references_dir = str(cfg.eval.get("references_dir", "")) if self.kind == "few_shot" else ""
+    self._category = ""
+    # The few-shot bank's coreset settings (None: every reference patch), a
+    # part of what the bank is.
+    from adjax import coreset
+    self.coreset = (coreset.settings(cfg.eval.coreset, cfg.eval.coreset_seed)
+                    if self.kind == "few_shot" else None)
 
   def adjust_identity(self, ident: dict) -> dict:
     """The results identity of this mode: its settings; no head or text tower
@@ -188,8 +194,12 @@ class NeighbourScorer:
       if self.references_dir:
         ev["references_dir"] = self.references_dir
     ev["r_list"] = [int(r) for r in cfg.eval.r_list]
+    if self.coreset:
+      ev["coreset"] = dict(self.coreset)
     if self.kind == "batch":
       ev["rscin_k"] = [int(k) for k in cfg.eval.rscin_k]
+      if int(cfg.eval.batch_subset):
+        ev["batch_subset"] = int(cfg.eval.batch_subset)
     if self.with_head:
       ev["combine"] = cfg.eval.combine
     else:
@@ -234,6 +244,7 @@ class NeighbourScorer:
       if not (handle.example_category == ci).any():
         continue
       got = self._category_pass(handle, name, table, to_draw, progress)
+      self._category = name
       bank = self._bank_tokens(self._bank_paths[name], table) if self._bank_paths else None
       rows = self._score_category(got, self._refs.get(name, np.zeros(0, int)), bank)
       draws = []
@@ -358,10 +369,22 @@ class NeighbourScorer:
     tok = tok.reshape(l, n, h, w, d)
     mesh = self.mesh if self.mesh.shape[sharding.DATA] > 1 else None
     r_list = tuple(int(r) for r in self.cfg.eval.r_list)
+    subset = int(self.cfg.eval.batch_subset)
+    if self.kind == "batch" and subset and n >= 2 * subset:
+      from adjax.workdir import run_log
+      name = getattr(self, "_category", "")
+      progress = run_log.Progress(f"batch scoring {name} (subsets of {subset} or more)", n,
+                                  enabled=jax.process_index() == 0, every_s=5.0)
+      maps = neighbors.mutual_maps_subsets(tok, subset, r_list, mesh=mesh,
+                                           progress=progress.update)
+      progress.close()
+      return maps[keep]
     if self.kind == "batch":
       return neighbors.mutual_maps(tok, r_list, mesh=mesh)[keep]
     refs = tok[:, ~keep] if bank is None else bank.reshape(l, bank.shape[1], h, w, d)
-    return neighbors.reference_maps(tok[:, keep], refs, r_list, mesh=mesh)
+    return neighbors.reference_maps(tok[:, keep], refs, r_list, mesh=mesh,
+                                    coreset=float(self.cfg.eval.coreset),
+                                    coreset_seed=int(self.cfg.eval.coreset_seed))
 
   def _score_category(self, got: dict, refs: np.ndarray, bank=None) -> dict:
     """-> rows (score, label, map, mask, has_mask, index) of the scored images."""

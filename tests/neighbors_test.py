@@ -328,3 +328,36 @@ def test_reference_maps_whole_coreset_equals_the_bank():
   tokens, refs = _tokens(11, 2, 4, 4, 4, 8), _tokens(12, 2, 3, 4, 4, 8)
   np.testing.assert_array_equal(neighbors.reference_maps(tokens, refs, (1, 3), coreset=1.0),
                                 neighbors.reference_maps(tokens, refs, (1, 3)))
+
+
+# ---- batch scoring in subsets ---------------------------------------------
+def test_subsets_cover_every_image_once_in_near_equal_parts():
+  parts = neighbors.subsets(23, 5, seed=3)
+  assert [len(p) for p in parts] == [6, 6, 6, 5]
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(23))
+  assert all(np.all(np.diff(p) > 0) for p in parts)
+  assert [p.tolist() for p in neighbors.subsets(23, 5, seed=3)] == [p.tolist() for p in parts]
+  assert [p.tolist() for p in neighbors.subsets(23, 5, seed=4)] != [p.tolist() for p in parts]
+  assert [p.tolist() for p in neighbors.subsets(9, 5)] == [list(range(9))]
+
+
+def test_mutual_maps_subsets_score_each_image_within_its_subset():
+  """Each image's map is MuSc's mutual score among its subset only (brute
+  force per subset); progress reports every image once.
+  Fails if a subset is scored against the whole batch, or maps land on the
+  wrong rows."""
+  tokens = _tokens(13, 2, 13, 4, 4, 8)
+  seen = []
+  got = neighbors.mutual_maps_subsets(tokens, 5, (1, 3), seed=1, progress=seen.append)
+  parts = neighbors.subsets(13, 5, seed=1)
+  assert sorted(seen) == sorted(len(p) for p in parts) and sum(seen) == 13
+  for idx in parts:
+    _close(got[idx], np_mutual(tokens[:, idx], (1, 3)))
+  whole = neighbors.mutual_maps(tokens, (1, 3))
+  assert float(np.abs(got - whole).max()) > 1e-3
+  np.testing.assert_array_equal(neighbors.mutual_maps_subsets(tokens, 7, (1, 3)), whole)
+
+
+def test_mutual_maps_subsets_refuse_a_subset_without_a_rank():
+  with pytest.raises(ValueError, match="at least 5"):
+    neighbors.mutual_maps_subsets(_tokens(0, 1, 12, 3, 3, 4), 4)
