@@ -332,7 +332,11 @@ def to_onnx(exp: Exportable) -> bytes:
     out = exp.fn(*args)
     return tuple(out[k] for k in outputs)
 
-  with _quiet_jax2onnx():
+  import jax
+  from adjax.models import vit
+  # ONNX carries no platforms: the attention path of the backend exporting,
+  # as before platform-dependent paths (jax2onnx knows no platform_index).
+  with _quiet_jax2onnx(), vit.attention_for(jax.default_backend()):
     model = jax2onnx.to_onnx(positional, _input_specs(exp.image_size, "B", inputs),
                              model_name="adjax_anomaly", input_names=list(inputs),
                              output_names=list(outputs))

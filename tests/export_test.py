@@ -624,6 +624,7 @@ def test_few_shot_agrees_with_the_detector_on_its_references(few_shot):
   assert float(np.max(scores)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_few_shot_coreset_bank_matches_detector(run_dir, tmp_path):
   """eval.coreset: the baked bank is the Detector's coreset (the same patches
   per layer and r), recorded in the metadata; its maps are the Detector's.
