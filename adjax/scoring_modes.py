@@ -72,16 +72,25 @@ def choose_references(handle, category_index: int, k: int) -> np.ndarray:
   return np.sort(good[order[:k]])
 
 
+CATEGORY = "{category}"   # in eval.references_dir: the category's name
+
+
+def category_folder(refs_dir: str, name: str) -> Path:
+  """`<refs_dir>/<name>`, or `refs_dir` with {category} replaced by the name
+  (`data/mvtec/{category}/train/good`: a data set's own training normals)."""
+  return Path(refs_dir.replace(CATEGORY, name)) if CATEGORY in refs_dir else Path(refs_dir) / name
+
+
 def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list[str]], list[str]]:
   """The bank of each category from `eval.references_dir`: the first k readable
-  images (sorted by path) of `<refs_dir>/<category>/`. Returns (category ->
-  paths, problems), the problems one line each."""
-  if not Path(refs_dir).is_dir():
+  images (sorted by path) of `category_folder(refs_dir, category)`. Returns
+  (category -> paths, problems), the problems one line each."""
+  if CATEGORY not in refs_dir and not Path(refs_dir).is_dir():
     return {}, [f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                 "of normal images per category)"]
   found, missing, short = {}, [], []
   for name in categories:
-    sub = Path(refs_dir) / name
+    sub = category_folder(refs_dir, name)
     if not sub.is_dir():
       missing.append(name)
       continue
@@ -95,8 +104,13 @@ def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list
       found[name] = ok[:k]
   out = []
   if missing:
-    out.append(f"eval.references_dir={refs_dir!r} has no subfolder for "
-               f"{', '.join(missing)} (expected one per category, named as it)")
+    if CATEGORY in refs_dir:
+      out.append(f"eval.references_dir={refs_dir!r} has no folder for "
+                 f"{', '.join(missing)} (expected one per category, {{category}} "
+                 "replaced by its name)")
+    else:
+      out.append(f"eval.references_dir={refs_dir!r} has no subfolder for "
+                 f"{', '.join(missing)} (expected one per category, named as it)")
   if short:
     out.append(f"eval.references={k} needs at least {k} readable images in each subfolder "
                f"of eval.references_dir={refs_dir!r}; fewer in {', '.join(short)}")

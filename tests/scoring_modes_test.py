@@ -506,3 +506,35 @@ def test_config_check_names_bad_coreset_and_subset():
   cfg.eval.coreset = 100
   assert any("eval.coreset is set but eval.scoring='batch'" in p
              for p in config_check.problems(cfg))
+
+
+def test_references_dir_with_a_category_pattern(tmp_path):
+  """eval.references_dir=<root>/{category}/train/good takes each category's
+  bank from its own training normals (MVTec layout), and nothing else of the
+  category's folder. Fails if the pattern is joined as a subfolder name or
+  the category's test images reach its bank."""
+  root = tmp_path / "data"
+  for cat in ("a", "b"):
+    _image_folder(root / cat / "train" / "good", 3)
+    _image_folder(root / cat / "test" / "good", 2)
+  pattern = str(root / "{category}" / "train" / "good")
+  cfg = demo_config()
+  cfg.mode = "evaluate"
+  cfg.eval.scoring = "few_shot"
+  cfg.eval.references_dir = pattern
+  cfg.eval.references = 3
+  assert not [p for p in config_check.problems(cfg) if "references_dir" in p]
+  handle = _handle({"a": (1, 3), "b": (1, 3)})
+  assert scoring_modes.problems(cfg, handle) == []
+  found, _ = scoring_modes.folder_references(pattern, ["a", "b"], 3)
+  assert found == {c: [str(root / c / "train" / "good" / f"00{i}.png") for i in range(3)]
+                   for c in ("a", "b")}
+  cfg.eval.references = 4
+  assert scoring_modes.problems(cfg, handle) == [
+      f"eval.references=4 needs at least 4 readable images in each subfolder of "
+      f"eval.references_dir={pattern!r}; fewer in a (3), b (3)"]
+  cfg.eval.references = 3
+  handle = _handle({"a": (1, 3), "c": (1, 3)})
+  assert scoring_modes.problems(cfg, handle) == [
+      f"eval.references_dir={pattern!r} has no folder for c (expected one per category, "
+      "{category} replaced by its name)"]

@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.demo.seed = 0
   c.data.demo.image_size = 256
   c.data.demo.per_category = 30
+  c.data.demo.train_per_category = 0   # normal training images per category (<cat>/train/good)
   c.data.worker_count = 0           # grain worker processes decoding images (0: threads only)
   c.data.prefetch = 2               # batches decoded ahead
   c.data.skip_bad_files = False     # unreadable images become warnings, not errors
