@@ -23,7 +23,7 @@ patches), so when a whole selection is estimated above `--budget` seconds,
 
 Subsets (`--subset-n 1000,5000`, `--subset 50`): the tokens of N demo-size
 images (ViT-S/16 at 224: 14 x 14 patches, D 384, 4 layers, r = 1 as in
-configs/demo.py) in per-layer float16 `.npy` memmaps;
+configs/demo.py) in per-layer float16 files read by rows (`RowFile`);
 `neighbors.mutual_maps_subsets` reads one subset at a time. `--subsets-timed`
 subsets are timed and scaled to all (every subset is the same work); the
 peak memory is the process's (each (N) runs in its own process).
@@ -147,6 +147,33 @@ def run_coreset(n: int, d: int, fraction: float, steps: int, budget: float) -> d
   return row
 
 
+class RowFile:
+  """A per-layer token array [N, h, w, D] on disk, read by rows with `pread`
+  (`arr[indices]`): only what is read is in the process's memory (a memmap's
+  touched pages would count in its resident size until the system reclaims
+  them)."""
+
+  def __init__(self, path, shape, dtype):
+    self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+    self.row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, idx) -> np.ndarray:
+    import os
+    idx = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx)
+    out = np.empty((len(idx),) + self.shape[1:], self.dtype)
+    fd = os.open(self.path, os.O_RDONLY)
+    try:
+      for k, i in enumerate(idx):
+        out[k] = np.frombuffer(os.pread(fd, self.row, int(i) * self.row),
+                               self.dtype).reshape(self.shape[1:])
+    finally:
+      os.close(fd)
+    return out
+
+
 def run_subsets(n: int, subset: int, timed: int, layers: int = 4) -> dict:
   """Batch scoring of N demo-size images in subsets -> time and peak memory."""
   import jax
@@ -156,14 +183,12 @@ def run_subsets(n: int, subset: int, timed: int, layers: int = 4) -> dict:
   with tempfile.TemporaryDirectory(prefix="adjax_bench_subsets_") as tmp:
     tokens = []
     for l in range(layers):
-      path = Path(tmp) / f"layer{l}.npy"
-      arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16,
-                                      shape=(n, side, side, dim))
-      for s in range(0, n, 64):
-        arr[s:s + 64] = rng.standard_normal((min(64, n - s), side, side, dim), np.float32)
-      arr.flush()
-      del arr
-      tokens.append(np.load(path, mmap_mode="r"))
+      path = Path(tmp) / f"layer{l}.bin"
+      with open(path, "wb") as f:       # written through the file: no pages of ours
+        for s in range(0, n, 64):
+          f.write(rng.standard_normal((min(64, n - s), side, side, dim), np.float32)
+                  .astype(np.float16).tobytes())
+      tokens.append(RowFile(path, (n, side, side, dim), np.float16))
     base_rss = _peak_gb()
     parts = neighbors.subsets(n, subset, 0)
     # Compile on the first subset's shape (subsets differ by at most one image).
@@ -196,12 +221,13 @@ def print_coreset(rows: list[dict], fraction: float) -> None:
 
 def print_subsets(rows: list[dict]) -> None:
   print("\nbatch scoring in subsets (demo size: ViT-S/16 224, 4 layers, r = 1; "
-        "tokens float16 memmaps)")
+        "float16 token files read by rows)")
   print(f"{'N':>6s} {'S':>4s} {'subsets':>7s} {'images/s':>9s} {'total s':>8s} "
-        f"{'peak GB':>8s} {'tokens GB':>9s} {'x work saved':>12s}  how")
+        f"{'peak GB':>8s} {'before GB':>9s} {'tokens GB':>9s} {'x work saved':>12s}  how")
   for r in rows:
     print(f"{r['n']:6d} {r['subset']:4d} {r['subsets']:7d} {r['images_per_s']:9.2f} "
-          f"{r['total_s']:8.1f} {r['peak_rss_gb']:8.2f} {r['tokens_gb']:9.2f} "
+          f"{r['total_s']:8.1f} {r['peak_rss_gb']:8.2f} {r['rss_before_scoring_gb']:9.2f} "
+          f"{r['tokens_gb']:9.2f} "
           f"{r['whole_batch_ratio']:12.1f}  "
           + ("measured" if r["subsets_timed"] == r["subsets"] else
              f"scaled from {r['subsets_timed']} of {r['subsets']} subsets"))
