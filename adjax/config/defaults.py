@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   # few_shot and batch need neither a trained head nor the text tower.
   c.eval.scoring = "zero_shot"      # zero_shot | few_shot | batch | zero_shot+few_shot | zero_shot+batch
   c.eval.references = 4             # few_shot: normal reference images per category (left out of the metrics)
-  c.eval.references_dir = ""        # few_shot: folder with a subfolder per category of normal images; the first eval.references (by path) are the bank and no test image is left out
+  c.eval.references_dir = ""        # few_shot: folder with a subfolder per category of normal images (or a path with {category}, e.g. data/mvtec/{category}/train/good); the first eval.references (by path) are the bank and no test image is left out
   c.eval.coreset = 0.0              # few_shot: 0 keeps every reference patch; a fraction in (0, 1] or a count > 1 of them kept per layer and r, by greedy k-center (PatchCore's coreset, adjax.coreset)
   c.eval.coreset_seed = 0           # few_shot: the coreset's random start and projection
   c.eval.batch_subset = 0           # batch: 0 scores each image against all others of its category; S >= 5: against the others of its random subset of about S (memory and time bounded in the category's size)
