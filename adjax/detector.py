@@ -153,6 +153,11 @@ class Detector:
     # Per scoring mode: its checked deployment record (None: none) and its file.
     self.records: dict[str, dict | None] = {}
     self.record_paths: dict[str, Path | None] = {}
+    # eval.coreset: the bank's greedy k-center coreset settings (None: every
+    # reference patch), chosen once per use_references() and kept in _banks.
+    from adjax import coreset
+    self.coreset = coreset.settings(cfg.eval.coreset, cfg.eval.coreset_seed)
+    self._banks: dict = {}
     self.record = None
     self.thresholds_path = None
     # The workdir's thresholds.json, else (init_from) the trained run's, as
@@ -407,8 +412,14 @@ class Detector:
     self.references = np.stack(toks, axis=1)
     self.reference_paths = paths
     self.reference_digests = digests
-    self.bank = thresholds.bank_identity(digests)
+    self.bank = thresholds.bank_identity(digests, self.coreset)
+    self._banks = {}
     return len(paths)
+
+  def coreset_args(self) -> dict:
+    """`coreset`, `coreset_seed` for `neighbors.reference_maps` / `bank_features`."""
+    c = self.coreset or {"coreset": 0.0, "seed": 0}
+    return {"coreset": c["coreset"], "coreset_seed": c["seed"]}
 
   def _few_shot(self, items, keep_rgb: bool = False, progress=None):
     """As `_raw`, each image scored against the memory bank."""
@@ -421,7 +432,8 @@ class Detector:
       if ok:
         raw, _ = self._tokens(batch)
         maps, scores = self._upsampled(
-            neighbors.reference_maps(raw[:, ok], self.references, self.r_list))
+            neighbors.reference_maps(raw[:, ok], self.references, self.r_list,
+                                     **self.coreset_args(), bank_cache=self._banks))
       at = {j: k for k, j in enumerate(ok)}
       for j, i in enumerate(chunk):
         _, hw, error, rgb = loaded[j]
@@ -439,15 +451,17 @@ class Detector:
       raise DetectorError(f"scoring='batch' scores the images against each other and "
                           f"needs at least {need}; got {len(items)}")
     self._check_rscin(len(items))
-    toks, globs, kept, failed = [], [], [], []
+    toks, globs, kept, failed = None, [], [], []
     for chunk, loaded, batch in self._batches(items, keep_rgb):
       raw, glob = self._tokens(batch)
+      if toks is None:     # one array for all images' tokens (no list, then a copy)
+        toks = np.empty((raw.shape[0], len(items)) + raw.shape[2:], raw.dtype)
       for j, i in enumerate(chunk):
         _, hw, error, rgb = loaded[j]
         if error:
           failed.append((i, hw, error))
         else:
-          toks.append(raw[:, j])
+          toks[:, len(kept)] = raw[:, j]
           globs.append(glob[j])
           kept.append((i, hw, rgb))
       if progress is not None:
@@ -456,8 +470,17 @@ class Detector:
       raise DetectorError(f"scoring='batch' scores the images against each other and "
                           f"needs at least {need} readable images; got {len(kept)}")
     self._check_rscin(len(kept), " readable")
-    maps, scores = self._upsampled(neighbors.mutual_maps(np.stack(toks, axis=1),
-                                                         self.r_list))
+    toks = toks[:, :len(kept)]
+    subset = int(self.cfg.eval.batch_subset)
+    if subset and len(kept) >= 2 * subset:
+      from adjax.workdir import run_log
+      shown = run_log.Progress(f"batch scoring (subsets of {subset} or more)", len(kept),
+                               every_s=5.0)
+      grid = neighbors.mutual_maps_subsets(toks, subset, self.r_list, progress=shown.update)
+      shown.close()
+    else:
+      grid = neighbors.mutual_maps(toks, self.r_list)
+    maps, scores = self._upsampled(grid)
     scores = neighbors.refine_scores(scores, np.stack(globs), tuple(self.cfg.eval.rscin_k))
     for i, hw, error in failed:
       yield i, None, 0.0, hw, error, None

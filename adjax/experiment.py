@@ -164,7 +164,8 @@ def _ensure_demo_data(demo) -> None:
   if missing and jax.process_index() == 0:
     print(f"generating demo data (families {', '.join(missing)}) in {root}", flush=True)
     synthetic.generate(root, seed=demo.seed, image_size=demo.image_size,
-                       per_category=demo.per_category, families=missing)
+                       per_category=demo.per_category, families=missing,
+                       train_per_category=demo.train_per_category)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("demo data")

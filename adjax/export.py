@@ -283,7 +283,7 @@ def build_few_shot(workdir, references, *, config: str | None = None,
     chosen = thresholds.Resolved(float(threshold), chosen.pixel, "--threshold")
   threshold = chosen.image
   model, r_list = det.model, det.r_list
-  bank = jnp.asarray(neighbors.bank_features(det.references, r_list))
+  bank = jnp.asarray(neighbors.bank_features(det.references, r_list, **det.coreset_args()))
   # Host copies: the file's constants, whatever placement the Detector chose.
   backbone = nnx.merge(det._backbone[0], jax.device_get(det._backbone[1]))
   prefix = model.backbone.num_prefix_tokens
@@ -306,7 +306,8 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   names = [os.path.basename(p) if p else "<array>" for p in det.reference_paths]
   metadata = {"scoring": "few_shot", "image_size": int(model.image_size),
               "references": names, "reference_count": count, "r_list": list(r_list),
-              "bank_shape": list(bank.shape), "image_threshold": threshold,
+              "bank_shape": list(bank.shape), "coreset": det.coreset,
+              "image_threshold": threshold,
               "pixel_threshold": chosen.pixel, "threshold_source": chosen.source,
               "bank": det.bank,
               "thresholds_file": None if record is None else {
@@ -349,7 +350,11 @@ def to_onnx(exp: Exportable) -> bytes:
     out = exp.fn(*args)
     return tuple(out[k] for k in outputs)
 
-  with _quiet_jax2onnx():
+  import jax
+  from adjax.models import vit
+  # ONNX carries no platforms: the attention path of the backend exporting,
+  # as before platform-dependent paths (jax2onnx knows no platform_index).
+  with _quiet_jax2onnx(), vit.attention_for(jax.default_backend()):
     model = jax2onnx.to_onnx(positional, _input_specs(exp.image_size, "B", inputs),
                              model_name="adjax_anomaly", input_names=list(inputs),
                              output_names=list(outputs))

@@ -275,16 +275,54 @@ def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
   return _mean_over_layers_then_r(layer_scores, len(layers), r_list, (n, h, w))
 
 
+def subsets(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+  """MuSc's split of a large batch: the n images in a seeded random order, cut
+  into n // size subsets of near-equal size: each holds at least `size` and
+  fewer than 2 * size images (all n when n < 2 * size); indices sorted."""
+  if n < 2 * size:
+    return [np.arange(n)]
+  order = np.random.default_rng(int(seed)).permutation(n)
+  return [np.sort(part) for part in np.array_split(order, n // size)]
+
+
+def mutual_maps_subsets(tokens, subset: int, r_list=(1, 3, 5), interval=(0.0, 0.3), *,
+                        seed: int = 0, mesh=None, progress=None, **kwargs) -> np.ndarray:
+  """`mutual_maps` with each image scored only against the other images of its
+  random subset of `subset` to 2 * `subset` - 1 images (`subsets`), MuSc's answer to large
+  test sets: time O(N * subset) instead of O(N^2), memory (the LNAMD
+  features and distance blocks) that of `subset` images whatever N. Only the
+  subset's raw tokens are read at a time (a memory-mapped `tokens` stays on
+  disk). `progress(k)` is called with each subset's image count once scored.
+  With N < 2 * subset it is `mutual_maps` exactly."""
+  layers = _layers(tokens)
+  n, h, w, _ = _shape(layers, "mutual_maps_subsets: tokens")
+  parts = subsets(n, int(subset), seed)
+  rank_window(min(len(p) for p in parts), interval)   # every subset leaves a rank
+  out = np.zeros((n, h, w), np.float32)
+  for idx in parts:
+    out[idx] = mutual_maps([layer[idx] for layer in layers], r_list, interval, mesh=mesh,
+                           **kwargs)
+    if progress is not None:
+      progress(len(idx))
+  return out
+
+
 def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
                    query_block: int | None = None, key_block: int | None = None,
-                token_block: int = 32,
-                   precision=lax.Precision.HIGHEST) -> np.ndarray:
+                   token_block: int = 32,
+                   precision=lax.Precision.HIGHEST, coreset: float = 0,
+                   coreset_seed: int = 0, bank_cache: dict | None = None) -> np.ndarray:
   """Few-shot scoring -> maps [N, h, w]: each patch's distance to its nearest
   patch among the reference images' patches (the memory bank), with the same
   LNAMD features, averaged over layers and then over r.
 
   `reference_tokens`: [L, M, h', w', D] or a sequence of per-layer arrays
   (the references' grid may differ from the queries'); layers pair by position.
+  `coreset`: 0 (off) keeps every reference patch; a fraction in (0, 1] or a
+  count > 1 keeps that many per layer and r, chosen by greedy k-center
+  (`adjax.coreset.select`, seed `coreset_seed`) among the bank's LNAMD features.
+  `bank_cache`: a dict kept by the caller between calls with the same
+  references (the Detector's), where the coreset banks are kept once chosen.
   """
   layers, refs = _layers(tokens), _layers(reference_tokens)
   n, h, w, d = _shape(layers, "reference_maps: tokens")
@@ -301,10 +339,36 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
 
   def layer_scores(l, r):
     z = _features(layers[l], r, token_block, rep)
-    bank = _features(refs[l], r, token_block, rep, key_block)
-    return _score_layer(z, n, bank, m, "reference", 0, 1, query_block, key_block,
+    key = (l, r, float(coreset), int(coreset_seed), key_block)
+    if coreset and bank_cache is not None and key in bank_cache:
+      bank, count = bank_cache[key]
+    else:
+      bank, count = _features(refs[l], r, token_block, rep, key_block), m
+      if coreset:
+        bank, count = _coreset_bank(bank, m, coreset, coreset_seed, key_block, mesh, rep)
+        if bank_cache is not None:
+          bank_cache[key] = (bank, count)
+    return _score_layer(z, n, bank, count, "reference", 0, 1, query_block, key_block,
                         precision, mesh, same=False)
   return _mean_over_layers_then_r(layer_scores, len(layers), r_list, (n, h, w))
+
+
+def _coreset_bank(bank, m: int, fraction: float, seed: int, key_block: int, mesh, rep):
+  """The bank's patches [M', P, D] (M real images) -> (the coreset's patches as
+  `count` pseudo-images [M'', P, D], count). The last pseudo-image is filled
+  up with copies of the first kept patch (a duplicate cannot change a nearest
+  distance), rows past `count` are zeros, masked as padding by `_key_blocks`."""
+  from adjax import coreset as coreset_lib
+  p, d = bank.shape[1:]
+  flat = bank[:m].reshape(m * p, d)
+  keep = coreset_lib.select(flat, coreset_lib.coreset_size(m * p, fraction), seed=seed,
+                            mesh=mesh if mesh is not None and mesh.shape[DATA] > 1 else None)
+  count = -(-len(keep) // p)
+  rows = -(-count // key_block) * key_block
+  at = np.concatenate([keep, np.full(count * p - len(keep), keep[0])])
+  out = jnp.take(flat, jnp.asarray(at), axis=0).reshape(count, p, d)
+  out = jnp.concatenate([out, jnp.zeros((rows - count, p, d), out.dtype)])
+  return (jax.device_put(out, rep) if rep is not None else out), count
 
 
 def refine_scores(scores, global_tokens, k_list=(1, 2, 3)) -> np.ndarray:
@@ -361,19 +425,24 @@ def lnamd_dense(x: jax.Array, r: int) -> jax.Array:
   return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
 
 
-def bank_features(reference_tokens, r_list=(1, 3, 5)) -> np.ndarray:
-  """The few-shot memory bank as one array: [L, len(r_list), M * P, D] float32,
-  the LNAMD features of every reference patch (layer l, size r_list[k]), what
-  `reference_maps` compares against; `reference_tokens` as there."""
+def bank_features(reference_tokens, r_list=(1, 3, 5), *, coreset: float = 0,
+                  coreset_seed: int = 0) -> np.ndarray:
+  """The few-shot memory bank as one array: [L, len(r_list), K, D] float32,
+  the LNAMD features of the reference patches (layer l, size r_list[k]), what
+  `reference_maps` compares against; `reference_tokens`, `coreset` and
+  `coreset_seed` as there (K = M * P without a coreset)."""
+  from adjax import coreset as coreset_lib
   refs = _layers(reference_tokens)
   m, h, w, d = _shape(refs, "bank_features: reference_tokens")
   if m < 1:
     raise ValueError("bank_features: no reference images")
   r_list = _check_r(r_list)
-  out = np.zeros((len(refs), len(r_list), m * h * w, d), np.float32)
+  size = coreset_lib.coreset_size(m * h * w, coreset)
+  out = np.zeros((len(refs), len(r_list), size, d), np.float32)
   for l in range(len(refs)):
     for k, r in enumerate(r_list):
-      out[l, k] = np.asarray(_features(refs[l], r, 32, None)).reshape(m * h * w, d)
+      z = np.asarray(_features(refs[l], r, 32, None)).reshape(m * h * w, d)
+      out[l, k] = z[coreset_lib.select(z, size, seed=coreset_seed)] if coreset else z
   return out
 
 

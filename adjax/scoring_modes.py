@@ -72,16 +72,25 @@ def choose_references(handle, category_index: int, k: int) -> np.ndarray:
   return np.sort(good[order[:k]])
 
 
+CATEGORY = "{category}"   # in eval.references_dir: the category's name
+
+
+def category_folder(refs_dir: str, name: str) -> Path:
+  """`<refs_dir>/<name>`, or `refs_dir` with {category} replaced by the name
+  (`data/mvtec/{category}/train/good`: a data set's own training normals)."""
+  return Path(refs_dir.replace(CATEGORY, name)) if CATEGORY in refs_dir else Path(refs_dir) / name
+
+
 def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list[str]], list[str]]:
   """The bank of each category from `eval.references_dir`: the first k readable
-  images (sorted by path) of `<refs_dir>/<category>/`. Returns (category ->
-  paths, problems), the problems one line each."""
-  if not Path(refs_dir).is_dir():
+  images (sorted by path) of `category_folder(refs_dir, category)`. Returns
+  (category -> paths, problems), the problems one line each."""
+  if CATEGORY not in refs_dir and not Path(refs_dir).is_dir():
     return {}, [f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                 "of normal images per category)"]
   found, missing, short = {}, [], []
   for name in categories:
-    sub = Path(refs_dir) / name
+    sub = category_folder(refs_dir, name)
     if not sub.is_dir():
       missing.append(name)
       continue
@@ -95,8 +104,13 @@ def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list
       found[name] = ok[:k]
   out = []
   if missing:
-    out.append(f"eval.references_dir={refs_dir!r} has no subfolder for "
-               f"{', '.join(missing)} (expected one per category, named as it)")
+    if CATEGORY in refs_dir:
+      out.append(f"eval.references_dir={refs_dir!r} has no folder for "
+                 f"{', '.join(missing)} (expected one per category, {{category}} "
+                 "replaced by its name)")
+    else:
+      out.append(f"eval.references_dir={refs_dir!r} has no subfolder for "
+                 f"{', '.join(missing)} (expected one per category, named as it)")
   if short:
     out.append(f"eval.references={k} needs at least {k} readable images in each subfolder "
                f"of eval.references_dir={refs_dir!r}; fewer in {', '.join(short)}")
@@ -177,6 +191,12 @@ class NeighbourScorer:
     self._refs: dict[str, np.ndarray] = {}
     self._bank_paths: dict[str, list[str]] = {}
     self.references_dir = str(cfg.eval.get("references_dir", "")) if self.kind == "few_shot" else ""
+    self._category = ""
+    # The few-shot bank's coreset settings (None: every reference patch), a
+    # part of what the bank is.
+    from adjax import coreset
+    self.coreset = (coreset.settings(cfg.eval.coreset, cfg.eval.coreset_seed)
+                    if self.kind == "few_shot" else None)
 
   def adjust_identity(self, ident: dict) -> dict:
     """The results identity of this mode: its settings; no head or text tower
@@ -188,8 +208,12 @@ class NeighbourScorer:
       if self.references_dir:
         ev["references_dir"] = self.references_dir
     ev["r_list"] = [int(r) for r in cfg.eval.r_list]
+    if self.coreset:
+      ev["coreset"] = dict(self.coreset)
     if self.kind == "batch":
       ev["rscin_k"] = [int(k) for k in cfg.eval.rscin_k]
+      if int(cfg.eval.batch_subset):
+        ev["batch_subset"] = int(cfg.eval.batch_subset)
     if self.with_head:
       ev["combine"] = cfg.eval.combine
     else:
@@ -234,6 +258,7 @@ class NeighbourScorer:
       if not (handle.example_category == ci).any():
         continue
       got = self._category_pass(handle, name, table, to_draw, progress)
+      self._category = name
       bank = self._bank_tokens(self._bank_paths[name], table) if self._bank_paths else None
       rows = self._score_category(got, self._refs.get(name, np.zeros(0, int)), bank)
       draws = []
@@ -285,11 +310,12 @@ class NeighbourScorer:
     out = {}
     for name, idx in self._refs.items():
       out[name] = thresholds.bank_identity(
-          thresholds.image_digest(_image_at(handle, int(i), size)) for i in idx)
+          (thresholds.image_digest(_image_at(handle, int(i), size)) for i in idx),
+          self.coreset)
     for name, paths in self._bank_paths.items():
       out[name] = thresholds.bank_identity(
-          thresholds.image_digest(image_io.load_for_prediction(p, size)["image"])
-          for p in paths)
+          (thresholds.image_digest(image_io.load_for_prediction(p, size)["image"])
+           for p in paths), self.coreset)
     return out
 
   def threshold_image_score(self) -> str:
@@ -374,10 +400,22 @@ class NeighbourScorer:
     tok = tok.reshape(l, n, h, w, d)
     mesh = self.mesh if self.mesh.shape[sharding.DATA] > 1 else None
     r_list = tuple(int(r) for r in self.cfg.eval.r_list)
+    subset = int(self.cfg.eval.batch_subset)
+    if self.kind == "batch" and subset and n >= 2 * subset:
+      from adjax.workdir import run_log
+      name = getattr(self, "_category", "")
+      progress = run_log.Progress(f"batch scoring {name} (subsets of {subset} or more)", n,
+                                  enabled=jax.process_index() == 0, every_s=5.0)
+      maps = neighbors.mutual_maps_subsets(tok, subset, r_list, mesh=mesh,
+                                           progress=progress.update)
+      progress.close()
+      return maps[keep]
     if self.kind == "batch":
       return neighbors.mutual_maps(tok, r_list, mesh=mesh)[keep]
     refs = tok[:, ~keep] if bank is None else bank.reshape(l, bank.shape[1], h, w, d)
-    return neighbors.reference_maps(tok[:, keep], refs, r_list, mesh=mesh)
+    return neighbors.reference_maps(tok[:, keep], refs, r_list, mesh=mesh,
+                                    coreset=float(self.cfg.eval.coreset),
+                                    coreset_seed=int(self.cfg.eval.coreset_seed))
 
   def _score_category(self, got: dict, refs: np.ndarray, bank=None) -> dict:
     """-> rows (score, label, map, mask, has_mask, index) of the scored images."""

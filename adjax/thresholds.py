@@ -101,23 +101,32 @@ def image_digest(image) -> str:
   return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
-def bank_identity(digests) -> dict[str, Any]:
+def bank_identity(digests, coreset: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """A reference bank's identity from its images' `image_digest`s: their
   sorted digests hashed (the bank's order does not change a score) and
-  their number. Backbone, layers, image size and `r_list` are the record's
-  `model`."""
+  their number; with a coreset (`coreset.settings`: fraction or count, seed,
+  method) the settings join the digest, since a coreset bank scores
+  differently from the whole one. Backbone, layers, image size and `r_list`
+  are the record's `model`."""
   digests = sorted(str(d) for d in digests)
   if not digests:
     raise ValueError("a reference bank needs at least one image")
-  return {"digest": hashlib.sha256("\n".join(digests).encode()).hexdigest(),
-          "images": len(digests)}
+  text = "\n".join(digests)
+  if coreset:
+    text += "\ncoreset " + json.dumps(dict(coreset), sort_keys=True)
+  out = {"digest": hashlib.sha256(text.encode()).hexdigest(), "images": len(digests)}
+  if coreset:
+    out["coreset"] = dict(coreset)
+  return out
 
 
 def _bank_text(bank: Mapping[str, Any] | None) -> str:
   if not bank:
     return "no bank"
   n = bank.get("images")
-  return f"bank {str(bank.get('digest'))[:12]} ({n} image{'' if n == 1 else 's'})"
+  core = bank.get("coreset")
+  return (f"bank {str(bank.get('digest'))[:12]} ({n} image{'' if n == 1 else 's'}"
+          + (f", coreset {core.get('coreset'):g} seed {core.get('seed')}" if core else "") + ")")
 
 
 # ------------------------------------------------------------- the file

@@ -33,6 +33,7 @@ def get_config(arg: str | None = None):
   c.data.demo.root = "data/demo"
   c.data.demo.image_size = 256
   c.data.demo.per_category = 30
+  c.data.demo.train_per_category = 40   # <cat>/train/good: a bank of many normals
   c.data.train = "data/demo/family_a"
   c.data.targets = "data/demo/family_b"
   c.image_size = 224

@@ -407,3 +407,30 @@ def test_batch_mode_and_the_threshold_override(head_free, images, demo_workdir):
   np.testing.assert_allclose(decided.scores, pred.scores, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(decided.decisions, decided.scores >= 0.05)
   assert decided.threshold_source == ["predict.threshold"] * len(paths)
+
+
+def test_batch_subsets_score_each_image_within_its_subset(head_free, demo_workdir):
+  """eval.batch_subset=5 over 10 images: each image's score and map are those
+  of its subset scored alone as a batch (RsCIN off), not the whole call's.
+  Fails if the Detector ignores eval.batch_subset or puts a subset's maps on
+  other images."""
+  from adjax import neighbors
+  _, _, data = demo_workdir
+  paths = sorted(str(p) for p in (data / "family_b").rglob("test/*/*.png"))[:10]
+  assert len(paths) == 10
+  cfg = head_free.cfg
+  before = (cfg.eval.batch_subset, tuple(cfg.eval.rscin_k))
+  try:
+    cfg.eval.rscin_k = (0,)
+    cfg.eval.batch_subset = 5
+    pred = head_free.predict(paths, scoring="batch")
+    cfg.eval.batch_subset = 0
+    for idx in neighbors.subsets(10, 5):
+      alone = head_free.predict([paths[i] for i in idx], scoring="batch")
+      np.testing.assert_allclose(pred.scores[idx], alone.scores, atol=1e-5, rtol=0)
+      for k, i in enumerate(idx):
+        np.testing.assert_allclose(pred.maps[i], alone.maps[k], atol=1e-5, rtol=0)
+    whole = head_free.predict(paths, scoring="batch")
+    assert float(np.abs(whole.scores - pred.scores).max()) > 1e-3
+  finally:
+    cfg.eval.batch_subset, cfg.eval.rscin_k = before

@@ -724,3 +724,35 @@ def test_every_path_decides_alike_at_the_threshold(run_dir, exportable, few_shot
   (other / "good_0.png").unlink()
   with pytest.raises(export.ExportError, match="made with bank .* references in use are bank"):
     export.build_few_shot(work, other)
+
+
+@pytest.mark.slow
+def test_few_shot_coreset_bank_matches_detector(run_dir, tmp_path):
+  """eval.coreset: the baked bank is the Detector's coreset (the same patches
+  per layer and r), recorded in the metadata; its maps are the Detector's.
+  Fails if the export bakes the whole bank or another selection."""
+  from adjax import coreset
+  from adjax.detector import Detector
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  (bare / "config.json").write_text((run_dir / "config.json").read_text())
+  refs = tmp_path / "normal"
+  refs.mkdir()
+  for i in range(3):
+    Image.fromarray(_inputs(1, seed=20 + i)[0][0]).save(refs / f"good_{i}.png")
+  exp = export.build_few_shot(bare, refs, overrides=["eval.coreset=0.2"])
+  det = Detector.from_workdir(bare, predict__scoring="few_shot", eval__coreset=0.2)
+  assert det.coreset == coreset.settings(0.2, 0)
+  assert exp.metadata["coreset"] == det.coreset
+  det.use_references(str(refs))
+  assert det.bank["coreset"] == det.coreset == exp.metadata["bank"]["coreset"]
+  patches = 3 * det.model.grid[0] * det.model.grid[1]
+  assert exp.metadata["bank_shape"][2] == coreset.coreset_size(patches, 0.2) < patches
+  images = _inputs(3, seed=7)[0]
+  got = jax.jit(exp.fn)(images)
+  maps, scores = _detector_few_shot(det, images)
+  assert _max_err(got["anomaly_map"], maps) <= 1e-5 * max(1.0, float(np.abs(maps).max()))
+  assert _max_err(got["image_score"], scores) <= 1e-5 * max(1.0, float(np.abs(scores).max()))
+  again, _ = _detector_few_shot(det, images)      # the coreset bank kept from the first call
+  np.testing.assert_array_equal(again, maps)
+  assert len(det._banks) == len(det.r_list) * 4

@@ -271,3 +271,93 @@ def test_reference_maps_dense_equal_reference_maps(r_list):
       tokens, bank))
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+# ---- a coreset bank -------------------------------------------------------
+def np_reference_coreset(tokens, refs, r_list, fraction, seed):
+  """`np_reference` against a bank cut to a greedy k-center coreset per layer
+  and r (the brute-force selection of tests/coreset_test.py, on the bank's
+  float32 features and the seeded projection)."""
+  from adjax import coreset
+  from coreset_test import brute_force
+  _, n, h, w, _ = tokens.shape
+  out = []
+  for r in r_list:
+    layers = []
+    for t, rt in zip(tokens, refs):
+      z = np_features(t, r)
+      bank = np_features(rt, r).reshape(-1, rt.shape[-1]).astype(np.float32)
+      size = coreset.coreset_size(len(bank), fraction)
+      keep = brute_force(bank, size, coreset.start_index(len(bank), seed),
+                         coreset.projection(bank.shape[-1], seed))
+      layers.append(np.stack([np_nearest(z[i], bank[keep]) for i in range(n)]))
+    out.append(np.mean(layers, 0))
+  return np.mean(out, 0).reshape(n, h, w)
+
+
+@pytest.mark.parametrize("fraction,d", [(0.25, 12), (17, 12), (0.3, 160)])
+def test_reference_maps_coreset_brute_force(fraction, d):
+  """Each layer and r keeps its own k-center coreset of the bank; a count
+  that does not fill the last key block is padded without changing a distance.
+  Fails if the coreset is chosen once for all layers / r, if the padding
+  duplicates are zeros, or if the padded pseudo-images are not masked."""
+  tokens, refs = _tokens(6, 2, 4, 4, 5, d), _tokens(7, 2, 3, 4, 5, d)
+  got = neighbors.reference_maps(tokens, refs, (1, 3), coreset=fraction, coreset_seed=4,
+                                 query_block=2, key_block=2)
+  _close(got, np_reference_coreset(tokens, refs, (1, 3), fraction, 4))
+  # Fewer patches, farther neighbours: strictly above the whole bank somewhere.
+  full = neighbors.reference_maps(tokens, refs, (1, 3))
+  assert np.all(got >= full - 1e-6) and float((got - full).max()) > 1e-3
+
+
+def test_reference_maps_coreset_sharded_and_dense_agree():
+  """The same coreset on a mesh, and in the exportable bank (`bank_features`)."""
+  tokens, refs = _tokens(9, 2, 5, 4, 4, 8), _tokens(10, 2, 4, 4, 4, 8)
+  mesh = sharding.make_mesh(4, 1, jax.devices()[:4])
+  one = neighbors.reference_maps(tokens, refs, (1, 3), coreset=0.2)
+  _close(neighbors.reference_maps(tokens, refs, (1, 3), coreset=0.2, mesh=mesh), one,
+         rtol=1e-6)
+  bank = neighbors.bank_features(refs, (1, 3), coreset=0.2)
+  assert bank.shape == (2, 2, round(0.2 * 4 * 16), 8)
+  dense = np.asarray(jax.jit(lambda t, b: neighbors.reference_maps_dense(t, b, (1, 3)))(
+      tokens, bank))
+  np.testing.assert_allclose(dense, one, rtol=1e-5, atol=0)
+
+
+def test_reference_maps_whole_coreset_equals_the_bank():
+  tokens, refs = _tokens(11, 2, 4, 4, 4, 8), _tokens(12, 2, 3, 4, 4, 8)
+  np.testing.assert_array_equal(neighbors.reference_maps(tokens, refs, (1, 3), coreset=1.0),
+                                neighbors.reference_maps(tokens, refs, (1, 3)))
+
+
+# ---- batch scoring in subsets ---------------------------------------------
+def test_subsets_cover_every_image_once_in_near_equal_parts():
+  parts = neighbors.subsets(23, 5, seed=3)
+  assert [len(p) for p in parts] == [6, 6, 6, 5]
+  np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(23))
+  assert all(np.all(np.diff(p) > 0) for p in parts)
+  assert [p.tolist() for p in neighbors.subsets(23, 5, seed=3)] == [p.tolist() for p in parts]
+  assert [p.tolist() for p in neighbors.subsets(23, 5, seed=4)] != [p.tolist() for p in parts]
+  assert [p.tolist() for p in neighbors.subsets(9, 5)] == [list(range(9))]
+
+
+def test_mutual_maps_subsets_score_each_image_within_its_subset():
+  """Each image's map is MuSc's mutual score among its subset only (brute
+  force per subset); progress reports every image once.
+  Fails if a subset is scored against the whole batch, or maps land on the
+  wrong rows."""
+  tokens = _tokens(13, 2, 13, 4, 4, 8)
+  seen = []
+  got = neighbors.mutual_maps_subsets(tokens, 5, (1, 3), seed=1, progress=seen.append)
+  parts = neighbors.subsets(13, 5, seed=1)
+  assert sorted(seen) == sorted(len(p) for p in parts) and sum(seen) == 13
+  for idx in parts:
+    _close(got[idx], np_mutual(tokens[:, idx], (1, 3)))
+  whole = neighbors.mutual_maps(tokens, (1, 3))
+  assert float(np.abs(got - whole).max()) > 1e-3
+  np.testing.assert_array_equal(neighbors.mutual_maps_subsets(tokens, 7, (1, 3)), whole)
+
+
+def test_mutual_maps_subsets_refuse_a_subset_without_a_rank():
+  with pytest.raises(ValueError, match="at least 5"):
+    neighbors.mutual_maps_subsets(_tokens(0, 1, 12, 3, 3, 4), 4)

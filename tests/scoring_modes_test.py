@@ -255,7 +255,8 @@ def test_an_outside_bank_scores_every_image():
   fake = types.SimpleNamespace(
       model=types.SimpleNamespace(grid=(h, w), out_hw=(8, 8)), kind="few_shot",
       with_head=False, mesh=types.SimpleNamespace(shape={"data": 1}),
-      cfg=types.SimpleNamespace(eval=types.SimpleNamespace(r_list=(1, 3))))
+      cfg=types.SimpleNamespace(eval=types.SimpleNamespace(r_list=(1, 3), batch_subset=0,
+                                                           coreset=0.0, coreset_seed=0)))
   fake._neighbour_maps = types.MethodType(scoring_modes.NeighbourScorer._neighbour_maps, fake)
   rows = scoring_modes.NeighbourScorer._score_category(fake, got, np.zeros(0, int), bank)
   np.testing.assert_array_equal(rows["index"], got["index"])
@@ -446,3 +447,94 @@ def test_few_shot_references_are_not_scored_and_not_leaked():
                                 (SIZE, SIZE))
   np.testing.assert_allclose(rows["map"], want, rtol=1e-5, atol=1e-6)
   assert float(rows["score"].min()) > 0.1
+
+
+def test_few_shot_coreset_bank_and_batch_subsets_reach_the_scores():
+  """eval.coreset cuts the category's bank (the same maps as
+  `reference_maps(..., coreset)`), eval.batch_subset scores each image within
+  its subset; both are in the results' identity.
+  Fails if either setting does not reach the neighbour functions."""
+  from adjax import neighbors
+  s = _scorer("few_shot")
+  s.cfg.eval.coreset = 0.25
+  s.coreset, s.references_dir = {"coreset": 0.25}, ""
+  got = _got(6, seed=3)
+  refs = got["index"][[1, 4]]
+  rows = s._score_category(got, refs)
+  tok = got["tokens"].reshape(2, 6, H, W, D)
+  keep = np.array([0, 2, 3, 5])
+  want = neighbors.reference_maps(tok[:, keep], tok[:, [1, 4]], (1, 3), coreset=0.25)
+  np.testing.assert_allclose(rows["map"], scoring_modes.upsample(want, (SIZE, SIZE)),
+                             rtol=1e-5, atol=1e-6)
+  full = neighbors.reference_maps(tok[:, keep], tok[:, [1, 4]], (1, 3))
+  assert float(np.abs(want - full).max()) > 1e-3
+
+  b = _scorer("batch", rscin_k=(0,))
+  b.cfg.eval.batch_subset = 5
+  got = _got(12, seed=4)
+  rows = b._score_category(got, np.array([], int))
+  tok = got["tokens"].reshape(2, 12, H, W, D)
+  want = neighbors.mutual_maps_subsets(tok, 5, (1, 3))
+  np.testing.assert_allclose(rows["map"], scoring_modes.upsample(want, (SIZE, SIZE)),
+                             rtol=1e-5, atol=1e-6)
+  assert float(np.abs(want - neighbors.mutual_maps(tok, (1, 3))).max()) > 1e-3
+
+  ident = {"eval": {"image_score": "global"}, "towers": {"text": "t"}, "head": "h"}
+  b.coreset = None
+  assert b.adjust_identity(dict(ident))["eval"]["batch_subset"] == 5
+  ev = s.adjust_identity(dict(ident))["eval"]
+  assert ev["coreset"] == {"coreset": 0.25} and "batch_subset" not in ev
+
+
+def test_config_check_names_bad_coreset_and_subset():
+  cfg = demo_config()
+  cfg.mode = "evaluate"
+  cfg.eval.scoring = "few_shot"
+  for value, field in ((1.5, "eval.coreset=1.5"), (-0.1, "eval.coreset=-0.1")):
+    cfg.eval.coreset = value
+    assert any(field in p for p in config_check.problems(cfg)), value
+  cfg.eval.coreset = 0.1
+  assert not any("coreset" in p for p in config_check.problems(cfg))
+  cfg.eval.batch_subset = 8
+  assert any("eval.batch_subset is set but eval.scoring='few_shot'" in p
+             for p in config_check.problems(cfg))
+  cfg.eval.scoring, cfg.eval.coreset = "batch", 0.0
+  cfg.eval.batch_subset = 4
+  assert any("eval.batch_subset=4" in p for p in config_check.problems(cfg))
+  cfg.eval.batch_subset = 8
+  assert not any("batch_subset" in p for p in config_check.problems(cfg))
+  cfg.eval.coreset = 100
+  assert any("eval.coreset is set but eval.scoring='batch'" in p
+             for p in config_check.problems(cfg))
+
+
+def test_references_dir_with_a_category_pattern(tmp_path):
+  """eval.references_dir=<root>/{category}/train/good takes each category's
+  bank from its own training normals (MVTec layout), and nothing else of the
+  category's folder. Fails if the pattern is joined as a subfolder name or
+  the category's test images reach its bank."""
+  root = tmp_path / "data"
+  for cat in ("a", "b"):
+    _image_folder(root / cat / "train" / "good", 3)
+    _image_folder(root / cat / "test" / "good", 2)
+  pattern = str(root / "{category}" / "train" / "good")
+  cfg = demo_config()
+  cfg.mode = "evaluate"
+  cfg.eval.scoring = "few_shot"
+  cfg.eval.references_dir = pattern
+  cfg.eval.references = 3
+  assert not [p for p in config_check.problems(cfg) if "references_dir" in p]
+  handle = _handle({"a": (1, 3), "b": (1, 3)})
+  assert scoring_modes.problems(cfg, handle) == []
+  found, _ = scoring_modes.folder_references(pattern, ["a", "b"], 3)
+  assert found == {c: [str(root / c / "train" / "good" / f"00{i}.png") for i in range(3)]
+                   for c in ("a", "b")}
+  cfg.eval.references = 4
+  assert scoring_modes.problems(cfg, handle) == [
+      f"eval.references=4 needs at least 4 readable images in each subfolder of "
+      f"eval.references_dir={pattern!r}; fewer in a (3), b (3)"]
+  cfg.eval.references = 3
+  handle = _handle({"a": (1, 3), "c": (1, 3)})
+  assert scoring_modes.problems(cfg, handle) == [
+      f"eval.references_dir={pattern!r} has no folder for c (expected one per category, "
+      "{category} replaced by its name)"]

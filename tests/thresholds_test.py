@@ -246,6 +246,36 @@ def _bank(*names):
       np.full((4, 4, 3), zlib.crc32(n.encode()) % 251, np.uint8)) for n in names)
 
 
+def test_a_coreset_bank_is_another_bank(tmp_path):
+  """eval.coreset joins the bank's identity: a record made with the whole
+  bank (or another coreset) is refused for a coreset bank of the same
+  images, naming the coreset; without a coreset the identity is as before."""
+  import hashlib
+  import zlib
+  from adjax import coreset
+  digests = [thresholds.image_digest(np.full((4, 4, 3), zlib.crc32(n.encode()) % 251,
+                                             np.uint8)) for n in ("a1", "a2")]
+  whole = thresholds.bank_identity(digests)
+  assert whole == {"digest": hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest(),
+                   "images": 2}
+  core = thresholds.bank_identity(digests, coreset.settings(0.1, 0))
+  other = thresholds.bank_identity(digests, coreset.settings(0.1, 1))
+  assert len({whole["digest"], core["digest"], other["digest"]}) == 3
+  assert core["coreset"] == coreset.settings(0.1, 0)
+  few = thresholds.model_for("few_shot", backbone_id="b", layers=(2,), image_size=64,
+                             reference_quirks=False, r_list=(1,))
+  thresholds.write(tmp_path, dataset="fam", image_score="few_shot:max", checkpoint_step=-1,
+                   model=few, image=0.4, pixel=0.3, scoring="few_shot",
+                   details={"per_category": {"fam": {"tile": {"image": 0.5, "pixel": 0.35,
+                                                              "bank": whole}}}})
+  rec = thresholds.read(tmp_path / "thresholds.few_shot.json")
+  assert thresholds.resolve(rec, "tile", scoring="few_shot", bank=whole).image == 0.5
+  for bank in (core, other):
+    with pytest.raises(thresholds.ThresholdError, match="coreset 0.1 seed") as err:
+      thresholds.resolve(rec, "tile", scoring="few_shot", bank=bank)
+    assert "\n" not in str(err.value)
+
+
 def test_records_per_mode_and_bank(tmp_path):
   """Each mode has its own deployment file; `resolve` refuses a record of
   another mode, and a few-shot record of another bank, in one line naming

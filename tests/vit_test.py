@@ -128,3 +128,36 @@ def test_cpu_attention_with_a_symbolic_batch(monkeypatch, budget):
   exported = jax.export.export(jax.jit(vit.attention))(spec, spec, spec)
   ours = exported.call(q, k, v)
   np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
+
+
+def test_attention_path_chosen_per_platform_in_an_export(monkeypatch):
+  """An export for cpu,cuda made here carries both paths, each lowered for its
+  platform: the CPU path's loop over head groups (a while) for CPU only,
+  dot_product_attention for CUDA; the exported function runs the CPU path
+  here. Fails if the path is chosen by the tracing process's backend (the
+  CUDA lowering would then hold the CPU loop)."""
+  monkeypatch.setattr(vit, "CPU_ATTENTION_LOGITS_BYTES", 37 * 37 * 4)
+  spec = jax.ShapeDtypeStruct((2, 37, 4, 16), jnp.float32)
+
+  def lowered(platforms):
+    return jax.export.export(jax.jit(vit.attention), platforms=platforms)(
+        spec, spec, spec).mlir_module()
+
+  assert "stablehlo.while" in lowered(("cpu",))
+  assert "stablehlo.while" not in lowered(("cuda",))
+  both = jax.export.export(jax.jit(vit.attention), platforms=("cpu", "cuda"))(
+      spec, spec, spec)
+  assert both.platforms == ("cpu", "cuda")
+  text = both.mlir_module()
+  assert "stablehlo.while" in text and "stablehlo.case" in text
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 2, 37, 4, 16))
+  np.testing.assert_allclose(both.call(q, k, v), jax.nn.dot_product_attention(q, k, v),
+                             atol=1e-5)
+  # A converter without platforms (ONNX) gets one path, with no switch (traced
+  # afresh, as the exporter's closure is: a cached trace keeps what it held).
+  with vit.attention_for("cuda"):
+    jaxpr = str(jax.make_jaxpr(lambda *a: vit.attention(*a))(q, k, v))
+  assert "platform_index" not in jaxpr and "scan" not in jaxpr
+  with vit.attention_for("cpu"):
+    jaxpr = str(jax.make_jaxpr(lambda *a: vit.attention(*a))(q, k, v))
+  assert "platform_index" not in jaxpr and "scan" in jaxpr     # lax.map's loop

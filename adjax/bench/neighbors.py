@@ -129,6 +129,33 @@ def run_one(spec: str, n: int, layers: int, r_list: tuple[int, ...], blocks: int
               blocks=[qb, kb])
 
 
+def _cpu_name() -> str:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown CPU"
+
+
+def _avx512() -> bool:
+  try:
+    return " avx512f" in Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return False
+
+
+def _subprocess(args: list[str]) -> dict | None:
+  """One benchmark row in a process of its own (its own peak memory)."""
+  cmd = [sys.executable, "-m", "adjax.bench", "neighbors"] + args
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+  if proc.returncode:
+    print(proc.stderr[-3000:], file=sys.stderr)
+    return None
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m adjax.bench neighbors",
                               description=__doc__.split("\n")[0])
@@ -140,14 +167,57 @@ def main(argv=None) -> int:
                  help="query blocks timed when the full run is extrapolated")
   p.add_argument("--budget", type=float, default=120.0,
                  help="run the whole mutual_maps when estimated below this many seconds")
+  p.add_argument("--parts", default="mutual",
+                 help="mutual (MuSc scoring), coreset (selection against anomalib's "
+                      "algorithm), subsets (batch scoring in subsets): see adjax/bench/bank.py")
+  p.add_argument("--coreset", default="100000:384,100000:1024", help="N:D cases")
+  p.add_argument("--fraction", type=float, default=0.1, help="coreset fraction")
+  p.add_argument("--steps", type=int, default=500,
+                 help="coreset steps timed when a whole selection is over --budget")
+  p.add_argument("--subset-n", default="1000,5000", help="images scored in subsets")
+  p.add_argument("--subset", type=int, default=50, help="eval.batch_subset")
+  p.add_argument("--subsets-timed", type=int, default=3)
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   r_list = tuple(int(r) for r in a.r.split(",") if r)
   if a.one:
-    spec, n = a.one.split(":")
-    print(json.dumps(run_one(spec, int(n), a.layers, r_list, a.blocks, a.budget)))
+    from adjax.bench import bank
+    kind, _, what = a.one.partition("=")
+    if kind == "coreset":
+      n, d = what.split(":")
+      row = bank.run_coreset(int(n), int(d), a.fraction, a.steps, a.budget)
+    elif kind == "subsets":
+      row = bank.run_subsets(int(what), a.subset, a.subsets_timed)
+    else:
+      spec, n = a.one.split(":")
+      row = run_one(spec, int(n), a.layers, r_list, a.blocks, a.budget)
+    print(json.dumps(row))
     return 0
   import jax
+  parts = [x for x in a.parts.split(",") if x]
+  print(f"machine: {os.cpu_count()} CPU cores, {_cpu_name()}, "
+        f"AVX-512 {'yes' if _avx512() else 'no'}; device: {jax.devices()[0].platform} "
+        f"{jax.devices()[0].device_kind} x{jax.device_count()}", flush=True)
+  common = ["--budget", str(a.budget), "--fraction", str(a.fraction), "--steps", str(a.steps),
+            "--subset", str(a.subset), "--subsets-timed", str(a.subsets_timed)]
+  if "coreset" in parts or "subsets" in parts:
+    from adjax.bench import bank
+    found = {"coreset": [], "subsets": []}
+    for part, cases in (("coreset", a.coreset), ("subsets", a.subset_n)):
+      if part not in parts:
+        continue
+      for case in [c for c in cases.split(",") if c]:
+        row = _subprocess(["--one", f"{part}={case}"] + common)
+        if row is None:
+          return 1
+        found[part].append(row)
+        print(f"{part} {case}: done", flush=True)
+    if found["coreset"]:
+      bank.print_coreset(found["coreset"], a.fraction)
+    if found["subsets"]:
+      bank.print_subsets(found["subsets"])
+  if "mutual" not in parts:
+    return 0
   rows = []
   for spec in [c for c in a.cases.split(",") if c]:
     for n in [int(x) for x in a.n.split(",") if x]:

@@ -93,9 +93,26 @@ def problems(cfg, *, device_count: int | None = None,
   if refs_dir and scoring_modes.neighbour_kind(cfg.eval.scoring) != "few_shot":
     out.append(f"eval.references_dir is set but eval.scoring={cfg.eval.scoring!r}; set "
                "eval.scoring=few_shot (or zero_shot+few_shot) to score against it")
-  elif refs_dir and not Path(refs_dir).is_dir():
+  elif refs_dir and "{category}" not in refs_dir and not Path(refs_dir).is_dir():
     out.append(f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                "of normal images per category)")
+  kind = scoring_modes.neighbour_kind(cfg.eval.scoring)
+  coreset = cfg.eval.coreset
+  if not (math.isfinite(coreset) and (0 <= coreset <= 1 or coreset == int(coreset))):
+    out.append(f"eval.coreset={coreset!r}: expected 0 (off), a fraction in (0, 1] or a "
+               "whole count > 1 of reference patches")
+  elif coreset and kind != "few_shot" and cfg.predict.scoring != "few_shot":
+    out.append(f"eval.coreset is set but eval.scoring={cfg.eval.scoring!r}; the coreset "
+               "is of the few_shot bank (set eval.scoring=few_shot or zero_shot+few_shot, "
+               "or predict.scoring=few_shot)")
+  subset = cfg.eval.batch_subset
+  if subset and subset < 5:
+    out.append(f"eval.batch_subset={subset!r}: expected 0 (off) or at least 5 images per "
+               "subset (each image is scored against the others of its subset)")
+  elif subset and kind != "batch" and cfg.predict.scoring != "batch":
+    out.append(f"eval.batch_subset is set but eval.scoring={cfg.eval.scoring!r}; it "
+               "splits batch scoring (set eval.scoring=batch or zero_shot+batch, or "
+               "predict.scoring=batch)")
   r_list = tuple(cfg.eval.r_list)
   if not r_list or any(not isinstance(r, int) or r < 1 or r % 2 == 0 for r in r_list):
     out.append(f"eval.r_list={r_list!r}: expected odd neighbourhood sizes >= 1, e.g. (1, 3, 5)")

@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.demo.seed = 0
   c.data.demo.image_size = 256
   c.data.demo.per_category = 30
+  c.data.demo.train_per_category = 0   # normal training images per category (<cat>/train/good)
   c.data.worker_count = 0           # grain worker processes decoding images (0: threads only)
   c.data.prefetch = 2               # batches decoded ahead
   c.data.skip_bad_files = False     # unreadable images become warnings, not errors
@@ -130,7 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
   # few_shot and batch need neither a trained head nor the text tower.
   c.eval.scoring = "zero_shot"      # zero_shot | few_shot | batch | zero_shot+few_shot | zero_shot+batch
   c.eval.references = 4             # few_shot: normal reference images per category (left out of the metrics)
-  c.eval.references_dir = ""        # few_shot: folder with a subfolder per category of normal images; the first eval.references (by path) are the bank and no test image is left out
+  c.eval.references_dir = ""        # few_shot: folder with a subfolder per category of normal images (or a path with {category}, e.g. data/mvtec/{category}/train/good); the first eval.references (by path) are the bank and no test image is left out
+  c.eval.coreset = 0.0              # few_shot: 0 keeps every reference patch; a fraction in (0, 1] or a count > 1 of them kept per layer and r, by greedy k-center (PatchCore's coreset, adjax.coreset)
+  c.eval.coreset_seed = 0           # few_shot: the coreset's random start and projection
+  c.eval.batch_subset = 0           # batch: 0 scores each image against all others of its category; S >= 5: against the others of its random subset of about S (memory and time bounded in the category's size)
   c.eval.r_list = (1, 3, 5)         # neighbour modes: LNAMD neighbourhood sizes (odd), maps averaged over them
   c.eval.rscin_k = (1, 2, 3)        # batch: RsCIN k_list refining image scores ((1, 8, 9) for VisA in MuSc)
   c.eval.combine = "zscore"         # zero_shot+...: each map normalised over its category (zscore | minmax), then averaged

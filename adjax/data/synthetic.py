@@ -15,9 +15,12 @@ depend on how many images are asked for.
 
 Layout written, one root per family (each loadable with the `folder`
 builder): `<root>/family_<f>/<cat>/test/good/000.png`,
-`.../test/<defect>/000.png`, `.../ground_truth/<defect>/000_mask.png`.
+`.../test/<defect>/000.png`, `.../ground_truth/<defect>/000_mask.png`, and
+(`train_per_category` > 0) normal training images `<cat>/train/good/000.png`,
+drawn from generators of their own (`(seed, family, category, index, 2)`),
+so the test split is the same byte for byte with or without them.
 
-  python -m adjax.data.synthetic /path/to/out [--image_size 256] [--per_category 30]
+  python -m adjax.data.synthetic /path/to/out [--image_size 256] [--per_category 30] [--train_per_category 40]
 """
 
 from __future__ import annotations
@@ -275,8 +278,11 @@ def _extra(rng, img, obj, s, background):
 DEFECTS = {"scratch": _scratch, "hole": _hole, "stain": _stain, "color": _color}
 
 
-def _render_example(seed, fam_i, cat_i, idx, name, kind, defect, s):
-  rng = np.random.default_rng([seed, fam_i, cat_i, idx])
+TRAIN_STREAM = 2   # the training images' generators: (seed, family, category, index, 2)
+
+
+def _render_example(seed, fam_i, cat_i, idx, name, kind, defect, s, stream=()):
+  rng = np.random.default_rng([seed, fam_i, cat_i, idx, *stream])
   out = RENDER[name](rng, s)
   img, obj = out if kind == "object" else (out, np.ones((s, s), bool))
   mask = np.zeros((s, s), bool)
@@ -295,7 +301,7 @@ def _render_example(seed, fam_i, cat_i, idx, name, kind, defect, s):
       raise RuntimeError(f"could not place a {defect} defect on {name} #{idx}")
   # Sensor noise from its own stream: a defective image differs from the
   # normal image of the same index exactly on its mask.
-  noise = np.random.default_rng([seed, fam_i, cat_i, idx, 1]).standard_normal(
+  noise = np.random.default_rng([seed, fam_i, cat_i, idx, *stream, 1]).standard_normal(
       img.shape, dtype=np.float32)
   img = np.clip(img + 0.015 * noise, 0, 1)
   return (img * 255 + 0.5).astype(np.uint8), mask
@@ -303,7 +309,8 @@ def _render_example(seed, fam_i, cat_i, idx, name, kind, defect, s):
 
 def generate(root, *, seed: int = 0, image_size: int = 256,
              per_category: int = 30, families: Sequence[str] = ("a", "b"),
-             normal_fraction: float = 0.4, overwrite: bool = False) -> dict:
+             normal_fraction: float = 0.4, overwrite: bool = False,
+             train_per_category: int = 0) -> dict:
   """Writes the generated data sets under `root/family_<f>/`.
 
   Args:
@@ -314,11 +321,12 @@ def generate(root, *, seed: int = 0, image_size: int = 256,
     families: which families to write (`a`, `b`).
     normal_fraction: share of normal images per category.
     overwrite: replace existing family folders (else they are an error).
+    train_per_category: normal training images per category (`train/good`).
 
   Returns:
     {"roots": {family: path}, "categories": {family: [names]},
      "defect_types": {family: {cat: [kinds]}},
-     "counts": {family: {cat: {"good": n, "anomalous": m}}}}.
+     "counts": {family: {cat: {"good": n, "anomalous": m, "train_good": t}}}}.
   """
   unknown = sorted(set(families) - set(FAMILIES))
   if unknown:
@@ -339,7 +347,14 @@ def generate(root, *, seed: int = 0, image_size: int = 256,
       for cat_i, (name, kind) in enumerate(sorted(cats.items())):
         kinds = OBJECT_DEFECTS if kind == "object" else TEXTURE_DEFECTS
         result["defect_types"][fam][name] = list(kinds)
-        result["counts"][fam][name] = {"good": n_good, "anomalous": n_bad}
+        result["counts"][fam][name] = {"good": n_good, "anomalous": n_bad,
+                                       "train_good": int(train_per_category)}
+        for idx in range(int(train_per_category)):
+          img, _ = _render_example(seed, fam_i, cat_i, idx, name, kind, None, image_size,
+                                   stream=(TRAIN_STREAM,))
+          d = tmp / name / "train" / "good"
+          d.mkdir(parents=True, exist_ok=True)
+          Image.fromarray(img).save(d / f"{idx:03d}.png")
         plan = [None] * n_good + [kinds[i % len(kinds)] for i in range(n_bad)]
         numbers: dict[str, int] = {}
         for idx, defect in enumerate(plan):
@@ -366,11 +381,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--image_size", type=int, default=256)
   p.add_argument("--per_category", type=int, default=30)
   p.add_argument("--families", default="a,b")
+  p.add_argument("--train_per_category", type=int, default=0)
   p.add_argument("--overwrite", action="store_true")
   a = p.parse_args(argv)
   out = generate(a.root, seed=a.seed, image_size=a.image_size,
                  per_category=a.per_category, families=a.families.split(","),
-                 overwrite=a.overwrite)
+                 overwrite=a.overwrite, train_per_category=a.train_per_category)
   for fam, path in out["roots"].items():
     print(f"family {fam}: {path} categories {', '.join(out['categories'][fam])}")
 

@@ -15,6 +15,7 @@ the residual stream, LayerNorms and softmax stay float32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -131,9 +132,36 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   (ViT-S/16 or ViT-L/16 at 224) it is one batched einsum with the heads in
   front and no loop, which is faster there. Logits and softmax are float32,
   and every path does the same arithmetic op for op.
+
+  The path is chosen per platform when the function is lowered
+  (`lax.platform_dependent`), not by the backend of the process that traces
+  it: an export for `cpu,cuda` made on a CPU carries the CPU path for CPU
+  and `dot_product_attention` for CUDA, each lowering only its own.
   """
-  if jax.default_backend() != "cpu":
-    return jax.nn.dot_product_attention(q, k, v)
+  if _FIXED_PLATFORM:      # a converter that knows no platform_index (ONNX)
+    return (_cpu_attention if _FIXED_PLATFORM[-1] == "cpu"
+            else jax.nn.dot_product_attention)(q, k, v)
+  return jax.lax.platform_dependent(q, k, v, cpu=_cpu_attention,
+                                    default=jax.nn.dot_product_attention)
+
+
+_FIXED_PLATFORM: list[str] = []
+
+
+@contextlib.contextmanager
+def attention_for(platform: str):
+  """Within it, `attention` traces the path of `platform` alone ("cpu" or
+  another), with no per-platform switch: for converters of a traced function
+  to formats that carry no platforms (jax2onnx knows no `platform_index`)."""
+  _FIXED_PLATFORM.append(platform)
+  try:
+    yield
+  finally:
+    _FIXED_PLATFORM.pop()
+
+
+def _cpu_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The CPU path of `attention`: cache-sized groups of (image, head) pairs."""
   b, t, n, h = q.shape
   per_pair = t * t * 4
   if not isinstance(b, int):
