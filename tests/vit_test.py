@@ -130,13 +130,18 @@ def test_cpu_attention_with_a_symbolic_batch(monkeypatch, budget):
   np.testing.assert_allclose(ours, jax.nn.dot_product_attention(q, k, v), atol=1e-5)
 
 
-def test_attention_path_chosen_per_platform_in_an_export(monkeypatch):
+def test_attention_path_chosen_per_platform_in_an_export(monkeypatch, request):
   """An export for cpu,cuda made here carries both paths, each lowered for its
   platform: the CPU path's loop over head groups (a while) for CPU only,
   dot_product_attention for CUDA; the exported function runs the CPU path
   here. Fails if the path is chosen by the tracing process's backend (the
   CUDA lowering would then hold the CPU loop)."""
+  # The limit is read when attention is traced, and JAX caches traces (the
+  # platform branches' too) across tests: trace afresh with the patched
+  # limit, and leave no trace made with it to the tests that follow.
   monkeypatch.setattr(vit, "CPU_ATTENTION_LOGITS_BYTES", 37 * 37 * 4)
+  jax.clear_caches()
+  request.addfinalizer(jax.clear_caches)
   spec = jax.ShapeDtypeStruct((2, 37, 4, 16), jnp.float32)
 
   def lowered(platforms):
