@@ -20,6 +20,17 @@ def demo_config():
   return module.get_config()
 
 
+def apply_overrides(c, overrides: dict):
+  """Sets each dotted key of `overrides` ("eval.scoring": "batch") on `c`."""
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
 def small_config(data_root, tmp_dir, **overrides):
   c = demo_config()
   c.data.demo.root = ""
@@ -33,13 +44,7 @@ def small_config(data_root, tmp_dir, **overrides):
   c.checkpoint_every_steps = 4
   c.eval.batch_size = 8
   c.eval.heatmaps_per_category = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def train(tmp: Path) -> tuple[object, Path, Path]:

@@ -26,13 +26,7 @@ def _demo(tmp: Path, **overrides):
   c.text.random_init = False
   c.text.checkpoint = "/nonexistent/text"
   c.eval.heatmaps_per_category = 0
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return demo_run.apply_overrides(c, overrides)
 
 
 def _predict(c, workdir: Path, **predict) -> list[dict]:

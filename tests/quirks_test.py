@@ -24,7 +24,7 @@ from adjax import datasets, prompts, sharding, towers, train
 from adjax.ad_model import ADModel, Behaviour, Features
 from adjax.models import backbones, clip_text, dinov3
 from converters import clip_text as convert_clip
-from demo_run import demo_config
+from demo_run import apply_overrides, demo_config
 
 # A tiny backbone description: ADModel needs the contract's facts, not weights.
 TINY = dinov3.DinoV3Config(dim=32, depth=4, num_heads=2, ffn="mlp", ffn_hidden=64,
@@ -38,13 +38,7 @@ def _cfg(quirks: bool, **overrides):
   c.reference_quirks = quirks
   c.backbone.layers = (0, 1, 2, 3)
   c.image_size = 48
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def _model(quirks: bool, **overrides) -> ADModel:
