@@ -50,8 +50,8 @@ class Behaviour:
   first_update_lr_zero: bool = False   # warm-up starts at step 0
 
   @classmethod
-  def from_config(cls, cfg) -> "Behaviour":
-    q = bool(cfg.reference_quirks)
+  def of(cls, reference_quirks: bool) -> "Behaviour":
+    q = bool(reference_quirks)
     return cls(mix_text_columns=q, text_exact_gelu=q, visa_mask_strict_zero=q,
                first_update_lr_zero=q)
 
@@ -78,11 +78,12 @@ class ADModel:
       raise backbones.BackboneError("; ".join(problems))
 
   @classmethod
-  def from_config(cls, cfg, backbone: backbones.Backbone, text_dim: int) -> "ADModel":
-    layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else backbone.default_layers()
+  def create(cls, spec, backbone: backbones.Backbone, text_dim: int) -> "ADModel":
+    """The model a run's `ModelConfig` (`run.model`) describes over these towers."""
+    layers = spec.layers or backbone.default_layers()
     return cls(backbone=backbone, layers=tuple(int(l) for l in layers),
-               image_size=int(cfg.image_size), text_dim=int(text_dim),
-               behaviour=Behaviour.from_config(cfg), image_score=cfg.eval.image_score)
+               image_size=int(spec.image_size), text_dim=int(text_dim),
+               behaviour=Behaviour.of(spec.reference_quirks), image_score=spec.image_score)
 
   @property
   def grid(self) -> tuple[int, int]:

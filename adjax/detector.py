@@ -136,7 +136,7 @@ class Detector:
       self._backbone = (self.scorer.builder.backbone_def, self.scorer.backbone_state)
     else:
       self.scorer = None
-      self.model = towers.model(cfg)
+      self.model = towers.model(cfg.model)
       graphdef, state, _ = sharding.place_frozen(towers.backbone, mesh,
                                                  cfg.mesh.backbone_sharding)
       self._backbone = (graphdef, state)
@@ -216,34 +216,23 @@ class Detector:
     """
     from adjax.config import load as run_config
     workdir = Path(path)
-    cfg = run_config.from_workdir(workdir, _override_strings(overrides))
-    if not cfg.workdir:
-      cfg.workdir = str(workdir)
+    cfg = run_config.from_workdir(workdir, _override_strings(overrides), own_workdir=True)
     return cls.from_config(cfg, workdir)
 
   @classmethod
   def from_config(cls, cfg, workdir: str | os.PathLike | None = None) -> "Detector":
-    """A Detector from a resolved run config (its `workdir` or `init_from` holds the
-    head; with `predict.scoring=few_shot|batch` no head or text tower is built)."""
+    """A Detector from a run config: a config file's `ConfigDict` or a resolved
+    `RunConfig` (its `workdir` or `init_from` holds the head; with
+    `predict.scoring=few_shot|batch` no head or text tower is built)."""
     import jax
 
     from adjax import experiment, sharding
     from adjax import towers as towers_lib
     from adjax.config import check as config_check
-    cfg = cfg.copy_and_resolve_references() if hasattr(
-        cfg, "copy_and_resolve_references") else cfg
-    cfg.mode = "predict"
-    workdir = Path(workdir) if workdir is not None else experiment.resolve_workdir(cfg, None)
     # mode=predict's checks; the images and object names come per call.
-    checked = cfg.copy_and_resolve_references()
-    checked.predict.input = checked.predict.input or "<images given to predict()>"
-    checked.predict.object_name = (checked.predict.object_name
-                                   or "<object_name given to predict()>")
-    if checked.predict.scoring == "few_shot":
-      checked.predict.references = (checked.predict.references
-                                    or "<images given to use_references()>")
-    config_check.check(checked, device_count=jax.device_count(),
-                       process_count=jax.process_count())
+    cfg = config_check.resolve_detector(cfg, device_count=jax.device_count(),
+                                        process_count=jax.process_count())
+    workdir = Path(workdir) if workdir is not None else experiment.resolve_workdir(cfg, None)
     if jax.process_count() > 1:
       raise DetectorError("the Detector runs on one process; start it without "
                           "distributed=True")

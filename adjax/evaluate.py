@@ -83,7 +83,7 @@ def results_identity(cfg, towers, source: tuple[Path, int]) -> dict:
       "model": identity.model_fields(cfg),
       "towers": {"backbone": towers.backbone_id,
                  "text": getattr(towers.text_embed, "model_id", None)},
-      "eval": dict({k: cfg.eval[k] for k in ("image_score", "fpr_limit", "aupro_zsad")},
+      "eval": dict({k: getattr(cfg.eval, k) for k in ("image_score", "fpr_limit", "aupro_zsad")},
                    backbone_dtype=cfg.backbone.dtype,
                    feature_precision=("bfloat16" if cfg.eval.feature_cache == "disk" and
                                       cfg.eval.feature_cache_dtype == "bfloat16"

@@ -15,6 +15,7 @@ from adjax import datasets, sharding
 from adjax import towers as towers_lib
 from adjax.common import atomic
 from adjax.config import check as config_check
+from adjax.config import schema
 from adjax.workdir import checkpoints, identity
 from adjax.workdir import Workdir
 from adjax.workdir.lock import WorkdirLock
@@ -31,7 +32,7 @@ def trained_params(cfg, workdir: Path, towers, mesh):
   """
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-      towers.model(cfg).abstract_params())
+      towers.model(cfg.model).abstract_params())
   params, source, step = checkpoints.restore_head_params(
       abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
       keep=cfg.checkpoints_to_keep)
@@ -49,17 +50,19 @@ def _head_free(cfg) -> bool:
   return cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring)
 
 
-def run(cfg, workdir_flag: str | None = None) -> dict:
-  """The public entry: checks the config, starts the processes and devices,
+def run(config, workdir_flag: str | None = None) -> dict:
+  """The public entry: resolves the user's `ConfigDict` (every problem in
+  one message) into the typed run config, starts the processes and devices,
   resolves and locks the workdir, then `_run_locked`."""
-  config_check.check(cfg)          # before jax.distributed and the devices
-  if cfg.distributed:
+  cfg = config_check.resolve(config)     # before jax.distributed and the devices
+  processes = cfg.processes
+  if processes.distributed:
     kwargs = {}
-    if cfg.coordinator_address:
-      kwargs = dict(coordinator_address=cfg.coordinator_address,
-                    num_processes=cfg.num_processes, process_id=cfg.process_id)
+    if processes.coordinator_address:
+      kwargs = dict(coordinator_address=processes.coordinator_address,
+                    num_processes=processes.num_processes, process_id=processes.process_id)
     jax.distributed.initialize(**kwargs)
-  config_check.check(cfg, device_count=jax.device_count(),
+  config_check.check(config, device_count=jax.device_count(),
                      process_count=jax.process_count())
   # Benchmarks missing (with consent), then converted towers missing with a
   # hub id set: fetched, verified and unpacked or converted now, after every
@@ -69,7 +72,7 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
   if jax.process_index() == 0:
     fetch.ensure_datasets(cfg)
   if fetch.ensure_weights(cfg, text=not _head_free(cfg)):
-    config_check.check(cfg, device_count=jax.device_count(),
+    config_check.check(config, device_count=jax.device_count(),
                        process_count=jax.process_count())
   workdir = resolve_workdir(cfg, workdir_flag)
   if workdir.exists() and not workdir.is_dir():
@@ -89,7 +92,7 @@ def run(cfg, workdir_flag: str | None = None) -> dict:
     return _run_locked(cfg, workdir, main_process)
 
 
-def _run_locked(cfg, workdir: Path, main_process: bool) -> dict:
+def _run_locked(cfg: schema.RunConfig, workdir: Path, main_process: bool) -> dict:
   """The run inside its locked workdir: records the mode's config, builds the
   mesh and towers, and dispatches to train / evaluate / predict."""
   wd = Workdir(workdir)
@@ -98,7 +101,7 @@ def _run_locked(cfg, workdir: Path, main_process: bool) -> dict:
     if cfg.mode == "train":
       identity.check_run_identity(cfg, workdir, resuming=wd.has_checkpoints())
     # The training config stays in config.json; other modes keep their own.
-    atomic.write_text(wd.mode_config(cfg.mode), cfg.to_json_best_effort(indent=2))
+    atomic.write_text(wd.mode_config(cfg.mode), cfg.to_json(indent=2))
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   if cfg.data.demo.root and cfg.mode != "predict":   # predict reads no data set
     _ensure_demo_data(cfg.data.demo)

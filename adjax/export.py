@@ -103,12 +103,14 @@ def _f32_at_least(t: float) -> np.float32:
 
 
 def load_config(workdir, config: str | None = None, overrides: Sequence[str] = ()):
+  """The run's config (a config file, else the workdir's config.json), typed."""
   from adjax.config import load as run_config
+  from adjax.config import schema
   try:
     if config:
-      return run_config.from_file(config, overrides)
-    return run_config.from_workdir(workdir, overrides)
-  except run_config.RunConfigError as e:
+      return schema.from_configdict(run_config.from_file(config, overrides))
+    return schema.from_configdict(run_config.from_workdir(workdir, overrides))
+  except (run_config.RunConfigError, schema.ResolveError) as e:
     raise ExportError(str(e)) from None
 
 
@@ -120,6 +122,7 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   import jax.numpy as jnp
   from adjax import experiment, sharding, thresholds
   from adjax import towers as towers_lib
+  from adjax.config import schema
   from adjax.workdir import checkpoints
 
   workdir = Path(workdir)
@@ -130,7 +133,7 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   if dtype:
     if dtype not in ("float32", "bfloat16"):
       raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
-    cfg.backbone.dtype = dtype
+    cfg = schema.replace(cfg, **{"backbone.dtype": dtype})
   size = int(image_size or cfg.image_size)
   source = workdir if Workdir(workdir).checkpoints.is_dir() else (
       Path(cfg.init_from) if cfg.init_from and Workdir(cfg.init_from).checkpoints.is_dir()
@@ -146,10 +149,10 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
     raise ExportError(f"{workdir}: no trained checkpoint (checkpoints/ with a complete "
                       "step); train first (mode=train), or import a release head with "
                       "python -m converters.head")
-  cfg.mesh.data, cfg.mesh.model = 1, 1
+  cfg = schema.replace(cfg, **{"mesh.data": 1, "mesh.model": 1})
   towers = towers_lib.build(cfg, workdir)
   try:
-    model = dataclasses.replace(towers.model(cfg), image_size=size)
+    model = dataclasses.replace(towers.model(cfg.model), image_size=size)
   except ValueError as e:
     raise ExportError(f"--image-size {size}: {e}") from None
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -253,6 +256,7 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   from flax import nnx
   from adjax import neighbors
   from adjax.detector import Detector, DetectorError
+  from adjax.config import schema
   from adjax.models import head as head_lib
 
   refs = _check_references(references)
@@ -261,10 +265,10 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   if dtype:
     if dtype not in ("float32", "bfloat16"):
       raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
-    cfg.backbone.dtype = dtype
+    cfg = schema.replace(cfg, **{"backbone.dtype": dtype})
   if image_size:
-    cfg.image_size = int(image_size)
-  cfg.predict.scoring = "few_shot"
+    cfg = schema.replace(cfg, image_size=int(image_size))
+  cfg = schema.replace(cfg, **{"predict.scoring": "few_shot"})
   try:
     det = Detector.from_config(cfg, workdir)
     count = det.use_references(str(refs))

@@ -18,7 +18,7 @@ class Scorer:
   def __init__(self, cfg, towers, mesh, params):
     self.towers, self.mesh = towers, mesh
     self.reference_quirks = bool(cfg.reference_quirks)
-    self.model = towers.model(cfg)
+    self.model = towers.model(cfg.model)
     self.params = jax.device_put(params, sharding.replicated(mesh))
     backbone_def, self.backbone_state, backbone_sharding = sharding.place_frozen(
         towers.backbone, mesh, cfg.mesh.backbone_sharding)

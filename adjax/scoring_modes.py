@@ -120,7 +120,7 @@ def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list
 def problems(cfg, handle) -> list[str]:
   """What stops `handle` being scored in `cfg.eval.scoring`, per category."""
   kind = neighbour_kind(cfg.eval.scoring)
-  refs_dir = str(cfg.eval.get("references_dir", ""))
+  refs_dir = str(cfg.eval.references_dir)
   need = neighbors._min_images((0.0, 0.3))
   k = int(cfg.eval.references)
   k_list = tuple(int(x) for x in cfg.eval.rscin_k)
@@ -190,7 +190,7 @@ class NeighbourScorer:
     self._features_step = self._build_step()
     self._refs: dict[str, np.ndarray] = {}
     self._bank_paths: dict[str, list[str]] = {}
-    self.references_dir = str(cfg.eval.get("references_dir", "")) if self.kind == "few_shot" else ""
+    self.references_dir = str(cfg.eval.references_dir) if self.kind == "few_shot" else ""
     self._category = ""
     # The few-shot bank's coreset settings (None: every reference patch), a
     # part of what the bank is.

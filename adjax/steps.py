@@ -44,14 +44,13 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_fraction: float,
   return schedule
 
 
-def make_optimizer(cfg, total_steps: int, first_step_zero: bool | None = None):
-  """AdamW with the warm-up schedule; `first_step_zero` defaults to the quirks switch."""
-  if first_step_zero is None:
-    first_step_zero = bool(cfg.reference_quirks)
-  schedule = lr_schedule(cfg.optimizer.learning_rate, total_steps,
-                         cfg.optimizer.warmup_fraction, first_step_zero=first_step_zero)
-  tx = optax.adamw(schedule, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2,
-                   eps=1e-8, weight_decay=cfg.optimizer.weight_decay)
+def make_optimizer(opt, total_steps: int, first_step_zero: bool):
+  """AdamW over an `OptimizerConfig` (`run.optimizer`) with the warm-up
+  schedule; `first_step_zero` is the release's quirk (`Behaviour`)."""
+  schedule = lr_schedule(opt.learning_rate, total_steps,
+                         opt.warmup_fraction, first_step_zero=first_step_zero)
+  tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2,
+                   eps=1e-8, weight_decay=opt.weight_decay)
   return tx, schedule
 
 

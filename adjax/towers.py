@@ -30,9 +30,9 @@ class Towers:
   text_dim: int
   text_embed: "TextEmbedder | None"   # None: built without the text tower (neighbour modes)
 
-  def model(self, cfg) -> ADModel:
-    """The configured detector over these towers."""
-    return ADModel.from_config(cfg, self.info, self.text_dim)
+  def model(self, spec) -> ADModel:
+    """The detector a `ModelConfig` (`run.model`) describes over these towers."""
+    return ADModel.create(spec, self.info, self.text_dim)
 
 
 def _dtype(name: str):
@@ -108,7 +108,7 @@ def _sha_of(path: Path) -> str:
 
 
 def build_text(cfg, workdir: Path) -> TextEmbedder:
-  exact_gelu = Behaviour.from_config(cfg).text_exact_gelu
+  exact_gelu = Behaviour.of(cfg.reference_quirks).text_exact_gelu
   activation = cfg.text.activation or ("gelu" if exact_gelu else None)
   if cfg.text.random_init:
     if cfg.text.variant not in clip_text.VARIANTS:
@@ -130,7 +130,7 @@ def build_text(cfg, workdir: Path) -> TextEmbedder:
   # model_id: the checkpoint's source and tokenizer hashes, or the random
   # init's config and seed (the text cache's key).
   return TextEmbedder(model, tokenizer, model.model_id, cache_dir,
-                      cfg.text.display_names.to_dict())
+                      dict(cfg.text.display_names))
 
 
 def build(cfg, workdir: Path, *, text: bool = True) -> Towers:

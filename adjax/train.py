@@ -33,7 +33,7 @@ def train(cfg, workdir: Path, towers, mesh, handle) -> tuple[dict, int]:
   Returns the final state and the number of steps this call ran (0 for a
   run that had already finished).
   """
-  model = towers.model(cfg)
+  model = towers.model(cfg.model)
   steps_per_epoch, total_steps = _run_length(cfg, handle)
   text_table = jax.device_put(jnp.asarray(towers.text_embed(handle.categories)),
                               sharding.replicated(mesh))
@@ -77,7 +77,7 @@ def _new_state_and_optimizer(cfg, model, mesh, total_steps: int):
   and learning-rate schedule."""
   _, params = nnx.split(model.new_head(cfg.seed))
   tx, schedule = steps.make_optimizer(
-      cfg, total_steps, first_step_zero=model.behaviour.first_update_lr_zero)
+      cfg.optimizer, total_steps, first_step_zero=model.behaviour.first_update_lr_zero)
   state = jax.device_put(steps.init_state(params, tx), sharding.replicated(mesh))
   return state, tx, schedule
 
@@ -135,7 +135,7 @@ def _epoch_loop(cfg, mesh, state, backbone_state, text_table, iterator, cache,
                 steps_per_epoch: int):
   """Runs steps `start + 1 .. total_steps`: each one logged, checked finite,
   and checkpointed on schedule. Returns the final state."""
-  config_json = json.loads(cfg.to_json_best_effort())
+  config_json = json.loads(cfg.to_json())
   for step in range(start, total_steps):
     local = next(iterator)
     state, metrics, cached = _step_with_feature_cache(

@@ -132,6 +132,7 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
   from adjax import steps
   from adjax.common import atomic
   from adjax.config import load as run_config
+  from adjax.config import schema
   from adjax.models import head as head_lib
   from adjax.models import weights
   from adjax.workdir import checkpoints, identity
@@ -149,9 +150,10 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
                                                 rngs=nnx.Rngs(0)))
   weights.assign(head, flat)
   _, params = nnx.split(head)
-  tx, _ = steps.make_optimizer(cfg, 1)
+  typed = schema.from_configdict(cfg)
+  tx, _ = steps.make_optimizer(typed.optimizer, 1, typed.model.reference_quirks)
   state = steps.init_state(params, tx)
-  config_json = json.loads(cfg.to_json_best_effort())
+  config_json = json.loads(typed.to_json())
   summary = {"source": Path(src).name, "source_sha256": sha256_file(src),
              "step": IMPORT_STEP, "feature_dim": feature_dim, "text_dim": text_dim,
              "num_layers": num_layers, "ignored_keys": ignored,
@@ -163,11 +165,11 @@ def convert(src: str, dst: str, cfg, overwrite: bool = False) -> dict:
     finally:
       ckpts.close()
     run = Workdir(tmp)        # the workdir, built under a temporary name
-    run.config.write_text(cfg.to_json_best_effort(indent=2))
+    run.config.write_text(typed.to_json(indent=2))
     run.imported_from.write_text(json.dumps(summary, indent=2))
     # The model the head belongs to: evaluating it under another is refused.
     run.run_identity.write_text(
-        json.dumps({"training": identity.training_fields(cfg)}, indent=2, sort_keys=True))
+        json.dumps({"training": identity.training_fields(typed)}, indent=2, sort_keys=True))
   return summary
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adjax.config import load as run_config
 from adjax import experiment, export, thresholds
 from adjax import predict as predict_lib
 from adjax.common import atomic, errors
@@ -44,7 +45,7 @@ def work(run_dir, tmp_path_factory):
 
 
 def _predict(workdir, src, name="bottle", **extra):
-  cfg = export.load_config(workdir)
+  cfg = run_config.from_workdir(workdir)
   cfg.mode = "predict"
   cfg.predict.input = str(src)
   cfg.predict.object_name = name

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from adjax.config import schema
 from adjax import sharding, steps
 from adjax.ad_model import ADModel
 from adjax.models import backbones, clip_text
@@ -51,7 +52,8 @@ def test_config_builds_and_traces(name, arg):
   bconf = backbones.variant_config(cfg.backbone.family, cfg.backbone.variant)
   info = backbones.describe(cfg.backbone.family, bconf)
   tconf = clip_text.VARIANTS[cfg.text.variant]
-  model = ADModel.from_config(cfg, info, tconf.embed_dim)   # checks size, layers, score
+  run = schema.from_configdict(cfg)
+  model = ADModel.create(run.model, info, tconf.embed_dim)   # checks size, layers, score
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.backbone.dtype]
   backbone = backbones.abstract_model(cfg.backbone.family, cfg.backbone.variant, dtype)
   backbone_def, backbone_state = nnx.split(backbone)
@@ -62,7 +64,7 @@ def test_config_builds_and_traces(name, arg):
   assert cfg.eval.batch_size % mesh.shape["data"] == 0
   rule = sharding.backbone_rule(mesh, cfg.mesh.backbone_sharding)
   bshard = jax.tree.map(lambda x: rule(x.shape), backbone_state)
-  tx, schedule = steps.make_optimizer(cfg, 1000)
+  tx, schedule = steps.make_optimizer(run.optimizer, 1000, model.behaviour.first_update_lr_zero)
   state = jax.eval_shape(lambda p: steps.init_state(p, tx), params)
   rep = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: rep, state)

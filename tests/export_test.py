@@ -23,6 +23,7 @@ import torch
 from flax import nnx
 from PIL import Image
 
+from adjax.config import load as run_config
 from adjax import export, steps, thresholds
 from adjax import towers as towers_lib
 from adjax.data import images as data_images
@@ -90,7 +91,7 @@ def test_forward_matches_the_eval_step(run_dir, exportable):
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   params, _, _ = experiment.trained_params(cfg, run_dir, towers, mesh)
   backbone_def, backbone_state = nnx.split(towers.backbone)
-  step = steps.StepBuilder(towers.model(cfg), backbone_def).eval_step()
+  step = steps.StepBuilder(towers.model(cfg.model), backbone_def).eval_step()
   # What the data pipeline feeds evaluation and prediction.
   pipeline = np.stack([data_images.preprocess_image(Image.fromarray(im), SIZE)
                        for im in images])
@@ -442,7 +443,7 @@ def test_export_decides_as_predict(run_dir, exportable, tmp_path):
     assert meta["pixel_thresholds"] == [0.25, 0.5]
     sess = _ort_session(out)
     assert sess.get_outputs()[-1].name == "decision"
-    cfg = export.load_config(run_dir)
+    cfg = run_config.from_workdir(run_dir)
     cfg.mode = "predict"
     cfg.predict.input = str(src)
     for k, name in enumerate(NAMES):
@@ -681,7 +682,7 @@ def test_every_path_decides_alike_at_the_threshold(run_dir, exportable, few_shot
     det = Detector.from_workdir(run_dir)
     got = det.predict([str(p) for p in paths], object_name="bottle")
     page = App(det).predict_set(uploads, "bottle", "zero_shot")["results"]
-    cfg = export.load_config(run_dir)
+    cfg = run_config.from_workdir(run_dir)
     cfg.mode, cfg.predict.input, cfg.predict.object_name = "predict", str(src), "bottle"
     experiment.run(cfg, str(run_dir))
     for decisions in (onnx_dec, got.decisions, [a["decision"] for a in page],
@@ -711,7 +712,7 @@ def test_every_path_decides_alike_at_the_threshold(run_dir, exportable, few_shot
   assert meta["threshold_source"] == "top-level" and meta["image_threshold"] == image_t
   onnx_dec = _ort_session(out).run(None, {"images": images})[2]
   page = App(det).predict_set(uploads, "", "few_shot")["results"]
-  cfg = export.load_config(work)
+  cfg = run_config.from_workdir(work)
   cfg.mode, cfg.predict.input = "predict", str(src)
   cfg.predict.scoring, cfg.predict.references = "few_shot", str(refs)
   experiment.run(cfg, str(work))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from flax import nnx
 
+from adjax.config import schema
 from adjax import experiment, sharding
 from adjax.config import defaults as config_defaults
 from adjax.ad_model import ADModel
@@ -87,7 +88,8 @@ def test_imported_workdir_matches_direct_placement(tmp_path, short_names):
 
   # trained_params needs only the model the towers describe (no weights).
   info = backbones.describe("dinov3", dinov3.VARIANTS["vits16"])
-  towers = types.SimpleNamespace(model=lambda c: ADModel.from_config(c, info, E))
+  towers = types.SimpleNamespace(model=lambda spec: ADModel.create(spec, info, E))
+  cfg = schema.from_configdict(cfg)
   mesh = sharding.make_mesh(-1, 1)
   params, _, _ = experiment.trained_params(cfg, tmp_path / "run", towers, mesh)
   head_def, _ = nnx.split(head_lib.ADHead(D, E, L, rngs=nnx.Rngs(0)))

@@ -13,6 +13,7 @@ from PIL import Image
 from adjax import experiment, export, thresholds
 from adjax import predict as predict_lib
 from adjax.config import check as config_check
+from adjax.config import load as run_config
 from adjax.data import images as data_images
 from adjax.workdir import THRESHOLDS_FILE
 
@@ -27,7 +28,7 @@ def _img(path, size=(20, 20), seed=0):
 
 
 def _predict(run_dir, src, name="bottle", **extra):
-  cfg = export.load_config(run_dir)
+  cfg = run_config.from_workdir(run_dir)
   cfg.mode = "predict"
   cfg.predict.input = str(src)
   cfg.predict.object_name = name
@@ -99,7 +100,7 @@ def test_exif_orientation_applied(home, tmp_path):
 
 
 def test_object_name_required_and_unknown_name_said(home, capsys):
-  cfg = export.load_config(home / "run")
+  cfg = run_config.from_workdir(home / "run")
   cfg.mode = "predict"
   cfg.predict.input = str(home / "photos")
   cfg.predict.object_name = ""

@@ -20,6 +20,7 @@ import transformers
 from flax import nnx
 from PIL import Image
 
+from adjax.config import schema
 from adjax import datasets, prompts, sharding, towers, train
 from adjax.ad_model import ADModel, Behaviour, Features
 from adjax.models import backbones, clip_text, dinov3
@@ -42,11 +43,11 @@ def _cfg(quirks: bool, **overrides):
 
 
 def _model(quirks: bool, **overrides) -> ADModel:
-  return ADModel.from_config(_cfg(quirks, **overrides), INFO, TEXT_DIM)
+  return ADModel.create(schema.from_configdict(_cfg(quirks, **overrides)).model, INFO, TEXT_DIM)
 
 
 def test_switch_sets_all_four_behaviours():
-  """Fails if `Behaviour.from_config` stops following `reference_quirks` for one of them."""
+  """Fails if `Behaviour.of` stops following `reference_quirks` for one of them."""
   assert _model(True).behaviour == Behaviour(True, True, True, True)
   assert _model(False).behaviour == Behaviour(False, False, False, False)
 
@@ -226,8 +227,9 @@ def _pil_bilinear(a: np.ndarray) -> np.ndarray:
 def _loaded_masks(quirks, root, data_dir):
   cfg = _cfg(quirks, **{"image_size": VISA_SIZE, "data.data_dir": str(data_dir)})
   cfg.data.manual_dirs.visa = str(root)
+  cfg = schema.from_configdict(cfg)
   handle = datasets.prepare(cfg, "visa")
-  model = ADModel.from_config(cfg, INFO, TEXT_DIM)
+  model = ADModel.create(cfg.model, INFO, TEXT_DIM)
   out = {}
   for batch in datasets.loader(cfg, handle, model, batch_size=2, train=False):
     for path, mask, valid in zip(batch["path"], batch["mask"], batch["valid"]):
@@ -268,8 +270,8 @@ def test_first_update_lr_zero_reaches_training_optimizer():
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   results = {}
   for quirks in (True, False):
-    cfg = _cfg(quirks)
-    model = ADModel.from_config(cfg, INFO, TEXT_DIM)
+    cfg = schema.from_configdict(_cfg(quirks))
+    model = ADModel.create(cfg.model, INFO, TEXT_DIM)
     state, tx, schedule = train._new_state_and_optimizer(cfg, model, mesh, total)
     params = state["params"]
     leaves, treedef = jax.tree.flatten(params)

@@ -61,7 +61,7 @@ def _model(quirks: bool) -> ADModel:
 
 def _steps(parts, cfg, total=10, mesh=None, state_sharding=None, backbone_sharding=None,
            **kw):
-  tx, schedule = steps.make_optimizer(cfg, total)
+  tx, schedule = steps.make_optimizer(cfg.optimizer, total, bool(cfg.reference_quirks))
   builder = steps.StepBuilder(_model(cfg.reference_quirks), parts["backbone_def"], tx=tx,
                               schedule=schedule, mesh=mesh, state_sharding=state_sharding,
                               backbone_sharding=backbone_sharding)

@@ -40,22 +40,19 @@ def _png(seed: int) -> bytes:
 
 def tiny_detector(workdir: str | None = None):
   """A Detector for few_shot: the given workdir's, or a head-free 32 px demo one."""
-  import importlib.util
 
   import jax
 
   from adjax import Detector
+  from adjax.config import load as config_load
+  from adjax.config import schema
   from adjax.workdir import Workdir
   if workdir is None:
-    spec = importlib.util.spec_from_file_location(
-        "demo_cfg", Path(__file__).resolve().parents[2] / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.image_size = 32
-    c.predict.batch_size = jax.device_count()
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
+    run = schema.from_configdict(config_load.from_file(
+        str(demo), ["image_size=32", f"predict.batch_size={jax.device_count()}"]))
     workdir = tempfile.mkdtemp(prefix="bench_serve_")
-    Workdir(workdir).config.write_text(c.to_json_best_effort(indent=2))
+    Workdir(workdir).config.write_text(run.to_json(indent=2))
   det = Detector.from_workdir(workdir, predict__scoring="few_shot", text__random_init=False,
                               text__checkpoint="/nonexistent/text")
   det.use_references([np.asarray(Image.open(io.BytesIO(_png(s)))) for s in (1, 2)])

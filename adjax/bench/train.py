@@ -37,7 +37,7 @@ from flax import nnx
 
 from adjax import steps as step_lib
 from adjax.bench import backbone as backbone_bench
-from adjax.config import defaults as config_defaults
+from adjax.config import schema
 from adjax.ad_model import ADModel, Behaviour
 from adjax.models import backbones, dinov3
 
@@ -94,8 +94,8 @@ def bench_case(variant: str, size: int, batch: int, steps: int, dtype,
   backbone = dinov3.init_random(variant, dtype=dtype)
   backbone_def, backbone_state = nnx.split(backbone)
   _, params = nnx.split(model.new_head(0))
-  cfg = config_defaults.base_config()
-  tx, schedule = step_lib.make_optimizer(cfg, 1000)
+  tx, schedule = step_lib.make_optimizer(schema.OptimizerConfig(), 1000,
+                                        first_step_zero=model.behaviour.first_update_lr_zero)
   builder = step_lib.StepBuilder(model, backbone_def, tx=tx, schedule=schedule)
   from_images = builder.train_step(from_features=False)
   from_cache = builder.train_step(from_features=True)

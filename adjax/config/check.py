@@ -16,11 +16,9 @@ from adjax.common.errors import UserError
 from adjax.ad_model import model_problems
 from adjax.models import backbones
 
-MODES = ("train", "evaluate", "predict")
-DTYPES = ("float32", "bfloat16")
-FEATURE_CACHES = ("none", "memory", "disk")
-BACKBONE_SHARDINGS = ("replicated", "model")
-TEXT_ACTIVATIONS = ("", "gelu", "quick_gelu")
+from adjax.config import schema
+from adjax.config.schema import (BACKBONE_SHARDINGS, DTYPES, FEATURE_CACHES, MODES,  # noqa: F401
+                                 TEXT_ACTIVATIONS)
 
 
 class ConfigError(UserError, ValueError):
@@ -35,6 +33,13 @@ def _enum(problems, name, value, allowed):
 def _at_least(problems, name, value, low):
   if not isinstance(value, int) or isinstance(value, bool) or value < low:
     problems.append(f"{name}={value!r}: expected an integer >= {low}")
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
 
 
 def _targets(cfg) -> list[str]:
@@ -61,22 +66,12 @@ def problems(cfg, *, device_count: int | None = None,
              process_count: int | None = None) -> list[str]:
   """Every problem of `cfg`; device and process counts enable the divisibility checks."""
   out: list[str] = []
-  _enum(out, "mode", cfg.mode, MODES)
-  _enum(out, "resume_mismatch", cfg.resume_mismatch, ("refuse", "allow"))
-  _enum(out, "backbone.dtype", cfg.backbone.dtype, DTYPES)
-  _enum(out, "feature_cache", cfg.feature_cache, FEATURE_CACHES)
-  _enum(out, "feature_cache_dtype", cfg.feature_cache_dtype, DTYPES)
-  _enum(out, "eval.feature_cache", cfg.eval.feature_cache, ("none", "disk"))
-  _enum(out, "eval.feature_cache_dtype", cfg.eval.feature_cache_dtype, DTYPES)
-  _enum(out, "mesh.backbone_sharding", cfg.mesh.backbone_sharding, BACKBONE_SHARDINGS)
-  _enum(out, "text.activation", cfg.text.activation, TEXT_ACTIVATIONS)
-  for name in ("epochs", "batch_size", "eval.batch_size", "predict.batch_size",
-               "log_every_steps", "checkpoint_every_steps", "checkpoints_to_keep",
-               "mesh.model"):
-    node = cfg
-    for part in name.split("."):
-      node = node[part]
-    _at_least(out, name, node, 1)
+  for name, f in schema.declared():       # the bounds declared with each field
+    value = _get(cfg, name)
+    if f.metadata.get("choices") is not None:
+      _enum(out, name, value, f.metadata["choices"])
+    if f.metadata.get("minimum") is not None:
+      _at_least(out, name, value, f.metadata["minimum"])
   if cfg.mesh.data != -1:
     _at_least(out, "mesh.data", cfg.mesh.data, 1)
   if not (math.isfinite(cfg.optimizer.learning_rate) and cfg.optimizer.learning_rate > 0):
@@ -88,7 +83,6 @@ def problems(cfg, *, device_count: int | None = None,
   from adjax import scoring_modes
   _enum(out, "eval.scoring", cfg.eval.scoring, scoring_modes.SCORINGS)
   _enum(out, "eval.combine", cfg.eval.combine, scoring_modes.COMBINES)
-  _at_least(out, "eval.references", cfg.eval.references, 1)
   refs_dir = str(cfg.eval.references_dir)
   if refs_dir and scoring_modes.neighbour_kind(cfg.eval.scoring) != "few_shot":
     out.append(f"eval.references_dir is set but eval.scoring={cfg.eval.scoring!r}; set "
@@ -174,7 +168,6 @@ def problems(cfg, *, device_count: int | None = None,
     out.append("predict.object_name is empty: expected the name of the object in the "
                "images (the prompt's object, e.g. bottle), one of the evaluated categories "
                "to use its own threshold")
-  _enum(out, "predict.scoring", cfg.predict.scoring, ("zero_shot", "few_shot", "batch"))
   if cfg.predict.scoring == "few_shot" and not cfg.predict.references:
     out.append("predict.scoring=few_shot needs predict.references: a folder or glob of "
                "normal images")
@@ -201,9 +194,7 @@ def problems(cfg, *, device_count: int | None = None,
                  f"split of the {device_count} devices (mesh.data=-1 takes the rest)")
     else:
       for name in ("batch_size", "eval.batch_size", "predict.batch_size"):
-        node = cfg
-        for part in name.split("."):
-          node = node[part]
+        node = _get(cfg, name)
         if isinstance(node, int) and node >= 1 and (node % n_data or
                                                     node % (process_count or 1)):
           out.append(f"{name}={node}: expected a multiple of the {n_data} data-parallel "
@@ -236,3 +227,34 @@ def check(cfg, *, device_count: int | None = None, process_count: int | None = N
     lines = "\n".join(f"  - {p}" for p in found)
     raise ConfigError(f"the config has {len(found)} problem{'s' * (len(found) > 1)}:\n"
                       f"{lines}")
+
+
+def resolve_detector(config, *, device_count: int | None = None,
+                     process_count: int | None = None) -> schema.RunConfig:
+  """A `Detector`'s config (a `ConfigDict` or an already resolved
+  `RunConfig`) with mode=predict, checked as `--config.mode=predict` checks it
+  except for what comes per call (the images, object names and references)."""
+  if isinstance(config, schema.RunConfig):
+    config = schema.to_configdict(config)
+  base = config.copy_and_resolve_references()
+  base.mode = "predict"
+  checked = base.copy_and_resolve_references()
+  checked.predict.input = checked.predict.input or "<images given to predict()>"
+  checked.predict.object_name = (checked.predict.object_name
+                                 or "<object_name given to predict()>")
+  if checked.predict.scoring == "few_shot":
+    checked.predict.references = (checked.predict.references
+                                  or "<images given to use_references()>")
+  check(checked, device_count=device_count, process_count=process_count)
+  return schema.from_configdict(base)
+
+
+def resolve(cfg, *, device_count: int | None = None,
+            process_count: int | None = None) -> schema.RunConfig:
+  """The whole config checked (every problem in one `ConfigError`), then
+  frozen as the typed `RunConfig` every layer below the commands reads."""
+  check(cfg, device_count=device_count, process_count=process_count)
+  try:
+    return schema.from_configdict(cfg)
+  except schema.ResolveError as e:
+    raise ConfigError(str(e)) from None

@@ -1,47 +1,31 @@
-"""Every config field with its default and meaning, from one source.
+"""Every config field with its default, bounds and meaning, from one source.
 
-The meanings are the comments beside (or just above) each field in
-`adjax/config/defaults.py`, read with Python's tokenizer, so the defaults
-module stays the single place where a field is declared and explained.
+The meanings and bounds are those declared with each field in
+`adjax.config.schema`; this module only lays them out.
 
   python -m adjax.main --config=configs/mvtec.py --config_help   # the values a config sets
-  python -m adjax.config.doc                                     # the reference table (README)
+  python -m adjax.config.doc                                     # the reference table
 """
 
 from __future__ import annotations
 
-import io
 import json
-import re
-import tokenize
-from pathlib import Path
 
 from adjax.config import defaults as config_defaults
-
-_ASSIGN = re.compile(r"^\s*c\.([\w.]+)\s*=")
+from adjax.config import schema
 
 
 def field_docs() -> dict[str, str]:
-  """{dotted field: meaning} from adjax/config/defaults.py's comments."""
-  source = Path(config_defaults.__file__).read_text()
-  comments: dict[int, str] = {}
-  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-    if tok.type == tokenize.COMMENT:
-      comments[tok.start[0]] = tok.string.lstrip("#").strip()
-  lines = source.splitlines()
-  docs: dict[str, str] = {}
-  above: list[str] = []
-  for number, line in enumerate(lines, start=1):
-    stripped = line.strip()
-    if stripped.startswith("#"):
-      above.append(comments.get(number, ""))
-      continue
-    m = _ASSIGN.match(line)
-    if m:
-      text = " ".join(above + ([comments[number]] if number in comments else []))
-      if text:
-        docs[m.group(1)] = text
-    above = [] if not stripped.startswith("#") else above
+  """{dotted field: meaning, with its bounds} from the declarations."""
+  docs = {}
+  for name, f in schema.declared():
+    text = f.metadata["doc"]
+    if f.metadata.get("choices") is not None and " | " not in text:
+      text += " (one of: " + " | ".join(repr(c) if c == "" else c
+                                        for c in f.metadata["choices"]) + ")"
+    if f.metadata.get("minimum") is not None:
+      text += f" (an integer >= {f.metadata['minimum']})"
+    docs[name] = text
   return docs
 
 
@@ -55,7 +39,9 @@ def _leaves(cfg, prefix=""):
 
 
 def rows(cfg) -> list[tuple[str, str, str]]:
-  """(field, value as a command-line override would write it, meaning) per leaf."""
+  """(field, value as a command-line override would write it, meaning) per
+  leaf; an entry of a free-form mapping (`data.manual_dirs.visa`) has its
+  mapping's meaning."""
   docs = field_docs()
   out = []
   for name, value in _leaves(cfg):

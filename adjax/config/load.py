@@ -40,8 +40,10 @@ def from_file(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Config
   return apply_overrides(cfg, overrides)
 
 
-def from_workdir(workdir: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The training config a run stored in `<workdir>/config.json`, over the defaults."""
+def from_workdir(workdir: str | Path, overrides: Sequence[str] = (), *,
+                 own_workdir: bool = False) -> ml_collections.ConfigDict:
+  """The training config a run stored in `<workdir>/config.json`, over the
+  defaults; `own_workdir`: an empty `workdir` field becomes `workdir`."""
   path = Workdir(workdir).config
   if not path.is_file():
     raise RunConfigError(
@@ -53,7 +55,10 @@ def from_workdir(workdir: str | Path, overrides: Sequence[str] = ()) -> ml_colle
     raise RunConfigError(f"{path}: not valid JSON ({e})") from e
   cfg = config_defaults.base_config()
   _overlay(cfg, stored)
-  return apply_overrides(cfg, overrides)
+  cfg = apply_overrides(cfg, overrides)
+  if own_workdir and not cfg.workdir:
+    cfg.workdir = str(workdir)
+  return cfg
 
 
 def _overlay(cfg: ml_collections.ConfigDict, stored: dict) -> None:

@@ -114,7 +114,7 @@ def _refusal_remembered(cfg, name: str):
 def ensure_dataset(cfg, name: str, missing: Exception | None = None) -> bool:
   """Downloads and unpacks data set `name` into `data.manual_dirs.<name>`
   when it has a known source; False when it has none (nothing done)."""
-  override = str(cfg.data.sources.get(name, "")) if "sources" in cfg.data else ""
+  override = str(cfg.data.sources.get(name, ""))
   source = sources.data_source(name, override)
   if source is None:
     return False
