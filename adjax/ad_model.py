@@ -34,7 +34,6 @@ from adjax import losses
 from adjax.models import backbones
 from adjax.models import head as head_lib
 
-IMAGE_SCORES = ("global", "max", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +72,8 @@ class ADModel:
   image_score: str = "global"
 
   def __post_init__(self):
-    problems = model_problems(self.backbone, self.layers, self.image_size, self.image_score)
+    problems = backbones.model_problems(self.backbone, self.layers, self.image_size,
+                                        self.image_score)
     if problems:
       raise backbones.BackboneError("; ".join(problems))
 
@@ -163,19 +163,3 @@ class ADModel:
     """`anomaly` from features already computed (the evaluation feature cache)."""
     out = self.outputs(params, feats, text_table, category_index)
     return out["cross"], self.image_scores(out)
-
-
-def model_problems(backbone: backbones.Backbone, layers, image_size: int,
-                   image_score: str) -> list[str]:
-  """What does not fit together in a model description (for the config check)."""
-  problems = []
-  if image_score not in IMAGE_SCORES:
-    problems.append(f"eval.image_score={image_score!r}: expected one of {IMAGE_SCORES}")
-  if image_size <= 0 or image_size % backbone.patch_size:
-    problems.append(f"image_size={image_size}: expected a positive multiple of the "
-                    f"{backbone.family} {backbone.variant} patch size {backbone.patch_size}")
-  bad = [l for l in layers if not 0 <= int(l) < backbone.depth]
-  if not layers or bad:
-    problems.append(f"backbone.layers={tuple(layers)}: expected block indices in "
-                    f"[0, {backbone.depth}) for {backbone.variant} (depth {backbone.depth})")
-  return problems

@@ -3,9 +3,15 @@ prepared once for training and evaluation (`prepare`), and their loaders (`loade
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from adjax import data
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from adjax import data, fetch
 
 
 def loader(cfg, handle, model, *, batch_size: int, train: bool, categories=None):
@@ -15,7 +21,6 @@ def loader(cfg, handle, model, *, batch_size: int, train: bool, categories=None)
   `batch_size` is the global batch; the VisA mask quirk (SPEC section 9)
   follows `model.behaviour`.
   """
-  import jax
   return data.make_loader(
       handle, image_size=model.image_size, batch_size=batch_size // jax.process_count(),
       train=train, seed=cfg.seed,
@@ -28,10 +33,8 @@ def loader(cfg, handle, model, *, batch_size: int, train: bool, categories=None)
 
 def prepare(cfg, target: str) -> "data.DatasetHandle":
   """`_prepare` on process 0 first, then on the others (they reuse its files)."""
-  import jax
   if jax.process_count() == 1:
     return _prepare(cfg, target)
-  from jax.experimental import multihost_utils
   error = None
   if jax.process_index() == 0:
     try:
@@ -64,7 +67,6 @@ def _prepare(cfg, target: str) -> "data.DatasetHandle":
     except data.DatasetNotFoundError as e:
       # Neither prepared nor on disk: downloaded when it has a published
       # source and its licence is accepted (adjax.fetch).
-      from adjax import fetch
       if not fetch.ensure_dataset(cfg, target, missing=e):
         raise
     return data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
@@ -77,3 +79,15 @@ def _prepare(cfg, target: str) -> "data.DatasetHandle":
   raise data.DatasetNotFoundError(
       f"{target!r} is neither a data set name ({', '.join(data.DATASETS)}) nor an "
       "existing folder in MVTec layout (<category>/test/<good|defect>/...)")
+
+
+def image_at(handle, index: int, image_size: int) -> np.ndarray:
+  """Example `index` of a prepared data set, decoded and preprocessed to
+  uint8 [S, S, 3] as the loaders feed it."""
+  with Image.open(io.BytesIO(handle.source[index]["image"])) as img:
+    return data.images.preprocess_image(img, image_size)
+
+
+def as_str(x) -> str:
+  """A stored string field (bytes in the prepared records) as str."""
+  return x.decode() if isinstance(x, bytes) else str(x)

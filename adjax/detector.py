@@ -41,14 +41,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 
+from adjax import coreset, data, loading, metrics, modes, neighbors, scoring_modes
+from adjax import sharding, thresholds
+from adjax import towers as towers_lib
 from adjax.common.errors import UserError
-from adjax.workdir import Workdir
+from adjax.config import check as config_check
+from adjax.config import load as run_config
+from adjax.data import images as data_images
+from adjax.scorer import Scorer
+from adjax.workdir import Workdir, run_log
 
 # Scoring modes `Detector.predict` supports (the page's mode selector lists them).
 SCORING_MODES = ("zero_shot", "few_shot", "batch")
@@ -120,18 +131,18 @@ def _override_strings(overrides: dict[str, Any]) -> list[str]:
 class Detector:
   """A trained head on its towers, ready to score images (see the module doc)."""
 
-  def __init__(self, cfg, workdir: Path, towers, mesh, params=None, step: int | None = None,
+  def __init__(self, cfg, workdir: Path, towers, mesh, head: loading.Head | None = None,
                load_thresholds: bool = True):
-    """`params=None` builds no head (the neighbour modes only; their records
-    are read when first used). `load_thresholds=False` starts without
-    decision thresholds in any mode (e.g. to `calibrate` new ones over a
-    record that belongs to another head or bank)."""
-    from adjax import sharding
-    self.cfg, self.workdir, self.step = cfg, Path(workdir), step
+    """`head` (`loading.load_head`, with the zero-shot record it checked) or
+    None: no head (the neighbour modes only). Every other mode's record is
+    read when the mode is first used; `load_thresholds=False` reads none
+    (e.g. to `calibrate` new ones over a record that belongs to another head
+    or bank)."""
+    self.cfg, self.workdir = cfg, Path(workdir)
+    self.step = head.step if head is not None else None
     self.mesh, self.towers = mesh, towers
-    if params is not None:
-      from adjax.scorer import Scorer
-      self.scorer = Scorer(cfg, towers, mesh, params)
+    if head is not None:
+      self.scorer = Scorer(cfg, towers, mesh, head.params)
       self.model = self.scorer.model
       self._backbone = (self.scorer.builder.backbone_def, self.scorer.backbone_state)
     else:
@@ -155,22 +166,22 @@ class Detector:
     self.record_paths: dict[str, Path | None] = {}
     # eval.coreset: the bank's greedy k-center coreset settings (None: every
     # reference patch), chosen once per use_references() and kept in _banks.
-    from adjax import coreset
     self.coreset = coreset.settings(cfg.eval.coreset, cfg.eval.coreset_seed)
     self._banks: dict = {}
     self.record = None
     self.thresholds_path = None
     # The workdir's thresholds.json, else (init_from) the trained run's, as
     # mode=predict decides; checked against this head before any use.
-    if self.scorer is not None:
-      self.record = self.record_for("zero_shot")
-      self.thresholds_path = self.record_paths["zero_shot"]
+    if head is not None:
+      self.record = head.record if self._load_thresholds else None
+      self.thresholds_path = head.record_path if self._load_thresholds else None
+      self.records["zero_shot"], self.record_paths["zero_shot"] = (self.record,
+                                                                   self.thresholds_path)
     self._pending: dict[str, dict] = {}   # per mode: calibrated, not yet saved
     self._last_calibrated: str | None = None
 
   def threshold_model(self, scoring: str = "zero_shot") -> dict:
     """What a record of `scoring` must have been made for (`thresholds.model_for`)."""
-    from adjax import thresholds
     return thresholds.model_for(
         scoring, backbone_id=self.towers.backbone_id, layers=self.model.layers,
         image_size=self.image_size, reference_quirks=bool(self.cfg.reference_quirks),
@@ -185,7 +196,6 @@ class Detector:
     """The checked deployment record of `scoring` (None: none), read once:
     the workdir's `Workdir.mode_thresholds(scoring)`, else the init_from
     run's; refused (ThresholdError, one line) when made for another model."""
-    from adjax import thresholds
     if scoring not in self.records:
       path = thresholds.deployment_path(self.workdir, self.cfg.init_from or None,
                                         scoring) if self._load_thresholds else None
@@ -214,7 +224,6 @@ class Detector:
     identity (`identity.check_head_model`) and `thresholds.json` are checked as
     `--config.mode=predict` checks them.
     """
-    from adjax.config import load as run_config
     workdir = Path(path)
     cfg = run_config.from_workdir(workdir, _override_strings(overrides), own_workdir=True)
     return cls.from_config(cfg, workdir)
@@ -224,19 +233,14 @@ class Detector:
     """A Detector from a run config: a config file's `ConfigDict` or a resolved
     `RunConfig` (its `workdir` or `init_from` holds the head; with
     `predict.scoring=few_shot|batch` no head or text tower is built)."""
-    import jax
-
-    from adjax import experiment, sharding
-    from adjax import towers as towers_lib
-    from adjax.config import check as config_check
     # mode=predict's checks; the images and object names come per call.
     cfg = config_check.resolve_detector(cfg, device_count=jax.device_count(),
                                         process_count=jax.process_count())
-    workdir = Path(workdir) if workdir is not None else experiment.resolve_workdir(cfg, None)
+    workdir = Path(workdir) if workdir is not None else loading.resolve_workdir(cfg)
     if jax.process_count() > 1:
       raise DetectorError("the Detector runs on one process; start it without "
                           "distributed=True")
-    head_free = experiment._head_free(cfg)   # predict.scoring=few_shot | batch
+    head_free = modes.head_free(cfg)   # predict.scoring=few_shot | batch
     if not head_free and not cfg.init_from and not Workdir(workdir).has_checkpoints():
       raise config_check.ConfigError(
           f"{workdir} holds no trained checkpoint; pass a trained or imported workdir "
@@ -244,16 +248,14 @@ class Detector:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
     towers = towers_lib.build(cfg, workdir, text=not head_free)
     if head_free:
-      return cls(cfg, workdir, towers, mesh, None)
-    params, _, step = experiment.trained_params(cfg, workdir, towers, mesh)
-    return cls(cfg, workdir, towers, mesh, params, step)
+      return cls(cfg, workdir, towers, mesh)
+    return cls(cfg, workdir, towers, mesh,
+               loading.load_head(cfg, workdir, towers=towers, mesh=mesh))
 
   # ---------------------------------------------------------------- inputs
 
   def _items(self, images) -> tuple[list, list]:
     """Flattens `images` into [(path or None, PIL image or None)] and unreadable files."""
-    from adjax import data
-    from adjax.data import images as data_images
     items, unreadable = [], []
 
     def add(x):
@@ -300,7 +302,6 @@ class Detector:
             ) -> tuple[np.ndarray, tuple[int, int], str, np.ndarray | None]:
     """(uint8 [S, S, 3], (H, W), error, full-size RGB or None): exactly the
     prediction reader's preprocessing, from one decode of the file."""
-    from adjax.data import images as data_images
     path, img = item
     if path is not None:
       loaded = data_images.load_for_prediction(path, self.image_size, keep_rgb=keep_rgb)
@@ -319,7 +320,6 @@ class Detector:
   def _batches(self, items, keep_rgb: bool = False):
     """Yields (item indices, their loads, padded uint8 batch [B, S, S, 3]) per
     `predict.batch_size` items (the last batch padded: one compiled shape)."""
-    from concurrent.futures import ThreadPoolExecutor
     b, s = self.batch_size, self.image_size
     with ThreadPoolExecutor(4) as pool:     # decoding overlaps across files
       for start in range(0, len(items), b):
@@ -354,9 +354,6 @@ class Detector:
     as the backbone returns them (no standardisation), global tokens [B, D]:
     the deepest tapped block's cls token), as `adjax.scoring_modes` takes them."""
     if self._tokens_step is None:
-      import jax
-      import jax.numpy as jnp
-      from flax import nnx
       model, graphdef = self.model, self._backbone[0]
       prefix, cls_index = model.backbone.num_prefix_tokens, model.backbone.cls_index
 
@@ -373,7 +370,6 @@ class Detector:
 
   def _upsampled(self, grid_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Patch-grid maps [n, h, w] -> (maps at the model's size [n, S, S], their maxima)."""
-    from adjax import scoring_modes
     maps = scoring_modes.upsample(np.asarray(grid_maps, np.float32), self.model.out_hw)
     return maps, maps.reshape(len(maps), -1).max(-1)
 
@@ -382,7 +378,6 @@ class Detector:
     as `predict` takes them) for `scoring="few_shot"`: their raw patch tokens are
     computed once and kept as the memory bank (replacing any earlier one).
     Returns the number of readable references; raises DetectorError when none is."""
-    from adjax import thresholds
     items, unreadable = self._items(normal_images)
     toks, paths, digests = [], [], []
     for chunk, loaded, batch in self._batches(items):
@@ -412,7 +407,6 @@ class Detector:
 
   def _few_shot(self, items, keep_rgb: bool = False, progress=None):
     """As `_raw`, each image scored against the memory bank."""
-    from adjax import neighbors
     if self.references is None:
       raise DetectorError("scoring='few_shot' needs reference images: call "
                           "use_references(normal_images) first")
@@ -434,7 +428,6 @@ class Detector:
   def _batch(self, items, keep_rgb: bool = False, progress=None):
     """As `_raw`, the readable images scored against each other (MuSc), image
     scores refined by RsCIN; every image's tokens are held until all are read."""
-    from adjax import neighbors
     need = neighbors._min_images((0.0, 0.3))
     if len(items) < need:
       raise DetectorError(f"scoring='batch' scores the images against each other and "
@@ -462,7 +455,6 @@ class Detector:
     toks = toks[:, :len(kept)]
     subset = int(self.cfg.eval.batch_subset)
     if subset and len(kept) >= 2 * subset:
-      from adjax.workdir import run_log
       shown = run_log.Progress(f"batch scoring (subsets of {subset} or more)", len(kept),
                                every_s=5.0)
       grid = neighbors.mutual_maps_subsets(toks, subset, self.r_list, progress=shown.update)
@@ -519,11 +511,10 @@ class Detector:
     (`record_for`; few_shot: for the bank of `use_references`), the rule
     mode=predict, the page and the export decide with; `predict.threshold
     >= 0` overrides the image threshold. No record: source "none"."""
-    from adjax import thresholds
     override = float(self.cfg.predict.threshold)
     return thresholds.resolve(
         self.record_for(scoring), object_name, override if override >= 0 else None,
-        scoring=scoring, bank=self.bank if thresholds.uses_bank(scoring) else None)
+        scoring=scoring, bank=self.bank if modes.uses_bank(scoring) else None)
 
   def predict(self, images, object_name: str | None = None,
               object_names: Sequence[str] | None = None,
@@ -620,7 +611,6 @@ class Detector:
     They are used from now on by this Detector in `scoring`;
     `save_thresholds()` writes them to the workdir's record of the mode.
     Returns (image threshold, pixel threshold)."""
-    from adjax import metrics, thresholds
     if scoring not in SCORING_MODES:
       raise DetectorError(
           f"calibrate: scoring={scoring!r} cannot be calibrated from normal images here "
@@ -685,7 +675,6 @@ class Detector:
     """Image scores and model-size maps of normal images against the bank; a
     reference among them (or each reference, with `normal_images=None`)
     against the bank without it."""
-    from adjax import neighbors, thresholds
     if self.references is None:
       raise DetectorError("calibrate: scoring='few_shot' needs reference images: call "
                           "use_references(normal_images) first")
@@ -743,7 +732,6 @@ class Detector:
     calibrated mode) to the workdir's record of that mode
     (`Workdir.mode_thresholds`), atomically, with the identity checked on
     later use."""
-    from adjax import thresholds
     scoring = scoring or self._last_calibrated
     if scoring is None or scoring not in self._pending:
       raise DetectorError("save_thresholds: nothing calibrated" + (

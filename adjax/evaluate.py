@@ -14,22 +14,20 @@ evaluation finds none.
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from adjax import data, datasets, metrics, sharding, thresholds
+from adjax import datasets, metrics, scoring_modes, thresholds
 from adjax.common import atomic
 from adjax.report import heatmaps, tables
 from adjax.report import html as html_report
-from adjax.scorer import Scorer
-from adjax.workdir import feature_cache, identity, run_log
+from adjax.report import comparison
+from adjax.scorer import ModeScorer, ZeroShotScorer
+from adjax.workdir import identity, run_log
 from adjax.workdir import Workdir
 
 
@@ -90,137 +88,6 @@ def results_identity(cfg, towers, source: tuple[Path, int]) -> dict:
                                       else "float32")),
       "image_size": int(cfg.image_size),
   }
-
-
-# ---- the row source of zero-shot scoring --------------------------------------
-class ZeroShotScorer:
-  """Zero-shot scoring: a data set's rows from the trained head (it holds a
-  `Scorer`), one pass over the data set through the evaluation feature cache.
-
-  The interface every evaluation scorer has (see `scoring_modes.NeighbourScorer`):
-  `scoring`, `model`, `adjust_identity`, `check`, `extra_identity`,
-  `display_name`, `progress_label`, `rows`, `finish`, `title`, `announce`,
-  `threshold_model`, `threshold_image_score`.
-  """
-
-  scoring = "zero_shot"
-
-  def __init__(self, cfg, towers, mesh, params):
-    self.cfg, self.towers, self.mesh = cfg, towers, mesh
-    self.scorer = Scorer(cfg, towers, mesh, params)
-    self.model = self.scorer.model
-    self._steps_cached = None
-    self._cache = None
-
-  def adjust_identity(self, ident: dict) -> dict:
-    return ident
-
-  def check(self, handle) -> None:
-    """Raises when `handle` cannot be scored; zero-shot scores any data set."""
-
-  def extra_identity(self, handle) -> dict:
-    return {}
-
-  def display_name(self, handle) -> str:
-    return handle.display_name
-
-  def progress_label(self, handle) -> str:
-    return f"evaluate {handle.display_name}"
-
-  def rows(self, handle, to_draw: set, progress):
-    """Yields (rows, draws) per batch: `rows` holds every process's rows (map,
-    score, mask, label, valid, has_mask, category_index, index); `draws` the
-    panels this process draws from its own rows (it has their images): (category,
-    path, image, map, mask) of the examples in `to_draw`."""
-    cfg = self.cfg
-    table = self.scorer.text_table(handle.categories)
-    loader = datasets.loader(cfg, handle, self.model, batch_size=cfg.eval.batch_size,
-                            train=False)
-    self._cache = cache = self._feature_cache(handle)
-    for local in loader:
-      amap, score = self._batch_maps(local, table, cache)
-      mine = {"map": amap, "score": score, **{k: local[k] for k in (
-          "mask", "label", "valid", "has_mask", "category_index", "index")}}
-      rows = {k: sharding.all_rows(v) for k, v in mine.items()}
-      progress.update(int(rows["valid"].sum()))
-      draws = []
-      if to_draw:
-        for i in np.flatnonzero(local["valid"]):
-          if int(local["index"][i]) in to_draw:
-            draws.append((handle.categories[local["category_index"][i]],
-                          _as_str(local["path"][i]), local["image"][i], amap[i],
-                          local["mask"][i]))
-      yield rows, draws
-
-  def finish(self) -> None:
-    """After the pass: publishes a cache this evaluation filled."""
-    if self._cache is not None and not self._cache.complete:
-      self._cache.finish_epoch()
-    self._cache = None
-
-  def title(self, handle) -> str:
-    return f"{handle.display_name}: zero-shot results"
-
-  def announce(self, handle, stem: str, results: dict, table_text: str) -> None:
-    if stem != handle.display_name:
-      print(f"\nresults/{handle.display_name}.json holds another evaluation's results; "
-            f"these go to results/{stem}.*", flush=True)
-    print(f"\n{handle.display_name}: zero-shot results ({len(results)} categories)\n"
-          f"{table_text}", flush=True)
-
-  def threshold_model(self) -> dict:
-    return self.scorer.threshold_model()
-
-  def threshold_image_score(self) -> str:
-    """The image-score rule recorded with the thresholds."""
-    return self.model.image_score
-
-  def threshold_banks(self, handle) -> dict[str, dict]:
-    """Reference banks per category (few-shot modes only)."""
-    return {}
-
-  def _feature_cache(self, handle):
-    """The target's backbone features on disk (eval.feature_cache=disk), shared by
-    every head evaluated over the same backbone, image size and layers."""
-    cfg = self.cfg
-    if cfg.eval.feature_cache == "none":
-      return None
-    directory = (Path(cfg.eval.feature_cache_dir) if cfg.eval.feature_cache_dir
-                 else Path(cfg.data.data_dir) / "feature_cache")
-    cache = feature_cache.open_cache("disk", directory, self.towers.backbone_id, self.model,
-                                     handle, dtype=cfg.eval.feature_cache_dtype,
-                                     backbone_dtype=cfg.backbone.dtype)
-    if jax.process_index() == 0:
-      state = ("complete: the backbone is not run" if cache.complete
-               else "filled by this evaluation")
-      print(f"evaluation feature cache {cache.dir}: {state}", flush=True)
-    if not self._steps_cached:
-      builder = self.scorer.builder
-      self._steps_cached = (
-          builder.eval_step(return_features=True,
-                            cache_dtype=jnp.dtype(cfg.eval.feature_cache_dtype)),
-          builder.eval_features_step())
-    return cache
-
-  def _batch_maps(self, local: dict, table, cache) -> tuple[np.ndarray, np.ndarray]:
-    scorer = self.scorer
-    if cache is None:
-      return scorer.maps(local["image"], local["category_index"], table)
-    filling, head_only = self._steps_cached
-    categories = sharding.global_batch({"category_index": local["category_index"]},
-                                       self.mesh)["category_index"]
-
-    def from_features(batch):
-      return head_only(scorer.params, table, batch["patches"], batch["cls"], categories)
-
-    def from_images(batch):
-      amap, score, features = filling(scorer.params, scorer.backbone_state, table,
-                                      batch["image"], categories)
-      return (amap, score), features
-
-    amap, score = feature_cache.run_batch(cache, local, self.mesh, cache.complete,
-                                          from_features, from_images)
-    return sharding.local_rows(amap, 0), sharding.local_rows(score, 0)
 
 
 # ---- the consumers of the rows ------------------------------------------------
@@ -296,9 +163,9 @@ def write_report(workdir: Path, handle, stem: str, ident: dict, title: str, resu
   for name, acc in accs.items():
     scale = heatmaps.scale_for(scoring, (details.get(name) or {}).get("pixel_threshold"))
     panels[name] = [
-        (f"{kind} score {score:.9g}: {_as_str(handle.source[index]['path'])} "
+        (f"{kind} score {score:.9g}: {datasets.as_str(handle.source[index]['path'])} "
          f"(colours: {scale.label})",
-         heatmaps.png_bytes(heatmaps.panel(_image_at(handle, index, image_size), amap, mask,
+         heatmaps.png_bytes(heatmaps.panel(datasets.image_at(handle, index, image_size), amap, mask,
                                            scale)))
         for kind, items in (("highest", acc.high), ("lowest", acc.low))
         for score, index, amap, mask in items]
@@ -312,11 +179,6 @@ def write_report(workdir: Path, handle, stem: str, ident: dict, title: str, resu
       list(summary["mean"]))
   atomic.write_text(Workdir(workdir).evaluation_page(stem), page)
   return table_text
-
-
-def _image_at(handle, index: int, image_size: int) -> np.ndarray:
-  with Image.open(io.BytesIO(handle.source[index]["image"])) as img:
-    return data.images.preprocess_image(img, image_size)
 
 
 class ThresholdBook:
@@ -385,15 +247,15 @@ class Evaluator:
   """Evaluates one data set at a time: one pass of its scorer per data set, its rows consumed by the metrics and
   the heatmap panels, then the reports and the thresholds.
 
-  Zero-shot by default (`ZeroShotScorer`); `scoring_modes.ModeEvaluator` holds
-  a neighbour-mode scorer (`scoring_modes.NeighbourScorer`).
+  `scorer` is a `scorer.ModeScorer`: `scorer.ZeroShotScorer` (the head) or
+  `scoring_modes.NeighbourScorer` (the other modes).
   """
 
-  def __init__(self, cfg, workdir: Path, towers, mesh, params, source: tuple[Path, int],
-               scorer=None):
+  def __init__(self, cfg, workdir: Path, scorer: ModeScorer, source: tuple[Path, int]):
     self.cfg, self.workdir = cfg, workdir
-    self.scorer = scorer if scorer is not None else ZeroShotScorer(cfg, towers, mesh, params)
-    self.results_identity = self.scorer.adjust_identity(results_identity(cfg, towers, source))
+    self.scorer = scorer
+    self.results_identity = scorer.adjust_identity(results_identity(cfg, scorer.towers,
+                                                                    source))
     self.thresholds = ThresholdBook(workdir, self.scorer,
                                     (self.results_identity["head"] or {"step": -1})["step"])
 
@@ -436,10 +298,6 @@ class Evaluator:
     return results
 
 
-def _as_str(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)
-
-
 def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
                      source: tuple[Path, int]) -> tuple[dict, list]:
   """Evaluates every configured target that is present; lists the absent ones.
@@ -448,15 +306,15 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   results' identity. Returns (results by data set, [(absent target, why)]).
   """
   if cfg.eval.scoring == "zero_shot":
-    evaluator = Evaluator(cfg, workdir, towers, mesh, params, source)
+    scorer = ZeroShotScorer(cfg, towers, mesh, params)
   else:
-    from adjax import scoring_modes
-    evaluator = scoring_modes.ModeEvaluator(cfg, workdir, towers, mesh, params, source)
+    scorer = scoring_modes.NeighbourScorer(cfg, towers, mesh, params)
+  evaluator = Evaluator(cfg, workdir, scorer, source if source is not None else (workdir, 0))
   all_results, absent, handles = {}, [], []
   for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
     try:
       handles.append(datasets.prepare(cfg, target))
-    except data.DatasetNotFoundError as e:
+    except datasets.data.DatasetNotFoundError as e:
       absent.append((target, str(e).splitlines()[0]))
   # Every data set's refusals (too few images for the mode, for eval.rscin_k)
   # before the first one is scored.
@@ -465,8 +323,7 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   for handle in handles:
     all_results[handle.display_name] = evaluator.evaluate(handle)
     if jax.process_index() == 0:
-      from adjax import scoring_modes
-      scoring_modes.write_comparison(Workdir(workdir).results, handle.display_name)
+      comparison.write_comparison(Workdir(workdir).results, handle.display_name)
   # The deployment record of the mode evaluated (thresholds.json for the
   # zero-shot head, thresholds.<mode>.json otherwise) is replaced only when
   # chosen, or made by a training run's first evaluation.

@@ -6,48 +6,22 @@ workdir, or `init_from`), `predict` (a folder or glob of images).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
-from adjax import datasets, sharding
+import numpy as np
+
+from adjax import datasets, evaluate, fetch, loading, modes, predict, sharding, train
 from adjax import towers as towers_lib
 from adjax.common import atomic
 from adjax.config import check as config_check
 from adjax.config import schema
-from adjax.workdir import checkpoints, identity
+from adjax.data import synthetic
+from adjax.workdir import identity
 from adjax.workdir import Workdir
 from adjax.workdir.lock import WorkdirLock
-
-def resolve_workdir(cfg, workdir_flag: str | None) -> Path:
-  return Path(workdir_flag or cfg.workdir or Path("runs") / cfg.name)
-
-
-def trained_params(cfg, workdir: Path, towers, mesh):
-  """The head parameters of this workdir's latest checkpoint (else `init_from`).
-
-  Returns (params, source workdir, step). The source's recorded training
-  config must describe the configured model (identity.check_head_model).
-  """
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-      towers.model(cfg.model).abstract_params())
-  params, source, step = checkpoints.restore_head_params(
-      abstract, workdir, Path(cfg.init_from) if cfg.init_from else None,
-      keep=cfg.checkpoints_to_keep)
-  identity.check_head_model(cfg, source)
-  if jax.process_index() == 0:
-    print(f"head: {source} checkpoint step {step}", flush=True)
-  return params, source, step
-
-
-def _head_free(cfg) -> bool:
-  """Evaluation or prediction in a mode that needs neither the head nor the text tower."""
-  from adjax import scoring_modes
-  if cfg.mode == "predict":
-    return cfg.predict.scoring != "zero_shot"
-  return cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring)
 
 
 def run(config, workdir_flag: str | None = None) -> dict:
@@ -68,19 +42,18 @@ def run(config, workdir_flag: str | None = None) -> dict:
   # hub id set: fetched, verified and unpacked or converted now, after every
   # other check and before any training; the towers are then checked like
   # any converted folder.
-  from adjax import fetch
   if jax.process_index() == 0:
     fetch.ensure_datasets(cfg)
-  if fetch.ensure_weights(cfg, text=not _head_free(cfg)):
+  if fetch.ensure_weights(cfg, text=not modes.head_free(cfg)):
     config_check.check(config, device_count=jax.device_count(),
                        process_count=jax.process_count())
-  workdir = resolve_workdir(cfg, workdir_flag)
+  workdir = loading.resolve_workdir(cfg, workdir_flag)
   if workdir.exists() and not workdir.is_dir():
     raise config_check.ConfigError(
         f"--workdir {workdir}: is a file, not a folder; pass a folder (it is created "
         "when missing)")
   if (cfg.mode != "train" and not cfg.init_from and not Workdir(workdir).has_checkpoints()
-      and not _head_free(cfg)):
+      and not modes.head_free(cfg)):
     raise config_check.ConfigError(
         f"mode={cfg.mode}: {workdir} holds no trained checkpoint; pass the trained "
         "run's --workdir, or --config.init_from=<trained workdir>")
@@ -105,20 +78,20 @@ def _run_locked(cfg: schema.RunConfig, workdir: Path, main_process: bool) -> dic
   mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.model)
   if cfg.data.demo.root and cfg.mode != "predict":   # predict reads no data set
     _ensure_demo_data(cfg.data.demo)
-  towers = towers_lib.build(cfg, workdir, text=not _head_free(cfg))
+  towers = towers_lib.build(cfg, workdir, text=not modes.head_free(cfg))
 
   if cfg.mode == "predict":
-    from adjax import predict
-    params, step = None, None
-    if not _head_free(cfg):
-      params, _, step = trained_params(cfg, workdir, towers, mesh)
-    return predict.run(cfg, workdir, towers, mesh, params, step=step)
+    head = None
+    if not modes.head_free(cfg):
+      # Thresholds being calibrated anew replace the record, which is then
+      # not read (nor refused) first.
+      head = loading.load_head(cfg, workdir, towers=towers, mesh=mesh,
+                               read_thresholds=not cfg.predict.calibrate_normals)
+    return predict.run(cfg, workdir, towers, mesh, head)
 
-  from adjax import evaluate
   if cfg.mode == "train":
     handle = datasets.prepare(cfg, cfg.data.train)
     _check_anomalies(cfg, handle, main_process)
-    from adjax import train
     state, steps_run = train.train(cfg, workdir, towers, mesh, handle)
     if not cfg.eval.enabled:
       return {"state": state}
@@ -132,20 +105,19 @@ def _run_locked(cfg: schema.RunConfig, workdir: Path, main_process: bool) -> dic
         source=(workdir, int(jax.device_get(state["step"]))))
     return {"state": state, "results": results, "absent": absent}
 
-  if _head_free(cfg):
+  if modes.head_free(cfg):
     results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, None,
                                                 source=None)
     return {"results": results, "absent": absent}
-  params, source, step = trained_params(cfg, workdir, towers, mesh)
-  results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, params,
-                                              source=(source, step))
+  head = loading.load_head(cfg, workdir, towers=towers, mesh=mesh, read_thresholds=False)
+  results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, head.params,
+                                              source=(head.source, head.step))
   return {"results": results, "absent": absent}
 
 
 def _check_anomalies(cfg, handle, main_process: bool) -> None:
   """A training set without anomalous images teaches no defect: refused
   unless train.allow_no_anomalies=True."""
-  import numpy as np
   if int(np.sum(np.asarray(handle.example_label) > 0)):
     return
   what = (f"data.train={cfg.data.train!r}: none of its {handle.num_examples} images is "
@@ -161,7 +133,6 @@ def _check_anomalies(cfg, handle, main_process: bool) -> None:
 
 def _ensure_demo_data(demo) -> None:
   """Writes the generated demo families on first use (process 0 only)."""
-  from adjax.data import synthetic
   root = Path(demo.root)
   missing = [f for f in ("a", "b") if not (root / f"family_{f}").is_dir()]
   if missing and jax.process_index() == 0:
@@ -170,5 +141,4 @@ def _ensure_demo_data(demo) -> None:
                        per_category=demo.per_category, families=missing,
                        train_per_category=demo.train_per_category)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("demo data")

@@ -54,9 +54,16 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from adjax import loading, sharding, thresholds
+from adjax import towers as towers_lib
 from adjax.common import errors
+from adjax.config import load as run_config
+from adjax.config import schema
+from adjax.workdir import checkpoints
 from adjax.common.errors import UserError
 from adjax.workdir import Workdir
 
@@ -104,8 +111,6 @@ def _f32_at_least(t: float) -> np.float32:
 
 def load_config(workdir, config: str | None = None, overrides: Sequence[str] = ()):
   """The run's config (a config file, else the workdir's config.json), typed."""
-  from adjax.config import load as run_config
-  from adjax.config import schema
   try:
     if config:
       return schema.from_configdict(run_config.from_file(config, overrides))
@@ -118,13 +123,6 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
           overrides: Sequence[str] = (), image_size: int | None = None,
           dtype: str | None = None, allow_new_objects: bool = False) -> Exportable:
   """Loads the run in `workdir` and closes the forward pass over its weights."""
-  import jax
-  import jax.numpy as jnp
-  from adjax import experiment, sharding, thresholds
-  from adjax import towers as towers_lib
-  from adjax.config import schema
-  from adjax.workdir import checkpoints
-
   workdir = Path(workdir)
   names = _check_names(object_names)
   if not workdir.is_dir():
@@ -156,28 +154,19 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
   except ValueError as e:
     raise ExportError(f"--image-size {size}: {e}") from None
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  # The newest intact step (a damaged newer one is reported and skipped).
-  params, _, step = experiment.trained_params(cfg, workdir, towers, mesh)
-  params = jax.device_get(params)
+  # The newest intact step (a damaged newer one is reported and skipped), and
+  # its thresholds.json checked for this head at this size.
+  try:
+    head = loading.load_head(cfg, workdir, towers=towers, mesh=mesh, image_size=size)
+  except thresholds.ThresholdError as e:
+    raise ExportError(f"{e} (or remove it to export without a decision output)") from None
+  params, step, record = jax.device_get(head.params), head.step, head.record
   table = np.asarray(towers.text_embed(names), np.float32)
-  identity = thresholds.threshold_model(
-      backbone_id=towers.backbone_id, text_id=towers.text_embed.model_id,
-      layers=model.layers, image_size=size, reference_quirks=cfg.reference_quirks,
-      head_sha256=thresholds.params_sha256(params))
-  record = None
-  deploy = thresholds.deployment_path(workdir, cfg.init_from)
-  if deploy is not None:
-    try:
-      record = thresholds.read(deploy)
-      thresholds.check(record, image_score=cfg.eval.image_score, model=identity,
-                       head_step=step)
-    except thresholds.ThresholdError as e:
-      raise ExportError(f"{e} (or remove it to export without a decision output)") from None
+  identity = loading.threshold_model(towers, model, params, cfg.reference_quirks)
   # Each object is decided with its own threshold, chosen by the rule predict
   # uses (thresholds.resolve): the file decides as predict does.
   if record is not None and not allow_new_objects:
-    known = sorted({n for cats in record.get("details", {}).get("per_category", {}).values()
-                    for n in cats})
+    known = head.known_objects
     unknown = [n for n in names
                if thresholds.category_of(dict.fromkeys(known), n) is None]
     if known and unknown:

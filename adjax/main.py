@@ -16,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from adjax.common import errors
+from adjax.config import doc as config_doc
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/mvtec.py or configs/mvtec.py:tpu.",
@@ -90,7 +92,6 @@ def _parse_flags(argv):
   except Exception as e:      # noqa: BLE001  (flags.Error, and the config file's own errors)
     if os.environ.get("ADJAX_TRACEBACK"):
       raise
-    from adjax.common import errors
     print(f"error: {flag_error(argv, e)}", file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_USER_ERROR)
 
@@ -98,7 +99,6 @@ def _parse_flags(argv):
 def environment_error(e: BaseException) -> str | None:
   """One line for a file-system problem the user can fix, else None
   (`errors.environment_error`, shared with every command)."""
-  from adjax.common import errors
   return errors.environment_error(e)
 
 
@@ -121,7 +121,6 @@ def main(argv) -> None:
     # result tables are printed anyway. Pass --verbosity=0 to see them.
     logging.set_verbosity(logging.WARNING)
   std_logging.getLogger("absl").addFilter(_DropTfdsConfigNotice())
-  from adjax.common import errors
   try:
     cfg = _CONFIG.value       # the config file is loaded here when no override forced it
     cfg.mode                  # (lazily: touching a field loads it)  # noqa: B018
@@ -131,10 +130,9 @@ def main(argv) -> None:
     print(f"error: {flag_error(sys.argv, e)}", file=sys.stderr, flush=True)
     sys.exit(errors.EXIT_USER_ERROR)
   if _CONFIG_HELP.value:
-    from adjax.config import doc as config_doc
     print(config_doc.text_table(cfg))
     return
-  from adjax import experiment
+  from adjax import experiment  # deferred: JAX loads after the flags are checked
   try:
     experiment.run(cfg, _WORKDIR.value)
   except errors.user_errors() as e:

@@ -100,13 +100,15 @@ def _one_line(text) -> str:
           .replace("\n", "\\n"))
 
 
-def run(cfg, workdir: Path, towers, mesh, params, step: int | None = None) -> dict:
+def run(cfg, workdir: Path, towers, mesh, head=None) -> dict:
+  """mode=predict: scores `predict.input` with a `Detector` over `head` (a
+  `loading.Head`, None in a neighbour mode) and writes predictions/."""
   if jax.process_count() > 1:
     raise ValueError("mode=predict runs on one process; start it without distributed=True")
   name, scoring = cfg.predict.object_name, cfg.predict.scoring
   # Thresholds being calibrated anew replace the mode's record, which is then
   # not read (nor refused) first.
-  det = Detector(cfg, workdir, towers, mesh, params, step=step,
+  det = Detector(cfg, workdir, towers, mesh, head,
                  load_thresholds=not cfg.predict.calibrate_normals)
   if scoring == "zero_shot" and str(name).strip():
     try:                             # the name's prompts fit the text tower, before any image

@@ -36,31 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adjax import datasets, neighbors, sharding
-from adjax.data import images as image_io
+from adjax import coreset, datasets, neighbors, sharding, thresholds
+from adjax.ad_model import Features
 from adjax.common.errors import UserError
-from adjax.evaluate import Evaluator
+from adjax.data import images as image_io
+from adjax.modes import needs_head, neighbour_kind
 from adjax.models import head as head_lib
-from adjax.report import tables
 from adjax.scorer import Scorer
+from adjax.workdir import run_log
 
-SCORINGS = ("zero_shot", "few_shot", "batch", "zero_shot+few_shot", "zero_shot+batch")
-COMBINES = ("zscore", "minmax")
 REFERENCE_SEED = 0   # the fixed shuffle that picks few-shot references
 
 
 class ScoringError(UserError, ValueError):
   """A data set cannot be scored in the chosen mode (too few images)."""
-
-
-def needs_head(scoring: str) -> bool:
-  """Modes that use the trained head (and so the text tower)."""
-  return scoring.startswith("zero_shot")
-
-
-def neighbour_kind(scoring: str) -> str | None:
-  """"batch", "few_shot" or None (zero-shot only)."""
-  return scoring.split("+")[-1] if scoring != "zero_shot" else None
 
 
 def choose_references(handle, category_index: int, k: int) -> np.ndarray:
@@ -177,8 +166,8 @@ def upsample(maps: np.ndarray, hw: tuple[int, int], block: int = 32) -> np.ndarr
 class NeighbourScorer:
   """Scoring in a neighbour mode (see the module doc): a data set's rows, one
   category at a time, from the backbone pass (and the head, which it holds as
-  a `Scorer`, in the combined modes). Has the interface of
-  `evaluate.ZeroShotScorer`; `evaluate.Evaluator` consumes its rows."""
+  a `Scorer`, in the combined modes). A `scorer.ModeScorer`, as
+  `scorer.ZeroShotScorer` is; `evaluate.Evaluator` consumes its rows."""
 
   def __init__(self, cfg, towers, mesh, params):
     self.cfg, self.towers, self.mesh = cfg, towers, mesh
@@ -194,7 +183,6 @@ class NeighbourScorer:
     self._category = ""
     # The few-shot bank's coreset settings (None: every reference patch), a
     # part of what the bank is.
-    from adjax import coreset
     self.coreset = (coreset.settings(cfg.eval.coreset, cfg.eval.coreset_seed)
                     if self.kind == "few_shot" else None)
 
@@ -240,7 +228,7 @@ class NeighbourScorer:
                     for ci, name in enumerate(handle.categories)}
     if not self._refs:
       return {}
-    return {"references": {name: [_as_str(handle.source[int(i)]["path"]) for i in idx]
+    return {"references": {name: [datasets.as_str(handle.source[int(i)]["path"]) for i in idx]
                            for name, idx in self._refs.items()}}
 
   def display_name(self, handle) -> str:
@@ -292,7 +280,6 @@ class NeighbourScorer:
   # ---- the model a threshold belongs to ---------------------------------
   def threshold_model(self) -> dict:
     """`thresholds.model_for` this mode: what `Detector` checks a record against."""
-    from adjax import thresholds
     cfg = self.cfg
     return thresholds.model_for(
         self.scoring, backbone_id=self.towers.backbone_id, layers=self.model.layers,
@@ -304,13 +291,11 @@ class NeighbourScorer:
     """Per category, the identity of its few-shot bank (`thresholds.bank_identity`
     of the references' model-size pixels, as `Detector.use_references` computes
     it); empty in the other modes."""
-    from adjax import thresholds
-    from adjax.evaluate import _image_at
     size = self.model.image_size
     out = {}
     for name, idx in self._refs.items():
       out[name] = thresholds.bank_identity(
-          (thresholds.image_digest(_image_at(handle, int(i), size)) for i in idx),
+          (thresholds.image_digest(datasets.image_at(handle, int(i), size)) for i in idx),
           self.coreset)
     for name, paths in self._bank_paths.items():
       out[name] = thresholds.bank_identity(
@@ -334,7 +319,6 @@ class NeighbourScorer:
       raw, glob = tokens[:, :, prefix:], tokens[-1, :, cls_index]
       if not with_head:
         return raw, glob
-      from adjax.ad_model import Features
       feats = Features(head_lib.standardize_patches(raw), tokens[:, :, cls_index])
       return (raw, glob) + tuple(model.maps(params, feats, text_table, category_index))
 
@@ -402,7 +386,6 @@ class NeighbourScorer:
     r_list = tuple(int(r) for r in self.cfg.eval.r_list)
     subset = int(self.cfg.eval.batch_subset)
     if self.kind == "batch" and subset and n >= 2 * subset:
-      from adjax.workdir import run_log
       name = getattr(self, "_category", "")
       progress = run_log.Progress(f"batch scoring {name} (subsets of {subset} or more)", n,
                                   enabled=jax.process_index() == 0, every_s=5.0)
@@ -431,85 +414,3 @@ class NeighbourScorer:
     rows = {k: got[k][keep] for k in ("label", "mask", "has_mask", "index")}
     rows.update(map=maps.astype(np.float32), score=np.asarray(scores, np.float32))
     return rows
-
-
-class ModeEvaluator(Evaluator):
-  """An `Evaluator` holding a `NeighbourScorer` (`eval.scoring` other than zero_shot)."""
-
-  def __init__(self, cfg, workdir: Path, towers, mesh, params, source):
-    super().__init__(cfg, workdir, towers, mesh, params,
-                     source if source is not None else (workdir, 0),
-                     scorer=NeighbourScorer(cfg, towers, mesh, params))
-
-
-COMPARED = (("image_auroc", "I-AUROC"), ("pixel_auroc", "P-AUROC"), ("pixel_aupro", "AUPRO"))
-
-
-def write_comparison(results_dir: Path, name: str) -> Path | None:
-  """`<name>.modes.md`: every scoring mode evaluated on data set `name` side by
-  side per category (image AUROC, pixel AUROC, AUPRO), from `<name>.json` and
-  `<name>.<mode>.json`; None when fewer than two modes were evaluated."""
-  import json
-  from adjax.common import atomic
-  found = {}
-  for mode in SCORINGS:
-    path = Path(results_dir) / (f"{name}.json" if mode == "zero_shot" else f"{name}.{mode}.json")
-    if path.exists():
-      found[mode] = json.loads(path.read_text())
-  if len(found) < 2:
-    return None
-  cats = sorted({c for r in found.values() for c in r["categories"]}) + [tables.MEAN]
-
-  def cell(res, cat, key):
-    row = res[tables.MEAN] if cat == tables.MEAN else res["categories"].get(cat, {})
-    v = row.get(key)
-    return tables.MISSING if v is None else f"{100 * v:.1f}"
-
-  head = ["category"] + [f"{mode} {short}" for mode in found for _, short in COMPARED]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for cat in cats:
-    lines.append("| " + " | ".join([cat] + [cell(res, cat, key) for res in found.values()
-                                            for key, _ in COMPARED]) + " |")
-  notes = [f"{mode}: {name}{'' if mode == 'zero_shot' else '.' + mode}.json"
-           + (_references_note(res) if "few_shot" in mode else "")
-           for mode, res in found.items()]
-  out = Path(results_dir) / f"{name}.modes.md"
-  atomic.write_text(out, f"# {name}: scoring modes side by side\n\n" + "\n".join(lines)
-                    + "\n\n" + "\n".join("- " + n for n in notes) + "\n")
-  atomic.write_text(Path(results_dir) / f"{name}.modes.html",
-                    comparison_html(name, found, cats, notes))
-  return out
-
-
-def _references_note(res: dict) -> str:
-  ev = res.get("identity", {}).get("eval", {})
-  if ev.get("references_dir"):
-    return f", {ev.get('references')} references per category from {ev['references_dir']}"
-  return f", {ev.get('references')} references per category left out of the metrics"
-
-
-def comparison_html(name: str, found: dict[str, dict], cats: list[str],
-                    notes: list[str]) -> str:
-  """`<name>.modes.html`: one table, a row per category, per mode a group of
-  columns (image AUROC, pixel AUROC, AUPRO), with the report's styling."""
-  import html as html_lib
-  from adjax.report import html as report_html
-  esc = html_lib.escape
-  top = "".join(f'<th colspan="{len(COMPARED)}">{esc(mode)}</th>' for mode in found)
-  sub = "".join(f"<th>{esc(short)}</th>" for _ in found for _, short in COMPARED)
-  rows = []
-  for cat in cats:
-    cells = []
-    for mode, res in found.items():
-      row = res[tables.MEAN] if cat == tables.MEAN else res["categories"].get(cat, {})
-      cells += [f'<td data-mode="{esc(mode)}" data-metric="{key}">'
-                f"{report_html._pct(row.get(key))}</td>" for key, _ in COMPARED]
-    rows.append(f'<tr data-category="{esc(cat)}"><td>{esc(cat)}</td>{"".join(cells)}</tr>')
-  table = (f'<table class="modes"><tr><th rowspan="2">category</th>{top}</tr>'
-           f'<tr>{sub}</tr>{"".join(rows)}</table>')
-  listed = "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
-  return report_html._page(f"{name}: scoring modes side by side", [table, listed])
-
-
-def _as_str(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)

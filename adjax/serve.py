@@ -70,6 +70,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
+from adjax.common import errors
+from adjax import thresholds
+from adjax.report import heatmaps
+from adjax.common import quiet
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_TIMEOUT = 10.0            # seconds one read may wait
@@ -108,7 +112,7 @@ def heatmap_png(amap: np.ndarray) -> tuple[str, float, float]:
 def decode_image(data: bytes, what: str = "the upload") -> Image.Image:
   """Bytes -> the upright 8-bit RGB image the Detector scores (`data.images.decode`,
   the decode every entry point shares), or a 400 naming `what`."""
-  from adjax.data import images as data_images
+  from adjax.data import images as data_images  # deferred: JAX, after the flags are checked
   if not data:
     raise Refusal(400, f"{what} is empty: send the image's bytes (or a multipart "
                   "field 'image')")
@@ -197,7 +201,6 @@ class App:
     """Per scoring mode, its deployment record as the Detector decides with it
     (`Detector.record_for`): the file, its method and top-level thresholds,
     its categories; or None (undecided), or the one-line refusal."""
-    from adjax import thresholds
     out = {}
     for mode in self.detector.scoring_modes:
       try:
@@ -221,7 +224,6 @@ class App:
   def _decision_fields(pred, i: int, mode: str) -> dict:
     """What the page draws as the decision: the server's mask (map >= pixel
     threshold) as a PNG, the colour scale of the mode, and whether it decided."""
-    from adjax.report import heatmaps
     image_t, pixel_t = pred.thresholds[i]
     mask_png = None
     if pred.masks is not None and pred.masks[i] is not None:
@@ -251,7 +253,7 @@ class App:
 
   def _predict(self, images, object_name, mode) -> tuple[object, list[np.ndarray]]:
     """(Prediction, the scored upright RGB of each image, from the same decode)."""
-    from adjax.detector import DetectorError
+    from adjax.detector import DetectorError  # deferred: JAX, after the flags are checked
     shown: list[np.ndarray] = []
     with self.lock:                    # one request at a time on the device
       try:
@@ -311,7 +313,7 @@ class App:
     return real
 
   def predict_folder(self, folder, object_name, mode=None) -> dict:
-    from adjax.data import images as data_images
+    from adjax.data import images as data_images  # deferred: JAX, after the flags are checked
     root = self.allowed_folder(folder)
     object_name, mode = self._check(object_name, mode)
     start = time.perf_counter()
@@ -903,7 +905,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  from adjax.common import errors
 
   def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
@@ -950,8 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr, flush=True)
 
   def serve():
-    from adjax.common import quiet
-    from adjax.detector import Detector, DetectorError
+    from adjax.detector import Detector, DetectorError  # deferred: JAX, after the flags are checked
     with quiet.announce_if_slow(f"loading {args.workdir} (towers and head; the page "
                                 "answers once they are in memory)"):
       detector = Detector.from_workdir(args.workdir, **overrides)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.experimental import multihost_utils
 
 DATA, MODEL = "data", "model"
 
@@ -69,7 +71,6 @@ def place_frozen(module, mesh: Mesh, mode: str):
 
   Returns (graphdef, placed state, the state's shardings) for a jitted step.
   """
-  from flax import nnx
   graphdef, state = nnx.split(module)
   rule = backbone_rule(mesh, mode)
   state = jax.tree.map(lambda x: jax.device_put(x, rule(np.shape(x))), state)
@@ -103,7 +104,6 @@ def all_rows(x, axis: int = 0) -> np.ndarray:
   """
   if jax.process_count() == 1:
     return np.asarray(x)
-  from jax.experimental import multihost_utils
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     # process_allgather concatenates along axis 0: move the batch axis there.
     moved = jax.numpy.moveaxis(x, axis, 0) if axis else x

@@ -29,7 +29,9 @@ import numpy as np
 
 from adjax.common import atomic
 from adjax.common.errors import UserError
+from adjax.modes import SCORINGS, uses_bank
 from adjax.workdir import THRESHOLDS_FILE, Workdir
+from adjax.models.clip_tokenizer import clean_text
 
 FORMAT_VERSION = 1
 
@@ -42,7 +44,7 @@ class ThresholdError(UserError, ValueError):
 
 def params_sha256(params) -> str:
   """A stable hash of a parameter pytree (paths, shapes, dtypes and bytes)."""
-  import jax
+  import jax  # deferred: JAX; the page reads records without it
   h = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
                            key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -60,14 +62,6 @@ def threshold_model(*, backbone_id: str, text_id: str, layers, image_size: int,
   return {"backbone": str(backbone_id), "text": str(text_id),
           "layers": [int(l) for l in layers], "image_size": int(image_size),
           "reference_quirks": bool(reference_quirks), "head_sha256": str(head_sha256)}
-
-
-SCORINGS = ("zero_shot", "few_shot", "batch", "zero_shot+few_shot", "zero_shot+batch")
-
-
-def uses_bank(scoring: str) -> bool:
-  """Modes whose scores depend on a reference bank (few_shot, zero_shot+few_shot)."""
-  return scoring.endswith("few_shot")
 
 
 def model_for(scoring: str, *, backbone_id: str, layers, image_size: int,
@@ -273,7 +267,6 @@ def same_object(name: str) -> str:
   """An object name as the text tower reads it (`clip_tokenizer.clean_text`:
   ends stripped, whitespace collapsed, lower case, HTML entities and mojibake
   fixed): ' tile' and 'TILE' get the prompts of 'tile', so its threshold."""
-  from adjax.models.clip_tokenizer import clean_text
   return clean_text(str(name))
 
 

@@ -20,6 +20,7 @@ from adjax import prompts
 from adjax.ad_model import ADModel, Behaviour
 from adjax.models import backbones, clip_text
 from adjax.workdir import Workdir
+import json
 
 
 @dataclasses.dataclass
@@ -102,7 +103,6 @@ def _converted(checkpoint: str, field: str, converter: str, source: str) -> Path
 
 
 def _sha_of(path: Path) -> str:
-  import json
   cfg = json.loads((path / "config.json").read_text())
   return cfg.get("source_sha256") or str(path.absolute())
 

@@ -402,13 +402,14 @@ def test_every_target_is_checked_before_the_first_is_scored(monkeypatch, tmp_pat
         raise config_check.ConfigError("b: too small")
 
   class FakeEvaluator:
-    def __init__(self, *a, **k):
-      self.scorer = Scorer()
+    def __init__(self, cfg, workdir, scorer, source):
+      self.scorer = scorer
 
     def evaluate(self, handle):
       scored.append(handle.display_name)
       return {}
 
+  monkeypatch.setattr(evaluate, "ZeroShotScorer", lambda *a: Scorer())
   monkeypatch.setattr(evaluate, "Evaluator", FakeEvaluator)
   monkeypatch.setattr(evaluate.datasets, "prepare",
                       lambda cfg, target: types.SimpleNamespace(display_name=target))

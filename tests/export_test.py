@@ -87,9 +87,9 @@ def test_forward_matches_the_eval_step(run_dir, exportable):
   got = jax.jit(exportable.fn)(images, idx)
   cfg = export.load_config(run_dir)
   towers = towers_lib.build(cfg, run_dir)
-  from adjax import experiment, sharding
+  from adjax import loading, sharding
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  params, _, _ = experiment.trained_params(cfg, run_dir, towers, mesh)
+  params, _, _ = loading.trained_params(cfg, run_dir, towers, mesh)
   backbone_def, backbone_state = nnx.split(towers.backbone)
   step = steps.StepBuilder(towers.model(cfg.model), backbone_def).eval_step()
   # What the data pipeline feeds evaluation and prediction.

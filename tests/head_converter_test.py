@@ -2,7 +2,7 @@
 
 The release file is built with torch from random weights in the release's
 layout (`ClipAdapter` state dicts with `fc1.0` and the unused `fc2.0`); the
-imported workdir is restored through `experiment.trained_params` (the path
+imported workdir is restored through `loading.trained_params` (the path
 evaluate and predict take) and must give the same maps and logits as the
 same weights placed directly in the head.
 """
@@ -17,7 +17,7 @@ import torch
 from flax import nnx
 
 from adjax.config import schema
-from adjax import experiment, sharding
+from adjax import experiment, loading, sharding
 from adjax.config import defaults as config_defaults
 from adjax.ad_model import ADModel
 from adjax.models import backbones, dinov3
@@ -91,7 +91,7 @@ def test_imported_workdir_matches_direct_placement(tmp_path, short_names):
   towers = types.SimpleNamespace(model=lambda spec: ADModel.create(spec, info, E))
   cfg = schema.from_configdict(cfg)
   mesh = sharding.make_mesh(-1, 1)
-  params, _, _ = experiment.trained_params(cfg, tmp_path / "run", towers, mesh)
+  params, _, _ = loading.trained_params(cfg, tmp_path / "run", towers, mesh)
   head_def, _ = nnx.split(head_lib.ADHead(D, E, L, rngs=nnx.Rngs(0)))
   imported = nnx.merge(head_def, jax.device_get(params))
   if short_names:

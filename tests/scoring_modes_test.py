@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adjax import scoring_modes
+from adjax import modes, scoring_modes
+from adjax.report import comparison
 from adjax.common.errors import UserError as UserErrorTypes
 from adjax.config import check as config_check
 
@@ -144,9 +145,9 @@ def test_comparison_puts_the_modes_side_by_side(tmp_path):
   zero = {"a": {"image_auroc": 0.5, "pixel_auroc": 0.6, "pixel_aupro": 0.3}}
   batch = {"a": {"image_auroc": 0.8, "pixel_auroc": 0.9, "pixel_aupro": None}}
   tables.write_reports(zero, tmp_path, "target", {"eval": {}})
-  assert scoring_modes.write_comparison(tmp_path, "target") is None   # one mode only
+  assert comparison.write_comparison(tmp_path, "target") is None   # one mode only
   tables.write_reports(batch, tmp_path, "target.batch", {"eval": {"scoring": "batch"}})
-  text = scoring_modes.write_comparison(tmp_path, "target").read_text()
+  text = comparison.write_comparison(tmp_path, "target").read_text()
   assert "| category | zero_shot I-AUROC | zero_shot P-AUROC | zero_shot AUPRO | " \
          "batch I-AUROC | batch P-AUROC | batch AUPRO |" in text
   assert "| a | 50.0 | 60.0 | 30.0 | 80.0 | 90.0 | n/a |" in text
@@ -324,7 +325,7 @@ def test_comparison_html_has_the_numbers_of_each_mode(tmp_path):
   for mode, res in per_mode.items():
     stem = "target" if mode == "zero_shot" else f"target.{mode}"
     tables.write_reports(res, tmp_path, stem, {"eval": {"scoring": mode, "references": 4}})
-  scoring_modes.write_comparison(tmp_path, "target")
+  comparison.write_comparison(tmp_path, "target")
 
   class Cells(HTMLParser):
     def __init__(self):
@@ -350,7 +351,7 @@ def test_comparison_html_has_the_numbers_of_each_mode(tmp_path):
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
     for cat in ("a", "b", tables.MEAN):
       row = saved[tables.MEAN] if cat == tables.MEAN else saved["categories"][cat]
-      for key, _ in scoring_modes.COMPARED:
+      for key, _ in comparison.COMPARED:
         text = page.cells[(cat, mode, key)]
         if row.get(key) is None:
           assert text == "n/a"
@@ -387,8 +388,8 @@ def _scorer(scoring, combine="zscore", rscin_k=(1, 2, 3)):
   cfg.eval.r_list = (1, 3)
   s = object.__new__(scoring_modes.NeighbourScorer)
   s.cfg, s.scoring = cfg, scoring
-  s.kind = scoring_modes.neighbour_kind(scoring)
-  s.with_head = scoring_modes.needs_head(scoring)
+  s.kind = modes.neighbour_kind(scoring)
+  s.with_head = modes.needs_head(scoring)
   s.mesh = sharding.make_mesh(1, 1, __import__("jax").devices()[:1])
   s.model = types.SimpleNamespace(grid=(H, W), out_hw=(SIZE, SIZE))
   return s

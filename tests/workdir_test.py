@@ -146,7 +146,7 @@ NOT_RUN_FOLDERS = {
     "converters/clip_text.py": {"config.json"},
     "converters/common.py": {"config.json"},
     "adjax/fetch/weights.py": {"config.json"},   # a Hugging Face model folder's
-    "adjax/evaluate.py": {"feature_cache"},
+    "adjax/scorer.py": {"feature_cache"},        # the data set's cache, under data.data_dir
 }
 
 _PATH_CALLS = {"Path", "PurePath", "join", "joinpath", "with_name", "SummaryWriter"}

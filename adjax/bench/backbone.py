@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from adjax.models import backbones, dinov3
+import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -93,8 +94,8 @@ def cpu_threads() -> int:
 def import_torch():
   """(torch, transformers), or SystemExit with the install hint."""
   try:
-    import torch
-    import transformers
+    import torch  # deferred: the PyTorch peer, optional
+    import transformers  # deferred: the PyTorch peer, optional
   except ImportError as e:
     raise SystemExit(f"--versus torch needs torch and transformers ({e.name} is missing): "
                      "pip install -e '.[convert]'") from e
@@ -133,7 +134,6 @@ def versus_torch(variant: str, size: int, batch: int, iters: int, jax_fn=None) -
 
   `jax_fn(images)`, if given, is the adjax side (default: the jitted
   `get_intermediate_layers` of random weights, float32, default blocks)."""
-  import numpy as np
   config = dinov3.VARIANTS[variant]
   layers = dinov3.default_layers(config.depth)
   threads = cpu_threads()

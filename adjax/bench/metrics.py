@@ -113,10 +113,10 @@ def _rss_bytes(field: str) -> int:
 def _worker(kind: str, data: Path, batch_size: int) -> dict:
   # Imported here, before the clock starts: the baseline alone needs sklearn.
   if kind == "adjax":
-    from adjax import metrics
+    from adjax import metrics  # deferred: imported by the measured worker only
   else:
-    from sklearn.metrics import average_precision_score
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import average_precision_score  # deferred: the peer, optional
+    from sklearn.metrics import roc_auc_score  # deferred: the peer, optional
   maps = np.load(data / "maps.npy")
   masks = np.load(data / "masks.npy")
   try:  # restart the high-water mark: count what the metrics need, not the load

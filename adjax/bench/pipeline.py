@@ -24,11 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+from adjax import data
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from adjax.models import dinov3
+from adjax.data import synthetic
 
 
 def _pipeline_rate(handle, *, image_size, batch_size, workers, threads,
                    num_batches) -> float:
-  from adjax import data  # pylint: disable=g-import-not-at-top
   loader = data.make_loader(handle, image_size=image_size, batch_size=batch_size,
                             train=True, seed=0, worker_count=workers,
                             num_threads=threads, prefetch=max(2, threads))
@@ -46,10 +51,6 @@ def _pipeline_rate(handle, *, image_size, batch_size, workers, threads,
 
 
 def _backbone_rate(variant: str, image_size: int, iters: int) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from adjax.models import dinov3  # pylint: disable=g-import-not-at-top
   model = dinov3.init_random(variant)
   depth = model.config.depth
   layers = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
@@ -86,8 +87,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
   logging.basicConfig(level=logging.WARNING)
 
-  from adjax import data  # pylint: disable=g-import-not-at-top
-  from adjax.data import synthetic  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory(prefix="adjax-bench-") as tmp:
     work = Path(a.work_dir or tmp)

@@ -29,6 +29,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+import jax
+from adjax import Detector
+from adjax.config import load as config_load
+from adjax.config import schema
+from adjax.workdir import Workdir
+from adjax import serve
 
 
 def _png(seed: int) -> bytes:
@@ -41,12 +47,7 @@ def _png(seed: int) -> bytes:
 def tiny_detector(workdir: str | None = None):
   """A Detector for few_shot: the given workdir's, or a head-free 32 px demo one."""
 
-  import jax
 
-  from adjax import Detector
-  from adjax.config import load as config_load
-  from adjax.config import schema
-  from adjax.workdir import Workdir
   if workdir is None:
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.py"
     run = schema.from_configdict(config_load.from_file(
@@ -62,7 +63,6 @@ def tiny_detector(workdir: str | None = None):
 def run(detector, *, requests: int = 200, concurrency: int = 16, stalled: int = 50,
         timeout: float = 10.0, max_connections: int | None = None) -> dict:
   """The load; returns the figures (see the module doc)."""
-  from adjax import serve
   lines: list[str] = []
   max_connections = max_connections or serve.DEFAULT_MAX_CONNECTIONS
   server = serve.make_server(detector, "127.0.0.1", 0, timeout=timeout,

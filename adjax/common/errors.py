@@ -11,6 +11,10 @@ go on working.
 """
 
 from __future__ import annotations
+import errno
+import os
+import sys
+from adjax.common import processes
 
 
 class UserError(Exception):
@@ -31,7 +35,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def environment_error(e: BaseException) -> str | None:
   """One line for a file-system problem the user can fix (permission, a
   read-only file system, a full disk, a file where a folder belongs), else None."""
-  import errno
   if isinstance(e, PermissionError):
     return (f"{e.filename or e}: permission denied; the workdir and its files must be "
             "writable by this user (or pass another --workdir)")
@@ -59,10 +62,7 @@ def run_command(fn):
   SIGTERM raises inside (so temporaries are removed on it as on Ctrl-C); every
   command of the project (converters, export) reports the same way.
   """
-  import os
-  import sys
 
-  from adjax.common import processes
   try:
     with processes.sigterm_raises():
       return 0, fn()

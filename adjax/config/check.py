@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from adjax import modes
 from adjax.common.errors import UserError
-from adjax.ad_model import model_problems
 from adjax.models import backbones
 
 from adjax.config import schema
@@ -48,7 +48,7 @@ def _targets(cfg) -> list[str]:
 
 def _data_source_problem(cfg, field: str, target: str) -> str | None:
   """A data set name, or a folder that exists (or that the demo generates)."""
-  from adjax import data
+  from adjax import data  # deferred: JAX and grain; the check runs without them
   if target in data.DATASETS and target != "folder":
     if target not in cfg.data.manual_dirs:
       return f"data.manual_dirs has no entry for {field} {target!r}"
@@ -80,17 +80,14 @@ def problems(cfg, *, device_count: int | None = None,
   if not 0 <= cfg.optimizer.warmup_fraction < 1:
     out.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction!r}: expected "
                "a fraction in [0, 1)")
-  from adjax import scoring_modes
-  _enum(out, "eval.scoring", cfg.eval.scoring, scoring_modes.SCORINGS)
-  _enum(out, "eval.combine", cfg.eval.combine, scoring_modes.COMBINES)
   refs_dir = str(cfg.eval.references_dir)
-  if refs_dir and scoring_modes.neighbour_kind(cfg.eval.scoring) != "few_shot":
+  if refs_dir and modes.neighbour_kind(cfg.eval.scoring) != "few_shot":
     out.append(f"eval.references_dir is set but eval.scoring={cfg.eval.scoring!r}; set "
                "eval.scoring=few_shot (or zero_shot+few_shot) to score against it")
   elif refs_dir and "{category}" not in refs_dir and not Path(refs_dir).is_dir():
     out.append(f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                "of normal images per category)")
-  kind = scoring_modes.neighbour_kind(cfg.eval.scoring)
+  kind = modes.neighbour_kind(cfg.eval.scoring)
   coreset = cfg.eval.coreset
   if not (math.isfinite(coreset) and (0 <= coreset <= 1 or coreset == int(coreset))):
     out.append(f"eval.coreset={coreset!r}: expected 0 (off), a fraction in (0, 1] or a "
@@ -134,13 +131,11 @@ def problems(cfg, *, device_count: int | None = None,
       out.append(str(e))
   if info is not None:
     layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else info.default_layers()
-    out += model_problems(info, layers, int(cfg.image_size), cfg.eval.image_score)
-  head_free = ((cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring))
-               or (cfg.mode == "predict" and cfg.predict.scoring != "zero_shot"))
-  if head_free:
+    out += backbones.model_problems(info, layers, int(cfg.image_size), cfg.eval.image_score)
+  if modes.head_free(cfg):
     pass                          # the text tower is not built
   elif cfg.text.random_init:
-    from adjax.models import clip_text
+    from adjax.models import clip_text  # deferred: JAX and grain; the check runs without them
     _enum(out, "text.variant", cfg.text.variant, tuple(sorted(clip_text.VARIANTS)))
   elif not Path(cfg.text.checkpoint).is_dir() and not cfg.text.hub_id:
     out.append(f"text.checkpoint={cfg.text.checkpoint!r} does not exist; convert the "

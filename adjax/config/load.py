@@ -108,7 +108,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]):
 
 def tower_dims(cfg) -> tuple[int, int, int]:
   """(feature width D, text width E, number of tapped layers) of a config's towers."""
-  from adjax.models import backbones, clip_text, weights
+  from adjax.models import backbones, clip_text, weights  # deferred: JAX; a config loads without it
   if cfg.backbone.random_init:
     try:
       feature_dim = backbones.variant_config(cfg.backbone.family, cfg.backbone.variant).dim

@@ -18,14 +18,17 @@ import json
 import types
 from typing import Any, Iterator, Mapping
 
+from adjax import modes
+import ml_collections
+
 # Enumerations checked by `adjax.config.check` and listed by the reference.
 MODES = ("train", "evaluate", "predict")
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "memory", "disk")
 BACKBONE_SHARDINGS = ("replicated", "model")
 TEXT_ACTIVATIONS = ("", "gelu", "quick_gelu")
-IMAGE_SCORES = ("global", "max", "mean")
-PREDICT_SCORINGS = ("zero_shot", "few_shot", "batch")
+IMAGE_SCORES = modes.IMAGE_SCORES
+PREDICT_SCORINGS = modes.PREDICT_SCORINGS
 
 # Data sets the protocol evaluates on after training on MVTec AD (SPEC section 1).
 MVTEC_TARGETS = ("visa", "mpdd", "btad", "isic", "clinicdb", "colondb", "tn3k")
@@ -206,8 +209,7 @@ class EvalConfig(Part):
   feature_cache_dir: str = field("", "default: <data.data_dir>/feature_cache")
   scoring: str = field(
       "zero_shot", "Scoring against neighbours (SPEC section 11): few_shot and batch need "
-      "neither a trained head nor the text tower. zero_shot | few_shot | batch | "
-      "zero_shot+few_shot | zero_shot+batch")
+      "neither a trained head nor the text tower", choices=modes.SCORINGS)
   references: int = field(
       4, "few_shot: normal reference images per category (left out of the metrics)",
       minimum=1)
@@ -228,8 +230,8 @@ class EvalConfig(Part):
   rscin_k: tuple = field(
       (1, 2, 3), "batch: RsCIN k_list refining image scores ((1, 8, 9) for VisA in MuSc)")
   combine: str = field(
-      "zscore", "zero_shot+...: each map normalised over its category (zscore | minmax), "
-      "then averaged")
+      "zscore", "zero_shot+...: each map normalised over its category, then averaged",
+      choices=modes.COMBINES)
 
 
 @_frozen
@@ -353,7 +355,6 @@ def to_configdict(obj=None):
   """A `ConfigDict` of a resolved config (or of the declared defaults), with
   the fields in declaration order: `base_config()`, and the `config.json`
   every run writes."""
-  import ml_collections
   cls = type(obj) if obj is not None else RunConfig
   out = ml_collections.ConfigDict()
   for f in dataclasses.fields(cls):

@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 
 from adjax.data import images
 from adjax.data import layouts
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,6 @@ class _AnomalyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def unreadable_message(name: str, bad: list[str], shown: int = 3) -> str:
   """`N unreadable files: first; second; third; ... (all N in FILE)` - the
   full list goes to a file in the temporary folder."""
-  import tempfile
   fd, listing = tempfile.mkstemp(prefix=f"adjax-unreadable-{name}-", suffix=".txt")
   with os.fdopen(fd, "w") as f:
     f.write("".join(line + "\n" for line in bad))

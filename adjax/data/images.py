@@ -18,11 +18,12 @@ import glob
 import io
 import os
 import re
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
+from concurrent.futures import ThreadPoolExecutor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -44,7 +45,6 @@ def upright(img: Image.Image) -> Image.Image:
   """The image as it is meant to be seen: its EXIF orientation applied (a
   portrait photo stored landscape with an orientation tag comes out
   portrait). Returns `img` itself when there is nothing to turn."""
-  from PIL import ImageOps
   try:
     orientation = img.getexif().get(0x0112, 1)
   except Exception:   # a broken EXIF block: the pixels as stored
@@ -332,7 +332,6 @@ def prediction_batches(paths: Sequence[str], *, image_size: int,
   and `error` (numpy str arrays; error is "" when fine). The last batch is
   padded to `batch_size` so a compiled model sees one shape.
   """
-  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=g-import-not-at-top
   paths = list(paths)
   with ThreadPoolExecutor(max(1, num_threads)) as pool:
     for start in range(0, len(paths), batch_size):

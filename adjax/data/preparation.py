@@ -220,7 +220,7 @@ def _prepare_from_raw(cls, builder, name: str, kwargs: dict[str, Any], root: Pat
         flush=True)
   if not sys.stderr.isatty():
     # TFDS's bars write cursor escapes (`[A`) that litter a log file.
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # deferred: TFDS, only to prepare a data set
     tfds.disable_progress_bar()
   _check_known(cls, sorted({r.category for r in records}), len(records))
   builder = cls(skip_bad_files=skip_bad_files, records=records,
@@ -260,5 +260,5 @@ def _open_prepared(name: str, builder, version_dir: Path) -> DatasetHandle:
 
 
 def _download_config(root: Path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # deferred: TFDS, only to prepare a data set
   return tfds.download.DownloadConfig(manual_dir=os.fspath(root))

@@ -19,6 +19,7 @@ import numpy as np
 
 from adjax.common import atomic
 from adjax.common.errors import UserError
+import json
 
 # A converted tower's output against transformers' on one input, float32:
 # max |ours - theirs| <= VERIFY_RTOL * max(1, max |theirs|).
@@ -45,8 +46,8 @@ def _gated_message(hub_id: str) -> str:
 def snapshot(hub_id: str, field: str) -> Path:
   """The hub repository's files in the local Hugging Face cache (fetched when
   missing); FetchError naming what to do otherwise."""
-  from huggingface_hub import errors as hf_errors
-  from huggingface_hub import snapshot_download
+  from huggingface_hub import errors as hf_errors  # deferred: optional, only to fetch
+  from huggingface_hub import snapshot_download  # deferred: optional, only to fetch
   manual = (f"or convert by hand (python -m {CONVERTERS.get(field, 'converters')} --src "
             "<downloaded files> --dst <checkpoint>)")
   try:
@@ -77,13 +78,13 @@ def snapshot(hub_id: str, field: str) -> Path:
 
 def convert(kind: str, src: Path, dst: Path) -> None:
   if kind == "dinov3":
-    from converters import dinov3
+    from converters import dinov3  # deferred: optional, only to fetch
     dinov3.convert(os.fspath(src), os.fspath(dst))
   elif kind == "dinov2":
-    from converters import dinov2
+    from converters import dinov2  # deferred: optional, only to fetch
     dinov2.convert(os.fspath(src), os.fspath(dst))
   elif kind == "clip_text":
-    from converters import clip_text
+    from converters import clip_text  # deferred: optional, only to fetch
     clip_text.convert(src, dst)
   else:
     raise FetchError(f"no converter for {kind!r}; expected one of {sorted(CONVERTERS)}")
@@ -102,14 +103,14 @@ def _check(what: str, ours: np.ndarray, ref: np.ndarray) -> float:
 def verify(kind: str, src: Path, converted: Path, what: str) -> float:
   """Runs the converted tower and transformers' model from `src` on one fixed
   input; returns the relative max difference (FetchError above VERIFY_RTOL)."""
-  import jax.numpy as jnp
-  import torch
-  import transformers
+  import jax.numpy as jnp  # deferred: optional, only to fetch
+  import torch  # deferred: optional, only to fetch
+  import transformers  # deferred: optional, only to fetch
   transformers.utils.logging.disable_progress_bar()   # a bar per load says nothing here
   rng = np.random.default_rng(0)
   with torch.no_grad():
     if kind in ("dinov3", "dinov2"):
-      from adjax.models import backbones
+      from adjax.models import backbones  # deferred: optional, only to fetch
       module = backbones.family_module(kind)
       model = module.load(converted)
       ref_model = transformers.AutoModel.from_pretrained(src, dtype=torch.float32).eval()
@@ -119,13 +120,12 @@ def verify(kind: str, src: Path, converted: Path, what: str) -> float:
       ref = res.last_hidden_state.numpy()
       ours = np.asarray(model.get_intermediate_layers(jnp.asarray(images), [-1])[0])
       return _check(what, ours, ref)
-    from adjax.models import clip_text, clip_tokenizer
+    from adjax.models import clip_text, clip_tokenizer  # deferred: optional, only to fetch
     model = clip_text.load(converted)
     tokenizer = clip_text.load_tokenizer(converted)
     ids = clip_tokenizer.tokenize(tokenizer, ["a photo of a flawless bottle.",
                                               "a photo of a damaged bottle."],
                                   model.config.context_length)
-    import json
     t = torch.from_numpy(np.asarray(ids)).long()
     if json.loads((src / "config.json").read_text()).get("model_type") == "clip":
       # A whole CLIPModel (the OpenAI repositories): its text path, as it
@@ -153,7 +153,7 @@ def ensure(kind: str, hub_id: str, dst: str | os.PathLike, field: str) -> Path:
         f"convert the weights (python -m {CONVERTERS.get(kind, 'converters')} --src ... "
         f"--dst {dst}), set {field}.hub_id, or set {field}.random_init=True")
   try:
-    import torch  # noqa: F401  (the check against transformers runs its PyTorch model)
+    import torch  # noqa: F401  deferred: the check runs transformers' PyTorch model
   except ImportError:
     raise FetchError(
         f"{field}.checkpoint={os.fspath(dst)!r} is missing and fetching it from {hub_id} "

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adjax import modes
 from adjax.common.errors import UserError
 
 # family name -> module implementing the contract above.
@@ -79,7 +80,7 @@ class Backbone:
     if isinstance(images, np.ndarray):
       xp = np
     else:
-      import jax.numpy as xp
+      import jax.numpy as xp  # deferred: JAX; backbones are described without it
     mean = xp.asarray(self.pixel_mean, xp.float32)
     std = xp.asarray(self.pixel_std, xp.float32)
     return (images.astype(xp.float32) * xp.float32(1.0 / 255.0) - mean) / std
@@ -122,8 +123,8 @@ def variant_config(family: str, variant: str):
 
 def abstract_model(family: str, variant: str, dtype=None):
   """The model with ShapeDtypeStruct weights: traces at any size, allocates nothing."""
-  from flax import nnx
-  import jax.numpy as jnp
+  from flax import nnx  # deferred: JAX; backbones are described without it
+  import jax.numpy as jnp  # deferred: JAX; backbones are described without it
   module = family_module(family)
   config = variant_config(family, variant)
   return nnx.eval_shape(lambda: module.init_random(config, dtype=dtype or jnp.float32))
@@ -180,3 +181,19 @@ def check_checkpoint(family: str, variant: str, path: str | os.PathLike) -> None
         f"backbone.checkpoint={os.fspath(path)!r} is a {stored or 'different'} model "
         f"({detail}), but backbone.variant={variant!r}; set backbone.variant to match "
         "(or to \"\" to take the checkpoint's architecture)")
+
+
+def model_problems(backbone: Backbone, layers, image_size: int,
+                   image_score: str) -> list[str]:
+  """What does not fit together in a model description (for the config check)."""
+  problems = []
+  if image_score not in modes.IMAGE_SCORES:
+    problems.append(f"eval.image_score={image_score!r}: expected one of {modes.IMAGE_SCORES}")
+  if image_size <= 0 or image_size % backbone.patch_size:
+    problems.append(f"image_size={image_size}: expected a positive multiple of the "
+                    f"{backbone.family} {backbone.variant} patch size {backbone.patch_size}")
+  bad = [l for l in layers if not 0 <= int(l) < backbone.depth]
+  if not layers or bad:
+    problems.append(f"backbone.layers={tuple(layers)}: expected block indices in "
+                    f"[0, {backbone.depth}) for {backbone.variant} (depth {backbone.depth})")
+  return problems

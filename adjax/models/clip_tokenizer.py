@@ -195,7 +195,7 @@ def clean_text(text: str) -> str:
   runs of whitespace made one space, ends stripped, lower-cased (Python's
   `str.lower`, as OpenAI's).
   """
-  import ftfy  # pylint: disable=g-import-not-at-top
+  import ftfy  # deferred: optional package
   text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
   return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -205,7 +205,7 @@ def load_tokenizer(path: str | os.PathLike):
 
   Its normaliser is removed: `tokenize` cleans text as OpenAI does instead.
   """
-  from transformers import CLIPTokenizer
+  from transformers import CLIPTokenizer  # deferred: optional package
   path = Path(path)
   missing = [f for f in TOKENIZER_FILES if not (path / f).is_file()]
   if missing:

@@ -49,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from adjax.models import vit
+from adjax.models import weights
 
 KIND = "dinov2"
 PIXEL_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as the release normalises
@@ -244,7 +245,6 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV2
   `sharding`, if given, maps a '/'-joined parameter path to a
   jax.sharding.Sharding (see adjax.models.weights.assign).
   """
-  from adjax.models import weights
   model, params = vit.abstract_from_checkpoint(path, KIND, DinoV2Config, DinoV2, dtype)
   weights.assign(model, params, sharding=sharding)
   return model

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from adjax.models import vit
+from adjax.models import weights
 
 KIND = "dinov3"
 # Input normalisation (RGB on the [0, 1] scale): ImageNet's statistics.
@@ -171,7 +172,6 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, sharding=None) -> DinoV3
   `sharding`, if given, maps a '/'-joined parameter path to a
   jax.sharding.Sharding (see adjax.models.weights.assign).
   """
-  from adjax.models import weights
   model, params = vit.abstract_from_checkpoint(path, KIND, DinoV3Config, DinoV3, dtype)
   config = model.config
   flat = dict(params)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from adjax.models import weights
 
 
 class ConfigMixin:
@@ -376,7 +377,6 @@ def abstract_from_checkpoint(path, kind: str, config_cls: type, model_cls: type,
   """(model, params) of a converted checkpoint: the model built abstractly from
   the config in its config.json (no memory spent on random weights that get
   replaced), the params not yet assigned."""
-  from adjax.models import weights
   params, meta = weights.load(path, kind)
   fields = {f.name for f in dataclasses.fields(config_cls)}
   config = config_cls(**{k: v for k, v in meta.items() if k in fields})

@@ -112,7 +112,7 @@ def param_shapes(module) -> dict[str, tuple[int, ...]]:
 
   Works on an abstract module from `nnx.eval_shape` (no memory allocated).
   """
-  from flax import nnx
+  from flax import nnx  # deferred: JAX; a checkpoint's config reads without it
   flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
   return {"/".join(map(str, path)): tuple(v.get_value().shape) for path, v in flat}
 
@@ -125,9 +125,9 @@ def assign(module, flat: dict[str, np.ndarray], dtype=None, sharding=None) -> No
   `sharding`, if given, is a function path -> jax.sharding.Sharding used to
   place each array (the frozen backbone's weights can be split this way).
   """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
+  import jax  # deferred: JAX; a checkpoint's config reads without it
+  import jax.numpy as jnp  # deferred: JAX; a checkpoint's config reads without it
+  from flax import nnx  # deferred: JAX; a checkpoint's config reads without it
   state = nnx.state(module, nnx.Param)
   expected = param_shapes(module)
   missing = sorted(set(expected) - set(flat))

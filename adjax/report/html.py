@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from urllib.parse import quote
 from typing import Sequence
 
@@ -33,7 +34,7 @@ img{max-width:520px;border:1px solid #ddd}
 """
 
 
-def _pct(v) -> str:
+def percent(v) -> str:
   return "n/a" if v is None else f"{100 * v:.1f}"
 
 
@@ -91,7 +92,7 @@ def png_img(png: bytes, alt: str) -> str:
   return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"/>'
 
 
-def _page(title: str, body: Sequence[str]) -> str:
+def page(title: str, body: Sequence[str]) -> str:
   return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"/>"
           f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
           f"<h1>{html.escape(title)}</h1>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -110,7 +111,7 @@ def evaluation_html(title: str, results: dict[str, dict], curves: dict[str, dict
   """
   head = "".join(f"<th>{html.escape(m)}</th>" for m in metric_names)
   rows = [f"<tr><td>{html.escape(c)}</td>" +
-          "".join(f"<td>{_pct(results[c].get(m))}</td>" for m in metric_names) + "</tr>"
+          "".join(f"<td>{percent(results[c].get(m))}</td>" for m in metric_names) + "</tr>"
           for c in results]
   body = [f'<table class="results"><tr><th>category</th>{head}</tr>{"".join(rows)}'
           "</table>"]
@@ -123,10 +124,9 @@ def evaluation_html(title: str, results: dict[str, dict], curves: dict[str, dict
                 f"<h2>{html.escape(category)}</h2><div>{''.join(figures)}</div>"
                 f"<div>{''.join(pictures)}</div></section>")
   if identity:
-    import json
     body.append("<section><h2>What produced these results</h2><pre>"
                 f"{html.escape(json.dumps(identity, indent=2, default=str))}</pre></section>")
-  return _page(title, body)
+  return page(title, body)
 
 
 def gallery_html(title: str, rows: Sequence[dict]) -> str:
@@ -145,4 +145,4 @@ def gallery_html(title: str, rows: Sequence[dict]) -> str:
     items.append(f'<figure class="prediction">{pictures}<figcaption>'
                  f'{float(r["score"]):.4f}{label}<br/>{html.escape(str(r["path"]))}'
                  "</figcaption></figure>")
-  return _page(title, [f"<p>{len(rows)} images, highest score first.</p>", *items])
+  return page(title, [f"<p>{len(rows)} images, highest score first.</p>", *items])

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 from adjax.report import heatmaps
+import io
+from adjax.common import atomic
 
 
 def binary_mask(amap: np.ndarray, threshold: float) -> np.ndarray:
@@ -75,9 +77,7 @@ def draw_contour(rgb: np.ndarray, mask: np.ndarray, color=(255, 0, 0),
 
 def save_mask_png(path: str | Path, mask: np.ndarray) -> None:
   """A single-channel 0/255 PNG (what MVTec-style ground truth looks like)."""
-  import io
 
-  from adjax.common import atomic
   buf = io.BytesIO()
   Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), "L").save(
       buf, format="PNG")

@@ -51,7 +51,7 @@ def _key_name(key) -> str:
 
 def _host_array(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-    from jax.experimental import multihost_utils
+    from jax.experimental import multihost_utils  # deferred: JAX; a workdir is read without it
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 

@@ -39,7 +39,7 @@ def open_cache(mode: str, directory: Path, backbone_id: str, model, handle, *,
   The key holds everything that determines the features, and nothing about
   the head: any head over the same backbone, size and layers shares it.
   """
-  import jax
+  import jax  # deferred: JAX; a workdir is read without it
   grid = model.grid
   key = cache_key(
       backbone=backbone_id, image_size=model.image_size, layers=model.layers,
@@ -195,7 +195,7 @@ def run_batch(cache, local: dict, mesh, hit: bool, from_features, from_images):
   (outputs, (patches, cls)) and those features of every row of the global
   batch are stored (every process stores them all, so the caches stay
   identical and every process takes the same branch). -> the outputs."""
-  from adjax import sharding
+  from adjax import sharding  # deferred: JAX; a workdir is read without it
   if hit:
     patches, cls = cache.get(local["index"])
     return from_features(sharding.global_batch({"patches": patches, "cls": cls}, mesh,

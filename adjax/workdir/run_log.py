@@ -66,13 +66,13 @@ class RunLog:
     truncate_metrics(run.metrics, initial_step)
     self._jsonl = open(run.metrics, "a")
     try:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # deferred: optional package
       self._tb = SummaryWriter(str(run.tensorboard))
     except ImportError:  # optional: metrics.jsonl still has everything
       self._tb = None
     self.total_steps = total_steps
     if sys.stderr.isatty():
-      from tqdm import tqdm
+      from tqdm import tqdm  # deferred: optional package
       self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
                        dynamic_ncols=True, desc="train")
 
@@ -126,7 +126,7 @@ class Progress:
     self._t0 = self._first = self._last = None
     self._bar = None
     if enabled and sys.stderr.isatty():
-      from tqdm import tqdm
+      from tqdm import tqdm  # deferred: optional package
       self._bar = tqdm(total=total, unit="img", dynamic_ncols=True, desc=label)
 
   def update(self, n: int) -> None:

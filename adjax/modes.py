@@ -1,0 +1,46 @@
+"""The scoring modes and what each needs, with no JAX in sight.
+
+The config check, the thresholds records, the reports and the scorers all
+name the modes from here (`adjax.scoring_modes` scores them in evaluation,
+`adjax.detector` on a call):
+- `zero_shot`: the trained head alone;
+- `few_shot`: each image against a memory bank of normal images;
+- `batch`: MuSc, each image against the other unlabeled images scored with it;
+- `zero_shot+few_shot`, `zero_shot+batch`: the head's map and the neighbour
+  map, each normalised over its category (`COMBINES`), averaged.
+"""
+
+from __future__ import annotations
+
+# Every mode evaluation scores in (eval.scoring), and the ones a call to the
+# Detector, the page and mode=predict score in (predict.scoring): the
+# combined modes normalise maps over a whole category.
+SCORINGS = ("zero_shot", "few_shot", "batch", "zero_shot+few_shot", "zero_shot+batch")
+PREDICT_SCORINGS = ("zero_shot", "few_shot", "batch")
+COMBINES = ("zscore", "minmax")
+# The head's image-score rules (eval.image_score).
+IMAGE_SCORES = ("global", "max", "mean")
+
+
+def needs_head(scoring: str) -> bool:
+  """Modes that use the trained head (and so the text tower)."""
+  return scoring.startswith("zero_shot")
+
+
+def neighbour_kind(scoring: str) -> str | None:
+  """"batch", "few_shot" or None (zero-shot only)."""
+  return scoring.split("+")[-1] if scoring != "zero_shot" else None
+
+
+def uses_bank(scoring: str) -> bool:
+  """Modes whose scores depend on a bank of reference images."""
+  return neighbour_kind(scoring) == "few_shot"
+
+
+def head_free(run) -> bool:
+  """A run (mode and scorings of a `RunConfig`, or of a `ConfigDict` before
+  it is resolved) that needs neither the head nor the text tower: evaluation
+  or prediction in a neighbour mode."""
+  if run.mode == "predict":
+    return run.predict.scoring != "zero_shot"
+  return run.mode == "evaluate" and not needs_head(run.eval.scoring)
