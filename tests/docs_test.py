@@ -330,6 +330,41 @@ def test_links_between_pages_resolve():
   assert not problems, "\n".join(problems)
 
 
+def _text_outside_blocks(page: str) -> str:
+  return re.sub(r"^\s*```.*?^\s*```", "", (ROOT / page).read_text(), flags=re.S | re.M)
+
+
+def _resolves(dotted: str) -> bool:
+  """`adjax.neighbors.mutual_maps`: the longest importable module, then attributes."""
+  parts = dotted.split(".")
+  for i in range(len(parts), 0, -1):
+    try:
+      obj = importlib.import_module(".".join(parts[:i]))
+    except ImportError:
+      continue
+    for name in parts[i:]:
+      if not hasattr(obj, name):
+        return False
+      obj = getattr(obj, name)
+    return True
+  return False
+
+
+def test_paths_and_names_in_the_text_exist():
+  """Fails when the prose names a module file or a dotted adjax name that is
+  gone (a module moved or renamed without its docs following)."""
+  problems = []
+  for page in doc_blocks.pages():
+    text = _text_outside_blocks(page)
+    for path in set(re.findall(r"`((?:adjax|converters|configs|tests)/[^`\s:]*)", text)):
+      if not re.search(r"[<{*]", path) and not (ROOT / path.rstrip(".,")).exists():
+        problems.append(f"{page}: `{path}`: no such file")
+    for dotted in set(re.findall(r"`((?:adjax|converters)(?:\.\w+)+)", text)):
+      if not _resolves(dotted):
+        problems.append(f"{page}: `{dotted}`: no such module or name")
+  assert not problems, "\n".join(problems)
+
+
 def test_static_checks_catch_broken_blocks():
   """The checker itself, on blocks broken the ways the docs break."""
   def shell(text):
