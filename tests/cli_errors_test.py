@@ -57,7 +57,7 @@ def test_config_files(tmp_path):
   _one_line(_main([f"--config={tmp_path / 'syntax.py'}"]), "line 1", "syntax")
   (tmp_path / "empty.py").write_text("x = 1\n")
   _one_line(_main([f"--config={tmp_path / 'empty.py'}"]), "defines no get_config")
-  # The README's relative path, run from another folder.
+  # The documented relative path (README's Quick start), run from another folder.
   _one_line(_main(["--config=configs/demo.py"], cwd=tmp_path), "no such config file",
             str(tmp_path))
 

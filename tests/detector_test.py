@@ -1,6 +1,6 @@
 """adjax.Detector, called as a user would: the same numbers as mode=predict and
 the ONNX export, every input kind, maps at each image's own size, thresholds
-per object, calibration and the README example."""
+per object, calibration and the documented examples."""
 
 import csv
 import os
@@ -18,6 +18,8 @@ from adjax import experiment, thresholds
 from adjax import Detector
 from adjax.detector import DetectorError
 from adjax.workdir import Workdir
+
+import doc_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -316,22 +318,34 @@ def test_same_scores_as_the_onnx_export(demo_workdir, detector, images, tmp_path
     assert float(np.max(np.abs(map_at(amap[i], pred.maps[i].shape) - pred.maps[i]))) <= 1e-4
 
 
-README_EXAMPLE = re.search(r"### Python API.*?```python\n(.*?)```",
-                           (ROOT / "README.md").read_text(), re.S)
-
-
-def test_readme_python_example_runs(demo_workdir, tmp_path):
-  """The README's example, with its workdir and image folder pointed at the test's."""
-  assert README_EXAMPLE, "README.md lacks the Python API example"
+def _run_example(code: str, demo_workdir, tmp_path) -> str:
+  """A documented example, with its workdir and image folder pointed at the test's."""
   _, workdir, data = demo_workdir
-  code = README_EXAMPLE.group(1).replace("runs/demo", str(workdir)).replace(
+  code = code.replace("runs/demo", str(workdir)).replace(
       "data/demo/family_b/tile/test", str(data / "family_b" / "tile" / "test"))
   (tmp_path / "example.py").write_text(code)
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert "tile" in done.stdout and "score" in done.stdout
+  return done.stdout
+
+
+def test_docs_python_example_runs(demo_workdir, tmp_path):
+  """docs/api.md's example runs as written (paths pointed at the test's)."""
+  out = _run_example(doc_blocks.block("docs/api.md", "Detector.from_workdir"), demo_workdir,
+                     tmp_path)
+  assert "tile" in out and "score" in out
+
+
+def test_readme_python_example_runs(demo_workdir, detector, tmp_path):
+  """README.md's three lines print the Detector's scores of the tile folder."""
+  out = _run_example(doc_blocks.block("README.md", "Detector.from_workdir"), demo_workdir,
+                     tmp_path)
+  want = detector.predict(str(demo_workdir[2] / "family_b" / "tile" / "test"),
+                          object_name="tile").scores
+  got = np.array([float(x) for x in re.findall(r"[-+]?\d*\.\d+(?:e[-+]?\d+)?", out)])
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_predict_module_has_no_scoring_of_its_own():

@@ -28,6 +28,7 @@ from adjax.config import check as config_check
 from adjax.data import synthetic
 from adjax.workdir import THRESHOLDS_FILE
 from demo_run import demo_config, small_config  # noqa: F401  (also used by other test files)
+import doc_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -343,7 +344,7 @@ def test_thresholds_stay_put_unless_chosen(trained, tmp_path):
   record = thresholds.read(deploy)
   assert record["dataset"] == "family_b" and record["details"]["made_from"] == [
       str(workdir / "results" / "family_b.thresholds.json")]
-  # The README's evaluation on the training family: its own file, not the deployment one.
+  # docs/training.md's evaluation on the training family: its own file, not the deployment one.
   train_family = cfg.copy_and_resolve_references()
   train_family.mode = "evaluate"
   train_family.data.targets = cfg.data.train
@@ -480,17 +481,19 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
       assert r2["categories"][cat][k] == pytest.approx(v, abs=1e-4), (cat, k)
 
 
-DEMO_PIXEL_AUROC_FLOOR = 0.60   # chance is 0.5; the README states the figure reached
+DEMO_PIXEL_AUROC_FLOOR = 0.60   # chance is 0.5; README.md states the figure reached
 
 
 def test_demo_reaches_its_auroc_floor(tmp_path):
-  """The README's first command, with its real settings, in a temporary place.
+  """README.md's first command, with its real settings, in a temporary place.
 
   Pixel level only: the demo's random backbone gives cls tokens without a
   defect signal, so its image AUROC stays near chance trained or not (53.1
   measured). That the head learns the image score is checked on features
   with a learnable anomaly: steps_test::test_training_teaches_the_maps_and_the_image_score.
   """
+  assert "--config=configs/demo.py\n" in doc_blocks.block(
+      "README.md", "python -m adjax.main --config=configs/demo.py\n")
   cfg = demo_config()
   cfg.data.demo.root = str(tmp_path / "demo")
   cfg.data.train = str(tmp_path / "demo" / "family_a")

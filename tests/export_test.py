@@ -33,18 +33,17 @@ from converters import head as head_converter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from head_converter_test import release_state, tiny_config  # noqa: E402
+import doc_blocks  # noqa: E402
 
 TINY = dinov3.DinoV3Config(64, 4, 2, "mlp", 128, name="export-test-tiny")
 SIZE = 32
 NAMES = ["bottle", "screw"]
 TOL = 1e-4
 
-# The onnxruntime snippet in README.md's Deploy section (onnxruntime, numpy
-# and pillow only): `python snippet.py model.onnx image.png heatmap.png`.
-# Read from the README, so the documented code is the code tested.
-ORT_SNIPPET = re.search(
-    r"Running the ONNX file.*?```python\n(.*?)```",
-    (Path(__file__).resolve().parent.parent / "README.md").read_text(), re.S).group(1)
+# The onnxruntime snippet in docs/deploy.md (onnxruntime, numpy and pillow
+# only): `python snippet.py model.onnx image.png heatmap.png`. Read from the
+# page, so the documented code is the code tested.
+ORT_SNIPPET = doc_blocks.block("docs/deploy.md", "onnxruntime as ort")
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +236,7 @@ def test_empty_batch_guard_returns_empty_outputs(tmp_path):
 
 
 def _run_snippet(folder: Path, model: str, image: str) -> subprocess.CompletedProcess:
-  """README's onnxruntime snippet, as a user runs it, in `folder`."""
+  """docs/deploy.md's onnxruntime snippet, as a user runs it, in `folder`."""
   (folder / "snippet.py").write_text(ORT_SNIPPET)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   done = subprocess.run([sys.executable, "snippet.py", model, image, "heat.png"],
@@ -278,8 +277,8 @@ def _pixel_probe_onnx(path: Path, size: int, names: list[str]) -> np.ndarray:
   return w[0]
 
 
-def test_readme_snippet_feeds_what_predict_feeds(tmp_path):
-  """The README's onnxruntime snippet gives the ONNX file the pixels predict
+def test_docs_snippet_feeds_what_predict_feeds(tmp_path):
+  """docs/deploy.md's onnxruntime snippet gives the ONNX file the pixels predict
   gives the model: RGB order, PIL bilinear resize, EXIF orientation applied.
 
   Fails if the snippet feeds BGR, resizes with another filter (nearest), or

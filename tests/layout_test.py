@@ -1,60 +1,42 @@
-"""README's "Repository layout" names every module, once, and only modules that exist."""
+"""docs/layout.md (generated) names every module, once, and only modules that exist;
+each module has a docstring to describe it."""
 
-import ast
 import re
 from pathlib import Path
 
+from adjax.config import doc as config_doc
+
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("adjax", "converters")
-_LINE = re.compile(r"^- `([^`]+\.py)`: \S")
-
-
-def _trivial_init(path: Path) -> bool:
-  """An `__init__.py` that holds only a docstring, imports and dunder constants."""
-  for node in ast.parse(path.read_text()).body:
-    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-      continue
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-      continue
-    if (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.startswith("__")
-                                             and t.id.endswith("__") for t in node.targets)):
-      continue
-    return False
-  return True
+_LINE = re.compile(r"^- `([^`]+\.py)`: (.*)$")
 
 
 def _modules() -> set[str]:
-  out = set()
-  for pkg in PACKAGES:
-    for path in (ROOT / pkg).rglob("*.py"):
-      if "__pycache__" in path.parts:
-        continue
-      if path.name == "__init__.py" and _trivial_init(path):
-        continue
-      out.add(path.relative_to(ROOT).as_posix())
+  return {p.relative_to(ROOT).as_posix() for pkg in config_doc.PACKAGES
+          for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def _listed(text: str) -> dict[str, list[str]]:
+  out: dict[str, list[str]] = {}
+  for line in text.splitlines():
+    if m := _LINE.match(line):
+      out.setdefault(m.group(1), []).append(m.group(2))
   return out
 
 
-def _listed() -> list[str]:
-  text = (ROOT / "README.md").read_text()
-  section = re.search(r"^## Repository layout\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
-  assert section, "README.md has no '## Repository layout' section"
-  return [m.group(1) for line in section.group(1).splitlines() if (m := _LINE.match(line))]
-
-
-def test_every_module_has_a_layout_line():
-  missing = sorted(_modules() - set(_listed()))
-  assert not missing, (
-      "modules missing from README.md's '## Repository layout' (one line each, "
-      "'- `path`: what it does'):\n" + "\n".join(missing))
-
-
-def test_layout_lines_name_existing_modules_once():
-  listed = _listed()
-  stale = sorted(p for p in set(listed) if not (ROOT / p).is_file())
-  assert not stale, "README.md's layout names modules that do not exist:\n" + "\n".join(stale)
-  twice = sorted({p for p in listed if listed.count(p) > 1})
-  assert not twice, "README.md's layout names these more than once:\n" + "\n".join(twice)
+def test_every_module_has_one_layout_line_with_its_docstring():
+  """Fails if the generator skips a module (only `__init__.py` files holding
+  nothing but imports may be left out), lists one twice, names a file that
+  does not exist, or a module has no docstring to describe it."""
+  listed = _listed(config_doc.layout_page(ROOT))
+  missing = sorted(m for m in _modules() - set(listed)
+                   if not (m.endswith("__init__.py") and config_doc._docstring(ROOT / m)[1]))
+  assert not missing, "modules missing from the layout page:\n" + "\n".join(missing)
+  assert not [p for p in listed if not (ROOT / p).is_file()]
+  twice = sorted(p for p, lines in listed.items() if len(lines) > 1)
+  assert not twice, "the layout page names these more than once:\n" + "\n".join(twice)
+  bare = sorted(p for p, (text, *_) in listed.items() if text == config_doc.NO_DOCSTRING)
+  assert not bare, "modules without a docstring (its first paragraph is their layout line):\n" + \
+      "\n".join(bare)
 
 
 def test_config_files_of_earlier_versions_still_load(tmp_path):

@@ -3,6 +3,7 @@ reference choice, and the demo's floors per mode (slow tier)."""
 
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 import types
@@ -16,9 +17,11 @@ from adjax.report import comparison
 from adjax.common.errors import UserError as UserErrorTypes
 from adjax.config import check as config_check
 
+import doc_blocks
+
 ROOT = Path(__file__).resolve().parent.parent
 
-# The demo (random towers, family b, no training) per mode: the README's
+# The demo (random towers, family b, no training) per mode: README.md's and docs/scoring-modes.md's
 # Scoring modes table; issue floors.
 BATCH_PIXEL_FLOOR, BATCH_IMAGE_FLOOR, FEW_SHOT_PIXEL_FLOOR = 0.85, 0.70, 0.85
 
@@ -108,11 +111,16 @@ def test_normalise_and_upsample():
 @pytest.mark.slow
 @pytest.mark.parametrize("scoring", ["batch", "few_shot"])
 def test_demo_neighbour_modes_reach_their_floors(tmp_path, scoring):
-  """The README's command on a fresh workdir: no training, no text weights."""
-  args = [sys.executable, "-m", "adjax.main", "--config=configs/demo.py",
-          "--config.mode=evaluate", f"--config.workdir={tmp_path / 'work'}",
-          f"--config.eval.scoring={scoring}", "--config.text.random_init=False",
-          "--config.text.checkpoint=/nonexistent/text"]
+  """README.md's command on a fresh workdir (also in docs/scoring-modes.md),
+  with the text tower made absent: no training, no text weights."""
+  readme = doc_blocks.commands(doc_blocks.block("README.md", "--config.eval.scoring=batch"))
+  (command,) = [c for c in readme if f"--config.eval.scoring={scoring}" in c.split()]
+  assert command in doc_blocks.commands(doc_blocks.block(
+      "docs/scoring-modes.md", "# a fresh workdir: no training, no text weights"))
+  words = shlex.split(command)
+  assert words[:3] == ["python", "-m", "adjax.main"], command
+  args = [sys.executable, *words[1:], f"--workdir={tmp_path / 'work'}",
+          "--config.text.random_init=False", "--config.text.checkpoint=/nonexistent/text"]
   proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / "work" / "results" / f"family_b.{scoring}.json")

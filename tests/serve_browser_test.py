@@ -32,7 +32,7 @@ CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync",
                  "--window-size=1400,900")
-# Set to a path to keep the screenshot there too (the README's docs/serve.png).
+# Set to a path to keep the screenshot there too (docs/api.md's docs/serve.png).
 SCREENSHOT_COPY = os.environ.get("ADJAX_SERVE_SCREENSHOT", "")
 
 

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from adjax import Detector, serve
+import doc_blocks
 
 # The server scores with a trained demo workdir (an end-to-end run): the slow tier.
 pytestmark = pytest.mark.slow
@@ -279,15 +280,14 @@ def test_command_line(demo_workdir, tmp_path):
     proc.wait(timeout=30)
 
 
-def test_readme_curl_examples(server, detector, demo_workdir):
-  """The README's curl commands, pointed at the test's server and image."""
+def test_docs_curl_examples(server, detector, demo_workdir):
+  """docs/api.md's curl commands, pointed at the test's server and image."""
   import re
   import shlex
   import shutil as sh
   if not sh.which("curl"):
     pytest.skip("curl is not installed")
-  block = re.search(r"### Inspection page.*?```bash\n(.*?)```",
-                    (ROOT / "README.md").read_text(), re.S).group(1)
+  block = doc_blocks.block("docs/api.md", "curl -s")
   commands = [c for c in block.replace("\\\n", " ").splitlines() if c.startswith("curl")]
   assert len(commands) == 2
   image = _image(demo_workdir)

@@ -1,5 +1,5 @@
 """`adjax.workdir.Workdir` names a run folder's parts, and is the only module
-that does: the names below are the on-disk layout runs, the README and
+that does: the names below are the on-disk layout runs, the docs and
 earlier run folders rely on, so they are spelt out here."""
 
 import ast
