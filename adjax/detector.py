@@ -213,6 +213,13 @@ class Detector:
     """The modes this Detector scores in: zero_shot only with a head."""
     return SCORING_MODES if self.scorer is not None else SCORING_MODES[1:]
 
+  @property
+  def default_scoring(self) -> str:
+    """The mode `predict` scores in when not told: the config's
+    predict.scoring (e.g. few_shot in configs/demo.py), else the first mode."""
+    chosen = self.cfg.predict.scoring
+    return chosen if chosen in self.scoring_modes else self.scoring_modes[0]
+
   # ---------------------------------------------------------------- building
 
   @classmethod
@@ -518,14 +525,15 @@ class Detector:
 
   def predict(self, images, object_name: str | None = None,
               object_names: Sequence[str] | None = None,
-              scoring: str = "zero_shot", *, progress=None, each=None,
+              scoring: str | None = None, *, progress=None, each=None,
               keep_maps: bool = True) -> Prediction:
     """Scores `images` (see the module doc) for `object_name` (default:
     `predict.object_name`), or one name per image with `object_names`.
 
     `scoring`: "zero_shot" (the head), "few_shot" (against the images given
     to `use_references`; DetectorError without them) or "batch" (the
-    images of this call against each other; at least 5). Each mode decides
+    images of this call against each other; at least 5); by default
+    `default_scoring` (the config's predict.scoring). Each mode decides
     with its own record (`thresholds_for`); without one, `decisions` and
     `masks` are None (undecided). A few-shot record of another bank is
     refused (ThresholdError). The neighbour modes' object names only label
@@ -539,6 +547,7 @@ class Detector:
     folder is never held in memory. Raises DetectorError when no image
     could be read.
     """
+    scoring = scoring or self.default_scoring
     if scoring not in SCORING_MODES:
       raise DetectorError(f"scoring={scoring!r}: expected one of {', '.join(SCORING_MODES)}")
     if scoring not in self.scoring_modes:

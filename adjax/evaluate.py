@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from adjax import datasets, metrics, scoring_modes, thresholds
+from adjax import datasets, metrics, modes, scoring_modes, thresholds
 from adjax.common import atomic
+from adjax.config import schema
 from adjax.report import heatmaps, tables
 from adjax.report import html as html_report
 from adjax.report import comparison
@@ -298,12 +300,65 @@ class Evaluator:
     return results
 
 
+def evaluate_modes(cfg, workdir: Path, towers, mesh, params, *,
+                   source: tuple[Path, int] | None) -> tuple[dict, list]:
+  """`evaluate_targets` in eval.scoring, then in each mode of eval.compare
+  (a training run's evaluation gives each its first deployment record);
+  with eval.compare, ends with the modes table of each target and the path
+  of the report that shows them side by side. Returns eval.scoring's
+  (results by data set, absent targets)."""
+  _check_compared(cfg)
+  first = None
+  by_mode: dict[str, tuple[dict, float]] = {}
+  for mode in modes.evaluated(cfg):
+    run = cfg if mode == cfg.eval.scoring else schema.replace(cfg, **{"eval.scoring": mode})
+    start = time.perf_counter()
+    results, absent = evaluate_targets(run, workdir, towers, mesh,
+                                       params if modes.needs_head(mode) else None,
+                                       source=source, first_record=mode != cfg.eval.scoring)
+    by_mode[mode] = (results, time.perf_counter() - start)
+    first = first or (results, absent)
+  if len(by_mode) > 1 and jax.process_index() == 0 and by_mode[cfg.eval.scoring][0]:
+    results_dir = Workdir(workdir).results
+    for name in by_mode[cfg.eval.scoring][0]:
+      table = comparison.console_table(
+          name, {m: (r.get(name), seconds) for m, (r, seconds) in by_mode.items()})
+      print(f"\n{table}", flush=True)
+      report = results_dir / f"{name}.modes.html"
+      if report.exists():
+        print(f"report (the modes side by side, per category): {report}", flush=True)
+  return first
+
+
+def _targets(cfg) -> list[str]:
+  return [t.strip() for t in cfg.data.targets.split(",") if t.strip()]
+
+
+def _check_compared(cfg) -> None:
+  """Every present target scorable in every neighbour mode of eval.compare,
+  before the first evaluation starts (eval.scoring's are checked as always)."""
+  compared = [m for m in modes.evaluated(cfg)[1:] if modes.neighbour_kind(m)]
+  found: list[str] = []
+  for target in _targets(cfg) if compared else ():
+    try:
+      handle = datasets.prepare(cfg, target)
+    except datasets.data.DatasetNotFoundError:
+      continue                       # listed as absent by its evaluation
+    for mode in compared:
+      found += scoring_modes.problems(schema.replace(cfg, **{"eval.scoring": mode}), handle)
+  if found:
+    raise scoring_modes.ScoringError("; ".join(found))
+
+
 def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
-                     source: tuple[Path, int]) -> tuple[dict, list]:
+                     source: tuple[Path, int] | None,
+                     first_record: bool = False) -> tuple[dict, list]:
   """Evaluates every configured target that is present; lists the absent ones.
 
   `source` is (the workdir the head comes from, its step): part of the
-  results' identity. Returns (results by data set, [(absent target, why)]).
+  results' identity. `first_record`: a training run's evaluation writes
+  this mode's deployment record when there is none (zero_shot always does).
+  Returns (results by data set, [(absent target, why)]).
   """
   if cfg.eval.scoring == "zero_shot":
     scorer = ZeroShotScorer(cfg, towers, mesh, params)
@@ -311,7 +366,7 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
     scorer = scoring_modes.NeighbourScorer(cfg, towers, mesh, params)
   evaluator = Evaluator(cfg, workdir, scorer, source if source is not None else (workdir, 0))
   all_results, absent, handles = {}, [], []
-  for target in [t.strip() for t in cfg.data.targets.split(",") if t.strip()]:
+  for target in _targets(cfg):
     try:
       handles.append(datasets.prepare(cfg, target))
     except datasets.data.DatasetNotFoundError as e:
@@ -329,7 +384,8 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   # chosen, or made by a training run's first evaluation.
   if jax.process_index() == 0 and all_results:
     deploy = Workdir(workdir).mode_thresholds(cfg.eval.scoring)
-    first = cfg.mode == "train" and not deploy.exists() and cfg.eval.scoring == "zero_shot"
+    first = cfg.mode == "train" and not deploy.exists() and (
+        cfg.eval.scoring == "zero_shot" or first_record)
     if cfg.eval.set_thresholds or first:
       written = evaluator.write_thresholds()
       if written:

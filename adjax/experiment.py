@@ -100,18 +100,17 @@ def _run_locked(cfg: schema.RunConfig, workdir: Path, main_process: bool) -> dic
         print(f"{workdir} is already trained and evaluated (results/); pass "
               "--config.eval.force=True to evaluate it again")
       return {"state": state}
-    results, absent = evaluate.evaluate_targets(
+    results, absent = evaluate.evaluate_modes(
         cfg, workdir, towers, mesh, state["params"],
         source=(workdir, int(jax.device_get(state["step"]))))
     return {"state": state, "results": results, "absent": absent}
 
   if modes.head_free(cfg):
-    results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, None,
-                                                source=None)
+    results, absent = evaluate.evaluate_modes(cfg, workdir, towers, mesh, None, source=None)
     return {"results": results, "absent": absent}
   head = loading.load_head(cfg, workdir, towers=towers, mesh=mesh, read_thresholds=False)
-  results, absent = evaluate.evaluate_targets(cfg, workdir, towers, mesh, head.params,
-                                              source=(head.source, head.step))
+  results, absent = evaluate.evaluate_modes(cfg, workdir, towers, mesh, head.params,
+                                            source=(head.source, head.step))
   return {"results": results, "absent": absent}
 
 

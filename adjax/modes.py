@@ -22,6 +22,19 @@ COMBINES = ("zscore", "minmax")
 IMAGE_SCORES = ("global", "max", "mean")
 
 
+# In eval.references_dir and predict.references: the category's (object's) name.
+CATEGORY = "{category}"
+
+# What each mode needs besides the images scored (the modes table).
+NEEDS = {
+    "zero_shot": "a head trained on another data set",
+    "few_shot": "normal images of each object",
+    "batch": "no training, no labels: the images scored together",
+    "zero_shot+few_shot": "a trained head and normal images",
+    "zero_shot+batch": "a trained head; the images scored together",
+}
+
+
 def needs_head(scoring: str) -> bool:
   """Modes that use the trained head (and so the text tower)."""
   return scoring.startswith("zero_shot")
@@ -37,10 +50,16 @@ def uses_bank(scoring: str) -> bool:
   return neighbour_kind(scoring) == "few_shot"
 
 
+def evaluated(run) -> tuple[str, ...]:
+  """The modes an evaluation of `run` scores in: eval.scoring, then the
+  others of eval.compare."""
+  return (run.eval.scoring, *(m for m in run.eval.compare if m != run.eval.scoring))
+
+
 def head_free(run) -> bool:
   """A run (mode and scorings of a `RunConfig`, or of a `ConfigDict` before
   it is resolved) that needs neither the head nor the text tower: evaluation
-  or prediction in a neighbour mode."""
+  or prediction in neighbour modes only."""
   if run.mode == "predict":
     return run.predict.scoring != "zero_shot"
-  return run.mode == "evaluate" and not needs_head(run.eval.scoring)
+  return run.mode == "evaluate" and not any(needs_head(m) for m in evaluated(run))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import jax
 
-from adjax import data
+from adjax import data, modes
 from adjax.common import atomic
 from adjax.common.errors import UserError
 from adjax.data import images as data_images
@@ -100,6 +100,12 @@ def _one_line(text) -> str:
           .replace("\n", "\\n"))
 
 
+def references_of(references: str, object_name: str) -> str:
+  """predict.references for `object_name`: {category} replaced by the name
+  (e.g. data/demo/family_b/{category}/train/good, as eval.references_dir)."""
+  return references.replace(modes.CATEGORY, str(object_name).strip())
+
+
 def run(cfg, workdir: Path, towers, mesh, head=None) -> dict:
   """mode=predict: scores `predict.input` with a `Detector` over `head` (a
   `loading.Head`, None in a neighbour mode) and writes predictions/."""
@@ -116,11 +122,12 @@ def run(cfg, workdir: Path, towers, mesh, head=None) -> dict:
     except DetectorError as e:
       raise PredictError(f"predict.object_name: {e}") from None
   if scoring == "few_shot":
+    refs = references_of(cfg.predict.references, name)
     try:
-      count = det.use_references(cfg.predict.references)
+      count = det.use_references(refs)
     except (FileNotFoundError, UserError) as e:
       raise PredictError(f"predict.references={cfg.predict.references!r}: {e}") from None
-    print(f"few_shot: {count} reference images from {cfg.predict.references}", flush=True)
+    print(f"few_shot: {count} reference images from {refs}", flush=True)
   if cfg.predict.calibrate_normals:
     _calibrate(cfg, det)
   limits = det.thresholds_for(name, scoring)

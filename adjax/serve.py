@@ -11,7 +11,8 @@ never interleaved on the device.
 
 Routes:
   GET  /                 the page (and /favicon.svg, /favicon.ico)
-  GET  /info             object names (from thresholds.json), scoring modes, limits,
+  GET  /info             object names (from thresholds.json), scoring modes (and the
+                         default one, predict.scoring), limits,
                          and per mode its deployment thresholds (`thresholds`)
   POST /predict?object_name=NAME[&mode=zero_shot|few_shot]
                          body: one image's bytes, or multipart/form-data with one
@@ -190,7 +191,8 @@ class App:
     default = (self.default_object_name or det.cfg.predict.object_name
                or (names[0] if names else ""))
     return {"object_names": names, "default_object_name": default,
-            "modes": list(det.scoring_modes), "max_bytes": self.max_bytes,
+            "modes": list(det.scoring_modes), "default_mode": det.default_scoring,
+            "max_bytes": self.max_bytes,
             "max_images": self.max_images,
             "references": len(det.reference_paths),
             "folders_allowed": bool(self.allow_dirs), "image_size": det.image_size,
@@ -239,7 +241,7 @@ class App:
       raise Refusal(400, f"mode={mode!r}: expected a string")
     if object_name is not None and not isinstance(object_name, str):
       raise Refusal(400, f"object_name={object_name!r}: expected a string")
-    mode = mode or self.detector.scoring_modes[0]
+    mode = mode or self.detector.default_scoring
     if mode not in self.detector.scoring_modes:
       raise Refusal(400, f"mode={mode!r}: expected one of "
                     f"{', '.join(self.detector.scoring_modes)}")

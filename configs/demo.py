@@ -54,4 +54,16 @@ def get_config(arg: str | None = None):
   # since a random backbone's cls token means nothing.
   c.eval.r_list = (1,)
   c.eval.rscin_k = (0,)
+  # The run ends with every mode on family b side by side (the modes table,
+  # results/family_b.modes.html): the head trained on family a, few_shot
+  # against each category's 40 normal train/good images, and batch (MuSc)
+  # scoring the test images together. Neither neighbour mode is trained.
+  c.eval.compare = ("few_shot", "batch")
+  c.eval.references_dir = "data/demo/family_b/{category}/train/good"
+  c.eval.references = 40
+  # Predictions and the page decide in the mode that does best here: few_shot
+  # against the object's normal images (thresholds.few_shot.json, made by the
+  # evaluation above for these very banks).
+  c.predict.scoring = "few_shot"
+  c.predict.references = "data/demo/family_b/{category}/train/good"
   return c

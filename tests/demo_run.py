@@ -44,7 +44,19 @@ def small_config(data_root, tmp_dir, **overrides):
   c.checkpoint_every_steps = 4
   c.eval.batch_size = 8
   c.eval.heatmaps_per_category = 1
-  return apply_overrides(c, overrides)
+  return apply_overrides(without_showcase(c), overrides)
+
+
+def without_showcase(c):
+  """The demo config without its showcase (every mode after training,
+  few_shot against the train split, few_shot predictions), which needs the
+  full demo data: tests that want it ask for it."""
+  c.eval.compare = ()
+  c.eval.references_dir = ""
+  c.eval.references = 4
+  c.predict.scoring = "zero_shot"
+  c.predict.references = ""
+  return c
 
 
 def train(tmp: Path) -> tuple[object, Path, Path]:

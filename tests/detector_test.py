@@ -322,7 +322,9 @@ def _run_example(code: str, demo_workdir, tmp_path) -> str:
   """A documented example, with its workdir and image folder pointed at the test's."""
   _, workdir, data = demo_workdir
   code = code.replace("runs/demo", str(workdir)).replace(
-      "data/demo/family_b/tile/test", str(data / "family_b" / "tile" / "test"))
+      "data/demo/family_b/tile/test", str(data / "family_b" / "tile" / "test")).replace(
+      # The test's small demo data has no train split: its good test images.
+      "data/demo/family_b/tile/train/good", str(data / "family_b" / "tile" / "test" / "good"))
   (tmp_path / "example.py").write_text(code)
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env,
@@ -448,3 +450,19 @@ def test_batch_subsets_score_each_image_within_its_subset(head_free, demo_workdi
     assert float(np.abs(whole.scores - pred.scores).max()) > 1e-3
   finally:
     cfg.eval.batch_subset, cfg.eval.rscin_k = before
+
+
+def test_the_config_chooses_the_mode_scored_by_default(demo_workdir, images):
+  """predict.scoring (few_shot in configs/demo.py) is the mode predict()
+  scores in when none is named: it asks for references first, then gives
+  the few_shot scores. Fails if the default stays zero_shot."""
+  _, workdir, data = demo_workdir
+  det = Detector.from_workdir(workdir, predict__scoring="few_shot")
+  assert det.default_scoring == "few_shot" and det.scoring_modes == ("few_shot", "batch")
+  with pytest.raises(DetectorError, match="use_references"):
+    det.predict(str(images), object_name="tile")
+  refs = sorted((data / "family_b" / "tile" / "test" / "good").glob("*.png"))[:2]
+  det.use_references([str(p) for p in refs])
+  np.testing.assert_array_equal(
+      det.predict(str(images), object_name="tile").scores,
+      det.predict(str(images), object_name="tile", scoring="few_shot").scores)

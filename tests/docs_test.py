@@ -32,8 +32,6 @@ EXECUTED = [
      "tests/experiment_test.py::test_demo_reaches_its_auroc_floor"),
     ("README.md", 'pip install -e ".[test]" && python -m pytest -q -n 2',
      ".ci/run"),
-    ("README.md", "--config.eval.scoring=batch",
-     "tests/scoring_modes_test.py::test_demo_neighbour_modes_reach_their_floors"),
     ("docs/scoring-modes.md", "# a fresh workdir: no training, no text weights",
      "tests/scoring_modes_test.py::test_demo_neighbour_modes_reach_their_floors"),
     ("README.md", "Detector.from_workdir",

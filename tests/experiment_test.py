@@ -484,7 +484,7 @@ def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
 DEMO_PIXEL_AUROC_FLOOR = 0.60   # chance is 0.5; README.md states the figure reached
 
 
-def test_demo_reaches_its_auroc_floor(tmp_path):
+def test_demo_reaches_its_auroc_floor(tmp_path, capsys):
   """README.md's first command, with its real settings, in a temporary place.
 
   Pixel level only: the demo's random backbone gives cls tokens without a
@@ -499,12 +499,35 @@ def test_demo_reaches_its_auroc_floor(tmp_path):
   cfg.data.train = str(tmp_path / "demo" / "family_a")
   cfg.data.targets = str(tmp_path / "demo" / "family_b")
   cfg.data.data_dir = str(tmp_path / "tfds")
+  cfg.eval.references_dir = str(tmp_path / "demo" / "family_b" / "{category}" / "train" / "good")
   out = experiment.run(cfg, str(tmp_path / "work"))
-  mean = json.loads((tmp_path / "work" / "results" / "family_b.json").read_text())["mean"]
+  results = tmp_path / "work" / "results"
+  mean = json.loads((results / "family_b.json").read_text())["mean"]
   assert mean["pixel_auroc"] == pytest.approx(
       np.mean([m["pixel_auroc"] for m in out["results"]["family_b"].values()]))
   assert mean["pixel_auroc"] >= DEMO_PIXEL_AUROC_FLOOR, mean
   assert len(list((tmp_path / "work" / "heatmaps" / "family_b").rglob("*.png"))) == 4 * 3
+  # The run ends with every mode's figures (each its results file's means)
+  # and the report that shows them side by side; each mode has its record.
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-1] == ("report (the modes side by side, per category): "
+                       f"{results / 'family_b.modes.html'}")
+  for line, mode in zip(lines[-4:-1], ("zero_shot", "few_shot", "batch")):
+    name = "family_b.json" if mode == "zero_shot" else f"family_b.{mode}.json"
+    means = json.loads((results / name).read_text())["mean"]
+    assert line.split()[:4] == [mode] + [f"{100 * means[k]:.1f}" for k in (
+        "image_auroc", "pixel_auroc", "pixel_aupro")]
+    record = "thresholds.json" if mode == "zero_shot" else f"thresholds.{mode}.json"
+    assert (tmp_path / "work" / record).is_file()
+  # The README's predict command: the demo's predictions are few_shot against
+  # the object's train split, decided by the record made above for that bank.
+  cfg.mode = "predict"
+  cfg.predict.input = str(tmp_path / "demo" / "family_b" / "tile" / "test")
+  cfg.predict.object_name = "tile"
+  cfg.predict.references = str(tmp_path / "demo" / "family_b" / "{category}" / "train" / "good")
+  got = experiment.run(cfg, str(tmp_path / "work"))
+  assert got["scoring"] == "few_shot" and got["threshold_source"] == "category:family_b/tile"
+  assert None not in got["thresholds"] and len(got["scores"]) == 30
 
 
 def test_converted_checkpoints_train_and_evaluate(small_data, tmp_path):

@@ -17,6 +17,7 @@ from adjax.report import comparison
 from adjax.common.errors import UserError as UserErrorTypes
 from adjax.config import check as config_check
 
+import demo_run
 import doc_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +28,8 @@ BATCH_PIXEL_FLOOR, BATCH_IMAGE_FLOOR, FEW_SHOT_PIXEL_FLOOR = 0.85, 0.70, 0.85
 
 
 def demo_config():
-  spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/demo.py without its showcase (`demo_run.without_showcase`)."""
+  return demo_run.without_showcase(demo_run.demo_config())
 
 
 def _handle(counts: dict[str, tuple[int, int]]):
@@ -111,12 +110,11 @@ def test_normalise_and_upsample():
 @pytest.mark.slow
 @pytest.mark.parametrize("scoring", ["batch", "few_shot"])
 def test_demo_neighbour_modes_reach_their_floors(tmp_path, scoring):
-  """README.md's command on a fresh workdir (also in docs/scoring-modes.md),
-  with the text tower made absent: no training, no text weights."""
-  readme = doc_blocks.commands(doc_blocks.block("README.md", "--config.eval.scoring=batch"))
-  (command,) = [c for c in readme if f"--config.eval.scoring={scoring}" in c.split()]
-  assert command in doc_blocks.commands(doc_blocks.block(
+  """docs/scoring-modes.md's command of one mode on a fresh workdir, with the
+  text tower made absent: no training, no text weights."""
+  documented = doc_blocks.commands(doc_blocks.block(
       "docs/scoring-modes.md", "# a fresh workdir: no training, no text weights"))
+  (command,) = [c for c in documented if f"--config.eval.scoring={scoring}" in c.split()]
   words = shlex.split(command)
   assert words[:3] == ["python", "-m", "adjax.main"], command
   args = [sys.executable, *words[1:], f"--workdir={tmp_path / 'work'}",
@@ -550,3 +548,67 @@ def test_references_dir_with_a_category_pattern(tmp_path):
   assert scoring_modes.problems(cfg, handle) == [
       f"eval.references_dir={pattern!r} has no folder for c (expected one per category, "
       "{category} replaced by its name)"]
+
+
+def _modes_run(tmp_path, compare=("few_shot", "batch")):
+  from adjax.config import schema
+  cfg = demo_config()
+  cfg.data.targets = str(tmp_path / "target")
+  cfg.eval.compare = compare
+  cfg.eval.references_dir = ""
+  cfg.eval.references = 4
+  return schema.from_configdict(cfg)
+
+
+def test_evaluation_in_several_modes_ends_with_their_table(monkeypatch, tmp_path, capsys):
+  """eval.compare: each mode evaluated after eval.scoring (the neighbour modes
+  without the head, each writing its first deployment record), then one
+  table whose figures are each mode's category means, and the report's path
+  as the last line. Fails if a mode is skipped, the table's numbers are not
+  the results' or anything is printed after the report's path."""
+  from adjax import evaluate
+  from adjax.workdir import Workdir
+  run = _modes_run(tmp_path)
+  values = {"zero_shot": (0.5, 0.6, 0.3), "few_shot": (0.8, 0.9, 0.7), "batch": (0.7, 0.95, 0.75)}
+  calls = []
+
+  def fake_targets(cfg, workdir, towers, mesh, params, *, source, first_record=False):
+    mode = cfg.eval.scoring
+    calls.append((mode, params is None, first_record))
+    i, p, a = values[mode]
+    cats = {"a": dict(image_auroc=i, pixel_auroc=p, pixel_aupro=a),
+            "b": dict(image_auroc=i - 0.1, pixel_auroc=p - 0.1, pixel_aupro=None)}
+    print(f"{mode} evaluated")
+    return {"target": cats}, []
+
+  monkeypatch.setattr(evaluate, "evaluate_targets", fake_targets)
+  monkeypatch.setattr(evaluate.datasets, "prepare", lambda cfg, t: _handle({"a": (8, 8)}))
+  report = Workdir(tmp_path).results / "target.modes.html"
+  report.parent.mkdir(parents=True)
+  report.write_text("<html>")
+  results, absent = evaluate.evaluate_modes(run, tmp_path, None, None, object(),
+                                            source=(tmp_path, 1))
+  assert calls == [("zero_shot", False, False), ("few_shot", True, True),
+                   ("batch", True, True)]
+  assert results["target"]["a"]["pixel_auroc"] == 0.6 and absent == []
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-1] == f"report (the modes side by side, per category): {report}"
+  rows = {line.split()[0]: line.split() for line in lines[-4:-1]}
+  assert list(rows) == ["zero_shot", "few_shot", "batch"]
+  for mode, (i, p, a) in values.items():
+    # Means over the categories (AUPRO: the one category with masks).
+    assert rows[mode][1:4] == [f"{100 * (i - 0.05):.1f}", f"{100 * (p - 0.05):.1f}",
+                               f"{100 * a:.1f}"]
+
+
+def test_every_compared_mode_is_checked_before_the_first_evaluation(monkeypatch, tmp_path):
+  """A data set too small for a compared mode (batch needs at least 5 images
+  per category) is refused before eval.scoring's evaluation starts."""
+  from adjax import evaluate
+  run = _modes_run(tmp_path)
+  started = []
+  monkeypatch.setattr(evaluate, "evaluate_targets", lambda *a, **k: started.append(1))
+  monkeypatch.setattr(evaluate.datasets, "prepare", lambda cfg, t: _handle({"small": (2, 1)}))
+  with pytest.raises(scoring_modes.ScoringError, match="at least 5"):
+    evaluate.evaluate_modes(run, tmp_path, None, None, object(), source=(tmp_path, 1))
+  assert started == []

@@ -80,19 +80,25 @@ def problems(cfg, *, device_count: int | None = None,
   if not 0 <= cfg.optimizer.warmup_fraction < 1:
     out.append(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction!r}: expected "
                "a fraction in [0, 1)")
+  compare = tuple(cfg.eval.compare)
+  unknown = [m for m in compare if m not in modes.SCORINGS]
+  if unknown or len(set(compare)) != len(compare):
+    out.append(f"eval.compare={compare!r}: expected distinct modes, each one of "
+               f"{', '.join(modes.SCORINGS)}")
+  # The neighbour kinds evaluated: eval.scoring's and eval.compare's.
+  kinds = {modes.neighbour_kind(m) for m in (cfg.eval.scoring, *compare)}
   refs_dir = str(cfg.eval.references_dir)
-  if refs_dir and modes.neighbour_kind(cfg.eval.scoring) != "few_shot":
+  if refs_dir and "few_shot" not in kinds:
     out.append(f"eval.references_dir is set but eval.scoring={cfg.eval.scoring!r}; set "
                "eval.scoring=few_shot (or zero_shot+few_shot) to score against it")
   elif refs_dir and "{category}" not in refs_dir and not Path(refs_dir).is_dir():
     out.append(f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                "of normal images per category)")
-  kind = modes.neighbour_kind(cfg.eval.scoring)
   coreset = cfg.eval.coreset
   if not (math.isfinite(coreset) and (0 <= coreset <= 1 or coreset == int(coreset))):
     out.append(f"eval.coreset={coreset!r}: expected 0 (off), a fraction in (0, 1] or a "
                "whole count > 1 of reference patches")
-  elif coreset and kind != "few_shot" and cfg.predict.scoring != "few_shot":
+  elif coreset and "few_shot" not in kinds and cfg.predict.scoring != "few_shot":
     out.append(f"eval.coreset is set but eval.scoring={cfg.eval.scoring!r}; the coreset "
                "is of the few_shot bank (set eval.scoring=few_shot or zero_shot+few_shot, "
                "or predict.scoring=few_shot)")
@@ -100,7 +106,7 @@ def problems(cfg, *, device_count: int | None = None,
   if subset and subset < 5:
     out.append(f"eval.batch_subset={subset!r}: expected 0 (off) or at least 5 images per "
                "subset (each image is scored against the others of its subset)")
-  elif subset and kind != "batch" and cfg.predict.scoring != "batch":
+  elif subset and "batch" not in kinds and cfg.predict.scoring != "batch":
     out.append(f"eval.batch_subset is set but eval.scoring={cfg.eval.scoring!r}; it "
                "splits batch scoring (set eval.scoring=batch or zero_shot+batch, or "
                "predict.scoring=batch)")

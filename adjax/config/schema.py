@@ -195,6 +195,11 @@ class EvalConfig(Part):
   report_panels: int = field(
       2, "highest- and lowest-scoring panels per category (HTML report)")
   force: bool = field(False, "evaluate a finished run again")
+  compare: tuple = field(
+      (), "Modes evaluated after eval.scoring on the same targets, e.g. (\"few_shot\", "
+      "\"batch\") (eval.scoring itself is not evaluated twice): each writes its own results (and, in a training run, its first "
+      "deployment record); the run ends with one table of every mode evaluated and the "
+      "report that shows them side by side (results/<target>.modes.html).")
   set_thresholds: bool = field(
       False, "True: this evaluation's F1-max thresholds replace the deployment record of "
       "its eval.scoring mode (<workdir>/thresholds.json for zero_shot, "
@@ -250,7 +255,9 @@ class PredictConfig(Part):
       "zero_shot", "few_shot and batch need neither a trained head nor the text tower "
       "(adjax.Detector). zero_shot | few_shot (against predict.references) | batch (the "
       "inputs together)", choices=PREDICT_SCORINGS)
-  references: str = field("", "few_shot: folder or glob of normal images of the object")
+  references: str = field(
+      "", "few_shot: folder or glob of normal images of the object ({category} is replaced "
+      "by predict.object_name, e.g. data/demo/family_b/{category}/train/good)")
 
 
 @_frozen

@@ -75,3 +75,26 @@ def comparison_html(name: str, found: dict[str, dict], cats: list[str],
            f'<tr>{sub}</tr>{"".join(rows)}</table>')
   listed = "<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>"
   return report_html.page(f"{name}: scoring modes side by side", [table, listed])
+
+
+def console_table(name: str, by_mode: dict) -> str:
+  """Every mode evaluated on data set `name` in one plain-text table: the
+  mean over its categories of image AUROC, pixel AUROC and AUPRO (percent),
+  the evaluation's wall time and what the mode needs. `by_mode`: mode ->
+  (its results by category or None, seconds)."""
+  head = ["mode", "image AUROC", "pixel AUROC", "AUPRO", "time", "needs"]
+  rows = []
+  for mode, (results, seconds) in by_mode.items():
+    mean = tables.summarize(results)[tables.MEAN] if results else {}
+    cells = [tables.MISSING if mean.get(key) is None else f"{100 * mean[key]:.1f}"
+             for key, _ in COMPARED]
+    rows.append([mode, *cells, f"{seconds:.0f} s", modes.NEEDS.get(mode, "")])
+  widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+
+  def line(cells):
+    # Text columns to the left, numbers to the right.
+    return "  ".join(c.ljust(w) if i in (0, len(cells) - 1) else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+  return "\n".join([f"{name}: every scoring mode evaluated (mean over its categories, %)",
+                    line(head), *(line(r) for r in rows)])

@@ -56,9 +56,10 @@ class IdentityMismatchError(UserError, ValueError):
 
 
 def flatten(cfg) -> dict:
-  """A config as {dotted.key: JSON value}."""
+  """A config as {dotted.key: JSON value}, keys in order at every level (as a
+  `ConfigDict` lists them; a typed `RunConfig` is listed the same way)."""
   def walk(node, prefix):
-    for key, value in node.items():
+    for key, value in sorted(node.items()):
       if hasattr(value, "items"):
         yield from walk(value, f"{prefix}{key}.")
       else:
