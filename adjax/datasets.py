@@ -59,20 +59,25 @@ def _prepare(cfg, target: str) -> "data.DatasetHandle":
     if target not in cfg.data.manual_dirs:
       raise ValueError(f"config.data.manual_dirs has no entry for {target!r}")
     try:
-      return data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
-                          data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+      handle = data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
+                            data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+      handle.raw_dir = str(cfg.data.manual_dirs[target])
+      return handle
     except data.DatasetNotFoundError as e:
       # Neither prepared nor on disk: downloaded when it has a published
       # source and its licence is accepted (adjax.fetch).
       from adjax import fetch
       if not fetch.ensure_dataset(cfg, target, missing=e):
         raise
-    return data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
-                        data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+    handle = data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
+                          data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+    handle.raw_dir = str(cfg.data.manual_dirs[target])
+    return handle
   if Path(target).is_dir():
     handle = data.prepare("folder", manual_dir=target, data_dir=cfg.data.data_dir,
                           skip_bad_files=cfg.data.skip_bad_files)
     handle.label = Path(target).resolve().name
+    handle.raw_dir = str(target)
     return handle
   raise data.DatasetNotFoundError(
       f"{target!r} is neither a data set name ({', '.join(data.DATASETS)}) nor an "

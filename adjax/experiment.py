@@ -1,7 +1,8 @@
 """One run, from a resolved config: set up devices, towers and data; dispatch.
 
 Modes: `train` (then evaluate on the targets), `evaluate` (a trained
-workdir, or `init_from`), `predict` (a folder or glob of images).
+workdir, or `init_from`), `predict` (a folder or glob of images),
+`build_bank` (the few-shot banks of the targets, stored in the workdir).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def _head_free(cfg) -> bool:
   from adjax import scoring_modes
   if cfg.mode == "predict":
     return cfg.predict.scoring != "zero_shot"
+  if cfg.mode == "build_bank":
+    return True
   return cfg.mode == "evaluate" and not scoring_modes.needs_head(cfg.eval.scoring)
 
 
@@ -113,6 +116,10 @@ def _run_locked(cfg: schema.RunConfig, workdir: Path, main_process: bool) -> dic
     if not _head_free(cfg):
       params, _, step = trained_params(cfg, workdir, towers, mesh)
     return predict.run(cfg, workdir, towers, mesh, params, step=step)
+
+  if cfg.mode == "build_bank":
+    from adjax import scoring_modes
+    return {"banks": scoring_modes.build_banks(cfg, workdir, towers, mesh)}
 
   from adjax import evaluate
   if cfg.mode == "train":

@@ -115,7 +115,7 @@ def run(cfg, workdir: Path, towers, mesh, params, step: int | None = None) -> di
       raise PredictError(f"predict.object_name: {e}") from None
   if scoring == "few_shot":
     try:
-      count = det.use_references(cfg.predict.references)
+      count = det.references_from(cfg.predict.references)
     except (FileNotFoundError, UserError) as e:
       raise PredictError(f"predict.references={cfg.predict.references!r}: {e}") from None
     print(f"few_shot: {count} reference images from {cfg.predict.references}", flush=True)
