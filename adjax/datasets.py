@@ -14,6 +14,11 @@ from PIL import Image
 from adjax import data, fetch
 
 
+def targets(cfg) -> list[str]:
+  """The data sets data.targets names, in order."""
+  return [t.strip() for t in cfg.data.targets.split(",") if t.strip()]
+
+
 def loader(cfg, handle, model, *, batch_size: int, train: bool, categories=None):
   """`data.make_loader` with the config's settings, for this process's share
   (of `categories` only, when given).
@@ -62,19 +67,24 @@ def _prepare(cfg, target: str) -> "data.DatasetHandle":
     if target not in cfg.data.manual_dirs:
       raise ValueError(f"config.data.manual_dirs has no entry for {target!r}")
     try:
-      return data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
-                          data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+      handle = data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
+                            data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+      handle.raw_dir = str(cfg.data.manual_dirs[target])
+      return handle
     except data.DatasetNotFoundError as e:
       # Neither prepared nor on disk: downloaded when it has a published
       # source and its licence is accepted (adjax.fetch).
       if not fetch.ensure_dataset(cfg, target, missing=e):
         raise
-    return data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
-                        data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+    handle = data.prepare(target, manual_dir=cfg.data.manual_dirs[target],
+                          data_dir=cfg.data.data_dir, skip_bad_files=cfg.data.skip_bad_files)
+    handle.raw_dir = str(cfg.data.manual_dirs[target])
+    return handle
   if Path(target).is_dir():
     handle = data.prepare("folder", manual_dir=target, data_dir=cfg.data.data_dir,
                           skip_bad_files=cfg.data.skip_bad_files)
     handle.label = Path(target).resolve().name
+    handle.raw_dir = str(target)
     return handle
   raise data.DatasetNotFoundError(
       f"{target!r} is neither a data set name ({', '.join(data.DATASETS)}) nor an "

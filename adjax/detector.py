@@ -59,7 +59,7 @@ from adjax.config import check as config_check
 from adjax.config import load as run_config
 from adjax.data import images as data_images
 from adjax.scorer import Scorer
-from adjax.workdir import Workdir, run_log
+from adjax.workdir import Workdir, banks, run_log
 
 # Scoring modes `Detector.predict` supports (the page's mode selector lists them).
 SCORING_MODES = ("zero_shot", "few_shot", "batch")
@@ -156,7 +156,9 @@ class Detector:
     self.r_list = tuple(int(r) for r in cfg.eval.r_list)
     self._tables: dict[tuple[str, ...], Any] = {}
     self._tokens_step = None
-    self.references = None      # [L, R, h, w, D] raw tokens of use_references()
+    self.references = None      # the few-shot Bank (use_references / use_bank)
+    self._reference_tokens = None   # its references' raw tokens, when computed here
+    self._reference_items = None    # else its references, when loaded for them
     self.reference_paths: list = []
     self.reference_digests: list[str] = []   # thresholds.image_digest per reference
     self.bank = None            # thresholds.bank_identity of the references
@@ -165,9 +167,9 @@ class Detector:
     self.records: dict[str, dict | None] = {}
     self.record_paths: dict[str, Path | None] = {}
     # eval.coreset: the bank's greedy k-center coreset settings (None: every
-    # reference patch), chosen once per use_references() and kept in _banks.
-    self.coreset = coreset.settings(cfg.eval.coreset, cfg.eval.coreset_seed)
-    self._banks: dict = {}
+    # reference patch); a bank given to use_bank brings its own.
+    self.coreset = self._configured_coreset = coreset.settings(cfg.eval.coreset,
+                                                               cfg.eval.coreset_seed)
     self.record = None
     self.thresholds_path = None
     # The workdir's thresholds.json, else (init_from) the trained run's, as
@@ -380,35 +382,112 @@ class Detector:
     maps = scoring_modes.upsample(np.asarray(grid_maps, np.float32), self.model.out_hw)
     return maps, maps.reshape(len(maps), -1).max(-1)
 
-  def use_references(self, normal_images) -> int:
+  def use_references(self, normal_images, store: bool = True) -> int:
     """Normal images of the object (paths, folders, globs, PIL images or arrays,
-    as `predict` takes them) for `scoring="few_shot"`: their raw patch tokens are
-    computed once and kept as the memory bank (replacing any earlier one).
+    as `predict` takes them) for `scoring="few_shot"`: their bank
+    (`adjax.workdir.banks.Bank`: the LNAMD features of their patches, after
+    `eval.coreset`) becomes this Detector's (replacing any earlier one).
+    The bank is stored in the workdir (`Workdir.reference_bank`, named by
+    its identity) and, when one made of the same images for this model is
+    there, loaded from it instead of computed (`store=False`: neither).
     Returns the number of readable references; raises DetectorError when none is."""
     items, unreadable = self._items(normal_images)
-    toks, paths, digests = [], [], []
+    paths, digests, readable = [], [], []
     for chunk, loaded, batch in self._batches(items):
-      raw, _ = self._tokens(batch)
       for j, i in enumerate(chunk):
         if loaded[j][2]:
           unreadable.append((items[i][0], loaded[j][2]))
         else:
-          toks.append(raw[:, j])
           paths.append(items[i][0])
           digests.append(thresholds.image_digest(batch[j]))
-    if not toks:
+          readable.append(i)
+    if not paths:
       raise DetectorError("use_references: no readable normal images" + (
           f" ({len(unreadable)} unreadable: {unreadable[0][0]}: {unreadable[0][1]})"
           if unreadable else ""))
-    self.references = np.stack(toks, axis=1)
-    self.reference_paths = paths
-    self.reference_digests = digests
-    self.bank = thresholds.bank_identity(digests, self.coreset)
-    self._banks = {}
+    self.coreset = self._configured_coreset
+    stored = self._stored_bank(thresholds.bank_identity(digests, self.coreset)) if store else None
+    if stored is not None and stored.is_file():
+      self.use_bank(stored)
+      self._reference_items = [items[i] for i in readable]   # tokens only if calibrate asks
+      return self.references.count
+    tokens = self._tokens_of([items[i] for i in readable])
+    bank = banks.build(tokens, names=["<array>" if p is None else p for p in paths],
+                       image_digests=digests, **self._bank_model(),
+                       **self.coreset_args())
+    self._set_bank(bank)
+    self._reference_tokens, self._reference_items = tokens, None
+    if stored is not None:
+      try:
+        banks.save(bank, stored)
+      except OSError as e:          # a read-only workdir: the bank is used, not kept
+        print(f"note: the bank is not stored in {stored.parent} ({e.strerror or e})",
+              flush=True)
     return len(paths)
 
+  def references_from(self, spec) -> int:
+    """`use_bank` for the path of a stored bank (`*.bank.npz`), else
+    `use_references`: what predict.references, the page's --references and
+    the export's --references take. A refused bank is a DetectorError."""
+    from adjax.workdir import banks
+    if isinstance(spec, (str, os.PathLike)) and os.fspath(spec).endswith(banks.SUFFIX):
+      try:
+        return self.use_bank(spec)
+      except banks.BankError as e:
+        raise DetectorError(str(e)) from None
+    return self.use_references(spec)
+
+  def _bank_model(self) -> dict:
+    """What a bank for this Detector must have been made with."""
+    return {"backbone": self.towers.backbone_id, "layers": self.model.layers,
+            "image_size": self.image_size, "r_list": self.r_list}
+
+  def _stored_bank(self, bank_identity: dict) -> Path:
+    from adjax.workdir import banks
+    key = dict(self._bank_model(), bank=bank_identity)
+    key["layers"], key["r_list"] = list(key["layers"]), list(key["r_list"])
+    return Workdir(self.workdir).reference_bank(banks.identity_digest(key))
+
+  def use_bank(self, bank) -> int:
+    """A built bank (`adjax.workdir.banks.Bank`, or the path of a stored one,
+    e.g. from mode=build_bank) for `scoring="few_shot"`, used as it is (no
+    backbone pass). Refused in one line (BankError) when the file is damaged
+    or the bank was made for another backbone, layers, image size or r_list.
+    Returns its number of references."""
+    from adjax.workdir import banks
+    where = "use_bank"
+    if not isinstance(bank, banks.Bank):
+      where = str(bank)
+      bank = banks.load(bank)
+    bank.check(**self._bank_model(), where=where)
+    self._set_bank(bank)
+    self._reference_tokens = self._reference_items = None
+    return bank.count
+
+  def _tokens_of(self, items) -> np.ndarray:
+    """Raw tokens [L, n, h, w, D] of readable items."""
+    toks = []
+    for chunk, _, batch in self._batches(items):
+      raw, _ = self._tokens(batch)
+      toks.extend(raw[:, j] for j in range(len(chunk)))
+    return np.stack(toks, axis=1)
+
+  def _set_bank(self, bank) -> None:
+    self.references = bank
+    self.reference_paths = [None if p == "<array>" else p for p in bank.references]
+    self.reference_digests = bank.image_digests
+    self.coreset = bank.identity["coreset"]
+    self.bank = bank.bank
+
+  def backbone_module(self):
+    """The frozen backbone as an `nnx` module with host copies of its weights
+    (what an export closes over, whatever placement this Detector chose)."""
+    import jax
+    from flax import nnx
+    return nnx.merge(self._backbone[0], jax.device_get(self._backbone[1]))
+
   def coreset_args(self) -> dict:
-    """`coreset`, `coreset_seed` for `neighbors.reference_maps` / `bank_features`."""
+    """`coreset`, `coreset_seed` for `neighbors.reference_maps` / `bank_arrays`."""
     c = self.coreset or {"coreset": 0.0, "seed": 0}
     return {"coreset": c["coreset"], "coreset_seed": c["seed"]}
 
@@ -422,8 +501,7 @@ class Detector:
       if ok:
         raw, _ = self._tokens(batch)
         maps, scores = self._upsampled(
-            neighbors.reference_maps(raw[:, ok], self.references, self.r_list,
-                                     **self.coreset_args(), bank_cache=self._banks))
+            neighbors.bank_maps(raw[:, ok], self.references.features, self.r_list))
       at = {j: k for k, j in enumerate(ok)}
       for j, i in enumerate(chunk):
         _, hw, error, rgb = loaded[j]
@@ -688,14 +766,14 @@ class Detector:
       raise DetectorError("calibrate: scoring='few_shot' needs reference images: call "
                           "use_references(normal_images) first")
     refs = self.references
-    k = refs.shape[1]
+    k = refs.count
     scores, pixels = [], []
 
     def against(tokens, drop: tuple[int, ...]):
       if len(drop) >= k:
         return
-      bank = np.delete(refs, list(drop), axis=1) if drop else refs
-      maps, got = self._upsampled(neighbors.reference_maps(tokens, bank, self.r_list))
+      maps, got = self._upsampled(neighbors.bank_maps(tokens, refs.without(drop).features,
+                                                      self.r_list))
       scores.extend(float(v) for v in got)
       pixels.extend(m.ravel() for m in maps)
 
@@ -705,8 +783,15 @@ class Detector:
             "calibrate: scoring='few_shot' with no normal images scores each reference "
             f"against the other k-1 and needs at least 2 references; got {k}: give normal "
             "images of the object (predict.calibrate_normals)")
+      if self._reference_tokens is None and self._reference_items:
+        self._reference_tokens = self._tokens_of(self._reference_items)
+      if self._reference_tokens is None:
+        raise DetectorError(
+            "calibrate: scoring='few_shot' with no normal images scores each reference "
+            "against the others, and this bank was loaded without its references' "
+            "images: give normal images of the object (predict.calibrate_normals)")
       for i in range(k):
-        against(refs[:, i:i + 1], (i,))
+        against(self._reference_tokens[:, i:i + 1], (i,))
       return scores, pixels, f"each of the {k} references against the other {k - 1}"
     items, bad = self._items(normal_images)
     unreadable.extend(bad)

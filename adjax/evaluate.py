@@ -330,16 +330,12 @@ def evaluate_modes(cfg, workdir: Path, towers, mesh, params, *,
   return first
 
 
-def _targets(cfg) -> list[str]:
-  return [t.strip() for t in cfg.data.targets.split(",") if t.strip()]
-
-
 def _check_compared(cfg) -> None:
   """Every present target scorable in every neighbour mode of eval.compare,
   before the first evaluation starts (eval.scoring's are checked as always)."""
   compared = [m for m in modes.evaluated(cfg)[1:] if modes.neighbour_kind(m)]
   found: list[str] = []
-  for target in _targets(cfg) if compared else ():
+  for target in datasets.targets(cfg) if compared else ():
     try:
       handle = datasets.prepare(cfg, target)
     except datasets.data.DatasetNotFoundError:
@@ -363,10 +359,10 @@ def evaluate_targets(cfg, workdir: Path, towers, mesh, params, *,
   if cfg.eval.scoring == "zero_shot":
     scorer = ZeroShotScorer(cfg, towers, mesh, params)
   else:
-    scorer = scoring_modes.NeighbourScorer(cfg, towers, mesh, params)
+    scorer = scoring_modes.NeighbourScorer(cfg, towers, mesh, params, workdir)
   evaluator = Evaluator(cfg, workdir, scorer, source if source is not None else (workdir, 0))
   all_results, absent, handles = {}, [], []
-  for target in _targets(cfg):
+  for target in datasets.targets(cfg):
     try:
       handles.append(datasets.prepare(cfg, target))
     except datasets.data.DatasetNotFoundError as e:

@@ -1,7 +1,8 @@
 """One run, from a resolved config: set up devices, towers and data; dispatch.
 
 Modes: `train` (then evaluate on the targets), `evaluate` (a trained
-workdir, or `init_from`), `predict` (a folder or glob of images).
+workdir, or `init_from`), `predict` (a folder or glob of images),
+`build_bank` (the few-shot banks of the targets, stored in the workdir).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from jax.experimental import multihost_utils
 
 import numpy as np
 
-from adjax import datasets, evaluate, fetch, loading, modes, predict, sharding, train
+from adjax import datasets, evaluate, fetch, loading, modes, predict, scoring_modes
+from adjax import sharding, train
 from adjax import towers as towers_lib
 from adjax.common import atomic
 from adjax.config import check as config_check
@@ -88,6 +90,9 @@ def _run_locked(cfg: schema.RunConfig, workdir: Path, main_process: bool) -> dic
       head = loading.load_head(cfg, workdir, towers=towers, mesh=mesh,
                                read_thresholds=not cfg.predict.calibrate_normals)
     return predict.run(cfg, workdir, towers, mesh, head)
+
+  if cfg.mode == "build_bank":
+    return {"banks": scoring_modes.build_banks(cfg, workdir, towers, mesh)}
 
   if cfg.mode == "train":
     handle = datasets.prepare(cfg, cfg.data.train)

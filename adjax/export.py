@@ -29,8 +29,11 @@ which returns a dict with the outputs above; the names and settings go to a
 `<out>.json` beside it. Files are written atomically.
 
 With `--references DIR` (no `--object-names`) the file is the few-shot
-scorer instead (`build_few_shot`): no head or text tower, the normal images
-of DIR as a memory bank constant (`neighbors.bank_features`), input
+scorer instead (`build_few_shot`): no head or text tower, the Detector's
+bank of the normal images of DIR (`Detector.use_references`: loaded from
+the workdir when stored there, else built and stored) as a constant, or a
+stored bank file given as `--references FILE.bank.npz` (checked on load:
+a damaged file or one made for another model is refused in one line); input
 `images` only, outputs `anomaly_map`, `image_score` and `decision`
 (image_score >= the image threshold) when the workdir's few-shot record
 (`thresholds.few_shot.json`, from evaluation or calibration) was made with
@@ -214,9 +217,13 @@ FEW_SHOT_INPUTS = ("images",)
 
 
 def _check_references(references) -> Path:
-  """The --references folder, refused unless it holds a readable image."""
+  """The --references folder, refused unless it holds a readable image, or a
+  stored bank file (`*.bank.npz`, checked when loaded)."""
   from adjax.data.images import IMAGE_EXTENSIONS, read_image_folder
+  from adjax.workdir import banks
   refs = Path(references)
+  if refs.name.endswith(banks.SUFFIX) and refs.is_file():
+    return refs
   if not refs.is_dir():
     raise ExportError(f"--references {refs}: no such folder; give a folder of normal "
                       "images of the object")
@@ -240,9 +247,7 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   `neighbors.bank_features`, one constant), scored as
   `Detector(...).predict(images, scoring="few_shot")` after
   `use_references(references)` scores them. A head in the workdir is not used."""
-  import jax
   import jax.numpy as jnp
-  from flax import nnx
   from adjax import neighbors
   from adjax.detector import Detector, DetectorError
   from adjax.config import schema
@@ -260,7 +265,7 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   cfg = schema.replace(cfg, **{"predict.scoring": "few_shot"})
   try:
     det = Detector.from_config(cfg, workdir)
-    count = det.use_references(str(refs))
+    count = det.references_from(refs)
   except DetectorError as e:
     raise ExportError(f"--references {refs}: {e}") from None
   except ValueError as e:
@@ -276,9 +281,9 @@ def build_few_shot(workdir, references, *, config: str | None = None,
     chosen = thresholds.Resolved(float(threshold), chosen.pixel, "--threshold")
   threshold = chosen.image
   model, r_list = det.model, det.r_list
-  bank = jnp.asarray(neighbors.bank_features(det.references, r_list, **det.coreset_args()))
-  # Host copies: the file's constants, whatever placement the Detector chose.
-  backbone = nnx.merge(det._backbone[0], jax.device_get(det._backbone[1]))
+  # The Detector's bank, as it scores with it (built, or loaded from the workdir).
+  bank_array = det.references.features
+  backbone = det.backbone_module()
   prefix = model.backbone.num_prefix_tokens
   (h, w), out_hw = model.grid, model.out_hw
   limit = None if threshold is None else _f32_at_least(float(threshold))
@@ -288,7 +293,7 @@ def build_few_shot(workdir, references, *, config: str | None = None,
     outs = backbone.get_intermediate_layers(model.normalize(images), list(model.layers))
     tokens = jnp.stack(outs).astype(jnp.float32)[:, :, prefix:]
     tokens = tokens.reshape(tokens.shape[:2] + (h, w, tokens.shape[-1]))
-    grid = neighbors.reference_maps_dense(tokens, bank, r_list)
+    grid = neighbors.reference_maps_dense(tokens, jnp.asarray(bank_array), r_list)
     amap = head_lib.upsample_align_corners(grid[..., None], out_hw)[..., 0]
     out = {"anomaly_map": amap.astype(jnp.float32),
            "image_score": jnp.max(amap.reshape(amap.shape[0], -1), axis=-1)}
@@ -297,9 +302,11 @@ def build_few_shot(workdir, references, *, config: str | None = None,
     return out
 
   names = [os.path.basename(p) if p else "<array>" for p in det.reference_paths]
+  bank = det.references
   metadata = {"scoring": "few_shot", "image_size": int(model.image_size),
               "references": names, "reference_count": count, "r_list": list(r_list),
-              "bank_shape": list(bank.shape), "coreset": det.coreset,
+              "bank_shape": list(bank.features.shape), "coreset": det.coreset,
+              "bank_content_sha256": bank.content_digest(),
               "image_threshold": threshold,
               "pixel_threshold": chosen.pixel, "threshold_source": chosen.source,
               "bank": det.bank,
@@ -330,7 +337,45 @@ def to_stablehlo(exp: Exportable, platforms: Sequence[str] | None = None) -> byt
   return bytes(exported.serialize())
 
 
+# An ONNX file is one protobuf, which stops at 2 GiB: a larger model (a big
+# few-shot bank) keeps its tensors in `<out>.data` beside it (ONNX external
+# data; onnxruntime reads it from the model's folder). Tests lower it.
+EXTERNAL_DATA_BYTES = 2**31 - 2**24
+
+
 def to_onnx(exp: Exportable) -> bytes:
+  """The ONNX file's bytes (`onnx_model` serialised); over protobuf's limit
+  refused: `export` writes such a model with external data instead."""
+  model = onnx_model(exp)
+  if model.ByteSize() >= 2**31:
+    raise ExportError(f"the ONNX model is {model.ByteSize() / 2**30:.1f} GiB, over "
+                      "protobuf's 2 GiB single-file limit: write it with export(), which "
+                      "keeps its tensors in external data")
+  return model.SerializeToString()
+
+
+def write_onnx(model, out: Path) -> int:
+  """Writes `model` to `out` atomically, as one file, or, from
+  `EXTERNAL_DATA_BYTES` up, with its tensors in `<out>.data` beside it (the
+  data file put in place first, the model last: the model's presence means
+  both are complete). Returns the bytes written."""
+  import onnx
+  from adjax.common import atomic
+  if model.ByteSize() < EXTERNAL_DATA_BYTES:
+    data = model.SerializeToString()
+    atomic.write_bytes(out, data)
+    return len(data)
+  data_name = out.name + ".data"
+  with atomic.scratch_dir(out.parent, out.name) as tmp:
+    onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    written = sum((tmp / n).stat().st_size for n in (out.name, data_name))
+    os.replace(tmp / data_name, out.parent / data_name)
+    os.replace(tmp / out.name, out)
+  return written
+
+
+def onnx_model(exp: Exportable):
   try:
     import jax2onnx
     import onnx  # noqa: F401  (jax2onnx needs it; checked here for the message)
@@ -356,11 +401,7 @@ def to_onnx(exp: Exportable) -> bytes:
   for key, value in exp.metadata.items():
     entry = model.metadata_props.add()
     entry.key, entry.value = key, json.dumps(value)
-  if model.ByteSize() >= 2**31:
-    raise ExportError(f"the ONNX model is {model.ByteSize() / 2**30:.1f} GiB, over "
-                      "protobuf's 2 GiB single-file limit; export a smaller backbone, "
-                      "--dtype bfloat16, or --format stablehlo")
-  return model.SerializeToString()
+  return model
 
 
 def guard_empty_batch(model) -> None:
@@ -566,10 +607,13 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
     else:
       exp = build(workdir, object_names, **kwargs)
   with wait(f"tracing the model into {fmt} (the longest step)"):
-    data = to_onnx(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
+    data = onnx_model(exp) if fmt == "onnx" else to_stablehlo(exp, platforms)
+  if fmt == "onnx":
+    external = data.ByteSize() >= EXTERNAL_DATA_BYTES
+    return dict(exp.metadata, format=fmt, bytes=write_onnx(data, out),
+                external_data=(out.name + ".data") if external else None)
   meta = dict(exp.metadata, format=fmt, bytes=len(data))
-  if fmt == "stablehlo":
-    atomic.write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
+  atomic.write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2))
   atomic.write_bytes(out, data)
   return meta
 
@@ -617,6 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if rc:
     return rc
   if args.references is not None:
+    if meta.get("external_data"):
+      print(f"(tensors in {meta['external_data']} beside it: keep the two files together)")
     print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB, {args.format}): few-shot "
           f"against {meta['reference_count']} references, {meta['image_size']} px, outputs "
           f"{', '.join(meta['outputs'])}")

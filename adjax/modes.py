@@ -58,8 +58,10 @@ def evaluated(run) -> tuple[str, ...]:
 
 def head_free(run) -> bool:
   """A run (mode and scorings of a `RunConfig`, or of a `ConfigDict` before
-  it is resolved) that needs neither the head nor the text tower: evaluation
-  or prediction in neighbour modes only."""
+  it is resolved) that needs neither the head nor the text tower: building
+  few-shot banks, evaluation or prediction in neighbour modes only."""
+  if run.mode == "build_bank":
+    return True
   if run.mode == "predict":
     return run.predict.scoring != "zero_shot"
   return run.mode == "evaluate" and not any(needs_head(m) for m in evaluated(run))

@@ -311,7 +311,7 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
                    query_block: int | None = None, key_block: int | None = None,
                    token_block: int = 32,
                    precision=lax.Precision.HIGHEST, coreset: float = 0,
-                   coreset_seed: int = 0, bank_cache: dict | None = None) -> np.ndarray:
+                   coreset_seed: int = 0) -> np.ndarray:
   """Few-shot scoring -> maps [N, h, w]: each patch's distance to its nearest
   patch among the reference images' patches (the memory bank), with the same
   LNAMD features, averaged over layers and then over r.
@@ -321,54 +321,100 @@ def reference_maps(tokens, reference_tokens, r_list=(1, 3, 5), *, mesh=None,
   `coreset`: 0 (off) keeps every reference patch; a fraction in (0, 1] or a
   count > 1 keeps that many per layer and r, chosen by greedy k-center
   (`adjax.coreset.select`, seed `coreset_seed`) among the bank's LNAMD features.
-  `bank_cache`: a dict kept by the caller between calls with the same
-  references (the Detector's), where the coreset banks are kept once chosen.
+  It is `bank_maps` over `bank_arrays`: a caller scoring many batches against
+  one bank builds it once (`adjax.workdir.banks.Bank`).
   """
   layers, refs = _layers(tokens), _layers(reference_tokens)
-  n, h, w, d = _shape(layers, "reference_maps: tokens")
-  m, _, _, d_ref = _shape(refs, "reference_maps: reference_tokens")
+  _, _, _, d = _shape(layers, "reference_maps: tokens")
+  _, _, _, d_ref = _shape(refs, "reference_maps: reference_tokens")
   if len(refs) != len(layers) or d_ref != d:
     raise ValueError(f"reference_maps: {len(refs)} reference layers of width {d_ref} for "
                      f"{len(layers)} query layers of width {d}")
-  if m < 1:
-    raise ValueError("reference_maps: no reference images")
+  bank, _ = bank_arrays(refs, r_list, coreset=coreset, coreset_seed=coreset_seed,
+                        mesh=mesh, token_block=token_block)
+  return bank_maps(layers, bank, r_list, mesh=mesh, query_block=query_block,
+                   key_block=key_block, token_block=token_block, precision=precision)
+
+
+def bank_maps(tokens, bank, r_list=(1, 3, 5), *, mesh=None, query_block: int | None = None,
+              key_block: int | None = None, token_block: int = 32,
+              precision=lax.Precision.HIGHEST) -> np.ndarray:
+  """Few-shot scoring against a built bank -> maps [N, h, w]: `bank` [L,
+  len(r_list), K, D] (`bank_arrays`: LNAMD features per layer and r, after any
+  coreset), blocked (and sharded over `mesh`) as `mutual_maps` is. The bank's
+  patches are laid out as pseudo-images of the queries' P patches (the last
+  filled up with copies of the bank's first patch: a duplicate cannot change
+  a nearest distance); rows past them are padding, masked."""
+  layers = _layers(tokens)
+  n, h, w, d = _shape(layers, "bank_maps: tokens")
   r_list = _check_r(r_list)
-  query_block, key_block = block_sizes(h * w, query_block, key_block)
+  bank = np.asarray(bank, np.float32) if not isinstance(bank, np.ndarray) else bank
+  if bank.ndim != 4 or bank.shape[:2] != (len(layers), len(r_list)) or bank.shape[-1] != d:
+    raise ValueError(f"bank_maps: bank {tuple(bank.shape)} for {len(layers)} layers of "
+                     f"width {d} and r_list={r_list}")
+  if bank.shape[2] < 1:
+    raise ValueError("bank_maps: an empty bank")
+  p = h * w
+  query_block, key_block = block_sizes(p, query_block, key_block)
   query_block = min(query_block, n)
   rep = None if mesh is None else NamedSharding(mesh, P())
+  at = {r: k for k, r in reversed(list(enumerate(r_list)))}
 
   def layer_scores(l, r):
     z = _features(layers[l], r, token_block, rep)
-    key = (l, r, float(coreset), int(coreset_seed), key_block)
-    if coreset and bank_cache is not None and key in bank_cache:
-      bank, count = bank_cache[key]
-    else:
-      bank, count = _features(refs[l], r, token_block, rep, key_block), m
-      if coreset:
-        bank, count = _coreset_bank(bank, m, coreset, coreset_seed, key_block, mesh, rep)
-        if bank_cache is not None:
-          bank_cache[key] = (bank, count)
-    return _score_layer(z, n, bank, count, "reference", 0, 1, query_block, key_block,
+    keys, count = _pseudo_images(bank[l, at[r]], p, key_block, rep)
+    return _score_layer(z, n, keys, count, "reference", 0, 1, query_block, key_block,
                         precision, mesh, same=False)
   return _mean_over_layers_then_r(layer_scores, len(layers), r_list, (n, h, w))
 
 
-def _coreset_bank(bank, m: int, fraction: float, seed: int, key_block: int, mesh, rep):
-  """The bank's patches [M', P, D] (M real images) -> (the coreset's patches as
-  `count` pseudo-images [M'', P, D], count). The last pseudo-image is filled
-  up with copies of the first kept patch (a duplicate cannot change a nearest
-  distance), rows past `count` are zeros, masked as padding by `_key_blocks`."""
-  from adjax import coreset as coreset_lib
-  p, d = bank.shape[1:]
-  flat = bank[:m].reshape(m * p, d)
-  keep = coreset_lib.select(flat, coreset_lib.coreset_size(m * p, fraction), seed=seed,
-                            mesh=mesh if mesh is not None and mesh.shape[DATA] > 1 else None)
-  count = -(-len(keep) // p)
+def _pseudo_images(flat: np.ndarray, p: int, key_block: int, rep):
+  """Bank patches [K, D] -> (`count` pseudo-images of p patches [K'', p, D] on
+  device, count): the last pseudo-image filled up with copies of the first
+  patch, rows past `count` zeros (masked as padding by `_key_blocks`)."""
+  k, d = flat.shape
+  count = -(-k // p)
   rows = -(-count // key_block) * key_block
-  at = np.concatenate([keep, np.full(count * p - len(keep), keep[0])])
-  out = jnp.take(flat, jnp.asarray(at), axis=0).reshape(count, p, d)
-  out = jnp.concatenate([out, jnp.zeros((rows - count, p, d), out.dtype)])
-  return (jax.device_put(out, rep) if rep is not None else out), count
+  out = np.zeros((rows * p, d), np.float32)
+  out[:k] = flat
+  out[k:count * p] = flat[0]
+  out = out.reshape(rows, p, d)
+  return (jax.device_put(out, rep) if rep is not None else jnp.asarray(out)), count
+
+
+def bank_arrays(reference_tokens, r_list=(1, 3, 5), *, coreset: float = 0,
+                coreset_seed: int = 0, mesh=None, token_block: int = 32
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """The few-shot memory bank: (features [L, len(r_list), K, D] float32, the
+  LNAMD features of the reference patches of layer l and size r_list[k];
+  origin [L, len(r_list), K] int32, the reference image each patch comes
+  from). `coreset` as in `reference_maps`: K = M * P without one, else the
+  greedy k-center selection of each layer and r (on `mesh`'s devices when
+  given); the kept patches in selection order."""
+  from adjax import coreset as coreset_lib
+  refs = _layers(reference_tokens)
+  m, h, w, d = _shape(refs, "bank_arrays: reference_tokens")
+  if m < 1:
+    raise ValueError("bank_arrays: no reference images")
+  r_list = _check_r(r_list)
+  size = coreset_lib.coreset_size(m * h * w, coreset)
+  sel_mesh = mesh if mesh is not None and mesh.shape[DATA] > 1 else None
+  out = np.zeros((len(refs), len(r_list), size, d), np.float32)
+  origin = np.zeros((len(refs), len(r_list), size), np.int32)
+  image = np.repeat(np.arange(m, dtype=np.int32), h * w)
+  for l in range(len(refs)):
+    for k, r in enumerate(r_list):
+      z = np.asarray(_features(refs[l], r, token_block, None)).reshape(m * h * w, d)
+      keep = (coreset_lib.select(z, size, seed=coreset_seed, mesh=sel_mesh) if coreset
+              else np.arange(m * h * w))
+      out[l, k], origin[l, k] = z[keep], image[keep]
+  return out, origin
+
+
+def bank_features(reference_tokens, r_list=(1, 3, 5), *, coreset: float = 0,
+                  coreset_seed: int = 0) -> np.ndarray:
+  """`bank_arrays`' features alone: [L, len(r_list), K, D] float32."""
+  return bank_arrays(reference_tokens, r_list, coreset=coreset, coreset_seed=coreset_seed)[0]
 
 
 def refine_scores(scores, global_tokens, k_list=(1, 2, 3)) -> np.ndarray:
@@ -423,27 +469,6 @@ def lnamd_dense(x: jax.Array, r: int) -> jax.Array:
         acc = acc + xp[:, i:i + h, j:j + w]
     x = acc / (r * r)
   return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-
-
-def bank_features(reference_tokens, r_list=(1, 3, 5), *, coreset: float = 0,
-                  coreset_seed: int = 0) -> np.ndarray:
-  """The few-shot memory bank as one array: [L, len(r_list), K, D] float32,
-  the LNAMD features of the reference patches (layer l, size r_list[k]), what
-  `reference_maps` compares against; `reference_tokens`, `coreset` and
-  `coreset_seed` as there (K = M * P without a coreset)."""
-  from adjax import coreset as coreset_lib
-  refs = _layers(reference_tokens)
-  m, h, w, d = _shape(refs, "bank_features: reference_tokens")
-  if m < 1:
-    raise ValueError("bank_features: no reference images")
-  r_list = _check_r(r_list)
-  size = coreset_lib.coreset_size(m * h * w, coreset)
-  out = np.zeros((len(refs), len(r_list), size, d), np.float32)
-  for l in range(len(refs)):
-    for k, r in enumerate(r_list):
-      z = np.asarray(_features(refs[l], r, 32, None)).reshape(m * h * w, d)
-      out[l, k] = z[coreset_lib.select(z, size, seed=coreset_seed)] if coreset else z
-  return out
 
 
 def reference_maps_dense(tokens: jax.Array, bank: jax.Array, r_list=(1, 3, 5),

@@ -124,7 +124,7 @@ def run(cfg, workdir: Path, towers, mesh, head=None) -> dict:
   if scoring == "few_shot":
     refs = references_of(cfg.predict.references, name)
     try:
-      count = det.use_references(refs)
+      count = det.references_from(refs)
     except (FileNotFoundError, UserError) as e:
       raise PredictError(f"predict.references={cfg.predict.references!r}: {e}") from None
     print(f"few_shot: {count} reference images from {refs}", flush=True)

@@ -29,6 +29,7 @@ bilinearly with align_corners=True, like the head's maps.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import jax
@@ -39,11 +40,12 @@ from flax import nnx
 from adjax import coreset, datasets, neighbors, sharding, thresholds
 from adjax.ad_model import Features
 from adjax.common.errors import UserError
+from adjax.config import schema
 from adjax.data import images as image_io
 from adjax.modes import needs_head, neighbour_kind
 from adjax.models import head as head_lib
 from adjax.scorer import Scorer
-from adjax.workdir import run_log
+from adjax.workdir import Workdir, banks, run_log
 
 REFERENCE_SEED = 0   # the fixed shuffle that picks few-shot references
 
@@ -70,10 +72,19 @@ def category_folder(refs_dir: str, name: str) -> Path:
   return Path(refs_dir.replace(CATEGORY, name)) if CATEGORY in refs_dir else Path(refs_dir) / name
 
 
+def references_dir_for(cfg, handle) -> str:
+  """The folder (pattern) the few-shot bank is read from: `eval.references_dir`,
+  or with `eval.references_split=train` the data set's own training normals,
+  `<raw folder>/{category}/train/good`; "" for the test split's goods."""
+  if cfg.eval.references_split == "train":
+    return str(Path(handle.raw_dir or ".") / CATEGORY / "train" / "good")
+  return str(cfg.eval.references_dir)
+
+
 def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list[str]], list[str]]:
   """The bank of each category from `eval.references_dir`: the first k readable
-  images (sorted by path) of `category_folder(refs_dir, category)`. Returns
-  (category -> paths, problems), the problems one line each."""
+  images (sorted by path; k = 0: all) of `category_folder(refs_dir, category)`.
+  Returns (category -> paths, problems), the problems one line each."""
   if CATEGORY not in refs_dir and not Path(refs_dir).is_dir():
     return {}, [f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                 "of normal images per category)"]
@@ -87,10 +98,10 @@ def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list
       ok, _ = image_io.read_image_folder(sub)
     except FileNotFoundError:
       ok = []
-    if len(ok) < k:
+    if len(ok) < max(k, 1):
       short.append(f"{name} ({len(ok)})")
     else:
-      found[name] = ok[:k]
+      found[name] = ok[:k] if k else ok
   out = []
   if missing:
     if CATEGORY in refs_dir:
@@ -101,15 +112,15 @@ def folder_references(refs_dir: str, categories, k: int) -> tuple[dict[str, list
       out.append(f"eval.references_dir={refs_dir!r} has no subfolder for "
                  f"{', '.join(missing)} (expected one per category, named as it)")
   if short:
-    out.append(f"eval.references={k} needs at least {k} readable images in each subfolder "
-               f"of eval.references_dir={refs_dir!r}; fewer in {', '.join(short)}")
+    out.append(f"eval.references={k} needs at least {max(k, 1)} readable images in each "
+               f"subfolder of eval.references_dir={refs_dir!r}; fewer in {', '.join(short)}")
   return found, out
 
 
 def problems(cfg, handle) -> list[str]:
   """What stops `handle` being scored in `cfg.eval.scoring`, per category."""
   kind = neighbour_kind(cfg.eval.scoring)
-  refs_dir = str(cfg.eval.references_dir)
+  refs_dir = references_dir_for(cfg, handle)
   need = neighbors._min_images((0.0, 0.3))
   k = int(cfg.eval.references)
   k_list = tuple(int(x) for x in cfg.eval.rscin_k)
@@ -169,8 +180,11 @@ class NeighbourScorer:
   a `Scorer`, in the combined modes). A `scorer.ModeScorer`, as
   `scorer.ZeroShotScorer` is; `evaluate.Evaluator` consumes its rows."""
 
-  def __init__(self, cfg, towers, mesh, params):
+  def __init__(self, cfg, towers, mesh, params, workdir: Path | None = None):
     self.cfg, self.towers, self.mesh = cfg, towers, mesh
+    # Where the few-shot banks are stored (`Workdir.category_bank`); None: not stored.
+    self.workdir = workdir
+    self._category_banks: dict[str, dict] = {}   # category -> the bank's identity
     self.scoring = cfg.eval.scoring
     self.kind = neighbour_kind(self.scoring)
     self.with_head = needs_head(self.scoring)
@@ -195,6 +209,8 @@ class NeighbourScorer:
       ev["references"] = int(cfg.eval.references)
       if self.references_dir:
         ev["references_dir"] = self.references_dir
+      if cfg.eval.references_split == "train":
+        ev["references_split"] = "train"
     ev["r_list"] = [int(r) for r in cfg.eval.r_list]
     if self.coreset:
       ev["coreset"] = dict(self.coreset)
@@ -219,6 +235,8 @@ class NeighbourScorer:
   def extra_identity(self, handle) -> dict:
     """The few-shot references of each category (chosen here, left out of the metrics)."""
     self._refs, self._bank_paths = {}, {}
+    if self.kind == "few_shot":
+      self.references_dir = references_dir_for(self.cfg, handle)
     if self.references_dir:
       self._bank_paths = folder_references(self.references_dir, handle.categories,
                                            int(self.cfg.eval.references))[0]
@@ -247,7 +265,7 @@ class NeighbourScorer:
         continue
       got = self._category_pass(handle, name, table, to_draw, progress)
       self._category = name
-      bank = self._bank_tokens(self._bank_paths[name], table) if self._bank_paths else None
+      bank = self.category_bank(handle, name, got, table) if self.kind == "few_shot" else None
       rows = self._score_category(got, self._refs.get(name, np.zeros(0, int)), bank)
       draws = []
       for index, (image, path) in got["drawn"].items():
@@ -272,7 +290,7 @@ class NeighbourScorer:
       note = (f"; {self.cfg.eval.references} reference image(s) per category left out of the "
               f"metrics (listed in results/{stem}.json)")
     elif self._bank_paths:
-      note = (f"; {self.cfg.eval.references} reference image(s) per category from "
+      note = (f"; {self.cfg.eval.references or 'all'} reference image(s) per category from "
               f"{self.references_dir} (listed in results/{stem}.json)")
     print(f"\n{handle.display_name}: {self.scoring} results ({len(results)} categories"
           f"{note}) -> results/{stem}.*\n{table_text}", flush=True)
@@ -291,6 +309,8 @@ class NeighbourScorer:
     """Per category, the identity of its few-shot bank (`thresholds.bank_identity`
     of the references' model-size pixels, as `Detector.use_references` computes
     it); empty in the other modes."""
+    if self._category_banks:
+      return dict(self._category_banks)
     size = self.model.image_size
     out = {}
     for name, idx in self._refs.items():
@@ -357,16 +377,15 @@ class NeighbourScorer:
     got["drawn"] = drawn
     return got
 
-  def _bank_tokens(self, paths: list[str], table) -> np.ndarray:
-    """Raw tokens [L, k, P, D] of reference images from `eval.references_dir`,
-    read and resized like predict's inputs."""
+  def _image_tokens(self, batches, table, what: str) -> np.ndarray:
+    """Raw tokens [L, k, P, D] of model-size images given as prediction
+    batches (`image_io.prediction_batches`' dicts)."""
     b = max(1, self.cfg.eval.batch_size // jax.process_count())
     parts = []
-    for local in image_io.prediction_batches(paths, image_size=self.model.image_size,
-                                             batch_size=b):
+    for local in batches:
       bad = [f"{p}: {e}" for p, e in zip(local["path"], local["error"]) if e]
       if bad:
-        raise ScoringError(f"eval.references_dir: unreadable reference {bad[0]}")
+        raise ScoringError(f"{what}: unreadable reference {bad[0]}")
       batch = sharding.global_batch({"image": local["image"],
                                      "category_index": np.zeros(b, np.int32)}, self.mesh)
       outs = self._features_step(self.scorer.params, self.scorer.backbone_state, table,
@@ -374,10 +393,90 @@ class NeighbourScorer:
       parts.append(sharding.all_rows(outs[0], 1)[:, sharding.all_rows(local["valid"])])
     return np.concatenate(parts, axis=1)
 
+  def _bank_tokens(self, paths: list[str], table) -> np.ndarray:
+    """Raw tokens [L, k, P, D] of reference images from `eval.references_dir`,
+    read and resized like predict's inputs."""
+    b = max(1, self.cfg.eval.batch_size // jax.process_count())
+    return self._image_tokens(image_io.prediction_batches(
+        paths, image_size=self.model.image_size, batch_size=b), table, "eval.references_dir")
+
+  def _split_tokens(self, handle, idx, table) -> np.ndarray:
+    """Raw tokens [L, k, P, D] of the data set's examples `idx` (test-split references)."""
+    b = max(1, self.cfg.eval.batch_size // jax.process_count())
+    size = self.model.image_size
+
+    def batches():
+      for s in range(0, len(idx), b):
+        part = [int(i) for i in idx[s:s + b]]
+        image = np.zeros((b, size, size, 3), np.uint8)
+        for j, i in enumerate(part):
+          image[j] = datasets.image_at(handle, i, size)
+        yield {"image": image, "path": [""] * b, "error": [""] * b,
+               "valid": np.arange(b) < len(part)}
+    return self._image_tokens(batches(), table, "eval.references")
+
+  # ---- the few-shot bank ------------------------------------------------
+  def _reference_images(self, handle, name: str):
+    """(names, image digests) of a category's references, in bank order."""
+    size = self.model.image_size
+    if self._bank_paths:
+      paths = list(self._bank_paths[name])
+      return paths, [thresholds.image_digest(image_io.load_for_prediction(p, size)["image"])
+                     for p in paths]
+    idx = self._refs[name]
+    return ([datasets.as_str(handle.source[int(i)]["path"]) for i in idx],
+            [thresholds.image_digest(datasets.image_at(handle, int(i), size)) for i in idx])
+
+  def category_bank(self, handle, name: str, got: dict | None, table, rebuild: bool = False):
+    """The few-shot `Bank` of category `name`: the stored one
+    (`Workdir.category_bank`) when it was made of these references with these
+    settings, else built (from `got`'s tokens of test-split references, or a
+    backbone pass over the references) and stored. A stored bank that is
+    damaged or made for another model is refused (BankError, one line)."""
+    import time
+    names, digests = self._reference_images(handle, name)
+    want = thresholds.bank_identity(digests, self.coreset)
+    model = {"backbone": self.towers.backbone_id, "layers": self.model.layers,
+             "image_size": self.model.image_size,
+             "r_list": tuple(int(r) for r in self.cfg.eval.r_list)}
+    path = (Workdir(self.workdir).category_bank(handle.display_name, name)
+            if self.workdir is not None else None)
+    if path is not None and path.is_file() and not rebuild:
+      stored = banks.load(path)
+      stored.check(**model, where=str(path))
+      if stored.bank == want:
+        self._category_banks[name] = stored.bank
+        return stored
+    start = time.perf_counter()
+    if self._bank_paths:
+      tokens = self._bank_tokens(self._bank_paths[name], table)
+    elif got is not None:
+      tokens = got["tokens"][:, np.isin(got["index"], self._refs[name])]
+      order = np.asarray(got["index"])[np.isin(got["index"], self._refs[name])]
+      names = [names[list(self._refs[name]).index(i)] for i in order]
+      digests = [digests[list(self._refs[name]).index(i)] for i in order]
+    else:
+      tokens = self._split_tokens(handle, self._refs[name], table)
+    bank = self._bank_of(tokens, names, digests, model)
+    self.last_build_s = time.perf_counter() - start
+    if path is not None and jax.process_index() == 0:
+      banks.save(bank, path)
+    self._category_banks[name] = bank.bank
+    return bank
+
   # ---- scoring ----------------------------------------------------------
+  def _bank_of(self, tokens, names, digests, model: dict):
+    """A `Bank` of raw reference tokens [L, k, P, D] with `eval.coreset`."""
+    h, w = self.model.grid
+    tokens = tokens.reshape(tokens.shape[:2] + (h, w, tokens.shape[-1]))
+    mesh = self.mesh if self.mesh.shape[sharding.DATA] > 1 else None
+    return banks.build(tokens, names=names, image_digests=digests, **model, mesh=mesh,
+                       coreset=float(self.cfg.eval.coreset),
+                       coreset_seed=int(self.cfg.eval.coreset_seed))
+
   def _neighbour_maps(self, got: dict, keep: np.ndarray, bank=None) -> np.ndarray:
     """Patch-grid maps [n_keep, h, w] of the kept images (the others: references),
-    against `bank` (raw tokens of outside references) when given."""
+    few_shot against `bank` (the category's `Bank`)."""
     h, w = self.model.grid
     tok = got["tokens"]
     l, n, _, d = tok.shape
@@ -395,10 +494,11 @@ class NeighbourScorer:
       return maps[keep]
     if self.kind == "batch":
       return neighbors.mutual_maps(tok, r_list, mesh=mesh)[keep]
-    refs = tok[:, ~keep] if bank is None else bank.reshape(l, bank.shape[1], h, w, d)
-    return neighbors.reference_maps(tok[:, keep], refs, r_list, mesh=mesh,
-                                    coreset=float(self.cfg.eval.coreset),
-                                    coreset_seed=int(self.cfg.eval.coreset_seed))
+    if bank is None:        # the references among `got` (not stored: no identity known)
+      k = int((~keep).sum())
+      bank = self._bank_of(got["tokens"][:, ~keep], ["?"] * k, [str(i) for i in range(k)],
+                           {"backbone": "?", "layers": (), "image_size": 0, "r_list": r_list})
+    return neighbors.bank_maps(tok[:, keep], bank.features, r_list, mesh=mesh)
 
   def _score_category(self, got: dict, refs: np.ndarray, bank=None) -> dict:
     """-> rows (score, label, map, mask, has_mask, index) of the scored images."""
@@ -414,3 +514,37 @@ class NeighbourScorer:
     rows = {k: got[k][keep] for k in ("label", "mask", "has_mask", "index")}
     rows.update(map=maps.astype(np.float32), score=np.asarray(scores, np.float32))
     return rows
+
+
+def build_banks(cfg, workdir: Path, towers, mesh) -> dict[str, dict[str, Path]]:
+  """mode=build_bank: the few-shot bank of every category of every present
+  target, built (always anew) and stored in the workdir
+  (`Workdir.category_bank`), with one line per bank (size, build time).
+  Returns {data set: {category: path}}."""
+  # The bank is the same for few_shot and zero_shot+few_shot: built head-free.
+  scorer = NeighbourScorer(schema.replace(cfg, **{"eval.scoring": "few_shot"}), towers, mesh,
+                           None, workdir)
+  out = {}
+  for target in datasets.targets(cfg):
+    try:
+      handle = datasets.prepare(cfg, target)
+    except datasets.data.DatasetNotFoundError as e:
+      print(f"{target}: not present ({str(e).splitlines()[0]})", flush=True)
+      continue
+    scorer.check(handle)
+    scorer.extra_identity(handle)
+    out[handle.display_name] = {}
+    for ci, name in enumerate(handle.categories):
+      if not (handle.example_category == ci).any():
+        continue
+      start = time.perf_counter()
+      bank = scorer.category_bank(handle, name, None, None, rebuild=True)
+      path = Workdir(workdir).category_bank(handle.display_name, name)
+      out[handle.display_name][name] = path
+      if jax.process_index() == 0:
+        shape = "x".join(map(str, bank.features.shape))
+        print(f"{handle.display_name}/{name}: bank of {bank.count} references, "
+              f"{bank.features.shape[2]} patches per layer and r ({shape}, "
+              f"{bank.nbytes / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s "
+              f"-> {path}", flush=True)
+  return out

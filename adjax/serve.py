@@ -961,7 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       try:
         with quiet.announce_if_slow(
             f"few_shot: building the memory bank from {args.references}"):
-          count = detector.use_references(args.references)
+          count = detector.references_from(args.references)
       except (FileNotFoundError, DetectorError) as e:
         raise DetectorError(f"--references {args.references}: {e}") from None
       print(f"few_shot: {count} reference images from {args.references}", flush=True)

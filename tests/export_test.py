@@ -755,4 +755,108 @@ def test_few_shot_coreset_bank_matches_detector(run_dir, tmp_path):
   assert _max_err(got["image_score"], scores) <= 1e-5 * max(1.0, float(np.abs(scores).max()))
   again, _ = _detector_few_shot(det, images)      # the coreset bank kept from the first call
   np.testing.assert_array_equal(again, maps)
-  assert len(det._banks) == len(det.r_list) * 4
+  assert det.references.features.shape == tuple(exp.metadata["bank_shape"])
+
+
+# ---- the bank as an artifact ----------------------------------------------
+def _one_line_refusal(fn, needle):
+  from adjax.common.errors import UserError
+  with pytest.raises(UserError) as e:
+    fn()
+  text = str(e.value)
+  assert needle in text and "\n" not in text, text
+  return text
+
+
+def test_stored_bank_is_loaded_not_recomputed_and_scores_alike(few_shot, tmp_path, monkeypatch):
+  """use_references stores the bank in the workdir; a later Detector of the
+  same images loads it (no backbone pass, no bank build) and scores exactly
+  as the one that built it, as does use_bank(file); the export bakes that
+  bank. A damaged file, or a bank for another image size, is refused in one
+  line. Fails if the stored bank is not used, differs, or is trusted unchecked."""
+  from adjax.detector import Detector
+  from adjax.workdir import banks
+  bare, refs, exp, det = few_shot
+  stored = sorted((bare / "banks").glob("*" + banks.SUFFIX))
+  assert len(stored) == 1
+  images = _inputs(3, seed=9)[0]
+  maps, scores = _detector_few_shot(det, images)
+
+  def no_build(*a, **k):
+    raise AssertionError("the bank was built again")
+  monkeypatch.setattr(banks, "build", no_build)
+  again = Detector.from_workdir(bare, predict__scoring="few_shot")
+  monkeypatch.setattr(again, "_tokens", lambda batch: no_build())
+  assert again.use_references(str(refs)) == 3
+  np.testing.assert_array_equal(again.references.features, det.references.features)
+  monkeypatch.undo()
+  got_maps, got_scores = _detector_few_shot(again, images)
+  np.testing.assert_array_equal(got_maps, maps)
+  np.testing.assert_array_equal(got_scores, scores)
+  third = Detector.from_workdir(bare, predict__scoring="few_shot")
+  assert third.use_bank(stored[0]) == 3 and third.bank == det.bank
+  np.testing.assert_array_equal(_detector_few_shot(third, images)[0], maps)
+  from_file = export.build_few_shot(bare, stored[0])
+  assert from_file.metadata["bank_content_sha256"] == det.references.content_digest()
+  assert _max_err(jax.jit(from_file.fn)(images)["anomaly_map"], maps) <= 1e-5
+
+  damaged = tmp_path / ("damaged" + banks.SUFFIX)
+  data = bytearray(stored[0].read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  damaged.write_bytes(bytes(data))
+  _one_line_refusal(lambda: banks.load(damaged), "damaged bank file")
+  truncated = tmp_path / ("short" + banks.SUFFIX)
+  truncated.write_bytes(stored[0].read_bytes()[:1000])
+  _one_line_refusal(lambda: third.use_bank(truncated), "damaged bank file")
+  other = Detector.from_workdir(bare, predict__scoring="few_shot", image_size=48)
+  _one_line_refusal(lambda: other.use_bank(stored[0]), "image_size 32 (expected 48)")
+  bank = banks.load(stored[0])
+  moved = banks.Bank(bank.features, bank.origin, dict(bank.identity, backbone="elsewhere"))
+  _one_line_refusal(lambda: third.use_bank(moved), "backbone 'elsewhere'")
+
+
+def test_export_refuses_a_damaged_or_foreign_bank_in_one_line(few_shot, tmp_path, capsys):
+  from adjax.workdir import banks
+  bare = few_shot[0]
+  stored = sorted((bare / "banks").glob("*" + banks.SUFFIX))[0]
+  damaged = tmp_path / ("damaged" + banks.SUFFIX)
+  data = bytearray(stored.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  damaged.write_bytes(bytes(data))
+  for bank, args, needle in ((damaged, [], "damaged bank file"),
+                             (stored, ["--image-size", "48"], "another model")):
+    rc = export.main(["--workdir", str(bare), "--references", str(bank), "--format",
+                      "stablehlo", "--out", str(tmp_path / "m.shlo")] + args)
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1, err
+  assert not (tmp_path / "m.shlo").exists()
+
+
+@pytest.mark.slow
+def test_stored_bank_onnx_with_external_data_matches_detector(few_shot, tmp_path,
+                                                             monkeypatch):
+  """The ONNX file made from the stored bank file scores as the Detector
+  (1e-5). Over the external-data size (lowered here from 2 GiB) its tensors
+  go to <out>.data beside a small model file, which onnxruntime reads back.
+  Fails if a large model is written as one protobuf or its data is lost."""
+  pytest.importorskip("jax2onnx")
+  import onnx
+  from adjax.workdir import banks
+  bare, _, _, det = few_shot
+  stored = sorted((bare / "banks").glob("*" + banks.SUFFIX))[0]
+  monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 2**18)
+  out = tmp_path / "bank.onnx"
+  meta = export.export(bare, None, "onnx", out, references=stored)
+  data = tmp_path / "bank.onnx.data"
+  assert meta["external_data"] == data.name and data.is_file()
+  assert meta["bytes"] == out.stat().st_size + data.stat().st_size
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.onnx", "bank.onnx.data"]
+  # No tensor of 1 KiB or more (the bank's among them) stays in the protobuf.
+  inline = [t.name for t in onnx.load(str(out), load_external_data=False).graph.initializer
+            if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
+  assert inline == [] and data.stat().st_size >= det.references.nbytes
+  assert onnx.load(str(out)).ByteSize() > 2**18     # the tensors read back from the data
+  images = _inputs(3, seed=11)[0]
+  amap, score = _ort_session(out).run(None, {"images": images})
+  maps, scores = _detector_few_shot(det, images)
+  assert _max_err(amap, maps) <= 1e-5 and _max_err(score, scores) <= 1e-5

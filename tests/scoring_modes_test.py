@@ -47,13 +47,32 @@ def test_config_check_names_bad_mode_values():
   cfg = demo_config()
   cfg.mode = "evaluate"
   cfg.eval.scoring = "fewshot"
-  cfg.eval.references = 0
+  cfg.eval.references = -1
   cfg.eval.r_list = (1, 2)
   cfg.eval.combine = "sum"
   found = "\n".join(config_check.problems(cfg))
-  for field in ("eval.scoring='fewshot'", "eval.references=0", "eval.r_list=(1, 2)",
+  for field in ("eval.scoring='fewshot'", "eval.references=-1", "eval.r_list=(1, 2)",
                 "eval.combine='sum'"):
     assert field in found, found
+
+
+def test_config_check_references_all_and_train_split():
+  """eval.references=0 (all) needs a bank outside the test split; the train
+  split is a few_shot setting, and not beside eval.references_dir."""
+  cfg = demo_config()
+  cfg.mode, cfg.eval.scoring, cfg.eval.references = "evaluate", "few_shot", 0
+  assert any("eval.references=0 (all) leaves no test image" in p
+             for p in config_check.problems(cfg))
+  cfg.eval.references_split = "train"
+  assert not any("references" in p for p in config_check.problems(cfg))
+  cfg.eval.references_dir = "refs/{category}"
+  assert any("both set" in p for p in config_check.problems(cfg))
+  cfg.eval.references_dir, cfg.eval.scoring = "", "batch"
+  assert any("eval.references_split=train is set but eval.scoring='batch'" in p
+             for p in config_check.problems(cfg))
+  cfg.eval.references_split, cfg.eval.scoring, cfg.mode = "test", "batch", "build_bank"
+  assert any("mode=build_bank builds the few_shot bank" in p
+             for p in config_check.problems(cfg))
 
 
 def test_head_free_modes_need_no_text_checkpoint():
@@ -268,7 +287,10 @@ def test_an_outside_bank_scores_every_image():
       cfg=types.SimpleNamespace(eval=types.SimpleNamespace(r_list=(1, 3), batch_subset=0,
                                                            coreset=0.0, coreset_seed=0)))
   fake._neighbour_maps = types.MethodType(scoring_modes.NeighbourScorer._neighbour_maps, fake)
-  rows = scoring_modes.NeighbourScorer._score_category(fake, got, np.zeros(0, int), bank)
+  from adjax.workdir import banks
+  built = banks.build(bank.reshape(l, k, h, w, d), names=list("abc"), image_digests=list("abc"),
+                      backbone="b", layers=(1, 2), image_size=8, r_list=(1, 3))
+  rows = scoring_modes.NeighbourScorer._score_category(fake, got, np.zeros(0, int), built)
   np.testing.assert_array_equal(rows["index"], got["index"])
   want = neighbors.reference_maps(got["tokens"].reshape(l, n, h, w, d),
                                   bank.reshape(l, k, h, w, d), (1, 3))

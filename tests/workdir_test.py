@@ -27,6 +27,7 @@ def test_every_part_is_where_the_layout_says(tmp_path):
       "checkpoints": "checkpoints", "data_state": "data_state", "results": "results",
       "heatmaps": "heatmaps", "predictions": "predictions", "tensorboard": "tensorboard",
       "feature_cache": "feature_cache", "text_cache": "text_cache", "tokenizer": "tokenizer",
+      "banks": "banks",
   }
   for part, name in layout.items():
     assert getattr(run, part) == tmp_path / "run" / name, part
@@ -39,6 +40,12 @@ def test_every_part_is_where_the_layout_says(tmp_path):
       tmp_path / "run" / "results" / "family_b@0123456789.thresholds.json")
   assert run.evaluation_page("family_b") == tmp_path / "run" / "results" / "family_b.html"
   assert run.evaluation_heatmaps("family_b") == tmp_path / "run" / "heatmaps" / "family_b"
+  assert run.category_bank("family_b", "tile") == (
+      tmp_path / "run" / "banks" / "family_b" / "tile.bank.npz")
+  assert run.reference_bank("0123abcd") == tmp_path / "run" / "banks" / "0123abcd.bank.npz"
+  for bad in (("", "tile"), ("family_b", "../x"), (".hidden", "tile")):
+    with pytest.raises(ValueError):
+      run.category_bank(*bad)
   assert not (tmp_path / "run").exists()    # naming creates nothing
 
 

@@ -1,6 +1,12 @@
-"""Benchmark parts of `python -m adjax.bench neighbors --parts coreset,subsets`:
+"""Benchmark parts of `python -m adjax.bench neighbors --parts coreset,subsets,scoring`:
 coreset selection against a PyTorch restatement of anomalib's `KCenterGreedy`,
-and batch scoring in subsets (`eval.batch_subset`) at large N.
+batch scoring in subsets (`eval.batch_subset`) at large N, and few-shot
+scoring time against the bank's size.
+
+Scoring (`--bank-cases vits16@224:1960,...`, `--bank-queries 8`, `--bank-r 1`,
+`--layers 4`): `neighbors.bank_maps` of the queries' random raw tokens
+against a bank of K random unit features per layer and r (K = references x
+patches, or a coreset's count); each case in its own process.
 
 Coreset (`--coreset 100000:384,100000:1024`, `--fraction 0.1`): random
 float32 features [N, D]; the time to choose fraction * N patches
@@ -231,3 +237,41 @@ def print_subsets(rows: list[dict]) -> None:
           f"{r['whole_batch_ratio']:12.1f}  "
           + ("measured" if r["subsets_timed"] == r["subsets"] else
              f"scaled from {r['subsets_timed']} of {r['subsets']} subsets"))
+
+
+def run_scoring(spec: str, bank_patches: int, queries: int, layers: int,
+                r_list: tuple[int, ...], blocks: int = 2) -> dict:
+  """Few-shot scoring (`neighbors.bank_maps`) of `queries` images of case
+  `spec` ("vits16@224") against a bank of `bank_patches` patches per layer
+  and r: random unit features [L, R, K, D] and random raw query tokens. The
+  first call compiles; the next `blocks` calls are timed (their mean)."""
+  import jax
+  from adjax import neighbors
+  from adjax.bench.neighbors import _case
+  variant, size, side, dim = _case(spec)
+  rng = np.random.default_rng(0)
+  bank = rng.standard_normal((layers, len(r_list), bank_patches, dim), np.float32)
+  bank /= np.linalg.norm(bank, axis=-1, keepdims=True)
+  tokens = rng.standard_normal((layers, queries, side, side, dim), np.float32)
+  neighbors.bank_maps(tokens, bank, r_list)           # compile
+  start = time.perf_counter()
+  for _ in range(blocks):
+    neighbors.bank_maps(tokens, bank, r_list)
+  seconds = (time.perf_counter() - start) / blocks
+  p = side * side
+  flops = 2.0 * queries * p * bank_patches * dim * layers * len(r_list)
+  return dict(case=spec, bank_patches=bank_patches, queries=queries, layers=layers,
+              r=list(r_list), seconds=seconds, ms_per_image=1e3 * seconds / queries,
+              gflops=flops / seconds / 1e9, bank_mib=bank.nbytes / 2**20,
+              peak_rss_gb=_peak_gb(), device=str(jax.devices()[0].device_kind))
+
+
+def print_scoring(rows: list[dict]) -> None:
+  print("\nfew-shot scoring against the bank (neighbors.bank_maps; random features, "
+        "compile excluded)")
+  print(f"{'case':12s} {'K per l,r':>10s} {'L':>2s} {'r':>6s} {'bank MiB':>9s} "
+        f"{'ms/image':>9s} {'images/s':>9s} {'GFLOP/s':>8s} {'peak GB':>8s}")
+  for r in rows:
+    print(f"{r['case']:12s} {r['bank_patches']:10d} {r['layers']:2d} "
+          f"{','.join(map(str, r['r'])):>6s} {r['bank_mib']:9.1f} {r['ms_per_image']:9.1f} "
+          f"{1e3 / r['ms_per_image']:9.2f} {r['gflops']:8.1f} {r['peak_rss_gb']:8.2f}")

@@ -169,7 +169,8 @@ def main(argv=None) -> int:
                  help="run the whole mutual_maps when estimated below this many seconds")
   p.add_argument("--parts", default="mutual",
                  help="mutual (MuSc scoring), coreset (selection against anomalib's "
-                      "algorithm), subsets (batch scoring in subsets): see adjax/bench/bank.py")
+                      "algorithm), subsets (batch scoring in subsets), scoring (few-shot "
+                      "scoring time against the bank size): see adjax/bench/bank.py")
   p.add_argument("--coreset", default="100000:384,100000:1024", help="N:D cases")
   p.add_argument("--fraction", type=float, default=0.1, help="coreset fraction")
   p.add_argument("--steps", type=int, default=500,
@@ -177,6 +178,11 @@ def main(argv=None) -> int:
   p.add_argument("--subset-n", default="1000,5000", help="images scored in subsets")
   p.add_argument("--subset", type=int, default=50, help="eval.batch_subset")
   p.add_argument("--subsets-timed", type=int, default=3)
+  p.add_argument("--bank-cases", default="vits16@224:1960,vits16@224:19600,"
+                 "vits16@224:78400,vitl16@512:10240,vitl16@512:40960",
+                 help="scoring: variant@size:K, K bank patches per layer and r")
+  p.add_argument("--bank-queries", type=int, default=8, help="scoring: images scored")
+  p.add_argument("--bank-r", default="1", help="scoring: r_list")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   r_list = tuple(int(r) for r in a.r.split(",") if r)
@@ -188,6 +194,10 @@ def main(argv=None) -> int:
       row = bank.run_coreset(int(n), int(d), a.fraction, a.steps, a.budget)
     elif kind == "subsets":
       row = bank.run_subsets(int(what), a.subset, a.subsets_timed)
+    elif kind == "scoring":
+      spec, k = what.rsplit(":", 1)
+      row = bank.run_scoring(spec, int(k), a.bank_queries, a.layers,
+                             tuple(int(r) for r in a.bank_r.split(",") if r))
     else:
       spec, n = a.one.split(":")
       row = run_one(spec, int(n), a.layers, r_list, a.blocks, a.budget)
@@ -199,11 +209,14 @@ def main(argv=None) -> int:
         f"AVX-512 {'yes' if _avx512() else 'no'}; device: {jax.devices()[0].platform} "
         f"{jax.devices()[0].device_kind} x{jax.device_count()}", flush=True)
   common = ["--budget", str(a.budget), "--fraction", str(a.fraction), "--steps", str(a.steps),
-            "--subset", str(a.subset), "--subsets-timed", str(a.subsets_timed)]
-  if "coreset" in parts or "subsets" in parts:
+            "--subset", str(a.subset), "--subsets-timed", str(a.subsets_timed),
+            "--bank-queries", str(a.bank_queries), "--bank-r", a.bank_r,
+            "--layers", str(a.layers)]
+  if {"coreset", "subsets", "scoring"} & set(parts):
     from adjax.bench import bank
-    found = {"coreset": [], "subsets": []}
-    for part, cases in (("coreset", a.coreset), ("subsets", a.subset_n)):
+    found = {"coreset": [], "subsets": [], "scoring": []}
+    for part, cases in (("coreset", a.coreset), ("subsets", a.subset_n),
+                        ("scoring", a.bank_cases)):
       if part not in parts:
         continue
       for case in [c for c in cases.split(",") if c]:
@@ -216,6 +229,8 @@ def main(argv=None) -> int:
       bank.print_coreset(found["coreset"], a.fraction)
     if found["subsets"]:
       bank.print_subsets(found["subsets"])
+    if found["scoring"]:
+      bank.print_scoring(found["scoring"])
   if "mutual" not in parts:
     return 0
   rows = []

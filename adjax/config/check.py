@@ -94,6 +94,16 @@ def problems(cfg, *, device_count: int | None = None,
   elif refs_dir and "{category}" not in refs_dir and not Path(refs_dir).is_dir():
     out.append(f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                "of normal images per category)")
+  if cfg.eval.references_split == "train" and "few_shot" not in kinds:
+    out.append(f"eval.references_split=train is set but eval.scoring={cfg.eval.scoring!r}; "
+               "set eval.scoring=few_shot (or zero_shot+few_shot)")
+  elif cfg.eval.references_split == "train" and refs_dir:
+    out.append("eval.references_split=train and eval.references_dir are both set; the "
+               "bank comes from one of them")
+  if ("few_shot" in kinds and cfg.eval.references == 0 and not refs_dir
+      and cfg.eval.references_split != "train"):
+    out.append("eval.references=0 (all) leaves no test image to score; take the bank from "
+               "eval.references_dir or eval.references_split=train")
   coreset = cfg.eval.coreset
   if not (math.isfinite(coreset) and (0 <= coreset <= 1 or coreset == int(coreset))):
     out.append(f"eval.coreset={coreset!r}: expected 0 (off), a fraction in (0, 1] or a "
@@ -153,7 +163,10 @@ def problems(cfg, *, device_count: int | None = None,
     problem = _data_source_problem(cfg, "data.train", str(cfg.data.train))
     if problem:
       out.append(problem)
-  if cfg.mode == "evaluate" or (cfg.mode == "train" and cfg.eval.enabled):
+  if cfg.mode == "build_bank" and modes.neighbour_kind(cfg.eval.scoring) != "few_shot":
+    out.append(f"mode=build_bank builds the few_shot bank, but eval.scoring="
+               f"{cfg.eval.scoring!r}; set eval.scoring=few_shot (or zero_shot+few_shot)")
+  if cfg.mode in ("evaluate", "build_bank") or (cfg.mode == "train" and cfg.eval.enabled):
     targets = _targets(cfg)
     if not targets:
       out.append("data.targets is empty: name at least one data set or folder "

@@ -18,11 +18,12 @@ import json
 import types
 from typing import Any, Iterator, Mapping
 
-from adjax import modes
 import ml_collections
 
+from adjax import modes
+
 # Enumerations checked by `adjax.config.check` and listed by the reference.
-MODES = ("train", "evaluate", "predict")
+MODES = ("train", "evaluate", "predict", "build_bank")
 DTYPES = ("float32", "bfloat16")
 FEATURE_CACHES = ("none", "memory", "disk")
 BACKBONE_SHARDINGS = ("replicated", "model")
@@ -216,8 +217,13 @@ class EvalConfig(Part):
       "zero_shot", "Scoring against neighbours (SPEC section 11): few_shot and batch need "
       "neither a trained head nor the text tower", choices=modes.SCORINGS)
   references: int = field(
-      4, "few_shot: normal reference images per category (left out of the metrics)",
-      minimum=1)
+      4, "few_shot: normal reference images per category (left out of the metrics); 0: all "
+      "of them (with eval.references_dir or eval.references_split=train)", minimum=0)
+  references_split: str = field(
+      "test", "few_shot: test takes the references from the test split's good images (or "
+      "eval.references_dir); train from the data set's own normal training images, "
+      "<raw folder>/<category>/train/good (MVTec layout; the demo has them)",
+      choices=("test", "train"))
   references_dir: str = field(
       "", "few_shot: folder with a subfolder per category of normal images (or a path with "
       "{category}, e.g. data/mvtec/{category}/train/good); the first eval.references (by "
@@ -257,7 +263,8 @@ class PredictConfig(Part):
       "inputs together)", choices=PREDICT_SCORINGS)
   references: str = field(
       "", "few_shot: folder or glob of normal images of the object ({category} is replaced "
-      "by predict.object_name, e.g. data/demo/family_b/{category}/train/good)")
+      "by predict.object_name, e.g. data/demo/family_b/{category}/train/good), or a stored "
+      "bank (*.bank.npz, e.g. from mode=build_bank)")
 
 
 @_frozen
@@ -275,7 +282,9 @@ class MeshConfig(Part):
 class RunConfig(Part):
   """The resolved run config: the file's fields, typed and frozen."""
   name: str = field("adjax", "run name; the default workdir is runs/<name>")
-  mode: str = field("train", "train (then evaluate) | evaluate | predict", choices=MODES)
+  mode: str = field("train", "train (then evaluate) | evaluate | predict | build_bank (the "
+                    "few_shot bank of each target category, stored in the workdir)",
+                    choices=MODES)
   workdir: str = field("", "default: runs/<name> (the same field as the --workdir flag)")
   init_from: str = field("", "a trained workdir whose head parameters start this run")
   resume_mismatch: str = field(

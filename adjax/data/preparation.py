@@ -45,6 +45,9 @@ class DatasetHandle:
   skipped: list = dataclasses.field(default_factory=list)
   # How results and logs name the data set (a user folder: its folder name).
   label: str = ""
+  # The raw folder it was prepared from (MVTec layout: its normal training
+  # images are <raw_dir>/<category>/train/good); "" when unknown.
+  raw_dir: str = ""
 
   @property
   def display_name(self) -> str:

@@ -21,6 +21,8 @@ its path; no other module spells out these names. The layout itself:
                                     zero_shot+few_shot, zero_shot+batch)
   predictions/, unreadable.txt      predict's outputs; the inputs it could not read
   metrics.jsonl, tensorboard/       the training log
+  banks/<data set>/<category>.bank.npz  few-shot banks of an evaluation (mode=build_bank)
+  banks/<identity>.bank.npz         banks of Detector.use_references (predict, page, export)
   feature_cache/, text_cache/       default cache places (config fields override them)
   tokenizer/                        a random text tower's tokenizer
   .adjax.lock                       held by the run using the folder
@@ -134,6 +136,22 @@ class Workdir:
   @property
   def tensorboard(self) -> Path:
     return self.root / "tensorboard"
+
+  @property
+  def banks(self) -> Path:
+    """Few-shot memory banks (`adjax.workdir.banks`)."""
+    return self.root / "banks"
+
+  def category_bank(self, dataset: str, category: str) -> Path:
+    """The few-shot bank an evaluation of `dataset` uses for `category`."""
+    for part in (dataset, category):
+      if not part or "/" in part or part.startswith("."):
+        raise ValueError(f"{part!r}: not a data set or category name")
+    return self.banks / dataset / f"{category}.bank.npz"
+
+  def reference_bank(self, digest: str) -> Path:
+    """A bank of `Detector.use_references`, named by its identity's digest."""
+    return self.banks / f"{digest}.bank.npz"
 
   @property
   def feature_cache(self) -> Path:
