@@ -26,14 +26,13 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from adjax import losses
 from adjax.models import backbones
 from adjax.models import head as head_lib
-
+from adjax.models import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +110,20 @@ class ADModel:
       return self.backbone.normalize(images)
     return images.astype(jnp.float32)
 
-  def features(self, backbone: nnx.Module, images: jax.Array) -> Features:
-    """images [B, H, W, 3] -> Features (patches [L, B, N, D], cls [L, B, D])."""
+  def raw_tokens(self, backbone: nnx.Module, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, 3] (raw pixels) -> the tapped blocks' tokens as the
+    backbone returns them, float32: patches [L, B, N, D] (prefix tokens
+    removed, no standardisation: what the neighbour modes compare) and cls
+    [L, B, D]."""
     outs = backbone.get_intermediate_layers(self.normalize(images), list(self.layers))
-    tokens = jax.lax.stop_gradient(jnp.stack(outs).astype(jnp.float32))  # [L, B, T, D]
-    prefix = self.backbone.num_prefix_tokens
-    patches = head_lib.standardize_patches(tokens[:, :, prefix:])
-    return Features(patches, tokens[:, :, self.backbone.cls_index])
+    tokens = jnp.stack(outs).astype(jnp.float32)                       # [L, B, T, D]
+    return tokens[:, :, self.backbone.num_prefix_tokens:], tokens[:, :, self.backbone.cls_index]
+
+  def features(self, backbone: nnx.Module, images: jax.Array) -> Features:
+    """images [B, H, W, 3] -> Features (patches [L, B, N, D], cls [L, B, D]):
+    `raw_tokens` with the patches standardised, for the head."""
+    patches, cls = jax.lax.stop_gradient(self.raw_tokens(backbone, images))
+    return Features(head_lib.standardize_patches(patches), cls)
 
   def outputs(self, params: nnx.State, feats: Features, text_table: jax.Array,
               category_index: jax.Array) -> dict[str, jax.Array]:

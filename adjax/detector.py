@@ -10,7 +10,7 @@ only chooses the files and writes the outputs), so both give the same numbers
 and decisions. It builds the config checks, the towers, the head of the
 latest checkpoint with its identity check, the compiled eval step of
 `adjax.scorer.Scorer` and the checked `thresholds.json` (the workdir's, else
-the `init_from` run's; `adjax.thresholds.resolve` per object) once, and then
+the `init_from` run's; `adjax.workdir.thresholds.resolve` per object) once, and then
 scores any number of images: paths, folders, globs, PIL images and uint8
 arrays, of any size. Images are preprocessed as the prediction reader does
 (`adjax.data.images`), batched at `predict.batch_size` (the last batch padded,
@@ -39,27 +39,26 @@ predictions are undecided: no decisions, no masks.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import dataclasses
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 from PIL import Image
+from flax import nnx
+import jax
+import numpy as np
 
 from adjax import coreset, data, loading, metrics, modes, neighbors, scoring_modes
-from adjax import sharding, thresholds
 from adjax import towers as towers_lib
+from adjax.common import sharding
 from adjax.common.errors import UserError
 from adjax.config import check as config_check
 from adjax.config import load as run_config
 from adjax.data import images as data_images
 from adjax.scorer import Scorer
-from adjax.workdir import Workdir, banks, run_log
+from adjax.workdir import Workdir, banks, run_log, thresholds
 
 # Scoring modes `Detector.predict` supports (the page's mode selector lists them).
 SCORING_MODES = ("zero_shot", "few_shot", "batch")
@@ -364,14 +363,12 @@ class Detector:
     the deepest tapped block's cls token), as `adjax.scoring_modes` takes them."""
     if self._tokens_step is None:
       model, graphdef = self.model, self._backbone[0]
-      prefix, cls_index = model.backbone.num_prefix_tokens, model.backbone.cls_index
 
       @jax.jit
       def step(state, images):
         backbone = nnx.merge(graphdef, state)
-        outs = backbone.get_intermediate_layers(model.normalize(images), list(model.layers))
-        tokens = jnp.stack(outs).astype(jnp.float32)
-        return tokens[:, :, prefix:], tokens[-1, :, cls_index]
+        raw, cls = model.raw_tokens(backbone, images)
+        return raw, cls[-1]
       self._tokens_step = step
     raw, glob = (np.asarray(x) for x in self._tokens_step(self._backbone[1], batch))
     h, w = self.model.grid
@@ -429,7 +426,6 @@ class Detector:
     """`use_bank` for the path of a stored bank (`*.bank.npz`), else
     `use_references`: what predict.references, the page's --references and
     the export's --references take. A refused bank is a DetectorError."""
-    from adjax.workdir import banks
     if isinstance(spec, (str, os.PathLike)) and os.fspath(spec).endswith(banks.SUFFIX):
       try:
         return self.use_bank(spec)
@@ -443,7 +439,6 @@ class Detector:
             "image_size": self.image_size, "r_list": self.r_list}
 
   def _stored_bank(self, bank_identity: dict) -> Path:
-    from adjax.workdir import banks
     key = dict(self._bank_model(), bank=bank_identity)
     key["layers"], key["r_list"] = list(key["layers"]), list(key["r_list"])
     return Workdir(self.workdir).reference_bank(banks.identity_digest(key))
@@ -454,7 +449,6 @@ class Detector:
     backbone pass). Refused in one line (BankError) when the file is damaged
     or the bank was made for another backbone, layers, image size or r_list.
     Returns its number of references."""
-    from adjax.workdir import banks
     where = "use_bank"
     if not isinstance(bank, banks.Bank):
       where = str(bank)
@@ -482,8 +476,6 @@ class Detector:
   def backbone_module(self):
     """The frozen backbone as an `nnx` module with host copies of its weights
     (what an export closes over, whatever placement this Detector chose)."""
-    import jax
-    from flax import nnx
     return nnx.merge(self._backbone[0], jax.device_get(self._backbone[1]))
 
   def coreset_args(self) -> dict:

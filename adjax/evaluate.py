@@ -15,22 +15,22 @@ evaluation finds none.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import shutil
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from adjax import datasets, metrics, modes, scoring_modes, thresholds
+from adjax import metrics, modes, scoring_modes
 from adjax.common import atomic
 from adjax.config import schema
-from adjax.report import heatmaps, tables
+from adjax.data import targets as datasets
+from adjax.report import comparison, heatmaps
 from adjax.report import html as html_report
-from adjax.report import comparison
+from adjax.report import tables
 from adjax.scorer import ModeScorer, ZeroShotScorer
-from adjax.workdir import identity, run_log
-from adjax.workdir import Workdir
+from adjax.workdir import Workdir, identity, run_log, thresholds
 
 
 class CategoryMetrics:

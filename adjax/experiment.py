@@ -11,18 +11,17 @@ from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
-
 import numpy as np
 
-from adjax import datasets, evaluate, fetch, loading, modes, predict, scoring_modes
-from adjax import sharding, train
+from adjax import evaluate, fetch, loading, modes, predict, scoring_modes
 from adjax import towers as towers_lib
-from adjax.common import atomic
+from adjax import train
+from adjax.common import atomic, sharding
 from adjax.config import check as config_check
 from adjax.config import schema
 from adjax.data import synthetic
-from adjax.workdir import identity
-from adjax.workdir import Workdir
+from adjax.data import targets as datasets
+from adjax.workdir import Workdir, identity
 from adjax.workdir.lock import WorkdirLock
 
 

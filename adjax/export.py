@@ -51,24 +51,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
-import sys
 from pathlib import Path
+import sys
+import tempfile
 from typing import Callable, Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adjax import loading, sharding, thresholds
+from adjax import loading, neighbors
 from adjax import towers as towers_lib
-from adjax.common import errors
+from adjax.common import atomic, errors, quiet, sharding
+from adjax.common.errors import UserError
 from adjax.config import load as run_config
 from adjax.config import schema
-from adjax.workdir import checkpoints
-from adjax.common.errors import UserError
-from adjax.workdir import Workdir
+from adjax.data.images import IMAGE_EXTENSIONS, read_image_folder
+from adjax.detector import Detector, DetectorError
+from adjax.models import head as head_lib
+from adjax.models import vit
+from adjax.workdir import Workdir, banks, checkpoints, thresholds
+from adjax.workdir.lock import WorkdirLock
 
 # transformers announces at import that PyTorch is absent (it is optional).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -219,8 +227,6 @@ FEW_SHOT_INPUTS = ("images",)
 def _check_references(references) -> Path:
   """The --references folder, refused unless it holds a readable image, or a
   stored bank file (`*.bank.npz`, checked when loaded)."""
-  from adjax.data.images import IMAGE_EXTENSIONS, read_image_folder
-  from adjax.workdir import banks
   refs = Path(references)
   if refs.name.endswith(banks.SUFFIX) and refs.is_file():
     return refs
@@ -247,11 +253,6 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   `neighbors.bank_features`, one constant), scored as
   `Detector(...).predict(images, scoring="few_shot")` after
   `use_references(references)` scores them. A head in the workdir is not used."""
-  import jax.numpy as jnp
-  from adjax import neighbors
-  from adjax.detector import Detector, DetectorError
-  from adjax.config import schema
-  from adjax.models import head as head_lib
 
   refs = _check_references(references)
   workdir = Path(workdir)
@@ -270,7 +271,6 @@ def build_few_shot(workdir, references, *, config: str | None = None,
     raise ExportError(f"--references {refs}: {e}") from None
   except ValueError as e:
     raise ExportError(str(e)) from None
-  from adjax import thresholds
   # The few-shot record made with this bank decides, as Detector.predict does.
   try:
     chosen = det.thresholds_for("", "few_shot")
@@ -284,14 +284,12 @@ def build_few_shot(workdir, references, *, config: str | None = None,
   # The Detector's bank, as it scores with it (built, or loaded from the workdir).
   bank_array = det.references.features
   backbone = det.backbone_module()
-  prefix = model.backbone.num_prefix_tokens
   (h, w), out_hw = model.grid, model.out_hw
   limit = None if threshold is None else _f32_at_least(float(threshold))
 
   def fn(images):
-    # Detector._tokens: the tapped blocks' raw patch tokens (no standardisation).
-    outs = backbone.get_intermediate_layers(model.normalize(images), list(model.layers))
-    tokens = jnp.stack(outs).astype(jnp.float32)[:, :, prefix:]
+    # The tapped blocks' raw patch tokens (no standardisation), as the Detector's.
+    tokens, _ = model.raw_tokens(backbone, images)
     tokens = tokens.reshape(tokens.shape[:2] + (h, w, tokens.shape[-1]))
     grid = neighbors.reference_maps_dense(tokens, jnp.asarray(bank_array), r_list)
     amap = head_lib.upsample_align_corners(grid[..., None], out_hw)[..., 0]
@@ -321,15 +319,12 @@ def build_few_shot(workdir, references, *, config: str | None = None,
 
 
 def _input_specs(size: int, batch, inputs: Sequence[str] = INPUT_NAMES):
-  import jax
-  import jax.numpy as jnp
   specs = {"images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
            "object_index": jax.ShapeDtypeStruct((batch,), jnp.int32)}
   return tuple(specs[k] for k in inputs)
 
 
 def to_stablehlo(exp: Exportable, platforms: Sequence[str] | None = None) -> bytes:
-  import jax
   (batch,) = jax.export.symbolic_shape("batch")
   with jax.default_matmul_precision("float32"):
     exported = jax.export.export(jax.jit(exp.fn), platforms=platforms)(
@@ -359,8 +354,7 @@ def write_onnx(model, out: Path) -> int:
   `EXTERNAL_DATA_BYTES` up, with its tensors in `<out>.data` beside it (the
   data file put in place first, the model last: the model's presence means
   both are complete). Returns the bytes written."""
-  import onnx
-  from adjax.common import atomic
+  import onnx  # deferred: optional, the [export] extra
   if model.ByteSize() < EXTERNAL_DATA_BYTES:
     data = model.SerializeToString()
     atomic.write_bytes(out, data)
@@ -377,8 +371,8 @@ def write_onnx(model, out: Path) -> int:
 
 def onnx_model(exp: Exportable):
   try:
-    import jax2onnx
-    import onnx  # noqa: F401  (jax2onnx needs it; checked here for the message)
+    import jax2onnx  # deferred: optional, the [export] extra
+    import onnx  # noqa: F401  deferred: optional; jax2onnx needs it (checked for the message)
   except ImportError as e:
     raise ExportError(f"--format onnx needs jax2onnx and onnx ({e.name} is not "
                       f"installed): {EXTRA_HINT}") from None
@@ -388,8 +382,6 @@ def onnx_model(exp: Exportable):
     out = exp.fn(*args)
     return tuple(out[k] for k in outputs)
 
-  import jax
-  from adjax.models import vit
   # ONNX carries no platforms: the attention path of the backend exporting,
   # as before platform-dependent paths (jax2onnx knows no platform_index).
   with _quiet_jax2onnx(), vit.attention_for(jax.default_backend()):
@@ -410,8 +402,8 @@ def guard_empty_batch(model) -> None:
   on it into an integer division by zero, SIGFPE, which kills the calling
   process); any other batch runs the graph unchanged. The graph's first
   input carries the batch dimension."""
-  import onnx
-  from onnx import helper, numpy_helper
+  import onnx  # deferred: optional, the [export] extra
+  from onnx import helper, numpy_helper  # deferred: optional, the [export] extra
   g = model.graph
   batch = g.input[0].name
   inner = {o.name: o.name + "__graph" for o in g.output}
@@ -462,8 +454,6 @@ class _quiet_jax2onnx:
   LOGGERS = ("jax2onnx", "onnx_ir", "onnxscript", "onnx")
 
   def __enter__(self):
-    import logging
-    import warnings
     self._levels = {}
     for name in self.LOGGERS:
       logger = logging.getLogger(name)
@@ -474,7 +464,6 @@ class _quiet_jax2onnx:
     warnings.simplefilter("ignore")
 
   def __exit__(self, *exc):
-    import logging
     self._warnings.__exit__(*exc)
     for name, level in self._levels.items():
       logging.getLogger(name).setLevel(level)
@@ -520,8 +509,6 @@ def _reading_lock(workdir):
   """`WorkdirLock` on the workdir while the export reads it; a workdir this
   user cannot write (read-only file system or permissions) is read without
   it (no run of this user can write it either), and said."""
-  import errno
-  from adjax.workdir.lock import WorkdirLock
   lock = WorkdirLock(workdir)
   try:
     lock.__enter__()
@@ -548,7 +535,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
     raise ExportError(f"--out {out}: exists; pass --overwrite to replace it")
   # Before the towers are built: a folder that cannot be written (permission,
   # a read-only file system) fails now, not after the export's work.
-  import tempfile
   try:
     with tempfile.TemporaryFile(dir=out.parent):
       pass
@@ -561,7 +547,6 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
            **kwargs) -> dict:
   """Builds and writes the file `out` (atomically; an existing one only with
   `overwrite`); returns its metadata."""
-  from adjax.common import atomic
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {FORMATS}")
   references = kwargs.pop("references", None)
@@ -596,7 +581,6 @@ def export(workdir, object_names: Sequence[str], fmt: str, out, overwrite: bool 
   _check_out(out, overwrite)
   platforms = kwargs.pop("platforms", None)
   # The command line says what a long wait is doing (adjax.common.quiet).
-  from adjax.common import quiet
   wait = quiet.announce_if_slow if kwargs.pop("progress", False) else (
       lambda line: contextlib.nullcontext())
   # The workdir's lock, as predict takes it: a training run cannot write or

@@ -21,9 +21,9 @@ from typing import Any
 
 import jax
 
-from adjax import sharding, thresholds
 from adjax import towers as towers_lib
-from adjax.workdir import checkpoints, identity
+from adjax.common import sharding
+from adjax.workdir import checkpoints, identity, thresholds
 
 
 def resolve_workdir(cfg, workdir_flag: str | None = None) -> Path:

@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
 from adjax.common import errors
 from adjax.config import doc as config_doc
 

@@ -34,10 +34,13 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from adjax import coreset as coreset_lib
 
 LN_EPS = 1e-5
 DATA = "data"
@@ -391,7 +394,6 @@ def bank_arrays(reference_tokens, r_list=(1, 3, 5), *, coreset: float = 0,
   from). `coreset` as in `reference_maps`: K = M * P without one, else the
   greedy k-center selection of each layer and r (on `mesh`'s devices when
   given); the kept patches in selection order."""
-  from adjax import coreset as coreset_lib
   refs = _layers(reference_tokens)
   m, h, w, d = _shape(refs, "bank_arrays: reference_tokens")
   if m < 1:

@@ -42,10 +42,10 @@ from adjax.common import atomic
 from adjax.common.errors import UserError
 from adjax.data import images as data_images
 from adjax.detector import Detector, DetectorError
-from adjax.report import heatmaps, overlays
+from adjax.report import heatmaps
 from adjax.report import html as html_report
-from adjax.workdir import run_log
-from adjax.workdir import Predictions, Workdir
+from adjax.report import overlays
+from adjax.workdir import Predictions, Workdir, run_log
 
 
 class PredictError(UserError, ValueError):

@@ -11,7 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adjax import datasets, loading, sharding, steps
+from adjax import loading, steps
+from adjax.common import sharding
+from adjax.data import targets as datasets
 from adjax.workdir import feature_cache
 
 

@@ -29,23 +29,25 @@ bilinearly with align_corners=True, like the head's maps.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from adjax import coreset, datasets, neighbors, sharding, thresholds
+from adjax import coreset, neighbors
 from adjax.ad_model import Features
+from adjax.common import sharding
 from adjax.common.errors import UserError
 from adjax.config import schema
 from adjax.data import images as image_io
-from adjax.modes import needs_head, neighbour_kind
+from adjax.data import targets as datasets
 from adjax.models import head as head_lib
+from adjax.modes import needs_head, neighbour_kind
 from adjax.scorer import Scorer
-from adjax.workdir import Workdir, banks, run_log
+from adjax.workdir import Workdir, banks, run_log, thresholds
 
 REFERENCE_SEED = 0   # the fixed shuffle that picks few-shot references
 
@@ -330,16 +332,14 @@ class NeighbourScorer:
   def _build_step(self):
     model, with_head = self.model, self.with_head
     backbone_def = self.scorer.builder.backbone_def
-    prefix, cls_index = model.backbone.num_prefix_tokens, model.backbone.cls_index
 
     def step(params, backbone_state, text_table, images, category_index):
       backbone = nnx.merge(backbone_def, backbone_state)
-      outs = backbone.get_intermediate_layers(model.normalize(images), list(model.layers))
-      tokens = jnp.stack(outs).astype(jnp.float32)          # [L, B, T, D]
-      raw, glob = tokens[:, :, prefix:], tokens[-1, :, cls_index]
+      raw, cls = model.raw_tokens(backbone, images)          # [L, B, N, D], [L, B, D]
+      glob = cls[-1]
       if not with_head:
         return raw, glob
-      feats = Features(head_lib.standardize_patches(raw), tokens[:, :, cls_index])
+      feats = Features(head_lib.standardize_patches(raw), cls)
       return (raw, glob) + tuple(model.maps(params, feats, text_table, category_index))
 
     rep = sharding.replicated(self.mesh)
@@ -433,7 +433,6 @@ class NeighbourScorer:
     settings, else built (from `got`'s tokens of test-split references, or a
     backbone pass over the references) and stored. A stored bank that is
     damaged or made for another model is refused (BankError, one line)."""
-    import time
     names, digests = self._reference_images(handle, name)
     want = thresholds.bank_identity(digests, self.coreset)
     model = {"backbone": self.towers.backbone_id, "layers": self.model.layers,

@@ -54,27 +54,27 @@ import argparse
 import base64
 import email.parser
 import email.policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 import io
 import ipaddress
 import json
 import os
+from pathlib import Path
 import re
 import socket
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
-from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
 from PIL import Image
-from adjax.common import errors
-from adjax import thresholds
+import numpy as np
+
+from adjax.common import errors, quiet
 from adjax.report import heatmaps
-from adjax.common import quiet
+from adjax.workdir import thresholds
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_TIMEOUT = 10.0            # seconds one read may wait

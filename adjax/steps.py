@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from adjax import sharding as shd
 from adjax.ad_model import ADModel, Features
+from adjax.common import sharding as shd
 
 # The per-example fields every train step reads besides its inputs.
 TARGET_KEYS = ("mask", "label", "category_index", "has_mask")

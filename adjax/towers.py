@@ -9,18 +9,17 @@ every step. The text tower itself is then dropped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from adjax import prompts
 from adjax.ad_model import ADModel, Behaviour
-from adjax.models import backbones, clip_text
+from adjax.models import backbones, clip_text, prompts
 from adjax.workdir import Workdir
-import json
 
 
 @dataclasses.dataclass

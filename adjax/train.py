@@ -13,14 +13,15 @@ import logging
 import math
 from pathlib import Path
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from adjax import datasets, sharding, steps
+from adjax import steps
+from adjax.common import sharding
 from adjax.common.errors import UserError
-from adjax.workdir import checkpoints, feature_cache, run_log
-from adjax.workdir import Workdir
+from adjax.data import targets as datasets
+from adjax.workdir import Workdir, checkpoints, feature_cache, run_log
 
 
 class NonFiniteLossError(UserError, FloatingPointError):

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from adjax.config import load as run_config
-from adjax import experiment, export, thresholds
+from adjax import experiment, export
+from adjax.workdir import thresholds
 from adjax import predict as predict_lib
 from adjax.common import atomic, errors
 from adjax.config import check as config_check

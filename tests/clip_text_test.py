@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
-from adjax import prompts
+from adjax.models import prompts
 from adjax.models import clip_text, clip_tokenizer, weights
 from converters import clip_text as conv
 from converters.common import ConversionError

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from adjax.config import schema
-from adjax import sharding, steps
+from adjax import steps
+from adjax.common import sharding
 from adjax.ad_model import ADModel
 from adjax.models import backbones, clip_text
 

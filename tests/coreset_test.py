@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from adjax import coreset, sharding
+from adjax import coreset
+from adjax.common import sharding
 
 
 def brute_force(features, count, start, proj=None):

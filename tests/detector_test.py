@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import experiment, thresholds
+from adjax import experiment
+from adjax.workdir import thresholds
 from adjax import Detector
 from adjax.detector import DetectorError
 from adjax.workdir import Workdir

@@ -261,7 +261,7 @@ def test_thresholds_calibration_decisions_and_gallery(trained, tmp_path):
   overlays and a gallery; a threshold of another image-score mode is refused."""
   import csv
   from html.parser import HTMLParser
-  from adjax import thresholds
+  from adjax.workdir import thresholds
   cfg, workdir, out = trained
   record = thresholds.read(workdir)
   assert record["method"] == "f1" and record["image_score"] == cfg.eval.image_score
@@ -330,7 +330,7 @@ def test_thresholds_stay_put_unless_chosen(trained, tmp_path):
   thresholds.json changes only with eval.set_thresholds=True and records what
   it was made from; a run started with init_from decides with the trained
   run's thresholds."""
-  from adjax import thresholds
+  from adjax.workdir import thresholds
   cfg, workdir, _ = trained
   deploy = workdir / THRESHOLDS_FILE
   own = thresholds.read(workdir / "results" / "family_b.thresholds.json")

@@ -24,7 +24,8 @@ from flax import nnx
 from PIL import Image
 
 from adjax.config import load as run_config
-from adjax import export, steps, thresholds
+from adjax import export, steps
+from adjax.workdir import thresholds
 from adjax import towers as towers_lib
 from adjax.data import images as data_images
 from adjax.models import dinov3
@@ -86,7 +87,8 @@ def test_forward_matches_the_eval_step(run_dir, exportable):
   got = jax.jit(exportable.fn)(images, idx)
   cfg = export.load_config(run_dir)
   towers = towers_lib.build(cfg, run_dir)
-  from adjax import loading, sharding
+  from adjax import loading
+  from adjax.common import sharding
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   params, _, _ = loading.trained_params(cfg, run_dir, towers, mesh)
   backbone_def, backbone_state = nnx.split(towers.backbone)

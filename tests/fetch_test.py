@@ -26,7 +26,8 @@ from PIL import Image
 
 from adjax import fetch
 from adjax.data import DatasetNotFoundError
-from adjax.fetch import archives, http as fetch_http, weights as fetch_weights
+from adjax.fetch import archives, http as fetch_http
+from adjax.fetch import hub as fetch_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,7 +228,7 @@ def _data_cfg(tmp_path, url="", download=False):
 
 
 def test_dataset_downloaded_with_consent_and_prepared(server, tmp_path, capsys):
-  from adjax import datasets
+  from adjax.data import targets as datasets
   blob = mvtec_archive(("tile", "nut"))
   server.files["/mvtec.tar.xz"] = blob
   cfg = _data_cfg(tmp_path, server.url("/mvtec.tar.xz") + f"#sha256={_sha(blob)}", True)
@@ -242,7 +243,7 @@ def test_dataset_downloaded_with_consent_and_prepared(server, tmp_path, capsys):
 
 
 def test_dataset_without_consent_is_not_downloaded(server, tmp_path, monkeypatch, capsys):
-  from adjax import datasets
+  from adjax.data import targets as datasets
   blob = mvtec_archive()
   server.files["/m.tar.xz"] = blob
   cfg = _data_cfg(tmp_path, server.url("/m.tar.xz") + f"#sha256={_sha(blob)}", False)

@@ -17,7 +17,8 @@ import torch
 from flax import nnx
 
 from adjax.config import schema
-from adjax import experiment, loading, sharding
+from adjax import experiment, loading
+from adjax.common import sharding
 from adjax.config import defaults as config_defaults
 from adjax.ad_model import ADModel
 from adjax.models import backbones, dinov3

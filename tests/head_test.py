@@ -6,7 +6,7 @@ import pytest
 import torch
 from flax import nnx
 
-from adjax import losses
+from adjax.models import losses
 from adjax.models import head as head_lib
 
 

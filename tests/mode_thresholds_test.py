@@ -1,4 +1,4 @@
-"""Thresholds per scoring mode (adjax.thresholds, Detector, predict): records
+"""Thresholds per scoring mode (adjax.workdir.thresholds, Detector, predict): records
 of another mode or bank refused; the demo's few-shot and batch modes decide in
 mode=predict as their evaluation did, and calibration from normal images only
 gives about the chosen false-positive rate (slow tier)."""
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import demo_run
-from adjax import experiment, thresholds
+from adjax import experiment
+from adjax.workdir import thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
 

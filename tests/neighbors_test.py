@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import jax
-from adjax import neighbors, sharding
+from adjax import neighbors
+from adjax.common import sharding
 
 RTOL = 1e-4
 

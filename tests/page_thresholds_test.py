@@ -19,7 +19,8 @@ import demo_run  # noqa: E402
 from serve_browser_test import _wait, browser  # noqa: E402,F401
 from serve_test import Running  # noqa: E402
 
-from adjax import Detector, thresholds  # noqa: E402
+from adjax import Detector  # noqa: E402
+from adjax.workdir import thresholds  # noqa: E402
 from adjax.serve import App  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import experiment, export, thresholds
+from adjax import experiment, export
+from adjax.workdir import thresholds
 from adjax import predict as predict_lib
 from adjax.config import check as config_check
 from adjax.config import load as run_config

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adjax import prompts
+from adjax.models import prompts
 from adjax.models import clip_text
 
 OBJECTS = ("bottle", "metal_nut", "01")

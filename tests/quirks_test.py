@@ -21,7 +21,10 @@ from flax import nnx
 from PIL import Image
 
 from adjax.config import schema
-from adjax import datasets, prompts, sharding, towers, train
+from adjax import towers, train
+from adjax.data import targets as datasets
+from adjax.models import prompts
+from adjax.common import sharding
 from adjax.ad_model import ADModel, Behaviour, Features
 from adjax.models import backbones, clip_text, dinov3
 from converters import clip_text as convert_clip

@@ -410,7 +410,7 @@ SIZE = 12
 
 def _scorer(scoring, combine="zscore", rscin_k=(1, 2, 3)):
   """A NeighbourScorer holding only what scoring a category's tokens reads."""
-  from adjax import sharding
+  from adjax.common import sharding
   cfg = demo_config()
   cfg.eval.scoring, cfg.eval.combine, cfg.eval.rscin_k = scoring, combine, rscin_k
   cfg.eval.r_list = (1, 3)

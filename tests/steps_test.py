@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adjax import sharding, steps
+from adjax import steps
+from adjax.common import sharding
 from adjax.config import defaults as config_defaults
 from adjax.ad_model import ADModel, Behaviour, Features
 from adjax.models import backbones, dinov3

@@ -1,4 +1,4 @@
-"""adjax.metrics.f1_optimal / quantile_threshold, adjax.thresholds and
+"""adjax.metrics.f1_optimal / quantile_threshold, adjax.workdir.thresholds and
 adjax.report.overlays against brute-force computations."""
 
 import json
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adjax import metrics, thresholds
+from adjax import metrics
+from adjax.workdir import thresholds
 from adjax.report import overlays
 
 

@@ -101,7 +101,7 @@ def test_results_complete_needs_a_results_json(tmp_path):
 def test_the_owners_of_parts_use_it(tmp_path):
   """The modules that own a part's contents read and write it at Workdir's path."""
   import ml_collections
-  from adjax import thresholds
+  from adjax.workdir import thresholds
   from adjax.config import load as run_config
   from adjax.workdir import identity
   from adjax.workdir.lock import WorkdirLock
@@ -152,7 +152,7 @@ NOT_RUN_FOLDERS = {
     "converters/dinov3.py": {"config.json"},
     "converters/clip_text.py": {"config.json"},
     "converters/common.py": {"config.json"},
-    "adjax/fetch/weights.py": {"config.json"},   # a Hugging Face model folder's
+    "adjax/fetch/hub.py": {"config.json"},   # a Hugging Face model folder's
     "adjax/scorer.py": {"feature_cache"},        # the data set's cache, under data.data_dir
 }
 

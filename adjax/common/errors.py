@@ -11,9 +11,11 @@ go on working.
 """
 
 from __future__ import annotations
+
 import errno
 import os
 import sys
+
 from adjax.common import processes
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from adjax import modes
 from adjax.common.errors import UserError
-from adjax.models import backbones
-
 from adjax.config import schema
 from adjax.config.schema import (BACKBONE_SHARDINGS, DTYPES, FEATURE_CACHES, MODES,  # noqa: F401
                                  TEXT_ACTIVATIONS)
+from adjax.models import backbones
 
 
 class ConfigError(UserError, ValueError):

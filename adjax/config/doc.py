@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import ast
 import json
-import sys
 from pathlib import Path
+import sys
 
+from adjax.common import atomic
 from adjax.config import defaults as config_defaults
 from adjax.config import schema
 
@@ -158,7 +159,6 @@ def stale(root: Path = ROOT) -> list[Path]:
 
 def main(argv: list[str]) -> int:
   if argv == ["--write"]:
-    from adjax.common import atomic
     for path, text in pages().items():
       atomic.write_text(path, text)
       print(f"wrote {path.relative_to(ROOT)}")

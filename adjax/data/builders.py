@@ -25,17 +25,16 @@ import hashlib
 import io
 import logging
 import os
-import re
 from pathlib import Path
+import re
+import tempfile
 from typing import ClassVar
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from adjax.data import images
-from adjax.data import layouts
-import tempfile
+from adjax.data import images, layouts
 
 log = logging.getLogger(__name__)
 

@@ -14,16 +14,15 @@ silently dropped.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import glob
 import io
 import os
 import re
 from typing import Iterator, Sequence
 
+from PIL import Image, ImageOps
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
-from concurrent.futures import ThreadPoolExecutor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

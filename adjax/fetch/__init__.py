@@ -2,7 +2,7 @@
 
 - `ensure_weights(cfg)`: converted towers missing under `backbone.checkpoint`
   / `text.checkpoint` are fetched by `backbone.hub_id` / `text.hub_id`,
-  converted and verified (`adjax.fetch.weights`).
+  converted and verified (`adjax.fetch.hub`).
 - `ensure_dataset(cfg, name)`: a benchmark with a known source
   (`adjax.fetch.sources.DATA`) that is neither prepared nor on disk is
   downloaded, after its licence is printed and accepted (`data.download=True`
@@ -22,8 +22,9 @@ from pathlib import Path
 
 from adjax.common.errors import UserError
 from adjax.data.layouts import DatasetNotFoundError
-from adjax.fetch import archives, http, sources, weights
-from adjax.fetch.weights import FetchError
+from adjax.fetch import archives, http, sources
+from adjax.fetch import hub
+from adjax.fetch.hub import FetchError
 
 
 class LicenceRefused(DatasetNotFoundError):
@@ -36,11 +37,11 @@ def ensure_weights(cfg, *, text: bool = True) -> bool:
   whether any was fetched."""
   fetched = False
   if not cfg.backbone.random_init and not Path(cfg.backbone.checkpoint).is_dir():
-    weights.ensure(cfg.backbone.family, cfg.backbone.hub_id, cfg.backbone.checkpoint,
+    hub.ensure(cfg.backbone.family, cfg.backbone.hub_id, cfg.backbone.checkpoint,
                    "backbone")
     fetched = True
   if text and not cfg.text.random_init and not Path(cfg.text.checkpoint).is_dir():
-    weights.ensure("clip_text", cfg.text.hub_id, cfg.text.checkpoint, "text")
+    hub.ensure("clip_text", cfg.text.hub_id, cfg.text.checkpoint, "text")
     fetched = True
   return fetched
 

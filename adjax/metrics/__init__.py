@@ -13,10 +13,10 @@ from adjax.metrics.accumulator import METRIC_KEYS
 from adjax.metrics.accumulator import MetricAccumulator
 from adjax.metrics.accumulator import ZSAD_KEY
 from adjax.metrics.accumulator import compute
-from adjax.metrics.thresholds import F1Threshold
-from adjax.metrics.thresholds import f1_optimal
-from adjax.metrics.thresholds import quantile_threshold
-from adjax.metrics.thresholds import separating
+from adjax.metrics.operating_points import F1Threshold
+from adjax.metrics.operating_points import f1_optimal
+from adjax.metrics.operating_points import quantile_threshold
+from adjax.metrics.operating_points import separating
 
 __all__ = ["METRIC_KEYS", "ZSAD_KEY", "F1Threshold", "MetricAccumulator", "compute",
            "f1_optimal", "quantile_threshold", "separating"]

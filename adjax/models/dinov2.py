@@ -43,13 +43,12 @@ import functools
 import os
 from typing import Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from adjax.models import vit
-from adjax.models import weights
+from adjax.models import vit, weights
 
 KIND = "dinov2"
 PIXEL_MEAN = (0.485, 0.456, 0.406)  # ImageNet, as the release normalises

@@ -28,13 +28,12 @@ import math
 import os
 from typing import Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from adjax.models import vit
-from adjax.models import weights
+from adjax.models import vit, weights
 
 KIND = "dinov3"
 # Input normalisation (RGB on the [0, 1] scale): ImageNet's statistics.

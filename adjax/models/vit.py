@@ -19,10 +19,11 @@ import contextlib
 import dataclasses
 from typing import Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
 from adjax.models import weights
 
 

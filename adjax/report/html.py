@@ -16,8 +16,8 @@ from __future__ import annotations
 import base64
 import html
 import json
-from urllib.parse import quote
 from typing import Sequence
+from urllib.parse import quote
 
 import numpy as np
 

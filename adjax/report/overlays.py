@@ -2,7 +2,7 @@
 
 For deployment outputs: `binary_mask(amap, threshold)` turns an anomaly map
 into a 0/255 mask (anomalous where map >= threshold, the convention of
-`adjax.thresholds`), `contour(mask)` marks the mask's boundary pixels (mask
+`adjax.workdir.thresholds`), `contour(mask)` marks the mask's boundary pixels (mask
 pixels with a 4-neighbour outside the mask or on the image border), and
 `draw_contour(rgb, mask)` paints that boundary, thickened, onto the image.
 PNGs are written atomically (`heatmaps.save_png`). numpy and PIL only.
@@ -10,14 +10,14 @@ PNGs are written atomically (`heatmaps.save_png`). numpy and PIL only.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
+import numpy as np
 
-from adjax.report import heatmaps
-import io
 from adjax.common import atomic
+from adjax.report import heatmaps
 
 
 def binary_mask(amap: np.ndarray, threshold: float) -> np.ndarray:

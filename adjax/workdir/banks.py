@@ -28,13 +28,16 @@ import hashlib
 import io
 import json
 import os
-import zipfile
 from pathlib import Path
+import zipfile
 
 import numpy as np
 
+from adjax import coreset as coreset_lib
+from adjax import neighbors
 from adjax.common import atomic
 from adjax.common.errors import UserError
+from adjax.workdir import thresholds
 
 FORMAT_VERSION = 1
 SUFFIX = ".bank.npz"
@@ -122,8 +125,6 @@ def build(reference_tokens, *, names, image_digests, backbone: str, layers, imag
           r_list, coreset: float = 0.0, coreset_seed: int = 0, mesh=None) -> Bank:
   """The bank of raw reference tokens [L, M, h, w, D] (or per-layer arrays),
   `neighbors.bank_arrays` with its identity."""
-  from adjax import coreset as coreset_lib
-  from adjax import neighbors, thresholds
   settings = coreset_lib.settings(coreset, coreset_seed)
   feats, origin = neighbors.bank_arrays(reference_tokens, r_list, coreset=coreset,
                                         coreset_seed=coreset_seed, mesh=mesh)

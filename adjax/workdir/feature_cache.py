@@ -195,7 +195,7 @@ def run_batch(cache, local: dict, mesh, hit: bool, from_features, from_images):
   (outputs, (patches, cls)) and those features of every row of the global
   batch are stored (every process stores them all, so the caches stay
   identical and every process takes the same branch). -> the outputs."""
-  from adjax import sharding  # deferred: JAX; a workdir is read without it
+  from adjax.common import sharding  # deferred: JAX; a workdir is read without it
   if hit:
     patches, cls = cache.get(local["index"])
     return from_features(sharding.global_batch({"patches": patches, "cls": cls}, mesh,

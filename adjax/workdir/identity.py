@@ -6,9 +6,9 @@ Four fingerprints, named apart:
 - results identity: what one evaluation's results came from (`results_stem`
   names its files by it; built by `evaluate.Evaluator.results_identity`);
 - threshold model: the model a decision threshold belongs to (the `model`
-  field of thresholds.json; `adjax.thresholds.threshold_model`, and
+  field of thresholds.json; `adjax.workdir.thresholds.threshold_model`, and
   `Scorer.threshold_model()` for a loaded head);
-- the checkpoint step a threshold was chosen at (`adjax.thresholds.check`).
+- the checkpoint step a threshold was chosen at (`adjax.workdir.thresholds.check`).
 
 - A workdir stores the training-relevant part of its config
   (`<workdir>/run_identity.json`, written when training first starts).

@@ -9,11 +9,12 @@ not fit one device). XLA inserts the collectives; `pmap` is not used.
 
 from __future__ import annotations
 
-import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax import nnx
+import jax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 DATA, MODEL = "data", "model"
 

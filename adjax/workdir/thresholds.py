@@ -29,9 +29,9 @@ import numpy as np
 
 from adjax.common import atomic
 from adjax.common.errors import UserError
+from adjax.models.clip_tokenizer import clean_text
 from adjax.modes import SCORINGS, uses_bank
 from adjax.workdir import THRESHOLDS_FILE, Workdir
-from adjax.models.clip_tokenizer import clean_text
 
 FORMAT_VERSION = 1
 

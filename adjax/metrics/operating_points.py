@@ -14,7 +14,7 @@ score: paths whose scores differ by rounding (ONNX and JAX, batch padding,
 bfloat16) decide alike unless a score falls inside that gap.
 
 Recording, checking and resolving thresholds for a model is
-`adjax.thresholds`.
+`adjax.workdir.thresholds`.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import jax
-import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from adjax import data, fetch
 
