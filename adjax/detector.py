@@ -505,7 +505,7 @@ class Detector:
   def _batch(self, items, keep_rgb: bool = False, progress=None):
     """As `_raw`, the readable images scored against each other (MuSc), image
     scores refined by RsCIN; every image's tokens are held until all are read."""
-    need = neighbors._min_images((0.0, 0.3))
+    need = neighbors.MIN_BATCH
     if len(items) < need:
       raise DetectorError(f"scoring='batch' scores the images against each other and "
                           f"needs at least {need}; got {len(items)}")

@@ -186,6 +186,13 @@ def _min_images(interval) -> int:
   return n
 
 
+# MuSc's interval: each patch's distances to the other images, the mean of
+# the lowest 30%; and the fewest images scored together that it holds a rank
+# for (5), which evaluation and the Detector check before any work.
+INTERVAL = (0.0, 0.3)
+MIN_BATCH = _min_images(INTERVAL)
+
+
 def _features(layer, r, block, sharding, multiple: int = 1):
   """LNAMD features of one layer, [N', P, D] float32 on device (read block-wise);
   N' is N rounded up to `multiple` (zero rows), so that no padded copy is needed."""
@@ -245,7 +252,7 @@ def _mean_over_layers_then_r(layer_scores, num_layers: int, r_list, shape) -> np
   return (total / len(r_list)).reshape(n, h, w).astype(np.float32)
 
 
-def mutual_maps(tokens, r_list=(1, 3, 5), interval=(0.0, 0.3), *, mesh=None,
+def mutual_maps(tokens, r_list=(1, 3, 5), interval=INTERVAL, *, mesh=None,
                 query_block: int | None = None, key_block: int | None = None,
                 token_block: int = 32,
                 precision=lax.Precision.HIGHEST) -> np.ndarray:
@@ -288,7 +295,7 @@ def subsets(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
   return [np.sort(part) for part in np.array_split(order, n // size)]
 
 
-def mutual_maps_subsets(tokens, subset: int, r_list=(1, 3, 5), interval=(0.0, 0.3), *,
+def mutual_maps_subsets(tokens, subset: int, r_list=(1, 3, 5), interval=INTERVAL, *,
                         seed: int = 0, mesh=None, progress=None, **kwargs) -> np.ndarray:
   """`mutual_maps` with each image scored only against the other images of its
   random subset of `subset` to 2 * `subset` - 1 images (`subsets`), MuSc's answer to large

@@ -123,7 +123,7 @@ def problems(cfg, handle) -> list[str]:
   """What stops `handle` being scored in `cfg.eval.scoring`, per category."""
   kind = neighbour_kind(cfg.eval.scoring)
   refs_dir = references_dir_for(cfg, handle)
-  need = neighbors._min_images((0.0, 0.3))
+  need = neighbors.MIN_BATCH
   k = int(cfg.eval.references)
   k_list = tuple(int(x) for x in cfg.eval.rscin_k)
   rscin = max(k_list) if k_list and 0 not in k_list else 0
