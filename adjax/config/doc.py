@@ -111,11 +111,32 @@ def _line(path: Path, root: Path, text: str) -> str:
   return f"- `{path.relative_to(root).as_posix()}`: {text}"
 
 
+# How a run flows through the modules (the names are checked by tests/docs_test.py).
+FLOW = """\
+A run, read in one pass: `adjax.main` parses the flags and the config file;
+`adjax.config` declares every field (`schema`), checks the whole config
+(`check`, every problem in one message) and resolves it once into a frozen
+`RunConfig`, of which each layer receives its part. `adjax.experiment`
+locks the workdir, builds the mesh and the frozen towers (`adjax.towers`)
+and dispatches to the commands: `adjax.train`, `adjax.evaluate` (one
+`Evaluator` over a `scorer.ModeScorer` per scoring mode: `ZeroShotScorer`
+or `scoring_modes.NeighbourScorer`) and `adjax.predict` (through
+`adjax.detector.Detector`, which `adjax.serve` and `adjax.export` use too).
+`adjax.loading.load_head` is the one head loader of the run, the Detector
+and export. The method is `adjax.ad_model.ADModel` (`raw_tokens`,
+`features`, the head's maps; its steps in `adjax.steps`); scoring against
+neighbours lives in `adjax.neighbors`, the few-shot bank in
+`adjax.workdir.banks`; `adjax.modes` names the modes without JAX. Every
+file a run writes is named by `adjax.workdir.Workdir`. Nothing below the
+commands imports a command, and there is no import cycle
+(`tests/architecture_test.py`)."""
+
+
 def layout_page(root: Path = ROOT) -> str:
   """docs/layout.md: one line per module of `adjax/` and `converters/` (a
   package's `__init__.py` only when it holds more than imports), grouped by
   package, each package headed by its own docstring; then the configs."""
-  out = [_generated_note().rstrip("\n"), "", "# Repository layout", "",
+  out = [_generated_note().rstrip("\n"), "", "# Repository layout", "", FLOW, "",
          "One line per module: the first paragraph of its docstring.", ""]
   for top in PACKAGES:
     packages = sorted({p.parent for p in (root / top).rglob("__init__.py")
