@@ -57,11 +57,15 @@ def evaluated(run) -> tuple[str, ...]:
 
 
 def head_free(run) -> bool:
-  """A run (mode and scorings of a `RunConfig`, or of a `ConfigDict` before
-  it is resolved) that needs neither the head nor the text tower: building
+  """A resolved run that needs neither the head nor the text tower: building
   few-shot banks, evaluation or prediction in neighbour modes only."""
-  if run.mode == "build_bank":
+  return head_free_for(run.mode, run.eval.scoring, run.eval.compare, run.predict.scoring)
+
+
+def head_free_for(mode: str, scoring: str, compare, predict_scoring: str) -> bool:
+  """`head_free` from the fields themselves (the config check's, before resolution)."""
+  if mode == "build_bank":
     return True
-  if run.mode == "predict":
-    return run.predict.scoring != "zero_shot"
-  return run.mode == "evaluate" and not any(needs_head(m) for m in evaluated(run))
+  if mode == "predict":
+    return predict_scoring != "zero_shot"
+  return mode == "evaluate" and not any(needs_head(m) for m in (scoring, *compare))

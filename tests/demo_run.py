@@ -47,6 +47,12 @@ def small_config(data_root, tmp_dir, **overrides):
   return apply_overrides(without_showcase(c), overrides)
 
 
+# The same on the command line, after --config=configs/demo.py.
+WITHOUT_SHOWCASE_FLAGS = ["--config.eval.compare=()", "--config.eval.references_dir=",
+                          "--config.eval.references=4", "--config.predict.scoring=zero_shot",
+                          "--config.predict.references="]
+
+
 def without_showcase(c):
   """The demo config without its showcase (every mode after training,
   few_shot against the train split, few_shot predictions), which needs the

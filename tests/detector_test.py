@@ -17,6 +17,7 @@ from PIL import Image
 from adjax import experiment
 from adjax.workdir import thresholds
 from adjax import Detector
+from adjax.config import schema
 from adjax.detector import DetectorError
 from adjax.workdir import Workdir
 
@@ -379,9 +380,11 @@ def test_head_free_detector_scores_few_shot_against_its_references(
   assert head_free.scorer is None and head_free.towers.text_embed is None
   assert head_free.scoring_modes == ("few_shot", "batch")
   with pytest.raises(DetectorError, match="needs a trained head"):
-    head_free.predict(str(images), object_name="tile")
+    head_free.predict(str(images), object_name="tile", scoring="zero_shot")
   with pytest.raises(DetectorError, match="call use_references"):
     head_free.predict(str(images), scoring="few_shot")
+  with pytest.raises(DetectorError, match="call use_references"):   # its default mode
+    head_free.predict(str(images))
   with pytest.raises(DetectorError, match="calibrate.*no head"):
     head_free.calibrate(str(images))
   paths = sorted(str(p) for p in images.iterdir())
@@ -435,13 +438,12 @@ def test_batch_subsets_score_each_image_within_its_subset(head_free, demo_workdi
   _, _, data = demo_workdir
   paths = sorted(str(p) for p in (data / "family_b").rglob("test/*/*.png"))[:10]
   assert len(paths) == 10
-  cfg = head_free.cfg
-  before = (cfg.eval.batch_subset, tuple(cfg.eval.rscin_k))
+  before = head_free.cfg
   try:
-    cfg.eval.rscin_k = (0,)
-    cfg.eval.batch_subset = 5
+    # The resolved config is frozen: a variant is a replacement.
+    head_free.cfg = schema.replace(before, **{"eval.rscin_k": (0,), "eval.batch_subset": 5})
     pred = head_free.predict(paths, scoring="batch")
-    cfg.eval.batch_subset = 0
+    head_free.cfg = schema.replace(head_free.cfg, **{"eval.batch_subset": 0})
     for idx in neighbors.subsets(10, 5):
       alone = head_free.predict([paths[i] for i in idx], scoring="batch")
       np.testing.assert_allclose(pred.scores[idx], alone.scores, atol=1e-5, rtol=0)
@@ -450,7 +452,7 @@ def test_batch_subsets_score_each_image_within_its_subset(head_free, demo_workdi
     whole = head_free.predict(paths, scoring="batch")
     assert float(np.abs(whole.scores - pred.scores).max()) > 1e-3
   finally:
-    cfg.eval.batch_subset, cfg.eval.rscin_k = before
+    head_free.cfg = before
 
 
 def test_the_config_chooses_the_mode_scored_by_default(demo_workdir, images):

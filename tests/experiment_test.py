@@ -27,7 +27,7 @@ from adjax import experiment
 from adjax.config import check as config_check
 from adjax.data import synthetic
 from adjax.workdir import THRESHOLDS_FILE
-from demo_run import demo_config, small_config  # noqa: F401  (also used by other test files)
+from demo_run import WITHOUT_SHOWCASE_FLAGS, demo_config, small_config  # noqa: F401
 import doc_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -404,7 +404,8 @@ RUN_KEYS = ["data.train", "data.targets", "data.data_dir", "text.cache_dir", "da
 def test_killed_run_resumes_to_the_same_parameters(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=16, checkpoint_every_steps=3)
   cfg.eval.enabled = False
-  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RUN_KEYS + ["eval.enabled"])
+  flags = (["--config=configs/demo.py"] + WITHOUT_SHOWCASE_FLAGS
+           + _overrides_flags(cfg, RUN_KEYS + ["eval.enabled"]))
   ref = _run_main(flags + [f"--workdir={tmp_path / 'ref'}"])
   assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
@@ -439,7 +440,7 @@ def _free_port() -> int:
 
 def test_two_processes_train_the_same_parameters_as_one(small_data, tmp_path):
   cfg = small_config(small_data, tmp_path, epochs=2)
-  flags = ["--config=configs/demo.py"] + _overrides_flags(cfg, RUN_KEYS)
+  flags = ["--config=configs/demo.py"] + WITHOUT_SHOWCASE_FLAGS + _overrides_flags(cfg, RUN_KEYS)
   flags += ["--config.eval.enabled=True", "--config.eval.heatmaps_per_category=2",
             "--config.eval.batch_size=8"]
   one = _run_main(flags + [f"--workdir={tmp_path / 'one'}"],

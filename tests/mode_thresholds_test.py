@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _demo(tmp: Path, **overrides):
-  c = demo_run.demo_config()
+  c = demo_run.without_showcase(demo_run.demo_config())
   c.data.demo.root = str(tmp / "demo")
   c.data.train = str(tmp / "demo" / "family_a")
   c.data.targets = str(tmp / "demo" / "family_b")
@@ -132,7 +132,7 @@ def test_few_shot_calibration_leaves_each_reference_out(tmp_path):
     im = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
     paths.append(refs / f"r{i}.png")
     Image.fromarray(im).save(paths[-1])
-  c = demo_run.demo_config()
+  c = demo_run.without_showcase(demo_run.demo_config())
   c.data.demo.root = ""
   c.image_size = 64
   c.text.random_init = False

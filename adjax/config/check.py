@@ -147,7 +147,8 @@ def problems(cfg, *, device_count: int | None = None,
   if info is not None:
     layers = tuple(cfg.backbone.layers) if cfg.backbone.layers else info.default_layers()
     out += backbones.model_problems(info, layers, int(cfg.image_size), cfg.eval.image_score)
-  if modes.head_free(cfg):
+  if modes.head_free_for(cfg.mode, cfg.eval.scoring, tuple(cfg.eval.compare),
+                         cfg.predict.scoring):
     pass                          # the text tower is not built
   elif cfg.text.random_init:
     from adjax.models import clip_text  # deferred: JAX and grain; the check runs without them
