@@ -185,9 +185,7 @@ class ZeroShotScorer:
     cfg = self.cfg
     if cfg.eval.feature_cache == "none":
       return None
-    directory = (Path(cfg.eval.feature_cache_dir) if cfg.eval.feature_cache_dir
-                 else Path(cfg.data.data_dir) / "feature_cache")
-    cache = feature_cache.open_cache("disk", directory, self.towers.backbone_id, self.model,
+    cache = feature_cache.open_cache("disk", evaluation_cache_dir(cfg), self.towers.backbone_id, self.model,
                                      handle, dtype=cfg.eval.feature_cache_dtype,
                                      backbone_dtype=cfg.backbone.dtype)
     if jax.process_index() == 0:
@@ -224,6 +222,14 @@ class ZeroShotScorer:
 
 
 # ---- the consumers of the rows ------------------------------------------------
+def evaluation_cache_dir(cfg) -> Path:
+  """Where evaluation's caches live (`eval.feature_cache_dir`, by default
+  `<data.data_dir>/feature_cache`, beside the prepared data, not in a run
+  folder: every run over the data shares them)."""
+  return (Path(cfg.eval.feature_cache_dir) if cfg.eval.feature_cache_dir
+          else Path(cfg.data.data_dir) / "feature_cache")
+
+
 class MetricsConsumer:
   """Rows -> CategoryMetrics per category and the image scores and labels."""
 

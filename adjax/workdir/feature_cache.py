@@ -51,6 +51,24 @@ def open_cache(mode: str, directory: Path, backbone_id: str, model, handle, *,
                       model.backbone.dim, dtype, directory, key)
 
 
+def read_index(directory: Path, n: int, digest) -> tuple[np.ndarray | None, str | None]:
+  """The filled flags of a published cache of `n` examples (`filled.npy`),
+  each filled example checked against its CRC32 recorded at publication
+  (`digests.npy`, recomputed by `digest(i)`): (filled, None), or (None,
+  what is wrong)."""
+  try:
+    filled = np.load(directory / "filled.npy")
+    digests = np.load(directory / "digests.npy")
+  except (OSError, ValueError) as e:
+    return None, str(e)
+  if filled.shape != (n,) or digests.shape != (n,):
+    return None, "index files of another size"
+  bad = [i for i in np.flatnonzero(filled) if digest(i) != digests[i]]
+  if bad:
+    return None, f"{len(bad)} examples fail their checksum, e.g. example {bad[0]}"
+  return filled, None
+
+
 class FeatureCache:
   """Per-example features, indexed by the data set's example index.
 
@@ -122,17 +140,12 @@ class FeatureCache:
           return f"{name} has {size} bytes, expected {expect}"
       self.patches = self._open(self.dir / "patches.npy", pshape, "r+")
       self.cls = self._open(self.dir / "cls.npy", cshape, "r+")
-      filled = np.load(self.dir / "filled.npy")
-      digests = np.load(self.dir / "digests.npy")
     except (OSError, ValueError) as e:
       return str(e)
-    if filled.shape != self.filled.shape or digests.shape != self.filled.shape:
-      return "index files of another size"
-    bad = [i for i in np.flatnonzero(filled) if self._digest(i) != digests[i]]
-    if bad:
-      return f"{len(bad)} examples fail their checksum, e.g. example {bad[0]}"
-    self.filled = filled
-    return None
+    filled, damage = read_index(self.dir, len(self.filled), self._digest)
+    if damage is None:
+      self.filled = filled
+    return damage
 
   def _digest(self, i: int) -> int:
     return zlib.crc32(self.cls[i].tobytes(), zlib.crc32(self.patches[i].tobytes()))
