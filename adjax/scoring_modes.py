@@ -251,7 +251,7 @@ class NeighbourScorer:
 
   def extra_identity(self, handle) -> dict:
     """The few-shot references of each category (chosen here, left out of the metrics)."""
-    self._refs, self._bank_paths = {}, {}
+    self._refs, self._bank_paths, self._category_banks = {}, {}, {}
     if self.kind == "few_shot":
       self.references_dir = references_dir_for(self.cfg, handle)
     if self.references_dir:
