@@ -816,6 +816,23 @@ def test_stored_bank_is_loaded_not_recomputed_and_scores_alike(few_shot, tmp_pat
   _one_line_refusal(lambda: third.use_bank(moved), "backbone 'elsewhere'")
 
 
+def test_page_scores_with_a_stored_bank_as_the_detector(few_shot):
+  """The page started on a stored bank file (`--references FILE.bank.npz`,
+  `Detector.references_from`) answers the scores of the Detector that built it."""
+  from adjax.detector import Detector
+  from adjax.serve import App
+  from adjax.workdir import banks
+  bare, _, _, det = few_shot
+  stored = sorted((bare / "banks").glob("*" + banks.SUFFIX))[0]
+  page_det = Detector.from_workdir(bare, predict__scoring="few_shot")
+  assert page_det.references_from(str(stored)) == 3
+  images = _inputs(3, seed=13)[0]
+  uploads = [(f"{i}.png", _png_bytes(im)) for i, im in enumerate(images)]
+  answers = App(page_det).predict_set(uploads, "", "few_shot")["results"]
+  want = det.predict([im for im in images], scoring="few_shot").scores
+  np.testing.assert_array_equal(np.float32([a["score"] for a in answers]), want)
+
+
 def test_export_refuses_a_damaged_or_foreign_bank_in_one_line(few_shot, tmp_path, capsys):
   from adjax.workdir import banks
   bare = few_shot[0]
