@@ -18,9 +18,10 @@ so the step compiles once), and each map is resized to its image's own size.
 
 Scoring modes (`predict(..., scoring=...)`, as `adjax.scoring_modes` scores them):
 - `zero_shot`: the trained head (the default).
-- `few_shot`: each image against the normal images given to
-  `use_references` (their tapped blocks' raw patch tokens, computed once),
-  `neighbors.reference_maps`.
+- `few_shot`: each image against the bank of the normal images given to
+  `use_references` (an `adjax.workdir.banks.Bank`, built once and stored in
+  the workdir, reloaded from there for the same images), or a stored bank
+  given to `use_bank`; `neighbors.bank_maps`.
 - `batch`: the images of one call against each other (at least 5),
   `neighbors.mutual_maps`, image scores refined by RsCIN (`eval.rscin_k`).
 The neighbour modes use `eval.r_list`, need neither the head nor the text

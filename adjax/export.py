@@ -249,10 +249,11 @@ def build_few_shot(workdir, references, *, config: str | None = None,
                    overrides: Sequence[str] = (), image_size: int | None = None,
                    dtype: str | None = None, threshold: float | None = None) -> Exportable:
   """The few-shot function: the backbone (no head, no text tower) and the
-  memory bank of the normal images in `references` (their LNAMD features,
-  `neighbors.bank_features`, one constant), scored as
-  `Detector(...).predict(images, scoring="few_shot")` after
-  `use_references(references)` scores them. A head in the workdir is not used."""
+  Detector's memory bank (`Detector.references_from(references)`: the normal
+  images of a folder, built or loaded from the workdir, or a stored
+  `*.bank.npz`; its features one constant), scored as
+  `Detector(...).predict(images, scoring="few_shot")` scores them. A head in
+  the workdir is not used."""
 
   refs = _check_references(references)
   workdir = Path(workdir)

@@ -4,7 +4,6 @@ evaluation and prediction), the interface every evaluation scorer has
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import jax
@@ -193,9 +192,7 @@ class ZeroShotScorer:
     cfg = self.cfg
     if cfg.eval.feature_cache == "none":
       return None
-    directory = (Path(cfg.eval.feature_cache_dir) if cfg.eval.feature_cache_dir
-                 else Path(cfg.data.data_dir) / "feature_cache")
-    cache = feature_cache.open_cache("disk", directory, self.towers.backbone_id, self.model,
+    cache = feature_cache.open_cache("disk", feature_cache.evaluation_dir(cfg), self.towers.backbone_id, self.model,
                                      handle, dtype=cfg.eval.feature_cache_dtype,
                                      backbone_dtype=cfg.backbone.dtype)
     if jax.process_index() == 0:

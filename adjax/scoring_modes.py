@@ -18,10 +18,17 @@
 One backbone pass per category feeds the head and the neighbours. The
 neighbour modes use the tapped blocks' patch tokens as the backbone returns
 them (prefix tokens removed), not the head's standardised patches (which
-the feature cache stores), so they always run the backbone; the global
-token of RsCIN is the cls token of the deepest tapped block through the
-final norm. A category's raw tokens are held in host memory while it is
-scored (`L * n * P * D * 4` bytes: ViT-L/16 at 512, 200 images, 3.4 GB).
+the feature cache stores); the global token of RsCIN is the cls token of
+the deepest tapped block through the final norm. With `eval.token_cache=disk`
+(the default) they are kept in the data set's raw-token cache
+(`adjax.workdir.token_cache`): the first run fills it, later runs of any
+neighbour mode read it instead of running the backbone (the combined modes
+still run it for the head), and a category is read from disk block by block
+(or subset by subset) instead of held in host memory. With `none` a
+category's raw tokens are held in host memory while it is scored
+(`L * n * P * D * 4` bytes: ViT-L/16 at 512, 200 images, 3.4 GB).
+Few-shot scores against the category's `adjax.workdir.banks.Bank`, stored
+in the workdir and reused (`NeighbourScorer.category_bank`).
 `few_shot` and `batch` need neither the head nor the text tower.
 Neighbour maps are on the patch grid and upsampled to the image size
 bilinearly with align_corners=True, like the head's maps.
@@ -47,7 +54,7 @@ from adjax.data import targets as datasets
 from adjax.models import head as head_lib
 from adjax.modes import needs_head, neighbour_kind
 from adjax.scorer import Scorer
-from adjax.workdir import Workdir, banks, run_log, thresholds
+from adjax.workdir import Workdir, banks, feature_cache, run_log, thresholds, token_cache
 
 REFERENCE_SEED = 0   # the fixed shuffle that picks few-shot references
 
@@ -236,7 +243,7 @@ class NeighbourScorer:
 
   def extra_identity(self, handle) -> dict:
     """The few-shot references of each category (chosen here, left out of the metrics)."""
-    self._refs, self._bank_paths = {}, {}
+    self._refs, self._bank_paths, self._category_banks = {}, {}, {}
     if self.kind == "few_shot":
       self.references_dir = references_dir_for(self.cfg, handle)
     if self.references_dir:
@@ -262,6 +269,7 @@ class NeighbourScorer:
     its scored images (the references left out) in parts of 16 (the
     accumulator's batch size), the panels of `to_draw` with the first part."""
     table = self.scorer.text_table(handle.categories) if self.with_head else None
+    self._cache = self._token_cache(handle)
     for ci, name in enumerate(handle.categories):
       if not (handle.example_category == ci).any():
         continue
@@ -281,7 +289,24 @@ class NeighbourScorer:
         yield {k: v[s:s + 16] for k, v in rows.items()}, (draws if s == 0 else [])
 
   def finish(self) -> None:
-    """Nothing to publish: the neighbour modes use no feature cache."""
+    """Publishes the raw-token cache once every example is in it."""
+    cache, self._cache = getattr(self, "_cache", None), None
+    if cache is not None and not cache.complete and cache.publish():
+      print(f"raw-token cache {cache.dir}: complete (later neighbour-mode runs read it)",
+            flush=True)
+
+  def _token_cache(self, handle):
+    """The data set's raw-token cache (`eval.token_cache=disk`; one process)."""
+    cfg = self.cfg
+    if cfg.eval.token_cache == "none" or jax.process_count() > 1:
+      return None
+    cache = token_cache.open_cache(feature_cache.evaluation_dir(cfg), self.towers.backbone_id,
+                                   self.model, handle, backbone_dtype=cfg.backbone.dtype)
+    state = ("complete: the backbone is not run" + (" for the neighbours" if self.with_head
+                                                    else "")
+             if cache.complete else "filled by this evaluation")
+    print(f"raw-token cache {cache.dir}: {state}", flush=True)
+    return cache
 
   def title(self, handle) -> str:
     return f"{handle.display_name}: {self.scoring} results"
@@ -355,18 +380,24 @@ class NeighbourScorer:
                             train=False, categories=[name])
     parts: dict[str, list] = {}
     drawn = {}
+    cache = getattr(self, "_cache", None)
     for local in loader:
-      batch = sharding.global_batch({"image": local["image"],
-                                     "category_index": local["category_index"]}, self.mesh)
-      outs = self._features_step(self.scorer.params, self.scorer.backbone_state, table,
-                                 batch["image"], batch["category_index"])
-      rows = {"tokens": sharding.all_rows(outs[0], 1), "glob": sharding.all_rows(outs[1])}
-      if self.with_head:
-        rows["head_map"] = sharding.all_rows(outs[2])
-        rows["head_score"] = sharding.all_rows(outs[3])
-      for k in ("mask", "label", "valid", "has_mask", "index"):
-        rows[k] = sharding.all_rows(local[k])
+      rows = {k: sharding.all_rows(local[k]) for k in ("mask", "label", "valid", "has_mask",
+                                                       "index")}
       valid = rows.pop("valid")
+      if self.with_head or cache is None or not cache.has(rows["index"][valid]):
+        batch = sharding.global_batch({"image": local["image"],
+                                       "category_index": local["category_index"]}, self.mesh)
+        outs = self._features_step(self.scorer.params, self.scorer.backbone_state, table,
+                                   batch["image"], batch["category_index"])
+        tokens, glob = sharding.all_rows(outs[0], 1), sharding.all_rows(outs[1])
+        if self.with_head:
+          rows["head_map"] = sharding.all_rows(outs[2])
+          rows["head_score"] = sharding.all_rows(outs[3])
+        if cache is None:
+          rows.update(tokens=tokens, glob=glob)
+        else:
+          cache.put(np.where(valid, rows["index"], -1), tokens, glob)
       for k, v in rows.items():
         parts.setdefault(k, []).append(v[:, valid] if k == "tokens" else v[valid])
       for i in np.flatnonzero(local["valid"]):
@@ -374,6 +405,9 @@ class NeighbourScorer:
           drawn[int(local["index"][i])] = (local["image"][i], str(local["path"][i]))
       progress.update(int(valid.sum()))
     got = {k: np.concatenate(v, axis=1 if k == "tokens" else 0) for k, v in parts.items()}
+    if cache is not None:
+      # The category's tokens stay on disk: read per block (or per batch subset).
+      got["tokens"], got["glob"] = cache.rows(got["index"], self.model.grid)
     got["drawn"] = drawn
     return got
 
@@ -450,7 +484,7 @@ class NeighbourScorer:
     if self._bank_paths:
       tokens = self._bank_tokens(self._bank_paths[name], table)
     elif got is not None:
-      tokens = got["tokens"][:, np.isin(got["index"], self._refs[name])]
+      tokens = _take(got["tokens"], np.isin(got["index"], self._refs[name]))
       order = np.asarray(got["index"])[np.isin(got["index"], self._refs[name])]
       names = [names[list(self._refs[name]).index(i)] for i in order]
       digests = [digests[list(self._refs[name]).index(i)] for i in order]
@@ -467,7 +501,8 @@ class NeighbourScorer:
   def _bank_of(self, tokens, names, digests, model: dict):
     """A `Bank` of raw reference tokens [L, k, P, D] with `eval.coreset`."""
     h, w = self.model.grid
-    tokens = tokens.reshape(tokens.shape[:2] + (h, w, tokens.shape[-1]))
+    if isinstance(tokens, np.ndarray):
+      tokens = tokens.reshape(tokens.shape[:2] + (h, w, tokens.shape[-1]))
     mesh = self.mesh if self.mesh.shape[sharding.DATA] > 1 else None
     return banks.build(tokens, names=names, image_digests=digests, **model, mesh=mesh,
                        coreset=float(self.cfg.eval.coreset),
@@ -478,8 +513,9 @@ class NeighbourScorer:
     few_shot against `bank` (the category's `Bank`)."""
     h, w = self.model.grid
     tok = got["tokens"]
-    l, n, _, d = tok.shape
-    tok = tok.reshape(l, n, h, w, d)
+    if isinstance(tok, np.ndarray):        # else per-layer `token_cache.Rows`
+      tok = tok.reshape(tok.shape[:2] + (h, w, tok.shape[-1]))
+    n = len(tok[0])
     mesh = self.mesh if self.mesh.shape[sharding.DATA] > 1 else None
     r_list = tuple(int(r) for r in self.cfg.eval.r_list)
     subset = int(self.cfg.eval.batch_subset)
@@ -495,9 +531,9 @@ class NeighbourScorer:
       return neighbors.mutual_maps(tok, r_list, mesh=mesh)[keep]
     if bank is None:        # the references among `got` (not stored: no identity known)
       k = int((~keep).sum())
-      bank = self._bank_of(got["tokens"][:, ~keep], ["?"] * k, [str(i) for i in range(k)],
+      bank = self._bank_of(_take(tok, ~keep), ["?"] * k, [str(i) for i in range(k)],
                            {"backbone": "?", "layers": (), "image_size": 0, "r_list": r_list})
-    return neighbors.bank_maps(tok[:, keep], bank.features, r_list, mesh=mesh)
+    return neighbors.bank_maps(_take(tok, keep), bank.features, r_list, mesh=mesh)
 
   def _score_category(self, got: dict, refs: np.ndarray, bank=None) -> dict:
     """-> rows (score, label, map, mask, has_mask, index) of the scored images."""
@@ -547,3 +583,10 @@ def build_banks(cfg, workdir: Path, towers, mesh) -> dict[str, dict[str, Path]]:
               f"{bank.nbytes / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s "
               f"-> {path}", flush=True)
   return out
+
+
+def _take(tokens, idx):
+  """Images `idx` of raw tokens: an array [L, n, ...] or per-layer `Rows` views."""
+  if isinstance(tokens, np.ndarray):
+    return tokens[:, idx]
+  return [layer.take(idx) for layer in tokens]

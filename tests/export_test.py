@@ -778,9 +778,12 @@ def test_stored_bank_is_loaded_not_recomputed_and_scores_alike(few_shot, tmp_pat
   line. Fails if the stored bank is not used, differs, or is trusted unchecked."""
   from adjax.detector import Detector
   from adjax.workdir import banks
-  bare, refs, exp, det = few_shot
+  bare, refs, exp, _ = few_shot
   stored = sorted((bare / "banks").glob("*" + banks.SUFFIX))
   assert len(stored) == 1
+  det = Detector.from_workdir(bare, predict__scoring="few_shot")
+  det.use_references(str(refs), store=False)              # built here, not loaded
+  assert det._reference_tokens is not None
   images = _inputs(3, seed=9)[0]
   maps, scores = _detector_few_shot(det, images)
 
@@ -815,6 +818,26 @@ def test_stored_bank_is_loaded_not_recomputed_and_scores_alike(few_shot, tmp_pat
   bank = banks.load(stored[0])
   moved = banks.Bank(bank.features, bank.origin, dict(bank.identity, backbone="elsewhere"))
   _one_line_refusal(lambda: third.use_bank(moved), "backbone 'elsewhere'")
+
+
+def test_page_scores_with_a_stored_bank_as_the_detector(few_shot):
+  """The page started on a stored bank file (`--references FILE.bank.npz`,
+  `Detector.references_from`) answers the scores of the Detector that built it."""
+  from adjax.detector import Detector
+  from adjax.serve import App
+  from adjax.workdir import banks
+  bare, refs, _, _ = few_shot
+  stored = sorted((bare / "banks").glob("*" + banks.SUFFIX))[0]
+  page_det = Detector.from_workdir(bare, predict__scoring="few_shot")
+  assert page_det.references_from(str(stored)) == 3
+  built = Detector.from_workdir(bare, predict__scoring="few_shot")
+  built.use_references(str(refs), store=False)           # built here, not loaded
+  assert built._reference_tokens is not None
+  images = _inputs(3, seed=13)[0]
+  uploads = [(f"{i}.png", _png_bytes(im)) for i, im in enumerate(images)]
+  answers = App(page_det).predict_set(uploads, "", "few_shot")["results"]
+  want = built.predict([im for im in images], scoring="few_shot").scores
+  np.testing.assert_array_equal(np.float32([a["score"] for a in answers]), want)
 
 
 def test_export_refuses_a_damaged_or_foreign_bank_in_one_line(few_shot, tmp_path, capsys):

@@ -179,7 +179,7 @@ def main(argv=None) -> int:
   p.add_argument("--subset", type=int, default=50, help="eval.batch_subset")
   p.add_argument("--subsets-timed", type=int, default=3)
   p.add_argument("--bank-cases", default="vits16@224:1960,vits16@224:19600,"
-                 "vits16@224:78400,vitl16@512:10240,vitl16@512:40960",
+                 "vits16@224:78400,vitl16@512:1024,vitl16@512:10240,vitl16@512:40960",
                  help="scoring: variant@size:K, K bank patches per layer and r")
   p.add_argument("--bank-queries", type=int, default=8, help="scoring: images scored")
   p.add_argument("--bank-r", default="1", help="scoring: r_list")

@@ -232,6 +232,12 @@ class EvalConfig(Part):
       0.0, "few_shot: 0 keeps every reference patch; a fraction in (0, 1] or a count > 1 of "
       "them kept per layer and r, by greedy k-center (PatchCore's coreset, adjax.coreset)")
   coreset_seed: int = field(0, "few_shot: the coreset's random start and projection")
+  token_cache: str = field(
+      "disk", "neighbour modes: disk keeps each target's raw patch tokens once per (backbone, "
+      "image size, layers, data set) in <eval.feature_cache_dir>/raw_tokens, read by rows: "
+      "later runs of any neighbour mode skip the backbone, and a category is read from disk, "
+      "not held in memory (examples x layers x patches x width x 4 bytes)",
+      choices=("none", "disk"))
   batch_subset: int = field(
       0, "batch: 0 scores each image against all others of its category; S >= 5: against "
       "the others of its random subset of about S (memory and time bounded in the "

@@ -27,6 +27,14 @@ import numpy as np
 from adjax.common import atomic
 
 
+def evaluation_dir(cfg) -> Path:
+  """Where evaluation's caches live (`eval.feature_cache_dir`, by default
+  `<data.data_dir>/feature_cache`, beside the prepared data, not in a run
+  folder: every run over the data shares them)."""
+  return (Path(cfg.eval.feature_cache_dir) if cfg.eval.feature_cache_dir
+          else Path(cfg.data.data_dir) / "feature_cache")
+
+
 def cache_key(**parts) -> str:
   blob = json.dumps(parts, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -49,6 +57,24 @@ def open_cache(mode: str, directory: Path, backbone_id: str, model, handle, *,
       examples=handle.num_examples, process=(jax.process_index(), jax.process_count()))
   return FeatureCache(mode, handle.num_examples, len(model.layers), grid[0] * grid[1],
                       model.backbone.dim, dtype, directory, key)
+
+
+def read_index(directory: Path, n: int, digest) -> tuple[np.ndarray | None, str | None]:
+  """The filled flags of a published cache of `n` examples (`filled.npy`),
+  each filled example checked against its CRC32 recorded at publication
+  (`digests.npy`, recomputed by `digest(i)`): (filled, None), or (None,
+  what is wrong)."""
+  try:
+    filled = np.load(directory / "filled.npy")
+    digests = np.load(directory / "digests.npy")
+  except (OSError, ValueError) as e:
+    return None, str(e)
+  if filled.shape != (n,) or digests.shape != (n,):
+    return None, "index files of another size"
+  bad = [i for i in np.flatnonzero(filled) if digest(i) != digests[i]]
+  if bad:
+    return None, f"{len(bad)} examples fail their checksum, e.g. example {bad[0]}"
+  return filled, None
 
 
 class FeatureCache:
@@ -122,17 +148,12 @@ class FeatureCache:
           return f"{name} has {size} bytes, expected {expect}"
       self.patches = self._open(self.dir / "patches.npy", pshape, "r+")
       self.cls = self._open(self.dir / "cls.npy", cshape, "r+")
-      filled = np.load(self.dir / "filled.npy")
-      digests = np.load(self.dir / "digests.npy")
     except (OSError, ValueError) as e:
       return str(e)
-    if filled.shape != self.filled.shape or digests.shape != self.filled.shape:
-      return "index files of another size"
-    bad = [i for i in np.flatnonzero(filled) if self._digest(i) != digests[i]]
-    if bad:
-      return f"{len(bad)} examples fail their checksum, e.g. example {bad[0]}"
-    self.filled = filled
-    return None
+    filled, damage = read_index(self.dir, len(self.filled), self._digest)
+    if damage is None:
+      self.filled = filled
+    return damage
 
   def _digest(self, i: int) -> int:
     return zlib.crc32(self.cls[i].tobytes(), zlib.crc32(self.patches[i].tobytes()))
