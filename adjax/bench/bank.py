@@ -38,12 +38,24 @@ peak memory is the process's (each (N) runs in its own process).
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 import resource
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+
+from adjax.models import backbones
+
+
+def case_shape(spec: str) -> tuple[str, int, int, int]:
+  """"vitl16@512" -> (variant, size, patches per side, width)."""
+  variant, size = spec.split("@")
+  family, _ = backbones.find_variant(variant)
+  info = backbones.describe(family, backbones.variant_config(family, variant))
+  side = int(size) // info.patch_size
+  return variant, int(size), side, info.dim
 
 
 def _peak_gb() -> float:
@@ -60,7 +72,7 @@ class TorchKCenterGreedy:
   restated in PyTorch: sparse random projection, then greedy k-center."""
 
   def __init__(self, embedding, sampling_ratio: float, seed: int = 0):
-    import torch
+    import torch  # deferred: the PyTorch peer, optional
     self.embedding = embedding
     self.coreset_size = int(embedding.shape[0] * sampling_ratio)
     n, d = embedding.shape
@@ -75,18 +87,18 @@ class TorchKCenterGreedy:
     self.generator = g
 
   def project(self):
-    import torch
+    import torch  # deferred: the PyTorch peer, optional
     self.features = torch.sparse.mm(self.components, self.embedding.T).T.contiguous()
 
   def update_distances(self, idx: int) -> None:
-    import torch.nn.functional as F
-    import torch
+    import torch  # deferred: the PyTorch peer, optional
+    import torch.nn.functional as F  # deferred: the PyTorch peer, optional
     distance = F.pairwise_distance(self.features, self.features[idx:idx + 1], p=2).reshape(-1, 1)
     self.min_distances = (distance if self.min_distances is None
                           else torch.minimum(self.min_distances, distance))
 
   def select(self, steps: int | None = None) -> list[int]:
-    import torch
+    import torch  # deferred: the PyTorch peer, optional
     self.project()
     self.min_distances = None
     idx = int(torch.randint(high=self.features.shape[0], size=(1,),
@@ -108,10 +120,11 @@ def _time(fn) -> float:
 
 def run_coreset(n: int, d: int, fraction: float, steps: int, budget: float) -> dict:
   """One (N, D) -> times of each selection (seconds, whole or scaled)."""
-  import jax
-  import jax.numpy as jnp
-  import torch
-  from adjax import coreset
+  import jax  # deferred: the measured worker loads it
+  import jax.numpy as jnp  # deferred: the measured worker loads it
+  import torch  # deferred: the PyTorch peer, optional
+
+  from adjax import coreset  # deferred: the measured worker loads it
   x = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
   count = coreset.coreset_size(n, fraction)
   row = dict(n=n, d=d, count=count, steps_timed=steps, torch_threads=torch.get_num_threads())
@@ -167,7 +180,6 @@ class RowFile:
     return self.shape[0]
 
   def __getitem__(self, idx) -> np.ndarray:
-    import os
     idx = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx)
     out = np.empty((len(idx),) + self.shape[1:], self.dtype)
     fd = os.open(self.path, os.O_RDONLY)
@@ -182,8 +194,9 @@ class RowFile:
 
 def run_subsets(n: int, subset: int, timed: int, layers: int = 4) -> dict:
   """Batch scoring of N demo-size images in subsets -> time and peak memory."""
-  import jax
-  from adjax import neighbors
+  import jax  # deferred: the measured worker loads it
+
+  from adjax import neighbors  # deferred: the measured worker loads it
   side, dim = 14, 384
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory(prefix="adjax_bench_subsets_") as tmp:
@@ -245,10 +258,10 @@ def run_scoring(spec: str, bank_patches: int, queries: int, layers: int,
   `spec` ("vits16@224") against a bank of `bank_patches` patches per layer
   and r: random unit features [L, R, K, D] and random raw query tokens. The
   first call compiles; the next `blocks` calls are timed (their mean)."""
-  import jax
-  from adjax import neighbors
-  from adjax.bench.neighbors import _case
-  variant, size, side, dim = _case(spec)
+  import jax  # deferred: the measured worker loads it
+
+  from adjax import neighbors  # deferred: the measured worker loads it
+  variant, size, side, dim = case_shape(spec)
   rng = np.random.default_rng(0)
   bank = rng.standard_normal((layers, len(r_list), bank_patches, dim), np.float32)
   bank /= np.linalg.norm(bank, axis=-1, keepdims=True)

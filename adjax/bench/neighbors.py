@@ -33,42 +33,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+
+from adjax.bench import bank
 
 CEILING_SIZES = (1024, 2048)
 
 
 def ceiling_gflops() -> float:
   """The float32 matmul ceiling now: the fastest of CEILING_SIZES square matmuls."""
-  import jax.numpy as jnp
-  from adjax.bench import backbone as backbone_bench
+  import jax.numpy as jnp  # deferred: the measured worker loads it
+
+  from adjax.bench import backbone as backbone_bench  # deferred: the measured worker loads it
   return max(backbone_bench.matmul_gflops(s, jnp.float32, 5) for s in CEILING_SIZES)
-
-
-def _case(spec: str) -> tuple[str, int, int, int]:
-  """"vitl16@512" -> (variant, size, patches per side, width)."""
-  from adjax.models import backbones
-  variant, size = spec.split("@")
-  family, _ = backbones.find_variant(variant)
-  info = backbones.describe(family, backbones.variant_config(family, variant))
-  side = int(size) // info.patch_size
-  return variant, int(size), side, info.dim
 
 
 def run_one(spec: str, n: int, layers: int, r_list: tuple[int, ...], blocks: int,
             budget: float) -> dict:
   """One (case, N) in this process -> a result row."""
-  import jax
-  import jax.numpy as jnp
-  from adjax import neighbors
-  variant, size, side, dim = _case(spec)
+  import jax  # deferred: the measured worker loads it
+  import jax.numpy as jnp  # deferred: the measured worker loads it
+
+  from adjax import neighbors  # deferred: the measured worker loads it
+  variant, size, side, dim = bank.case_shape(spec)
   p = side * side
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory(prefix="adjax_bench_neighbors_") as tmp:
@@ -187,7 +181,6 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
   r_list = tuple(int(r) for r in a.r.split(",") if r)
   if a.one:
-    from adjax.bench import bank
     kind, _, what = a.one.partition("=")
     if kind == "coreset":
       n, d = what.split(":")
@@ -203,7 +196,7 @@ def main(argv=None) -> int:
       row = run_one(spec, int(n), a.layers, r_list, a.blocks, a.budget)
     print(json.dumps(row))
     return 0
-  import jax
+  import jax  # deferred: the measured worker loads it
   parts = [x for x in a.parts.split(",") if x]
   print(f"machine: {os.cpu_count()} CPU cores, {_cpu_name()}, "
         f"AVX-512 {'yes' if _avx512() else 'no'}; device: {jax.devices()[0].platform} "
@@ -213,7 +206,6 @@ def main(argv=None) -> int:
             "--bank-queries", str(a.bank_queries), "--bank-r", a.bank_r,
             "--layers", str(a.layers)]
   if {"coreset", "subsets", "scoring"} & set(parts):
-    from adjax.bench import bank
     found = {"coreset": [], "subsets": [], "scoring": []}
     for part, cases in (("coreset", a.coreset), ("subsets", a.subset_n),
                         ("scoring", a.bank_cases)):
