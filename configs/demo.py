@@ -1,19 +1,21 @@
-r"""The built-in demo: generated data, random towers, CPU-sized, a few minutes.
+r"""The built-in demo: generated data, random towers, CPU-sized, every scoring mode.
 
 Trains on generated family "a" (fabric, wood, washer, pill) and evaluates
-zero-shot on family "b" (mesh, tile, nut, chip), which shares the defect
-kinds (scratches, holes, stains, colour spots, missing / extra parts) but not
-the appearance. No weights are needed: the backbone is a randomly
-initialised DINOv3 ViT-S/16 (the real architecture) and the text tower a
-small random CLIP text transformer with a byte-level tokenizer. The data are
-written to data/demo/ on first use.
+on family "b" (mesh, tile, nut, chip), which shares the defect kinds
+(scratches, holes, stains, colour spots, missing / extra parts) but not the
+appearance, in every scoring mode: the zero-shot head, few_shot against each
+category's normal train/good images, batch (MuSc). No weights are needed:
+the backbone is a randomly initialised DINOv3 ViT-S/16 (the real
+architecture) and the text tower a small random CLIP text transformer with a
+byte-level tokenizer. The data are written to data/demo/ on first use.
 
 Run:
   python -m adjax.main --config=configs/demo.py
 
-Expect (2 CPU cores, about 2 minutes): pixel AUROC on the unseen family well
-above chance (0.5); the README lists the figure reached. Results, heatmaps
-and checkpoints go to runs/demo/.
+It ends with the modes table and the report that shows them side by side
+(runs/demo/results/family_b.modes.html); the README states the figures
+and the time it takes. Results, heatmaps, thresholds and checkpoints go to
+runs/demo/.
 """
 
 from adjax.config import defaults as config_defaults
