@@ -320,3 +320,22 @@ def test_refused_files_get_a_card(browser, detector, demo_workdir, tmp_path):
     assert "1 not scored" in browser.find_element(By.ID, "status").text
   finally:
     running.close()
+
+
+def test_page_preselects_the_configured_mode(browser, demo_workdir):
+  """The page starts in the Detector's default mode (predict.scoring), not in
+  the first one it offers: a head-free Detector configured for batch, given
+  references, offers few_shot first and starts in batch."""
+  from selenium.webdriver.common.by import By
+  det = Detector.from_workdir(demo_workdir[1], predict__scoring="batch")
+  assert det.scoring_modes == ("few_shot", "batch") and det.default_scoring == "batch"
+  good = sorted((demo_workdir[2] / "family_b" / "tile" / "test" / "good").glob("*.png"))
+  det.use_references([str(p) for p in good[:2]], store=False)
+  running = Running(det)
+  try:
+    browser.get(running.url + "/")
+    _wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute(
+        "data-ready") == "1", "the page to load")
+    assert browser.find_element(By.ID, "mode").get_attribute("value") == "batch"
+  finally:
+    running.close()
