@@ -308,16 +308,17 @@ def evaluate_modes(cfg, workdir: Path, towers, mesh, params, *,
   of the report that shows them side by side. Returns eval.scoring's
   (results by data set, absent targets)."""
   _check_compared(cfg)
-  first = None
+  absent: list = []
   by_mode: dict[str, tuple[dict, float]] = {}
   for mode in modes.evaluated(cfg):
     run = cfg if mode == cfg.eval.scoring else schema.replace(cfg, **{"eval.scoring": mode})
     start = time.perf_counter()
-    results, absent = evaluate_targets(run, workdir, towers, mesh,
-                                       params if modes.needs_head(mode) else None,
-                                       source=source, first_record=mode != cfg.eval.scoring)
+    results, missing = evaluate_targets(run, workdir, towers, mesh,
+                                        params if modes.needs_head(mode) else None,
+                                        source=source, first_record=mode != cfg.eval.scoring)
     by_mode[mode] = (results, time.perf_counter() - start)
-    first = first or (results, absent)
+    if mode == cfg.eval.scoring:
+      absent = missing
   if len(by_mode) > 1 and jax.process_index() == 0 and by_mode[cfg.eval.scoring][0]:
     results_dir = Workdir(workdir).results
     for name in by_mode[cfg.eval.scoring][0]:
@@ -327,7 +328,7 @@ def evaluate_modes(cfg, workdir: Path, towers, mesh, params, *,
       report = results_dir / f"{name}.modes.html"
       if report.exists():
         print(f"report (the modes side by side, per category): {report}", flush=True)
-  return first
+  return by_mode[cfg.eval.scoring][0], absent
 
 
 def _check_compared(cfg) -> None:

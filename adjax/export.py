@@ -160,8 +160,8 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
                       "python -m converters.head")
   cfg = schema.replace(cfg, **{"mesh.data": 1, "mesh.model": 1})
   towers = towers_lib.build(cfg, workdir)
-  try:
-    model = dataclasses.replace(towers.model(cfg.model), image_size=size)
+  try:   # the size checked first, to name the flag (load_head builds the same model)
+    dataclasses.replace(towers.model(cfg.model), image_size=size)
   except ValueError as e:
     raise ExportError(f"--image-size {size}: {e}") from None
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -171,9 +171,9 @@ def build(workdir, object_names: Sequence[str], *, config: str | None = None,
     head = loading.load_head(cfg, workdir, towers=towers, mesh=mesh, image_size=size)
   except thresholds.ThresholdError as e:
     raise ExportError(f"{e} (or remove it to export without a decision output)") from None
-  params, step, record = jax.device_get(head.params), head.step, head.record
+  model, params, step, record = head.model, jax.device_get(head.params), head.step, head.record
   table = np.asarray(towers.text_embed(names), np.float32)
-  identity = loading.threshold_model(towers, model, params, cfg.reference_quirks)
+  identity = head.threshold_model
   # Each object is decided with its own threshold, chosen by the rule predict
   # uses (thresholds.resolve): the file decides as predict does.
   if record is not None and not allow_new_objects:

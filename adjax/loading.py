@@ -16,6 +16,7 @@ for where a run's files live.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,15 @@ class Head:
   params: Any
   step: int
   source: Path
+  reference_quirks: bool
   record: dict | None = None
   record_path: Path | None = None
+
+  @functools.cached_property
+  def threshold_model(self) -> dict:
+    """What a zero-shot record of this head must have been made for
+    (`threshold_model`), computed once (it hashes the parameters)."""
+    return threshold_model(self.towers, self.model, self.params, self.reference_quirks)
 
   @property
   def known_objects(self) -> tuple[str, ...]:
@@ -107,16 +115,12 @@ def load_head(cfg, workdir: Path, *, towers=None, mesh=None, image_size: int | N
   if image_size is not None and int(image_size) != model.image_size:
     model = dataclasses.replace(model, image_size=int(image_size))
   params, source, step = trained_params(cfg, workdir, towers, mesh)
+  path = (thresholds.deployment_path(workdir, cfg.init_from or None, "zero_shot")
+          if read_thresholds else None)
   head = Head(towers=towers, mesh=mesh, model=model, params=params, step=step,
-              source=Path(source))
-  if not read_thresholds:
-    return head
-  path = thresholds.deployment_path(workdir, cfg.init_from or None, "zero_shot")
-  if path is None:
-    return head
-  record = thresholds.read(path)
-  thresholds.check(record, image_score=model.image_score,
-                   model=threshold_model(towers, model, params, cfg.reference_quirks),
-                   scoring="zero_shot",
-                   head_step=step)
-  return dataclasses.replace(head, record=record, record_path=path)
+              source=Path(source), reference_quirks=bool(cfg.reference_quirks),
+              record=None if path is None else thresholds.read(path), record_path=path)
+  if head.record is not None:
+    thresholds.check(head.record, image_score=model.image_score, model=head.threshold_model,
+                     scoring="zero_shot", head_step=step)
+  return head

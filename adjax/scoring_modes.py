@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adjax import coreset, neighbors
+from adjax import coreset, modes, neighbors
 from adjax.ad_model import Features
 from adjax.common import sharding
 from adjax.common.errors import UserError
@@ -72,7 +72,7 @@ def choose_references(handle, category_index: int, k: int) -> np.ndarray:
   return np.sort(good[order[:k]])
 
 
-CATEGORY = "{category}"   # in eval.references_dir: the category's name
+CATEGORY = modes.CATEGORY   # in eval.references_dir: the category's name
 
 
 def category_folder(refs_dir: str, name: str) -> Path:

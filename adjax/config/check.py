@@ -90,7 +90,7 @@ def problems(cfg, *, device_count: int | None = None,
   if refs_dir and "few_shot" not in kinds:
     out.append(f"eval.references_dir is set but eval.scoring={cfg.eval.scoring!r}; set "
                "eval.scoring=few_shot (or zero_shot+few_shot) to score against it")
-  elif refs_dir and "{category}" not in refs_dir and not Path(refs_dir).is_dir():
+  elif refs_dir and modes.CATEGORY not in refs_dir and not Path(refs_dir).is_dir():
     out.append(f"eval.references_dir={refs_dir!r}: not a folder (expected one subfolder "
                "of normal images per category)")
   if cfg.eval.references_split == "train" and "few_shot" not in kinds:
